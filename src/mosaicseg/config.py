@@ -1,0 +1,219 @@
+"""User intent as frozen, validated dataclasses: the collection file (``collection.yaml``).
+
+Example::
+
+    name: shared3d
+    root: ../../shared/data          # dataset paths are relative to this (itself relative to this file)
+    folds: 5
+    sampling: inv_sqrt               # inv_sqrt (MultiTalent) | uniform | weights
+    datasets:
+      - path: Dataset007_ACDC
+        modality: cineMRI            # optional; default: the channel signature of dataset.json
+        weight: 1.0                  # optional; used with sampling: weights
+        patient_regex: '^(patient\\d+)_frame\\d+$'   # group 1 (or group 'patient') is the patient id
+    shared_labels:                   # labels that share one definition become one task
+      - [Dataset002_A/Liver, Dataset005_B/liver]
+    synthetic: {dim: 3, seed: 0}     # optional: generate the synthetic collection into root if absent
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mosaicseg.errors import MosaicSegError, Problem, raise_if_errors
+
+SamplingScheme = Literal["inv_sqrt", "uniform", "weights"]
+SAMPLING_SCHEMES: tuple[str, ...] = ("inv_sqrt", "uniform", "weights")
+_DATASET_KEYS = {"path", "modality", "weight", "patient_regex", "name"}
+_COLLECTION_KEYS = {"name", "root", "folds", "sampling", "datasets", "shared_labels", "synthetic", "seed"}
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of a collection, as the user declared it."""
+
+    path: Path
+    modality: str | None = None
+    weight: float = 1.0
+    patient_regex: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Generate the synthetic collection into the collection root when it is absent."""
+
+    dim: int = 3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CollectionConfig:
+    """A validated ``collection.yaml``."""
+
+    name: str
+    source: Path | None
+    datasets: tuple[DatasetEntry, ...]
+    folds: int = 5
+    sampling: SamplingScheme = "inv_sqrt"
+    shared_labels: tuple[tuple[str, ...], ...] = ()
+    synthetic: SyntheticSpec | None = None
+    seed: int = 12345
+    root: Path | None = field(default=None)
+
+    def entry(self, name: str) -> DatasetEntry:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "root": str(self.root) if self.root else None,
+            "folds": self.folds,
+            "sampling": self.sampling,
+            "seed": self.seed,
+            "datasets": [
+                {"path": str(d.path), "modality": d.modality, "weight": d.weight, "patient_regex": d.patient_regex}
+                for d in self.datasets
+            ],
+            "shared_labels": [list(s) for s in self.shared_labels],
+            "synthetic": {"dim": self.synthetic.dim, "seed": self.synthetic.seed} if self.synthetic else None,
+        }
+
+
+def _err(path: Path | str, message: str, fix: str, code: str = "collection") -> Problem:
+    return Problem("error", code, path, message, fix)
+
+
+def parse_collection(data: Any, source: Path | None = None, base: Path | None = None) -> CollectionConfig:
+    """Validate a parsed collection mapping; ``base`` resolves relative paths (default: the file's folder)."""
+    where: Path | str = source or "<collection>"
+    problems: list[Problem] = []
+    if not isinstance(data, dict):
+        raise MosaicSegError(f"{where}: a collection must be a mapping with a 'datasets' list. Fix: see "
+                             "collections/*.yaml for examples.")
+    unknown = sorted(set(map(str, data)) - _COLLECTION_KEYS)
+    if unknown:
+        problems.append(_err(where, f"unknown key(s) {unknown}", f"use only {sorted(_COLLECTION_KEYS)}"))
+    base = base or (source.parent if source else Path.cwd())
+    root_raw = data.get("root")
+    if root_raw is not None and not isinstance(root_raw, str):
+        problems.append(_err(where, "'root' must be a path string", "write root: path/to/datasets"))
+        root_raw = None
+    root = (base / root_raw).resolve() if root_raw else base.resolve()
+
+    folds = data.get("folds", 5)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        problems.append(_err(where, f"'folds' must be an integer ≥ 2, got {folds!r}", "write folds: 5"))
+        folds = 5
+    sampling = data.get("sampling", "inv_sqrt")
+    if sampling not in SAMPLING_SCHEMES:
+        problems.append(_err(where, f"'sampling' is {sampling!r}", f"use one of {', '.join(SAMPLING_SCHEMES)}"))
+        sampling = "inv_sqrt"
+    seed = data.get("seed", 12345)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        problems.append(_err(where, f"'seed' must be an integer, got {seed!r}", "write seed: 12345"))
+        seed = 12345
+
+    synthetic = None
+    if data.get("synthetic") is not None:
+        s = data["synthetic"]
+        if not isinstance(s, dict) or s.get("dim", 3) not in (2, 3) or not isinstance(s.get("seed", 0), int):
+            problems.append(_err(where, "'synthetic' must be {dim: 2|3, seed: int}", "write synthetic: {dim: 3, seed: 0}"))
+        else:
+            synthetic = SyntheticSpec(dim=int(s.get("dim", 3)), seed=int(s.get("seed", 0)))
+
+    raw_datasets = data.get("datasets")
+    entries: list[DatasetEntry] = []
+    if not isinstance(raw_datasets, list) or not raw_datasets:
+        problems.append(_err(where, "'datasets' must be a non-empty list", "list the dataset folders"))
+        raw_datasets = []
+    for i, item in enumerate(raw_datasets):
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            problems.append(_err(where, f"datasets[{i}] needs a 'path' string", "write - path: Dataset001_X"))
+            continue
+        bad = sorted(set(map(str, item)) - _DATASET_KEYS)
+        if bad:
+            problems.append(_err(where, f"datasets[{i}] has unknown key(s) {bad}", f"use only {sorted(_DATASET_KEYS)}"))
+        modality = item.get("modality")
+        if modality is not None and (not isinstance(modality, str) or not modality.strip()):
+            problems.append(_err(where, f"datasets[{i}].modality must be a non-empty string", "write modality: CT"))
+            modality = None
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            problems.append(_err(where, f"datasets[{i}].weight must be a positive number, got {weight!r}",
+                                 "write weight: 1.0"))
+            weight = 1.0
+        regex = item.get("patient_regex")
+        if regex is not None:
+            try:
+                compiled = re.compile(regex)
+                if compiled.groups < 1:
+                    raise re.error("needs a capturing group for the patient id")
+            except (re.error, TypeError) as exc:
+                problems.append(_err(where, f"datasets[{i}].patient_regex {regex!r} is invalid ({exc})",
+                                     "give a regular expression whose first group is the patient id"))
+                regex = None
+        path = Path(item["path"])
+        entries.append(DatasetEntry(path=path if path.is_absolute() else root / path, modality=modality,
+                                    weight=float(weight), patient_regex=regex))
+    names = [e.name for e in entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(_err(where, f"dataset(s) listed twice: {dupes}", "list each dataset once"))
+
+    shared: list[tuple[str, ...]] = []
+    for group in data.get("shared_labels") or []:
+        if not isinstance(group, list) or len(group) < 2 or not all(isinstance(s, str) and "/" in s for s in group):
+            problems.append(_err(where, f"shared_labels entry {group!r} must list ≥ 2 'Dataset/label' names",
+                                 "write - [DatasetA/Liver, DatasetB/liver]"))
+            continue
+        shared.append(tuple(group))
+    raise_if_errors(problems, f"collection {where}")
+    return CollectionConfig(
+        name=str(data.get("name") or (source.stem if source else "collection")),
+        source=source,
+        datasets=tuple(entries),
+        folds=folds,
+        sampling=sampling,  # type: ignore[arg-type]
+        shared_labels=tuple(shared),
+        synthetic=synthetic,
+        seed=seed,
+        root=root,
+    )
+
+
+def load_collection(path: str | Path) -> CollectionConfig:
+    """Read ``collection.yaml``; a dataset folder (with ``dataset.json``) is a one-dataset collection."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "dataset.json").is_file():
+            return parse_collection({"name": path.name, "datasets": [{"path": str(path.resolve())}]}, None, path)
+        if (path / "collection.yaml").is_file():
+            path = path / "collection.yaml"
+        else:
+            raise MosaicSegError(f"{path}: neither a dataset folder (dataset.json) nor a folder with collection.yaml. "
+                                 "Fix: pass a collection.yaml or a dataset folder.")
+    if not path.is_file():
+        raise MosaicSegError(f"{path}: collection file not found. Fix: check the path (see collections/).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise MosaicSegError(f"{path}: not UTF-8 text. Fix: save it as UTF-8.") from exc
+    except yaml.YAMLError as exc:
+        raise MosaicSegError(f"{path}: invalid YAML ({exc}). Fix: correct the syntax.") from exc
+    except OSError as exc:
+        raise MosaicSegError(f"{path}: cannot read ({exc.strerror}). Fix: check the file's permissions.") from exc
+    return parse_collection(data, path.resolve())

@@ -1,0 +1,265 @@
+"""Read and write medical images with their geometry, behind one function pair.
+
+Arrays are channel-first and spatially in ``(X, Y[, Z])`` order (ITK index order, so ``spacing[i]``
+belongs to axis ``i``). 3D images are reoriented to one canonical orientation (``LPS``: direction as
+close to identity as axis permutations and flips allow) for training; :func:`write_image` restores the
+file's own orientation, spacing, origin and direction exactly. A NIfTI with a single slice is a 2D
+image (its third axis is squeezed and restored on export); PNG files are 2D, an RGB PNG has 3 channels.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+from mosaicseg.errors import MosaicSegError
+
+CANONICAL_ORIENTATION = "LPS"
+SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
+
+
+def file_ending(path: str | Path) -> str:
+    """The supported ending of ``path`` (``.nii.gz`` counts as one ending), or ``""``."""
+    name = str(path).lower()
+    for ending in SUPPORTED_ENDINGS:
+        if name.endswith(ending):
+            return ending
+    return ""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image lies in the world, as stored in its file and as used after reorientation.
+
+    ``file_*`` describe the file as written (ITK convention, ``file_ndim`` axes, direction row-major
+    flattened). ``spacing`` and ``shape`` describe the returned array (canonical orientation, singleton
+    slice of a 2D NIfTI squeezed). ``orientation`` is the file's orientation code (e.g. ``PSR``).
+    """
+
+    file_ndim: int
+    file_shape: tuple[int, ...]
+    file_spacing: tuple[float, ...]
+    file_origin: tuple[float, ...]
+    file_direction: tuple[float, ...]
+    orientation: str
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    squeezed_axis: int | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**tuples)
+
+    def same_grid(self, other: Geometry, rtol: float = 1e-3, atol: float = 1e-3) -> bool:
+        """Same shape, spacing, origin and direction within tolerance (images vs. labels)."""
+        return (
+            self.file_shape == other.file_shape
+            and np.allclose(self.file_spacing, other.file_spacing, rtol=rtol, atol=atol)
+            and np.allclose(self.file_origin, other.file_origin, rtol=rtol, atol=atol)
+            and np.allclose(self.file_direction, other.file_direction, rtol=rtol, atol=atol)
+        )
+
+
+def _orientation_of(image: sitk.Image) -> str:
+    if image.GetDimension() != 3:
+        return ""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except PermissionError as exc:  # pragma: no cover - SimpleITK raises RuntimeError in practice
+        raise MosaicSegError(f"{path}: cannot read the file (permission denied). Fix: make it readable.") from exc
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise MosaicSegError(
+            f"{path}: cannot read the image ({first}). Fix: check that the file is complete and really "
+            f"is a {file_ending(path) or 'supported'} image (re-export or re-download it)."
+        ) from exc
+
+
+def _read_png(path: Path) -> tuple[np.ndarray, Geometry]:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im)
+    except PermissionError as exc:
+        raise MosaicSegError(f"{path}: cannot read the file (permission denied). Fix: make it readable.") from exc
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise MosaicSegError(
+            f"{path}: cannot read the PNG ({exc}). Fix: check that the file is a complete PNG image."
+        ) from exc
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        if arr.shape[-1] == 4:  # RGBA: alpha carries no image information in this domain
+            arr = arr[..., :3]
+        arr = np.moveaxis(arr, -1, 0)
+    shape = tuple(int(s) for s in arr.shape[1:])
+    geometry = Geometry(
+        file_ndim=2,
+        file_shape=shape,
+        file_spacing=(1.0, 1.0),
+        file_origin=(0.0, 0.0),
+        file_direction=(1.0, 0.0, 0.0, 1.0),
+        orientation="",
+        shape=shape,
+        spacing=(1.0, 1.0),
+    )
+    return np.ascontiguousarray(arr), geometry
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read one image file.
+
+    Returns ``(array, geometry)`` with ``array`` of shape ``(C, X, Y[, Z])`` in canonical orientation
+    (``C`` is 1 except for multi-component files such as RGB) in the file's own dtype (NIfTI scale
+    slopes applied by SimpleITK).
+    """
+    path = Path(path)
+    ending = file_ending(path)
+    if not ending:
+        raise MosaicSegError(
+            f"{path}: unsupported file type. Fix: use one of {', '.join(SUPPORTED_ENDINGS)}."
+        )
+    if not path.is_file():
+        raise MosaicSegError(f"{path}: file not found. Fix: check the path and the dataset's file_ending.")
+    if ending == ".png":
+        return _read_png(path)
+    image = _read_sitk(path)
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise MosaicSegError(
+            f"{path}: image has {dim} dimensions, expected 2 or 3. Fix: split 4D series into one file "
+            "per channel (CASE_0000, CASE_0001, ...)."
+        )
+    file_geom = dict(
+        file_ndim=dim,
+        file_shape=tuple(int(s) for s in image.GetSize()),
+        file_spacing=tuple(float(s) for s in image.GetSpacing()),
+        file_origin=tuple(float(s) for s in image.GetOrigin()),
+        file_direction=tuple(float(s) for s in image.GetDirection()),
+        orientation=_orientation_of(image),
+    )
+    if dim == 3:
+        image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+    arr = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C]) in numpy order
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
+        arr = np.moveaxis(arr, -1, 0)
+    else:
+        arr = arr[None]
+    arr = np.transpose(arr, (0, *range(arr.ndim - 1, 0, -1)))  # -> (C, X, Y[, Z])
+    spacing = tuple(float(s) for s in image.GetSpacing())
+    squeezed = None
+    if dim == 3 and arr.shape[3] == 1 and arr.shape[1] > 1 and arr.shape[2] > 1:
+        squeezed = 2
+        arr = arr[..., 0]
+        spacing = spacing[:2]
+    geometry = Geometry(
+        **file_geom,
+        shape=tuple(int(s) for s in arr.shape[1:]),
+        spacing=spacing,
+        squeezed_axis=squeezed,
+    )
+    return np.ascontiguousarray(arr), geometry
+
+
+def _atomic_target(path: Path) -> Path:
+    ending = file_ending(path) or path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ending}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, overwrite: bool = False) -> Path:
+    """Write ``array`` of shape ``(X, Y[, Z])`` (canonical orientation, as returned by :func:`read_image`)
+    with the original file geometry, atomically (temporary file + rename).
+
+    Raises :class:`MosaicSegError` if ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise MosaicSegError(f"{path}: exists already. Fix: pass overwrite (--overwrite) or choose another output.")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise MosaicSegError(f"{path.parent}: is a file, not a folder. Fix: choose an output folder.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if tuple(array.shape) != tuple(geometry.shape):
+        raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape}")
+    tmp = _atomic_target(path)
+    try:
+        if file_ending(path) == ".png":
+            Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+        else:
+            arr = array
+            if geometry.squeezed_axis is not None:
+                arr = np.expand_dims(arr, geometry.squeezed_axis)
+            image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr)))
+            if geometry.file_ndim == 3:
+                # The canonical grid has identity-like axes; give it a consistent canonical direction,
+                # then reorient back to the file's orientation and stamp the exact original geometry.
+                canonical_dir = _canonical_direction(geometry)
+                image.SetDirection(canonical_dir)
+                image = sitk.DICOMOrient(image, geometry.orientation)
+            if tuple(image.GetSize()) != geometry.file_shape:
+                raise ValueError(
+                    f"restored shape {image.GetSize()} differs from the file shape {geometry.file_shape}"
+                )
+            image.SetSpacing(geometry.file_spacing)
+            image.SetOrigin(geometry.file_origin)
+            image.SetDirection(geometry.file_direction)
+            sitk.WriteImage(image, str(tmp), useCompression=file_ending(path) in (".nii.gz", ".nrrd", ".mha"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _canonical_direction(geometry: Geometry) -> tuple[float, ...]:
+    """Direction of the canonical (LPS-reoriented) grid of a file with ``geometry``."""
+    probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    probe.SetDirection(geometry.file_direction)
+    return sitk.DICOMOrient(probe, CANONICAL_ORIENTATION).GetDirection()
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """Geometry and pixel information without reading the voxels (``check`` uses it on every file)."""
+    path = Path(path)
+    if file_ending(path) == ".png":
+        try:
+            with Image.open(path) as im:
+                mode, size = im.mode, im.size
+        except PermissionError as exc:
+            raise MosaicSegError(f"{path}: cannot read the file (permission denied). Fix: make it readable.") from exc
+        except Exception as exc:
+            raise MosaicSegError(f"{path}: cannot read the PNG header ({exc}). Fix: re-export the file.") from exc
+        channels = {"L": 1, "I": 1, "I;16": 1, "F": 1, "RGB": 3, "RGBA": 3, "P": 1, "1": 1, "LA": 1}.get(mode, 1)
+        return {"ndim": 2, "shape": (size[1], size[0]), "channels": channels}
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise MosaicSegError(f"{path}: cannot read the image header. Fix: check that the file is complete.") from exc
+    return {
+        "ndim": reader.GetDimension(),
+        "shape": tuple(reader.GetSize()),
+        "channels": reader.GetNumberOfComponents(),
+    }

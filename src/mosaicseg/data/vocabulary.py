@@ -1,0 +1,153 @@
+"""Global task and modality vocabularies of a collection.
+
+Every (dataset, label) pair is its own task unless the collection declares that labels share one
+definition (MultiTalent, Hermes). A dataset's modality is its channel signature (``CT``, ``T1``,
+``FLAIR+T1c``; ``R,G,B`` → ``RGB``) unless overridden in the collection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mosaicseg.config import CollectionConfig
+from mosaicseg.data.manifest import DatasetManifest
+from mosaicseg.errors import MosaicSegError
+
+
+def channel_signature(channel_names: tuple[str, ...]) -> str:
+    """``("FLAIR", "T1c")`` → ``"FLAIR+T1c"``; ``("R", "G", "B")`` → ``"RGB"``."""
+    names = tuple(n.strip() for n in channel_names)
+    if [n.upper() for n in names] in (["R", "G", "B"], ["RED", "GREEN", "BLUE"]):
+        return "RGB"
+    return "+".join(names)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One global output channel: the union of (dataset, label) pairs that share its definition."""
+
+    index: int
+    name: str  # "Dataset/label" of its first member
+    members: tuple[tuple[str, str], ...]  # (dataset name, label name)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Tasks, modalities and the per-dataset maps from local label values to global tasks."""
+
+    datasets: tuple[str, ...]
+    tasks: tuple[Task, ...]
+    modalities: tuple[str, ...]
+    dataset_modality: dict[str, str]
+    # dataset → ((global task index, label values in that dataset's files), ...)
+    label_map: dict[str, tuple[tuple[int, tuple[int, ...]], ...]]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def task_index(self, name: str) -> int:
+        for t in self.tasks:
+            if t.name == name or name in (f"{d}/{lbl}" for d, lbl in t.members):
+                return t.index
+        raise MosaicSegError(f"unknown task '{name}'. Fix: use one of {[t.name for t in self.tasks]}.")
+
+    def dataset_index(self, name: str) -> int:
+        try:
+            return self.datasets.index(name)
+        except ValueError:
+            raise MosaicSegError(f"unknown dataset '{name}'. Fix: use one of {list(self.datasets)}.") from None
+
+    def modality_index(self, dataset: str) -> int:
+        return self.modalities.index(self.dataset_modality[dataset])
+
+    def label_mask(self, dataset: str) -> np.ndarray:
+        """``(K,)`` bool: the global tasks annotated by ``dataset``."""
+        mask = np.zeros(self.num_tasks, dtype=bool)
+        for k, _ in self.label_map[dataset]:
+            mask[k] = True
+        return mask
+
+    def to_target(self, dataset: str, labels: np.ndarray) -> np.ndarray:
+        """Local label map ``(X, Y[, Z])`` int → multi-hot global target ``(K, X, Y[, Z])`` uint8.
+
+        Tasks the dataset does not annotate stay 0 (and are masked out by :meth:`label_mask`).
+        """
+        target = np.zeros((self.num_tasks, *labels.shape), dtype=np.uint8)
+        for k, values in self.label_map[dataset]:
+            target[k] = np.isin(labels, values) if len(values) > 1 else labels == values[0]
+        return target
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "datasets": list(self.datasets),
+            "tasks": [{"index": t.index, "name": t.name, "members": [list(m) for m in t.members]} for t in self.tasks],
+            "modalities": list(self.modalities),
+            "dataset_modality": dict(self.dataset_modality),
+            "label_map": {d: [[k, list(v)] for k, v in m] for d, m in self.label_map.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Vocabulary:
+        return cls(
+            datasets=tuple(d["datasets"]),
+            tasks=tuple(Task(t["index"], t["name"], tuple(tuple(m) for m in t["members"])) for t in d["tasks"]),
+            modalities=tuple(d["modalities"]),
+            dataset_modality=dict(d["dataset_modality"]),
+            label_map={k: tuple((int(i), tuple(v)) for i, v in m) for k, m in d["label_map"].items()},
+        )
+
+    def describe(self) -> str:
+        lines = [f"{self.num_tasks} tasks, {len(self.modalities)} modalities ({', '.join(self.modalities)})"]
+        for t in self.tasks:
+            lines.append(f"  {t.index:3d} {' = '.join(f'{d}/{lbl}' for d, lbl in t.members)}")
+        return "\n".join(lines)
+
+
+def build_vocabulary(collection: CollectionConfig, manifests: list[DatasetManifest]) -> Vocabulary:
+    """Tasks in dataset order then label order; declared shared labels are merged into one task."""
+    by_name = {m.name: m for m in manifests}
+    known = {f"{m.name}/{lbl}" for m in manifests for lbl in m.labels}
+    group_of: dict[str, int] = {}
+    for gi, group in enumerate(collection.shared_labels):
+        for member in group:
+            if member not in known:
+                raise MosaicSegError(
+                    f"{collection.source}: shared_labels names '{member}', which no dataset declares. Fix: use "
+                    f"'Dataset/label' with a label from that dataset.json (known: {sorted(known)[:8]}...)."
+                )
+            if member in group_of:
+                raise MosaicSegError(f"{collection.source}: '{member}' appears in two shared_labels groups. "
+                                     "Fix: merge the groups.")
+            group_of[member] = gi
+    tasks: list[list[tuple[str, str]]] = []
+    group_task: dict[int, int] = {}
+    label_map: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
+    for entry in collection.datasets:
+        m = by_name[entry.name]
+        label_map[m.name] = []
+        for label, values in m.labels.items():
+            key = f"{m.name}/{label}"
+            if key in group_of and group_of[key] in group_task:
+                k = group_task[group_of[key]]
+                tasks[k].append((m.name, label))
+            else:
+                k = len(tasks)
+                tasks.append([(m.name, label)])
+                if key in group_of:
+                    group_task[group_of[key]] = k
+            label_map[m.name].append((k, values))
+    dataset_modality = {}
+    for entry in collection.datasets:
+        dataset_modality[entry.name] = entry.modality or channel_signature(by_name[entry.name].channel_names)
+    modalities = tuple(dict.fromkeys(dataset_modality.values()))
+    return Vocabulary(
+        datasets=tuple(e.name for e in collection.datasets),
+        tasks=tuple(Task(i, f"{ms[0][0]}/{ms[0][1]}", tuple(ms)) for i, ms in enumerate(tasks)),
+        modalities=modalities,
+        dataset_modality=dataset_modality,
+        label_map={k: tuple(v) for k, v in label_map.items()},
+    )
