@@ -161,10 +161,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     arr = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C]) in numpy order
     components = image.GetNumberOfComponentsPerPixel()
-    if components > 1:
-        arr = np.moveaxis(arr, -1, 0)
-    else:
-        arr = arr[None]
+    arr = np.moveaxis(arr, -1, 0) if components > 1 else arr[None]
     arr = np.transpose(arr, (0, *range(arr.ndim - 1, 0, -1)))  # -> (C, X, Y[, Z])
     spacing = tuple(float(s) for s in image.GetSpacing())
     squeezed = None

@@ -377,7 +377,7 @@ def read_case(case: CaseFiles) -> tuple[np.ndarray, np.ndarray, Geometry]:
                                  "Fix: resample all channels of a case onto one grid.")
         geometry = geometry or geom
         arrays.append(arr.astype(np.float32, copy=False))
-    label, label_geom = read_image(case.label)
+    label, _label_geom = read_image(case.label)
     if label.shape[0] != 1:
         raise MosaicSegError(f"{case.label}: a label file must have one channel, found {label.shape[0]}. "
                              "Fix: save labels as single-channel integer images.")
