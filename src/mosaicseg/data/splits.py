@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mosaicseg.config import CollectionConfig
+from mosaicseg.errors import MosaicSegError
+
 # Case-id endings that usually mean "one more image of the same patient": check warns when these occur
 # without a grouping rule.
 _SUSPECT = re.compile(r"^(?P<patient>.+?)[_-]?(frame|slice|tp|time|ses|visit|scan|phase|echo|view)[_-]?\d+$", re.I)
@@ -75,7 +78,27 @@ def split_for_fold(case_ids: list[str], fold: int | str, folds: int, seed: int,
     if fold == "all":
         return Split(tuple(sorted(case_ids)), ())
     if not isinstance(fold, int) or not 0 <= fold < folds:
-        from mosaicseg.errors import MosaicSegError
-
         raise MosaicSegError(f"fold {fold!r} does not exist. Fix: use 0..{folds - 1} or 'all'.")
     return make_splits(case_ids, folds, seed, patient_regex)[fold]
+
+
+def fold_cases(
+    config: CollectionConfig, cases: dict[str, list[str]], fold: int | str
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
+    """Training and validation ``(dataset, case_id)`` pairs of ``fold`` over every dataset, plus notes
+    naming the datasets that are too small for ``config.folds`` folds (only trained on)."""
+    train: list[tuple[str, str]] = []
+    val: list[tuple[str, str]] = []
+    notes: list[str] = []
+    for entry in config.datasets:
+        ids = cases.get(entry.name, [])
+        if not ids:
+            continue
+        split = split_for_fold(ids, fold, config.folds, config.seed, entry.patient_regex)
+        if fold != "all" and not split.val:
+            n_patients = len({patient_of(c, entry.patient_regex) for c in ids})
+            notes.append(f"{entry.name}: {n_patients} patient(s) < {config.folds} folds, only trained on, "
+                         "never validated")
+        train += [(entry.name, c) for c in split.train]
+        val += [(entry.name, c) for c in split.val]
+    return train, val, notes

@@ -7,7 +7,7 @@ definition (MultiTalent, Hermes). A dataset's modality is its channel signature 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,8 @@ class Vocabulary:
     dataset_modality: dict[str, str]
     # dataset → ((global task index, label values in that dataset's files), ...)
     label_map: dict[str, tuple[tuple[int, tuple[int, ...]], ...]]
+    # dataset → value of nnU-Net's ``ignore`` label in its files (None: no ignore label)
+    ignore_value: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def num_tasks(self) -> int:
@@ -81,6 +83,13 @@ class Vocabulary:
             target[k] = np.isin(labels, values) if len(values) > 1 else labels == values[0]
         return target
 
+    def ignore_mask(self, dataset: str, labels: np.ndarray) -> np.ndarray:
+        """``(X, Y[, Z])`` bool: voxels under the dataset's ignore label (all False without one)."""
+        value = self.ignore_value.get(dataset)
+        if value is None:
+            return np.zeros(labels.shape, dtype=bool)
+        return labels == value
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "datasets": list(self.datasets),
@@ -88,6 +97,7 @@ class Vocabulary:
             "modalities": list(self.modalities),
             "dataset_modality": dict(self.dataset_modality),
             "label_map": {d: [[k, list(v)] for k, v in m] for d, m in self.label_map.items()},
+            "ignore_value": dict(self.ignore_value),
         }
 
     @classmethod
@@ -98,6 +108,7 @@ class Vocabulary:
             modalities=tuple(d["modalities"]),
             dataset_modality=dict(d["dataset_modality"]),
             label_map={k: tuple((int(i), tuple(v)) for i, v in m) for k, m in d["label_map"].items()},
+            ignore_value=dict(d.get("ignore_value", {})),
         )
 
     def describe(self) -> str:
@@ -150,4 +161,5 @@ def build_vocabulary(collection: CollectionConfig, manifests: list[DatasetManife
         modalities=modalities,
         dataset_modality=dataset_modality,
         label_map={k: tuple(v) for k, v in label_map.items()},
+        ignore_value={e.name: by_name[e.name].ignore_value for e in collection.datasets},
     )

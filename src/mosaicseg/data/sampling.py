@@ -1,0 +1,174 @@
+"""Which case, which patch: the case sampler, foreground-aware patch sampling and the training dataset.
+
+MultiTalent draws each case with probability ∝ 1/√n_k for its dataset k of n_k cases, so a dataset is
+drawn ∝ √n_k: large datasets are seen more, but not in proportion to their size.
+
+Every sample is a pure function of ``(seed, index)``: sample ``i`` uses ``np.random.default_rng((seed, i))``.
+Results therefore do not depend on the number of loader workers, and a resumed run continues with
+exactly the samples the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mosaicseg.config import SAMPLING_SCHEMES
+from mosaicseg.data.augment import AugmentConfig, augment_intensity_and_mirror, sample_patch
+from mosaicseg.data.vocabulary import Vocabulary
+from mosaicseg.errors import MosaicSegError
+from mosaicseg.types import Batch, Sample
+
+
+@dataclass(frozen=True)
+class CaseSampler:
+    """Probabilities over ``cases`` (``(dataset, case_id)`` pairs).
+
+    ``scheme``: ``inv_sqrt`` (case ∝ 1/√n_k, MultiTalent), ``uniform`` (every case alike, dataset ∝ n_k)
+    or ``weights`` (dataset ∝ ``weights[dataset]``, uniform within it).
+    """
+
+    cases: tuple[tuple[str, str], ...]
+    probabilities: np.ndarray  # (N,) float64, sums to 1
+
+    @classmethod
+    def build(cls, cases: Sequence[tuple[str, str]], scheme: str = "inv_sqrt",
+              weights: dict[str, float] | None = None) -> CaseSampler:
+        if scheme not in SAMPLING_SCHEMES:
+            raise MosaicSegError(f"unknown sampling scheme '{scheme}'. Fix: use one of {', '.join(SAMPLING_SCHEMES)}.")
+        if not cases:
+            raise MosaicSegError("no training cases to sample from. Fix: check the fold split and that "
+                                 "`mosaicseg preprocess` finished.")
+        cases = tuple(cases)
+        counts: dict[str, int] = {}
+        for d, _ in cases:
+            counts[d] = counts.get(d, 0) + 1
+        if scheme == "inv_sqrt":
+            w = np.array([1.0 / np.sqrt(counts[d]) for d, _ in cases])
+        elif scheme == "uniform":
+            w = np.ones(len(cases))
+        else:
+            weights = weights or {}
+            missing = sorted(set(counts) - set(weights))
+            if missing:
+                raise MosaicSegError(f"sampling: weights has no weight for {missing}. Fix: give every dataset a "
+                                     "weight in the collection file.")
+            w = np.array([weights[d] / counts[d] for d, _ in cases])
+        return cls(cases, w / w.sum())
+
+    def dataset_probabilities(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (d, _), p in zip(self.cases, self.probabilities, strict=True):
+            out[d] = out.get(d, 0.0) + float(p)
+        return out
+
+    def draw(self, rng: np.random.Generator) -> tuple[str, str]:
+        return self.cases[int(rng.choice(len(self.cases), p=self.probabilities))]
+
+
+def choose_center(
+    shape: tuple[int, ...],
+    patch_size: tuple[int, ...],
+    fg_locations: dict[str, np.ndarray],
+    force_foreground: bool,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Patch centre ``(ndim,)`` float: a random voxel of a randomly chosen annotated label when
+    ``force_foreground`` and any label has voxels in this case, else uniform so that the patch stays
+    within the case where it fits (nnU-Net)."""
+    available = sorted(k for k, v in fg_locations.items() if len(v))
+    if force_foreground and available:
+        locs = fg_locations[available[int(rng.integers(len(available)))]]
+        return locs[int(rng.integers(len(locs)))].astype(np.float64)
+    center = []
+    for s, p in zip(shape, patch_size, strict=True):
+        half = (p - 1) / 2
+        lo, hi = (half, s - 1 - half) if s >= p else ((s - 1) / 2, (s - 1) / 2)
+        center.append(rng.uniform(lo, hi))
+    return np.asarray(center)
+
+
+class PatchDataset(Dataset):
+    """Map-style dataset of ``length`` random training patches (each a :class:`~mosaicseg.types.Sample`).
+
+    ``load`` is called as ``load(dataset, case_id)`` and returns an object with ``image`` ``(C, *S)``,
+    ``seg`` ``(*S)`` and ``fg_locations`` (``label name → (N, ndim)``), e.g.
+    :func:`mosaicseg.data.preprocess.load_case` bound to a work folder.
+    """
+
+    def __init__(self, load: Any, sampler: CaseSampler, vocabulary: Vocabulary, patch_size: Sequence[int],
+                 seed: int, length: int, augment: AugmentConfig | None = None,
+                 oversample_foreground: float = 1 / 3) -> None:
+        self.load = load
+        self.sampler = sampler
+        self.vocabulary = vocabulary
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.seed = int(seed)
+        self.length = int(length)
+        self.augment = augment or AugmentConfig()
+        self.oversample_foreground = oversample_foreground
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Sample:
+        rng = np.random.default_rng((self.seed, int(index)))
+        dataset, case_id = self.sampler.draw(rng)
+        case = self.load(dataset, case_id)
+        force_fg = bool(rng.random() < self.oversample_foreground)
+        center = choose_center(tuple(case.seg.shape), self.patch_size, case.fg_locations, force_fg, rng)
+        image, seg = sample_patch(np.asarray(case.image), np.asarray(case.seg), center, self.patch_size,
+                                  self.augment, rng)
+        image, seg = augment_intensity_and_mirror(image, seg, self.augment, rng)
+        return make_sample(self.vocabulary, dataset, image, seg,
+                           {"case_id": case_id, "dataset": dataset, "center": center.tolist(), "index": int(index)})
+
+
+def make_sample(vocabulary: Vocabulary, dataset: str, image: np.ndarray, seg: np.ndarray,
+                meta: dict[str, Any]) -> Sample:
+    """Local label map → the global :class:`Sample` (multi-hot target, label mask, ignore mask)."""
+    return Sample(
+        image=image.astype(np.float32, copy=False),
+        target=vocabulary.to_target(dataset, seg),
+        label_mask=vocabulary.label_mask(dataset),
+        ignore=vocabulary.ignore_mask(dataset, seg),
+        modality=vocabulary.modality_index(dataset),
+        dataset=vocabulary.dataset_index(dataset),
+        meta=meta,
+    )
+
+
+def collate(samples: list[Sample], channels: int | None = None) -> Batch:
+    """Stack samples; images are zero-padded to ``channels`` (default: the largest in the batch)."""
+    c_max = channels or max(s["image"].shape[0] for s in samples)
+    images = np.zeros((len(samples), c_max, *samples[0]["image"].shape[1:]), dtype=np.float32)
+    for i, s in enumerate(samples):
+        images[i, : s["image"].shape[0]] = s["image"]
+    return Batch(
+        image=torch.from_numpy(images),
+        target=torch.from_numpy(np.stack([s["target"] for s in samples])),
+        label_mask=torch.from_numpy(np.stack([s["label_mask"] for s in samples])),
+        ignore=torch.from_numpy(np.stack([s["ignore"] for s in samples])),
+        modality=torch.tensor([s["modality"] for s in samples], dtype=torch.long),
+        dataset=torch.tensor([s["dataset"] for s in samples], dtype=torch.long),
+        meta=[s["meta"] for s in samples],
+    )
+
+
+def cached_loader(workdir: str | Path, cache_size: int = 64) -> Any:
+    """``load(dataset, case_id)`` over the preprocessed cache, memory-mapped, with a small LRU."""
+    from functools import lru_cache
+
+    from mosaicseg.data.preprocess import load_case
+
+    @lru_cache(maxsize=cache_size)
+    def load(dataset: str, case_id: str) -> Any:
+        return load_case(workdir, dataset, case_id, mmap=True)
+
+    return load

@@ -1,0 +1,108 @@
+"""Orientation and geometry round-trip of the image reader/writer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from mosaicseg.data.io import read_image, write_image
+from mosaicseg.errors import MosaicSegError
+
+
+def _image(arr_zyx: np.ndarray, spacing, origin, direction) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr_zyx)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    return img
+
+
+def _oblique() -> tuple[float, ...]:
+    a = np.deg2rad(20)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    return tuple(float(v) for v in (rot @ np.diag([-1, 1, 1])).ravel())
+
+
+DIRECTIONS = {
+    "LPS": (1, 0, 0, 0, 1, 0, 0, 0, 1),
+    "RAS": (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+    "PSR": (0, 0, -1, 1, 0, 0, 0, 1, 0),
+    "oblique": _oblique(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIRECTIONS))
+@pytest.mark.parametrize("ending", [".nii.gz", ".nrrd", ".mha", ".nii"])
+def test_round_trip_restores_array_and_geometry_exactly(tmp_path, name, ending):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 1000, size=(5, 7, 9)).astype(np.int16)
+    src = tmp_path / f"src{ending}"
+    sitk.WriteImage(_image(arr, (0.8, 1.1, 2.5), (10.5, -3.0, 7.25), DIRECTIONS[name]), str(src))
+    data, geom = read_image(src)
+    assert data.shape[0] == 1 and data.shape[1:] == geom.shape
+    out = tmp_path / f"out{ending}"
+    write_image(out, data[0], geom)
+    back = sitk.ReadImage(str(out))
+    orig = sitk.ReadImage(str(src))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(orig))
+    assert back.GetSpacing() == orig.GetSpacing()
+    assert back.GetOrigin() == orig.GetOrigin()
+    assert back.GetDirection() == orig.GetDirection()
+
+
+def test_same_world_content_gives_same_canonical_array(tmp_path):
+    """Two files storing one volume in different axis orders read back as one array and spacing."""
+    rng = np.random.default_rng(1)
+    img = _image(rng.normal(size=(4, 6, 8)).astype(np.float32), (1.0, 2.0, 3.0), (0, 0, 0), DIRECTIONS["LPS"])
+    sitk.WriteImage(img, str(tmp_path / "a.nii.gz"))
+    sitk.WriteImage(sitk.DICOMOrient(img, "PSR"), str(tmp_path / "b.nii.gz"))
+    a, ga = read_image(tmp_path / "a.nii.gz")
+    b, gb = read_image(tmp_path / "b.nii.gz")
+    assert gb.orientation == "PSR" and ga.orientation == "LPS"
+    np.testing.assert_array_equal(a, b)
+    assert ga.spacing == gb.spacing == (1.0, 2.0, 3.0)
+
+
+def test_single_slice_nifti_is_2d_and_restored(tmp_path):
+    arr = np.arange(12, dtype=np.uint8).reshape(1, 3, 4)
+    src = tmp_path / "s.nii.gz"
+    sitk.WriteImage(_image(arr, (0.5, 0.7, 3.0), (1, 2, 3), DIRECTIONS["RAS"]), str(src))
+    data, geom = read_image(src)
+    assert data.shape == (1, 4, 3) and np.allclose(geom.spacing, (0.5, 0.7)) and geom.squeezed_axis == 2
+    write_image(tmp_path / "o.nii.gz", data[0], geom)
+    back = sitk.ReadImage(str(tmp_path / "o.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), arr)
+    assert back.GetDirection() == sitk.ReadImage(str(src)).GetDirection()
+
+
+def test_rgb_png_has_three_channels_and_label_png_round_trips(tmp_path):
+    from PIL import Image
+
+    rgb = np.random.default_rng(2).integers(0, 255, size=(6, 5, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    data, geom = read_image(tmp_path / "c.png")
+    assert data.shape == (3, 6, 5)
+    np.testing.assert_array_equal(data[1], rgb[..., 1])
+    lab = (rgb[..., 0] > 128).astype(np.uint8)
+    Image.fromarray(lab).save(tmp_path / "l.png")
+    ldata, lgeom = read_image(tmp_path / "l.png")
+    write_image(tmp_path / "o.png", ldata[0], lgeom)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o.png")), lab)
+
+
+def test_write_refuses_to_overwrite_and_leaves_no_temp_files(tmp_path):
+    arr = np.zeros((3, 3, 3), dtype=np.uint8)
+    sitk.WriteImage(_image(arr, (1, 1, 1), (0, 0, 0), DIRECTIONS["LPS"]), str(tmp_path / "a.nii.gz"))
+    data, geom = read_image(tmp_path / "a.nii.gz")
+    with pytest.raises(MosaicSegError, match="exists already"):
+        write_image(tmp_path / "a.nii.gz", data[0], geom)
+    write_image(tmp_path / "a.nii.gz", data[0] + 1, geom, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz"]
+
+
+def test_corrupt_file_gives_clean_error(tmp_path):
+    bad = tmp_path / "x.nii.gz"
+    bad.write_bytes(b"this is not a nifti file")
+    with pytest.raises(MosaicSegError, match=r"x\.nii\.gz: cannot read"):
+        read_image(bad)
