@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One-command set-up: a virtual environment in .venv with the CPU build of PyTorch and MosaicSeg.
+# torch is installed first and pinned, so nothing later can pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/pip install -q "torch==${MOSAICSEG_TORCH_VERSION:-2.13.0}"
+.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/python - <<'PY'
+import torch, importlib.metadata as md
+cuda_pkgs = sorted(d.metadata["Name"] for d in md.distributions() if d.metadata["Name"].lower().startswith("nvidia-"))
+if torch.version.cuda is not None or cuda_pkgs:
+    raise SystemExit(f"expected the CPU build of torch, got {torch.__version__} (cuda {torch.version.cuda}), "
+                     f"CUDA packages: {cuda_pkgs}")
+print(f"ok: torch {torch.__version__} (CPU build), mosaicseg installed in .venv")
+PY
