@@ -81,7 +81,7 @@ def test_rgb_png_has_three_channels_and_label_png_round_trips(tmp_path):
 
     rgb = np.random.default_rng(2).integers(0, 255, size=(6, 5, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "c.png")
-    data, geom = read_image(tmp_path / "c.png")
+    data, _ = read_image(tmp_path / "c.png")
     assert data.shape == (3, 6, 5)
     np.testing.assert_array_equal(data[1], rgb[..., 1])
     lab = (rgb[..., 0] > 128).astype(np.uint8)
@@ -106,3 +106,39 @@ def test_corrupt_file_gives_clean_error(tmp_path):
     bad.write_bytes(b"this is not a nifti file")
     with pytest.raises(MosaicSegError, match=r"x\.nii\.gz: cannot read"):
         read_image(bad)
+
+
+def test_single_slice_on_another_axis_is_2d_and_restored(tmp_path):
+    # one sagittal slice: after reorientation to LPS the singleton lies on X, not on the last axis
+    arr = np.arange(20, dtype=np.int16).reshape(4, 5, 1)
+    src = tmp_path / "sag.nii.gz"
+    sitk.WriteImage(_image(arr, (0.8, 0.9, 1.1), (0, 0, 0), DIRECTIONS["LPS"]), str(src))
+    data, geom = read_image(src)
+    assert data.shape == (1, 5, 4) and geom.squeezed_axis == 0 and np.allclose(geom.spacing, (0.9, 1.1))
+    write_image(tmp_path / "o.nii.gz", data[0], geom)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o.nii.gz"))), arr)
+
+
+@pytest.mark.parametrize("ending", [".nii", ".nii.gz"])
+def test_truncated_nifti_is_refused_not_zero_filled(tmp_path, ending):
+    import gzip
+
+    arr = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32)
+    full = tmp_path / f"full{ending}"
+    sitk.WriteImage(_image(arr, (1, 1, 1), (0, 0, 0), DIRECTIONS["LPS"]), str(full))
+    raw = gzip.decompress(full.read_bytes()) if ending == ".nii.gz" else full.read_bytes()
+    cut = raw[: len(raw) // 2]
+    bad = tmp_path / f"cut{ending}"
+    bad.write_bytes(gzip.compress(cut) if ending == ".nii.gz" else cut)
+    with pytest.raises(MosaicSegError, match=r"cut\.nii(\.gz)?: incomplete image.*Fix: re-download"):
+        read_image(bad)
+
+
+def test_grey_alpha_png_drops_alpha(tmp_path):
+    from PIL import Image
+
+    la = np.random.default_rng(3).integers(0, 255, size=(6, 5, 2), dtype=np.uint8)
+    Image.fromarray(la, mode="LA").save(tmp_path / "g.png")
+    data, _ = read_image(tmp_path / "g.png")
+    assert data.shape == (1, 6, 5)
+    np.testing.assert_array_equal(data[0], la[..., 0])

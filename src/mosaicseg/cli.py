@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from mosaicseg.atomic import write_json_atomic
 from mosaicseg.errors import MosaicSegError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -50,7 +51,9 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
 @_user_errors
 def check(
     collection: Annotated[Path, typer.Argument(help="collection.yaml or a dataset folder")],
-    folds: Annotated[int | None, typer.Option(help="Folds to check dataset sizes against (default: collection's)")] = None,
+    folds: Annotated[
+        int | None, typer.Option(help="Folds to check dataset sizes against (default: the collection's)")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Parallel readers")] = 2,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the problems as JSON here")] = None,
 ) -> None:
@@ -62,7 +65,7 @@ def check(
     typer.echo(render_report(report))
     typer.echo(f"checked in {time.perf_counter() - t0:.1f} s")
     if json_out:
-        _write_json(json_out, {"problems": [
+        write_json_atomic(json_out, {"problems": [
             {"severity": p.severity, "code": p.code, "path": str(p.path), "message": p.message, "fix": p.fix}
             for p in report.problems]})
     if not report.ok:
@@ -149,17 +152,6 @@ def _describe_plans(plans: dict[str, Any]) -> str:
         lines.append(f"  {name}: spacing {[round(s, 3) for s in d['target_spacing']]}, median shape "
                      f"{d['median_shape']}{sep}; {norm}")
     return "\n".join(lines)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -129,7 +129,8 @@ def parse_collection(data: Any, source: Path | None = None, base: Path | None = 
     if data.get("synthetic") is not None:
         s = data["synthetic"]
         if not isinstance(s, dict) or s.get("dim", 3) not in (2, 3) or not isinstance(s.get("seed", 0), int):
-            problems.append(_err(where, "'synthetic' must be {dim: 2|3, seed: int}", "write synthetic: {dim: 3, seed: 0}"))
+            problems.append(_err(where, "'synthetic' must be {dim: 2|3, seed: int}",
+                                 "write synthetic: {dim: 3, seed: 0}"))
         else:
             synthetic = SyntheticSpec(dim=int(s.get("dim", 3)), seed=int(s.get("seed", 0)))
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mosaicseg.config import CollectionConfig, load_collection
 from mosaicseg.data.manifest import DatasetManifest, scan_dataset
 from mosaicseg.data.vocabulary import Vocabulary, build_vocabulary
-from mosaicseg.errors import Problem, raise_if_errors
+from mosaicseg.errors import MosaicSegError, Problem, raise_if_errors
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,20 @@ def open_collection(path: str | Path | CollectionConfig, strict: bool = True) ->
         raise_if_errors(problems, f"collection {config.source or config.name}")
     readable = {m.name for m in manifests}
     usable = config if readable == {d.name for d in config.datasets} else _restrict(config, readable)
-    vocabulary = build_vocabulary(usable, manifests)
+    try:
+        vocabulary = build_vocabulary(usable, manifests)
+    except MosaicSegError as exc:
+        if strict:
+            raise
+        # Report the broken shared_labels declaration and go on without it, so every other check still runs.
+        problems.extend(exc.problems or [Problem("error", "shared-labels", config.source or config.name, str(exc),
+                                                 "fix the shared_labels entry of the collection file")])
+        usable = replace(usable, shared_labels=())
+        vocabulary = build_vocabulary(usable, manifests)
     return OpenCollection(usable, tuple(manifests), vocabulary, tuple(problems))
 
 
 def _restrict(config: CollectionConfig, names: set[str]) -> CollectionConfig:
-    from dataclasses import replace
-
     keep = tuple(d for d in config.datasets if d.name in names)
     shared = tuple(g for g in config.shared_labels if all(m.split("/")[0] in names for m in g))
     return replace(config, datasets=keep, shared_labels=shared)

@@ -9,12 +9,15 @@ image (its third axis is squeezed and restored on export); PNG files are 2D, an 
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image
@@ -108,8 +111,8 @@ def _read_png(path: Path) -> tuple[np.ndarray, Geometry]:
     if arr.ndim == 2:
         arr = arr[None]
     else:
-        if arr.shape[-1] == 4:  # RGBA: alpha carries no image information in this domain
-            arr = arr[..., :3]
+        if arr.shape[-1] in (2, 4):  # LA / RGBA: alpha carries no image information in this domain
+            arr = arr[..., :-1]
         arr = np.moveaxis(arr, -1, 0)
     shape = tuple(int(s) for s in arr.shape[1:])
     geometry = Geometry(
@@ -123,6 +126,104 @@ def _read_png(path: Path) -> tuple[np.ndarray, Geometry]:
         spacing=(1.0, 1.0),
     )
     return np.ascontiguousarray(arr), geometry
+
+
+def _nifti_header(head: bytes) -> tuple[int, int, np.dtype] | None:
+    """(data offset, data bytes, voxel dtype) from the first bytes of a NIfTI-1/2 file; None if not parseable."""
+    if len(head) < 4:
+        return None
+    nifti2 = 540 in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))
+    if len(head) < (540 if nifti2 else 348):
+        return None
+    try:
+        header = (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(io.BytesIO(head))
+        dtype = np.dtype(header.get_data_dtype())
+        return int(header.get_data_offset()), int(np.prod(header.get_data_shape())) * dtype.itemsize, dtype
+    except Exception:  # nibabel raises many types; ITK could read the header, so do not second-guess it
+        return None
+
+
+def _complete_by_size(path: Path, parsed: tuple[int, int, np.dtype], gz: bool) -> bool:
+    """Cheap completeness test: file size, or the gzip trailer's uncompressed size (ISIZE, modulo 2**32)."""
+    expected = parsed[0] + parsed[1]
+    if not gz:
+        return path.stat().st_size >= expected
+    with path.open("rb") as f:
+        f.seek(-4, os.SEEK_END)
+        # a truncated stream ends in compressed bytes that match by chance with probability 2**-32
+        return int.from_bytes(f.read(4), "little") == expected % 2**32
+
+
+def scan_nifti(path: Path) -> tuple[str | None, int]:
+    """(what is missing from the file or None, number of NaN/inf voxels), streaming the raw voxels once.
+
+    ITK's NIfTI reader silently fills a truncated file (interrupted download or copy) with zeros and turns
+    NaN/inf into 0, so neither is visible in the array that :func:`read_image` returns.
+    """
+    gz = str(path).lower().endswith(".gz")
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
+    head, parsed, pos, nonfinite, carry = b"", None, 0, 0, b""
+
+    def feed(out: bytes, at: int) -> None:
+        nonlocal nonfinite, carry
+        offset, nbytes, dtype = parsed  # type: ignore[misc]
+        if dtype.kind not in "fc":
+            return
+        data = carry + out[max(0, offset - at): max(0, offset + nbytes - at)]
+        usable = len(data) - len(data) % dtype.itemsize
+        values = np.frombuffer(data[:usable], dtype=dtype)
+        nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+        carry = data[usable:]
+
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                out = inflate.decompress(chunk) if inflate else chunk
+                if parsed is None:
+                    head += out
+                    parsed = _nifti_header(head)
+                    if parsed is None and len(head) >= 540:
+                        return None, 0
+                    if parsed is not None and parsed[2].kind not in "fc" and _complete_by_size(path, parsed, gz):
+                        return None, 0  # integer voxels cannot be NaN: the size alone shows completeness
+                    if parsed is not None:
+                        feed(head, 0)
+                else:
+                    feed(out, pos)
+                pos += len(out)
+                if inflate is not None and inflate.eof:
+                    break
+    except zlib.error as exc:
+        return f"corrupt compressed data ({exc})", nonfinite
+    if inflate is not None and not inflate.eof:
+        return "the compressed data end early (truncated download or copy)", nonfinite
+    if parsed is None:
+        return None, 0
+    expected = parsed[0] + parsed[1]
+    if pos < expected:
+        return f"the file holds {pos} bytes but its header announces {expected} (truncated download or copy)", nonfinite
+    return None, nonfinite
+
+def _nifti_truncation(path: Path) -> str | None:
+    """Why a NIfTI file is incomplete, or None; reads only its header and size (or gzip trailer).
+
+    ITK zero-fills the missing part of a truncated file without complaint, so :func:`read_image` asks first.
+    """
+    gz = str(path).lower().endswith(".gz")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(1 << 16)
+        if gz and raw[:2] != b"\x1f\x8b":
+            return None  # not gzip at all: ITK's "cannot read" message fits better than "truncated"
+        head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, 1024) if gz else raw[:1024]
+    except zlib.error as exc:
+        return f"corrupt compressed data ({exc})"
+    except OSError:
+        return None  # let ITK report it with its own message
+    parsed = _nifti_header(head)
+    if parsed is None or _complete_by_size(path, parsed, gz):
+        return None
+    return "the file is shorter than its header announces (truncated download or copy)"
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
@@ -142,6 +243,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         raise MosaicSegError(f"{path}: file not found. Fix: check the path and the dataset's file_ending.")
     if ending == ".png":
         return _read_png(path)
+    if ending in (".nii", ".nii.gz") and (why := _nifti_truncation(path)):
+        raise MosaicSegError(f"{path}: incomplete image: {why}. Fix: re-download or re-export the file.")
     image = _read_sitk(path)
     dim = image.GetDimension()
     if dim not in (2, 3):
@@ -165,10 +268,12 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     arr = np.transpose(arr, (0, *range(arr.ndim - 1, 0, -1)))  # -> (C, X, Y[, Z])
     spacing = tuple(float(s) for s in image.GetSpacing())
     squeezed = None
-    if dim == 3 and arr.shape[3] == 1 and arr.shape[1] > 1 and arr.shape[2] > 1:
-        squeezed = 2
-        arr = arr[..., 0]
-        spacing = spacing[:2]
+    singleton = [i for i, s in enumerate(arr.shape[1:]) if s == 1]
+    if dim == 3 and len(singleton) == 1:
+        # A one-slice volume is a 2D image whatever axis the slice lies on after reorientation.
+        squeezed = singleton[0]
+        arr = np.take(arr, 0, axis=squeezed + 1)
+        spacing = tuple(s for i, s in enumerate(spacing) if i != squeezed)
     geometry = Geometry(
         **file_geom,
         shape=tuple(int(s) for s in arr.shape[1:]),

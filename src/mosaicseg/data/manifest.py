@@ -78,7 +78,9 @@ def _inside(folder: Path, candidate: Path) -> bool:
         return False
 
 
-def _parse_labels(raw: Any, json_path: Path, problems: list[Problem]) -> tuple[dict[str, tuple[int, ...]], int | None, bool]:
+def _parse_labels(
+    raw: Any, json_path: Path, problems: list[Problem]
+) -> tuple[dict[str, tuple[int, ...]], int | None, bool]:
     """Returns (foreground labels → values, ignore value, uses regions)."""
     labels: dict[str, tuple[int, ...]] = {}
     ignore_value: int | None = None
@@ -274,7 +276,8 @@ def _folder_cases(folder: Path, ending: str, n_channels: int, problems: list[Pro
     for case_id in sorted(set(channels) | set(label_files)):
         if case_id not in label_files:
             problems.append(_problem("missing-label", labels_dir / f"{case_id}{ending}",
-                                     f"case '{case_id}' has images but no label file", "add the label or remove the case"))
+                                     f"case '{case_id}' has images but no label file",
+                                     "add the label or remove the case"))
             continue
         if case_id not in channels:
             problems.append(_problem("missing-image", label_files[case_id],
@@ -317,7 +320,8 @@ def scan_dataset(folder: str | Path) -> tuple[DatasetManifest | None, list[Probl
         ending = ".nii.gz"
     num_training = data.get("numTraining", -1)
     if isinstance(num_training, bool) or not isinstance(num_training, int):
-        problems.append(_problem("json-num-training", json_path, f"numTraining must be an integer, got {num_training!r}",
+        problems.append(_problem("json-num-training", json_path,
+                                 f"numTraining must be an integer, got {num_training!r}",
                                  "write the number of training cases"))
         num_training = -1
     regions_order = data.get("regions_class_order")
