@@ -543,7 +543,7 @@ def render_report(report: CheckReport, max_per_code: int = 3) -> str:
         lines += ["", *_table(rows, {2, 3, 6})]
     if report.vocabulary is not None:
         v = report.vocabulary
-        lines += ["", f"Vocabulary: {v.num_tasks} tasks, {len(v.modalities)} modalities ({', '.join(v.modalities)})"]
+        lines += ["", f"Vocabulary: {v.describe()}"]
 
     groups: dict[tuple[int, str, int, str], list[Problem]] = {}
     for p in report.problems:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from mosaicseg.atomic import atomic_path
 from mosaicseg.errors import MosaicSegError
 
 CANONICAL_ORIENTATION = "LPS"
@@ -283,13 +283,6 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     return np.ascontiguousarray(arr), geometry
 
 
-def _atomic_target(path: Path) -> Path:
-    ending = file_ending(path) or path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ending}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, overwrite: bool = False) -> Path:
     """Write ``array`` of shape ``(X, Y[, Z])`` (canonical orientation, as returned by :func:`read_image`)
     with the original file geometry, atomically (temporary file + rename).
@@ -304,8 +297,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, overwri
     path.parent.mkdir(parents=True, exist_ok=True)
     if tuple(array.shape) != tuple(geometry.shape):
         raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape}")
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path, file_ending(path) or path.suffix) as tmp:
         if file_ending(path) == ".png":
             Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
         else:
@@ -327,10 +319,6 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, overwri
             image.SetOrigin(geometry.file_origin)
             image.SetDirection(geometry.file_direction)
             sitk.WriteImage(image, str(tmp), useCompression=file_ending(path) in (".nii.gz", ".nrrd", ".mha"))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

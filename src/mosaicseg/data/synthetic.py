@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from mosaicseg.atomic import atomic_path
 from mosaicseg.errors import MosaicSegError
 
 GENERATOR_VERSION = 1
@@ -589,17 +588,8 @@ def _render_case(spec: _Spec, dim: int, seed: int, index: int) -> _Case:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a hidden temporary file in the same folder, then rename (readers never see half a file)."""
-    ending = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ending}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path, ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_nifti(path: Path, array: np.ndarray, spacing: tuple[float, ...], orientation: str) -> None:
