@@ -14,7 +14,7 @@ to the dataset's target spacing → cache. The cache lives in ``WORKDIR/preproce
        "geometry": Geometry.to_dict() of the first channel file,
        "shape_original": canonical shape before cropping, "bbox": [[lo, hi), ...] in that grid,
        "shape_cropped", "spacing_original" (canonical axis order), "spacing_target", "shape_resampled",
-       "separate_axis", "labels_present": label values found in the (cropped) label file}
+       "separate_axis", "labels_present": label values found in the resampled label map}
 
 To restore a prediction: resample ``shape_resampled`` → ``shape_cropped`` (:func:`resample_labels` with the
 spacings swapped, or an exact ``output_shape``), paste it into zeros of ``shape_original`` at ``bbox``, and
@@ -239,34 +239,31 @@ class _Job:
     seed: int
 
 
-def _preprocess_case(job: _Job) -> str:
-    image, seg, geometry = read_case(job.case)
+def preprocess_arrays(image: np.ndarray, seg: np.ndarray | None, geometry: Geometry, plan: dict[str, Any],
+                      source: str | Path = "image") -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """One case's arrays as read by :func:`~mosaicseg.data.manifest.read_case` → the cached representation.
+
+    ``image`` ``(C, *S)`` and ``seg`` ``(*S)`` (or None at prediction time) are cropped to the non-zero region,
+    normalised and resampled to ``plan["target_spacing"]``. Returns ``(image (C, *S'), seg (*S') | None,
+    meta)`` with the geometry fields of the module docstring (everything :func:`restore_labels` needs).
+    """
     spacing = tuple(float(s) for s in geometry.spacing)
-    target = tuple(float(s) for s in job.plan["target_spacing"])
+    target = tuple(float(s) for s in plan["target_spacing"])
     if len(target) != len(spacing):
-        raise MosaicSegError(f"{job.case.images[0]}: a {len(spacing)}D image in a dataset planned with "
-                             f"{len(target)}D target spacing. Fix: keep one dimensionality per dataset.")
-    if len(job.plan["normalization"]) != image.shape[0]:
-        raise MosaicSegError(f"{job.case.images[0]}: {image.shape[0]} channel(s) but the plans normalise "
-                             f"{len(job.plan['normalization'])}. Fix: check channel_names, then re-run plan.")
+        raise MosaicSegError(f"{source}: a {len(spacing)}D image for a dataset planned with {len(target)}D target "
+                             "spacing. Fix: keep one dimensionality per dataset.")
+    if len(plan["normalization"]) != image.shape[0]:
+        raise MosaicSegError(f"{source}: {image.shape[0]} channel(s) but the plans normalise "
+                             f"{len(plan['normalization'])}. Fix: check channel_names, then re-run plan.")
     shape_original = image.shape[1:]
     image, seg, bbox = crop_to_nonzero(image, seg)
-    assert seg is not None  # crop_to_nonzero returns the label map it was given
     shape_cropped = image.shape[1:]
-    labels_present = [int(v) for v in np.unique(seg)]
-    image = normalize(image, job.plan["normalization"])
-    separate = job.plan.get("separate_axis")
-    image = resample_image(image, spacing, target, order=int(job.plan.get("image_order", 3)), separate_axis=separate)
-    seg = resample_labels(seg, spacing, target, separate_axis=separate)
-    fg = sample_locations(seg, job.labels, case_rng(job.seed, job.dataset, job.case.case_id))
-    cid = job.case.case_id
-    save_npy_atomic(job.folder / f"{cid}.npy", np.ascontiguousarray(image, dtype=np.float32))
-    save_npy_atomic(job.folder / f"{cid}_seg.npy", np.ascontiguousarray(seg, dtype=np.int16))
-    save_npz_atomic(job.folder / f"{cid}_fg.npz", fg)
+    image = normalize(image, plan["normalization"])
+    separate = plan.get("separate_axis")
+    image = resample_image(image, spacing, target, order=int(plan.get("image_order", 3)), separate_axis=separate)
+    if seg is not None:
+        seg = resample_labels(seg, spacing, target, separate_axis=separate)
     meta = {
-        "case_id": cid,
-        "dataset": job.dataset,
-        "plans_hash": job.plans_hash,
         "geometry": geometry.to_dict(),
         "shape_original": list(shape_original),
         "bbox": bbox,
@@ -275,8 +272,22 @@ def _preprocess_case(job: _Job) -> str:
         "spacing_target": list(target),
         "shape_resampled": list(image.shape[1:]),
         "separate_axis": separate,
-        "labels_present": labels_present,
     }
+    return image, seg, meta
+
+
+def _preprocess_case(job: _Job) -> str:
+    image, seg, geometry = read_case(job.case)
+    image, seg, geo_meta = preprocess_arrays(image, seg, geometry, job.plan, source=job.case.images[0])
+    assert seg is not None  # preprocess_arrays returns the label map it was given
+    labels_present = [int(v) for v in np.unique(seg)]
+    fg = sample_locations(seg, job.labels, case_rng(job.seed, job.dataset, job.case.case_id))
+    cid = job.case.case_id
+    save_npy_atomic(job.folder / f"{cid}.npy", np.ascontiguousarray(image, dtype=np.float32))
+    save_npy_atomic(job.folder / f"{cid}_seg.npy", np.ascontiguousarray(seg, dtype=np.int16))
+    save_npz_atomic(job.folder / f"{cid}_fg.npz", fg)
+    meta = {"case_id": cid, "dataset": job.dataset, "plans_hash": job.plans_hash, **geo_meta,
+            "labels_present": labels_present}
     write_json_atomic(job.folder / f"{cid}.json", meta)
     return cid
 

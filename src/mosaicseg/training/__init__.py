@@ -1,0 +1,1 @@
+"""Training: the one Trainer loop, losses, recipes (single, universal, ...) and logging."""
