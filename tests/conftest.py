@@ -101,3 +101,53 @@ class DatasetFactory:
 def make_dataset(tmp_path: Path) -> DatasetFactory:
     """Factory writing tiny nnU-Net v2 raw datasets under ``tmp_path`` (see :class:`DatasetFactory`)."""
     return DatasetFactory(tmp_path)
+
+
+def _tiny_network(workdir: Path, patch: list[int], features: list[int]) -> None:
+    """Shrink the planned network (plans.json is meant to be edited) so tests train in seconds."""
+    plans_path = workdir / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    n = len(features)
+    nd = len(patch)
+    plans["network"].update({
+        "patch_size": patch, "features": features, "num_stages": n, "batch_size": 2,
+        "kernel_sizes": [[3] * nd for _ in range(n)],
+        "strides": [[1] * nd] + [[2] * nd for _ in range(n - 1)],
+    })
+    plans_path.write_text(json.dumps(plans, indent=2))
+    collection_path = workdir / "collection.json"
+    collection = json.loads(collection_path.read_text())
+    collection["folds"] = 2  # a few cases per dataset: two folds keep a held-out patient in each
+    collection_path.write_text(json.dumps(collection, indent=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic 2D collection (4 cases per dataset), planned with a tiny network and preprocessed."""
+    from mosaicseg.data.fingerprint import plan
+    from mosaicseg.data.preprocess import preprocess
+    from mosaicseg.data.synthetic import generate_collection
+
+    root = tmp_path_factory.mktemp("tiny2d")
+    collection = generate_collection(root / "data", dim=2, seed=0, cases_per_dataset=4)
+    workdir = root / "work"
+    plan(collection, workdir, workers=1, progress=False)
+    _tiny_network(workdir, [32, 32], [4, 8, 16])
+    preprocess(workdir, workers=1, progress=False)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic 3D collection (3 cases per dataset), planned with a tiny network and preprocessed."""
+    from mosaicseg.data.fingerprint import plan
+    from mosaicseg.data.preprocess import preprocess
+    from mosaicseg.data.synthetic import generate_collection
+
+    root = tmp_path_factory.mktemp("tiny3d")
+    collection = generate_collection(root / "data", dim=3, seed=0, cases_per_dataset=3)
+    workdir = root / "work"
+    plan(collection, workdir, workers=1, progress=False)
+    _tiny_network(workdir, [16, 16, 16], [4, 8])
+    preprocess(workdir, workers=1, progress=False)
+    return workdir

@@ -141,6 +141,158 @@ def synth(
     typer.echo(f"wrote {path}")
 
 
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"30m"``, ``"1.5h"`` or plain seconds → seconds."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
+    if not m or float(m[1]) <= 0:
+        raise MosaicSegError(f"--time-budget {text!r} is not a duration. Fix: write e.g. 90s, 30m or 1.5h.")
+    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
+
+
+def _parse_fold(fold: str) -> int | str:
+    if fold == "all":
+        return fold
+    try:
+        return int(fold)
+    except ValueError:
+        raise MosaicSegError(f"--fold {fold!r} is not a fold. Fix: use 0, 1, ... or all.") from None
+
+
+@app.command()
+@_user_errors
+def train(
+    workdir: Annotated[Path, typer.Argument(help="Work folder written by `mosaicseg plan`")],
+    recipe: Annotated[str, typer.Option(help="universal (MultiTalent) or single")] = "universal",
+    dataset: Annotated[str | None, typer.Option(help="The dataset of the single recipe")] = None,
+    only: Annotated[list[str] | None, typer.Option("--datasets", help="Train on these datasets only (repeat)")] = None,
+    fold: Annotated[str, typer.Option(help="Fold number or all")] = "0",
+    architecture: Annotated[str, typer.Option("--network", help="unet, resenc_unet or swinunetr")] = "unet",
+    iterations: Annotated[int | None, typer.Option(help="Total training iterations")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (of --iterations-per-epoch)")] = None,
+    iterations_per_epoch: Annotated[int, typer.Option(help="Iterations per epoch")] = 50,
+    time_budget: Annotated[str | None, typer.Option(help="Wall-clock budget, e.g. 30m (not reproducible)")] = None,
+    optimizer: Annotated[str, typer.Option(help="sgd (poly), adamw (poly) or lamb (exponential)")] = "sgd",
+    lr: Annotated[float | None, typer.Option(help="Initial learning rate (default per optimiser)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override the plan's batch size")] = None,
+    patch_size: Annotated[str | None, typer.Option(help="Override the plan's patch, e.g. 64,64,48")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    val_every: Annotated[int, typer.Option(help="Validate every N epochs")] = 1,
+    val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    workers: Annotated[int, typer.Option(help="Data-loader worker processes")] = 0,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Run folder (default WORKDIR/runs/...)")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in the run folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start the run folder again")] = False,
+) -> None:
+    """Train one model on the preprocessed collection (Ctrl-C saves checkpoint_latest.pt; --resume continues)."""
+    from mosaicseg.config import TrainConfig
+    from mosaicseg.training.loop import Trainer
+
+    patch = None
+    if patch_size:
+        try:
+            patch = tuple(int(p) for p in patch_size.split(","))
+        except ValueError:
+            raise MosaicSegError(f"--patch-size {patch_size!r} is not a list of integers. "
+                                 "Fix: e.g. 64,64,48.") from None
+    cfg = TrainConfig(recipe=recipe, architecture=architecture, dataset=dataset,
+                      datasets=tuple(only) if only else None, fold=_parse_fold(fold), iterations=iterations,
+                      epochs=epochs, iterations_per_epoch=iterations_per_epoch,
+                      time_budget_s=parse_duration(time_budget) if time_budget else None, optimizer=optimizer, lr=lr,
+                      batch_size=batch_size, patch_size=patch, seed=seed, val_every=val_every,
+                      val_max_cases=val_max_cases or None, device=device, num_workers=workers)
+    trainer = Trainer(workdir, cfg, output, resume=resume, overwrite=overwrite)
+    for note in trainer.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"run folder: {trainer.run_dir}  ({len(trainer.train_cases)} training / {len(trainer.val_cases)} "
+               f"validation cases, patch {list(trainer.patch_size)}, batch {trainer.batch_size}, {cfg.optimizer})")
+    t0 = time.perf_counter()
+    record = trainer.fit()
+    status = "stopped (resume with --resume)" if trainer.stop_requested else "finished"
+    typer.echo(f"{status} at iteration {trainer.iteration} after {time.perf_counter() - t0:.0f} s")
+    if record.get("val_dice"):
+        for d, v in record["val_dice"].items():
+            typer.echo(f"  {d}: validation pseudo-Dice {v:.4f}")
+
+
+@app.command()
+@_user_errors
+def predict(
+    model: Annotated[Path, typer.Option("-m", "--model", help="Run folder (fold_* inside) or checkpoint")],
+    inputs: Annotated[list[Path], typer.Option("-i", "--input", help="Image files or folders (repeat)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")],
+    dataset: Annotated[str | None, typer.Option(help="Dataset whose preprocessing and tasks apply")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Tasks to predict (repeat)")] = None,
+    folds: Annotated[list[str] | None, typer.Option("--folds", help="Folds to ensemble (repeat)")] = None,
+    checkpoint: Annotated[str, typer.Option(help="final, latest or best")] = "final",
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation")] = False,
+    save_probabilities: Annotated[bool, typer.Option(help="Also write per-task probability maps")] = False,
+    largest_component: Annotated[bool, typer.Option(help="Keep the largest connected component per task")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or mps")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
+) -> None:
+    """Predict label maps (each source dataset's own numbering) in the input's exact geometry."""
+    from mosaicseg.inference.predictor import Predictor
+
+    if checkpoint not in ("final", "latest", "best"):
+        raise MosaicSegError(f"--checkpoint {checkpoint!r} is unknown. Fix: use final, latest or best.")
+    predictor = Predictor.from_run(model, folds=folds, checkpoint=checkpoint, device=device)
+    report = predictor.predict_files(inputs, output, dataset=dataset, tasks=tasks, tta=tta,
+                                     save_probabilities=save_probabilities, largest_component=largest_component,
+                                     overwrite=overwrite)
+    seconds = [c["seconds"] for c in report["cases"]]
+    typer.echo(f"predicted {len(seconds)} case(s) into {output}"
+               + (f", {sum(seconds) / len(seconds):.2f} s/case" if seconds else "")
+               + (f"; kept {len(report['skipped'])} existing (use --overwrite)" if report["skipped"] else ""))
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps")],
+    gt: Annotated[Path, typer.Argument(help="Folder of reference label maps (e.g. labelsTr)")],
+    dataset_json: Annotated[Path, typer.Option(help="dataset.json of the references")],
+    pred_dataset_json: Annotated[Path | None, typer.Option(help="dataset.json of the predictions' numbering")] = None,
+    map_items: Annotated[list[str] | None, typer.Option("--map", help="PRED_LABEL=GT_LABEL (repeat)")] = None,
+    labels: Annotated[list[str] | None, typer.Option("--labels", help="Only these labels (repeat)")] = None,
+    nsd_tolerance: Annotated[float, typer.Option(help="NSD tolerance in mm")] = 2.0,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where summary.json/metrics.csv go")] = None,
+    workers: Annotated[int, typer.Option(help="Parallel workers")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing summary")] = False,
+    missing_as_empty: Annotated[bool, typer.Option(help="Score missing predictions as empty")] = False,
+) -> None:
+    """Dice, IoU, HD95 and NSD per case and label; summary.json and metrics.csv."""
+    from mosaicseg.evaluation import evaluate_folders, format_table, parse_mapping
+
+    summary = evaluate_folders(pred, gt, dataset_json, pred_dataset_json=pred_dataset_json,
+                               mapping=parse_mapping(map_items or []) or None, labels=labels or None,
+                               nsd_tolerance_mm=nsd_tolerance, output_dir=output, workers=workers,
+                               progress=sys.stderr.isatty(), overwrite=overwrite, missing_as_empty=missing_as_empty)
+    typer.echo(format_table(summary))
+
+
+@app.command()
+@_user_errors
+def demo(
+    workdir: Annotated[Path, typer.Option("-o", "--output", help="Demo folder")] = Path("work/demo"),
+    dim: Annotated[int, typer.Option(help="3 (default) or 2 (faster)")] = 3,
+    iterations: Annotated[int | None, typer.Option(help="Training iterations (default 1500 in 3D, 300 in 2D)")] = None,
+    time_budget: Annotated[str | None, typer.Option(help="Wall-clock training budget instead, e.g. 5m")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Retrain and re-predict instead of reusing earlier results")] = False,
+) -> None:
+    """Synthetic collection → plan → train (universal) → predict held-out cases → evaluate → Dice table."""
+    from mosaicseg.demo import run_demo
+
+    if dim not in (2, 3):
+        raise MosaicSegError(f"--dim {dim} is not supported. Fix: use 2 or 3.")
+    run_demo(workdir, dim=dim, seed=seed, iterations=iterations,
+             time_budget_s=parse_duration(time_budget) if time_budget else None, overwrite=overwrite,
+             log=typer.echo)
+
+
 def _describe_plans(plans: dict[str, Any]) -> str:
     net = plans["network"]
     lines = [f"{plans['dim']}D collection plan for {plans['device']}: patch {net['patch_size']}, batch "

@@ -218,3 +218,115 @@ def load_collection(path: str | Path) -> CollectionConfig:
     except OSError as exc:
         raise MosaicSegError(f"{path}: cannot read ({exc.strerror}). Fix: check the file's permissions.") from exc
     return parse_collection(data, path.resolve())
+
+
+# --------------------------------------------------------------------------------------------- training
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "lamb")
+SCHEDULES: tuple[str, ...] = ("poly", "exp", "constant")
+# nnU-Net: SGD-Nesterov 1e-2 with poly decay; AdamW a common 3D U-Net default; Hermes: LAMB 2e-3, exponential.
+_OPT_DEFAULTS = {"sgd": (1e-2, 3e-5, "poly"), "adamw": (1e-3, 1e-4, "poly"), "lamb": (2e-3, 1e-5, "exp")}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Run settings of ``mosaicseg train`` (saved into the run folder and every checkpoint).
+
+    The budget is ``iterations``, or ``epochs`` × ``iterations_per_epoch``, and/or ``time_budget_s`` (wall
+    clock, not reproducible); training stops at whichever comes first. ``None`` for ``lr``, ``weight_decay``,
+    ``schedule``, ``batch_size`` and ``patch_size`` means: the optimiser's default / the collection plan.
+    """
+
+    recipe: str = "universal"
+    architecture: str = "unet"
+    dataset: str | None = None  # the one dataset of the ``single`` recipe
+    datasets: tuple[str, ...] | None = None  # subset of the collection's datasets (universal)
+    fold: int | str = 0
+    iterations: int | None = None
+    epochs: int | None = None
+    iterations_per_epoch: int = 50
+    time_budget_s: float | None = None
+    optimizer: str = "sgd"
+    lr: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
+    final_lr_ratio: float = 0.01  # exponential schedule: lr decays to this fraction of lr at the end
+    momentum: float = 0.99
+    batch_size: int | None = None
+    patch_size: tuple[int, ...] | None = None
+    seed: int = 0
+    val_every: int = 1  # epochs
+    val_max_cases: int | None = 8  # per dataset; None: every held-out case
+    deep_supervision: bool = True
+    grad_clip: float = 12.0
+    amp: bool | None = None  # None: on for CUDA
+    device: str = "auto"
+    num_workers: int = 0
+    checkpoint_every: int | None = None  # iterations; None: at every epoch end
+    augment: bool = True
+    oversample_foreground: float = 1 / 3
+    sampling: str | None = None  # None: the collection's
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+
+        def bad(what: str, fix: str) -> None:
+            problems.append(Problem("error", "train-config", "training settings", what, fix))
+
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"optimizer '{self.optimizer}' is unknown", f"use one of {', '.join(OPTIMIZERS)}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            bad(f"schedule '{self.schedule}' is unknown", f"use one of {', '.join(SCHEDULES)}")
+        if self.sampling is not None and self.sampling not in SAMPLING_SCHEMES:
+            bad(f"sampling '{self.sampling}' is unknown", f"use one of {', '.join(SAMPLING_SCHEMES)}")
+        if self.iterations is None and self.epochs is None and self.time_budget_s is None:
+            bad("no training budget", "give --iterations, --epochs or --time-budget")
+        for name in ("iterations", "epochs", "iterations_per_epoch", "batch_size", "val_every", "val_max_cases",
+                     "checkpoint_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                bad(f"{name} must be a positive integer, got {v!r}", f"give {name} >= 1")
+        for name in ("time_budget_s", "lr", "grad_clip"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                bad(f"{name} must be positive, got {v!r}", f"give {name} > 0")
+        if not (isinstance(self.fold, int) and self.fold >= 0) and self.fold != "all":
+            bad(f"fold {self.fold!r} is not a fold", "use 0, 1, ... or 'all'")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not str(self.device).startswith("cuda:"):
+            bad(f"device '{self.device}' is unknown", "use auto, cpu, cuda or mps")
+        if not 0 <= self.oversample_foreground <= 1:
+            bad("oversample_foreground must be in [0, 1]", "use e.g. 0.33")
+        if self.patch_size is not None and any(int(p) < 1 for p in self.patch_size):
+            bad(f"patch_size {self.patch_size} has a non-positive size", "give positive sizes")
+        raise_if_errors(problems, "invalid training settings")
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else _OPT_DEFAULTS[self.optimizer][0]
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        return self.weight_decay if self.weight_decay is not None else _OPT_DEFAULTS[self.optimizer][1]
+
+    @property
+    def resolved_schedule(self) -> str:
+        return self.schedule or _OPT_DEFAULTS[self.optimizer][2]
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["datasets"] = list(self.datasets) if self.datasets is not None else None
+        d["patch_size"] = list(self.patch_size) if self.patch_size is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        for key in ("datasets", "patch_size"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise MosaicSegError(f"training settings: unknown key(s) {sorted(unknown)}. Fix: remove them.")
+        return cls(**d)

@@ -46,6 +46,8 @@ class Vocabulary:
     label_map: dict[str, tuple[tuple[int, tuple[int, ...]], ...]]
     # dataset → value of nnU-Net's ``ignore`` label in its files (None: no ignore label)
     ignore_value: dict[str, int | None] = field(default_factory=dict)
+    # dataset → nnU-Net's ``regions_class_order`` (label value written for each region, in order) or None
+    regions_class_order: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
 
     @property
     def num_tasks(self) -> int:
@@ -98,6 +100,7 @@ class Vocabulary:
             "dataset_modality": dict(self.dataset_modality),
             "label_map": {d: [[k, list(v)] for k, v in m] for d, m in self.label_map.items()},
             "ignore_value": dict(self.ignore_value),
+            "regions_class_order": {d: list(v) if v else None for d, v in self.regions_class_order.items()},
         }
 
     @classmethod
@@ -109,7 +112,35 @@ class Vocabulary:
             dataset_modality=dict(d["dataset_modality"]),
             label_map={k: tuple((int(i), tuple(v)) for i, v in m) for k, m in d["label_map"].items()},
             ignore_value=dict(d.get("ignore_value", {})),
+            regions_class_order={k: tuple(v) if v else None for k, v in d.get("regions_class_order", {}).items()},
         )
+
+    def restrict(self, datasets: list[str] | tuple[str, ...]) -> Vocabulary:
+        """The vocabulary of a subset of datasets: only their tasks (renumbered in order) and modalities."""
+        for d in datasets:
+            self.dataset_index(d)  # raises with the list of known datasets
+        keep = [t for t in self.tasks if any(m[0] in datasets for m in t.members)]
+        new_index = {t.index: i for i, t in enumerate(keep)}
+        dataset_modality = {d: self.dataset_modality[d] for d in self.datasets if d in datasets}
+        return Vocabulary(
+            datasets=tuple(d for d in self.datasets if d in datasets),
+            tasks=tuple(Task(new_index[t.index], t.name, tuple(m for m in t.members if m[0] in datasets))
+                        for t in keep),
+            modalities=tuple(dict.fromkeys(dataset_modality.values())),
+            dataset_modality=dataset_modality,
+            label_map={d: tuple((new_index[k], v) for k, v in self.label_map[d]) for d in datasets},
+            ignore_value={d: self.ignore_value.get(d) for d in datasets},
+            regions_class_order={d: self.regions_class_order.get(d) for d in datasets},
+        )
+
+    def dataset_tasks(self, dataset: str) -> list[tuple[int, str, tuple[int, ...]]]:
+        """``(global task index, label name, label values)`` of every label of ``dataset``, in file order."""
+        names = {m: t.index for t in self.tasks for m in t.members}
+        out = []
+        for k, values in self.label_map[dataset]:
+            label = next(lbl for (d, lbl), idx in names.items() if d == dataset and idx == k)
+            out.append((k, label, values))
+        return out
 
     def describe(self) -> str:
         lines = [f"{self.num_tasks} tasks, {len(self.modalities)} modalities ({', '.join(self.modalities)})"]
@@ -162,4 +193,5 @@ def build_vocabulary(collection: CollectionConfig, manifests: list[DatasetManife
         dataset_modality=dataset_modality,
         label_map={k: tuple(v) for k, v in label_map.items()},
         ignore_value={e.name: by_name[e.name].ignore_value for e in collection.datasets},
+        regions_class_order={e.name: by_name[e.name].regions_class_order for e in collection.datasets},
     )

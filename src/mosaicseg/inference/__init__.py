@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction, test-time mirroring, post-processing, writing files back."""

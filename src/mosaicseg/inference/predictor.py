@@ -1,0 +1,255 @@
+"""Predict image files with a trained run: preprocessing from the plans, sliding window, TTA, fold ensemble,
+label maps in each source dataset's own numbering, written in the input's exact geometry.
+
+Input files follow nnU-Net's naming (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` ... one file per channel; an
+RGB PNG is one file). Output layout: ``OUT/CASE.ext`` when the chosen tasks come from one dataset, else
+``OUT/DATASET/CASE.ext`` per source dataset; ``--save-probabilities`` adds ``OUT/[DATASET/]CASE_prob_LABEL.ext``
+(float32; PNG: uint8 of probability × 255). Existing outputs are kept (the case is skipped) unless
+``overwrite``, so an interrupted prediction resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mosaicseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_image, write_image
+from mosaicseg.data.preprocess import preprocess_arrays
+from mosaicseg.data.vocabulary import Vocabulary
+from mosaicseg.errors import MosaicSegError
+from mosaicseg.inference.postprocess import labels_from_probabilities, restore_probabilities
+from mosaicseg.inference.sliding_window import predict_logits
+from mosaicseg.models import UniversalNet
+from mosaicseg.training.loop import load_checkpoint, resolve_device
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def find_checkpoints(run: str | Path, folds: Sequence[str] | None = None, name: str = "final") -> list[Path]:
+    """Checkpoint files of a run: a ``.pt`` file, a fold folder, or a run folder with ``fold_*`` folders."""
+    run = Path(run)
+    if run.is_file():
+        return [run]
+    if not run.is_dir():
+        raise MosaicSegError(f"{run}: no such run folder or checkpoint. Fix: pass the folder mosaicseg train wrote.")
+    if (run / f"checkpoint_{name}.pt").is_file():
+        return [run / f"checkpoint_{name}.pt"]
+    fold_dirs = sorted(p for p in run.glob("fold_*") if p.is_dir())
+    if folds:
+        fold_dirs = [run / f"fold_{f}" for f in folds]
+    if not fold_dirs:
+        raise MosaicSegError(f"{run}: holds neither checkpoint_{name}.pt nor fold_* folders. Fix: pass a run folder "
+                             "written by mosaicseg train (training may not have finished: try --checkpoint latest).")
+    missing = [str(d) for d in fold_dirs if not (d / f"checkpoint_{name}.pt").is_file()]
+    if missing:
+        raise MosaicSegError(f"checkpoint_{name}.pt is missing in {missing}. Fix: finish training those folds, "
+                             "choose --folds, or use --checkpoint latest.")
+    return [d / f"checkpoint_{name}.pt" for d in fold_dirs]
+
+
+@dataclass(frozen=True)
+class InputCase:
+    case_id: str
+    files: tuple[Path, ...]
+    ending: str
+
+
+def group_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
+    """Files and folders → cases; ``CASE_XXXX`` files are the channels of ``CASE`` (sorted by channel)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.is_file() and file_ending(f) and not f.name.startswith("."))
+        elif p.is_file():
+            if not file_ending(p):
+                raise MosaicSegError(f"{p}: unsupported file type. Fix: use one of {', '.join(SUPPORTED_ENDINGS)}.")
+            files.append(p)
+        else:
+            raise MosaicSegError(f"{p}: no such file or folder. Fix: check the input path (-i).")
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    endings: dict[str, str] = {}
+    for f in files:
+        ending = file_ending(f)
+        stem = f.name[: -len(ending)]
+        m = _CHANNEL.match(stem)
+        case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
+        groups.setdefault(case, []).append((channel, f))
+        endings[case] = ending
+    if not groups:
+        raise MosaicSegError(f"no image files in {[str(i) for i in inputs]}. Fix: pass files or folders holding "
+                             f"{', '.join(SUPPORTED_ENDINGS)} images.")
+    out = []
+    for case, chans in sorted(groups.items()):
+        chans.sort()
+        numbers = [c for c, _ in chans]
+        if numbers != list(range(len(numbers))):
+            raise MosaicSegError(f"{chans[0][1].parent}: case '{case}' has channel files {numbers}, expected 0.."
+                                 f"{len(numbers) - 1}. Fix: name channels CASE_0000, CASE_0001, ... without gaps.")
+        out.append(InputCase(case, tuple(f for _, f in chans), endings[case]))
+    return out
+
+
+class Predictor:
+    """One or several models (folds) of one run, sharing its plans and vocabulary."""
+
+    def __init__(self, models: list[torch.nn.Module], vocabulary: Vocabulary, plans: dict[str, Any],
+                 patch_size: Sequence[int], device: torch.device, amp: bool = False) -> None:
+        self.models = models
+        self.vocabulary = vocabulary
+        self.plans = plans
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.device = device
+        self.amp = amp
+
+    @classmethod
+    def from_run(cls, run: str | Path, folds: Sequence[str] | None = None, checkpoint: str = "final",
+                 device: str = "cpu") -> Predictor:
+        dev = resolve_device(device)
+        models: list[torch.nn.Module] = []
+        first: dict[str, Any] | None = None
+        for path in find_checkpoints(run, folds, checkpoint):
+            ckpt = load_checkpoint(path, "cpu")
+            if first is None:
+                first = ckpt
+            elif ckpt["vocabulary"] != first["vocabulary"] or ckpt["plans"] != first["plans"]:
+                raise MosaicSegError(f"{path}: this fold was trained with other plans or tasks than the first fold. "
+                                     "Fix: ensemble only folds of one run (--folds).")
+            model = UniversalNet.from_config(ckpt["model_config"])
+            model.load_state_dict(ckpt["model"])
+            models.append(model.to(dev).eval())
+        assert first is not None  # find_checkpoints returns at least one path or raises
+        return cls(models, Vocabulary.from_dict(first["vocabulary"]), first["plans"], first["patch_size"], dev,
+                   amp=dev.type == "cuda")
+
+    # ----------------------------------------------------------------------------------------- choices
+    def resolve_tasks(self, dataset: str | None, tasks: Sequence[str] | None) -> list[int]:
+        """Task indices: ``tasks`` (names ``Dataset/label``, or ``label`` within ``dataset``), else all tasks of
+        ``dataset``, else every task."""
+        v = self.vocabulary
+        if tasks:
+            out = []
+            for name in tasks:
+                full = f"{dataset}/{name}" if dataset and "/" not in name else name
+                out.append(v.task_index(full))
+            return sorted(set(out))
+        if dataset is not None:
+            return [k for k, _, _ in v.dataset_tasks(self._check_dataset(dataset))]
+        return list(range(v.num_tasks))
+
+    def _check_dataset(self, dataset: str) -> str:
+        if dataset not in self.vocabulary.datasets:
+            raise MosaicSegError(f"dataset '{dataset}' is not one the model was trained on. Fix: use one of "
+                                 f"{list(self.vocabulary.datasets)}.")
+        return dataset
+
+    def preprocessing_dataset(self, dataset: str | None, task_ids: Sequence[int]) -> str:
+        """Whose plan (spacing, normalisation, modality) preprocesses the input."""
+        if dataset is not None:
+            return self._check_dataset(dataset)
+        owners = {m[0] for k in task_ids for m in self.vocabulary.tasks[k].members}
+        if len(self.vocabulary.datasets) == 1:
+            return self.vocabulary.datasets[0]
+        if len(owners) == 1:
+            return owners.pop()
+        raise MosaicSegError(f"the model knows {len(self.vocabulary.datasets)} datasets; say which one the input "
+                             f"images are like (spacing, normalisation, modality). Fix: pass --dataset with one of "
+                             f"{list(self.vocabulary.datasets)}.")
+
+    # ----------------------------------------------------------------------------------------- predict
+    def predict_probabilities(self, image: np.ndarray, geometry: Geometry, dataset: str, task_ids: Sequence[int],
+                              tta: bool = False, source: str | Path = "image") -> np.ndarray:
+        """Probabilities ``(T, *S_original)`` (canonical orientation) of ``task_ids`` for one raw image
+        ``(C, *S_original)``: preprocessed with ``dataset``'s plan, averaged over TTA (logits) and folds
+        (probabilities), resampled back and uncropped."""
+        plan = self.plans["datasets"][dataset]
+        pre, _, meta = preprocess_arrays(image, None, geometry, plan, source=source)
+        x = torch.from_numpy(pre)
+        mirror = tuple(range(pre.ndim - 1)) if tta else ()
+        modality = self.vocabulary.modality_index(dataset)
+        prob = None
+        for model in self.models:
+            logits = predict_logits(model, x, modality, self.patch_size, tasks=list(task_ids), mirror_axes=mirror,
+                                    device=self.device, amp=self.amp)
+            p = torch.sigmoid(logits).numpy()
+            prob = p if prob is None else prob + p
+        assert prob is not None
+        return restore_probabilities(prob / len(self.models), meta)
+
+    def outputs_by_dataset(self, task_ids: Sequence[int]) -> dict[str, list[tuple[int, int, str, tuple[int, ...]]]]:
+        """Source dataset → ``(position in task_ids, position among the dataset's labels, label name, label
+        values)`` of its chosen tasks, in the dataset's label order."""
+        pos = {k: i for i, k in enumerate(task_ids)}
+        out: dict[str, list[tuple[int, int, str, tuple[int, ...]]]] = {}
+        for d in self.vocabulary.datasets:
+            rows = [(pos[k], j, label, values)
+                    for j, (k, label, values) in enumerate(self.vocabulary.dataset_tasks(d)) if k in pos]
+            if rows:
+                out[d] = rows
+        return out
+
+    def predict_files(self, inputs: Sequence[str | Path], output: str | Path, *, dataset: str | None = None,
+                      tasks: Sequence[str] | None = None, tta: bool = False, save_probabilities: bool = False,
+                      largest_component: bool = False, overwrite: bool = False,
+                      progress: bool = True) -> dict[str, Any]:
+        """Predict every case of ``inputs`` into ``output``; returns per-case seconds and what was written."""
+        output = Path(output)
+        if output.exists() and not output.is_dir():
+            raise MosaicSegError(f"{output}: is a file, not a folder. Fix: choose an output folder (-o).")
+        task_ids = self.resolve_tasks(dataset, tasks)
+        source = self.preprocessing_dataset(dataset, task_ids)
+        groups = self.outputs_by_dataset(task_ids)
+        flat = len(groups) == 1
+        n_channels = len(self.plans["datasets"][source]["normalization"])
+        cases = group_inputs(inputs)
+        report: dict[str, Any] = {"cases": [], "skipped": [], "dataset": source,
+                                  "tasks": [self.vocabulary.tasks[k].name for k in task_ids]}
+        output.mkdir(parents=True, exist_ok=True)
+        for case in tqdm(cases, desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
+            targets = {d: (output if flat else output / d) / f"{case.case_id}{case.ending}" for d in groups}
+            if not overwrite and all(p.exists() for p in targets.values()):
+                report["skipped"].append(case.case_id)
+                continue
+            t0 = time.perf_counter()
+            image, geometry = self._read(case, n_channels)
+            prob = self.predict_probabilities(image, geometry, source, task_ids, tta=tta, source=case.files[0])
+            written = []
+            for d, rows in groups.items():
+                sub = prob[[r[0] for r in rows]]
+                order = self.vocabulary.regions_class_order.get(d)
+                order = [order[r[1]] for r in rows] if order else None
+                seg = labels_from_probabilities(sub, [r[3] for r in rows], order, largest_component)
+                written.append(str(write_image(targets[d], seg, geometry, overwrite=True)))
+                if save_probabilities:
+                    for (_, _, label, _), p in zip(rows, sub, strict=True):
+                        path = targets[d].with_name(f"{case.case_id}_prob_{label}{case.ending}")
+                        arr = (np.round(p * 255).astype(np.uint8) if case.ending == ".png" else p.astype(np.float32))
+                        written.append(str(write_image(path, arr, geometry, overwrite=True)))
+            report["cases"].append({"case_id": case.case_id, "seconds": time.perf_counter() - t0, "files": written})
+        return report
+
+    def _read(self, case: InputCase, n_channels: int) -> tuple[np.ndarray, Geometry]:
+        arrays, geometry = [], None
+        for f in case.files:
+            arr, geo = read_image(f)
+            if geometry is None:
+                geometry = geo
+            elif arr.shape[1:] != geometry.shape:
+                raise MosaicSegError(f"{f}: shape {arr.shape[1:]} differs from {case.files[0].name} "
+                                     f"{geometry.shape}. Fix: give every channel of a case the same grid.")
+            arrays.append(arr)
+        image = np.concatenate(arrays, axis=0).astype(np.float32, copy=False)
+        if image.shape[0] != n_channels:
+            raise MosaicSegError(f"{case.files[0]}: case '{case.case_id}' has {image.shape[0]} channel(s), the model "
+                                 f"expects {n_channels} for this dataset. Fix: provide CASE_0000..CASE_"
+                                 f"{n_channels - 1:04d} files or choose the right --dataset.")
+        assert geometry is not None
+        return image, geometry

@@ -1,0 +1,68 @@
+"""Gaussian-weighted sliding-window prediction with optional mirroring, on top of MONAI's inferer.
+
+Logits of overlapping tiles are blended with a Gaussian importance map (nnU-Net, ``sigma = 1/8`` of the
+tile); mirrored predictions are averaged in logit space, then the sigmoid turns them into per-task
+probabilities (every task is an independent sigmoid output, MultiTalent).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from monai.inferers import sliding_window_inference
+
+from mosaicseg.errors import MosaicSegError
+
+
+def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of ``axes`` (spatial axis numbers): 2^len(axes) flips, the identity first."""
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, modality: int, patch_size: Sequence[int], *,
+                   overlap: float = 0.5, tile_batch: int = 1, mirror_axes: Sequence[int] = (),
+                   tasks: Sequence[int] | None = None, device: torch.device | str = "cpu",
+                   amp: bool = False, progress: bool = False) -> torch.Tensor:
+    """Sliding-window logits of one image.
+
+    Args:
+        model: ``model(x (N, C, *P), modality (N,)) -> (N, K, *P)`` in eval mode.
+        image: ``(C, *S)`` float tensor (any device; tiles are moved to ``device``).
+        modality: the image's modality index (selects the model's input stem).
+        patch_size: tile size ``P``; images smaller than a tile are padded and cropped back by MONAI.
+        mirror_axes: spatial axes (0-based, of ``S``) to mirror for test-time augmentation.
+        tasks: global task indices to keep (``None``: all ``K``); the rest is dropped per tile to save memory.
+
+    Returns ``(len(tasks) or K, *S)`` float32 logits on the CPU.
+    """
+    if image.ndim != len(patch_size) + 1:
+        raise MosaicSegError(f"a {image.ndim - 1}D image for a {len(patch_size)}D model. Fix: predict with a model "
+                             "of the image's dimensionality.")
+    device = torch.device(device)
+    keep = torch.as_tensor(list(tasks), dtype=torch.long, device=device) if tasks is not None else None
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:
+        mod = torch.full((x.shape[0],), modality, dtype=torch.long, device=x.device)
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            out = model(x, mod)
+        out = out.float()
+        return out.index_select(1, keep) if keep is not None else out
+
+    x = image.unsqueeze(0).float()
+    total: torch.Tensor | None = None
+    flips = mirror_combinations(tuple(mirror_axes))
+    for flip in flips:
+        dims = [a + 2 for a in flip]
+        xin = torch.flip(x, dims) if dims else x
+        out = sliding_window_inference(
+            xin, roi_size=tuple(int(p) for p in patch_size), sw_batch_size=tile_batch, predictor=tiles,
+            overlap=overlap, mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=0.0,
+            sw_device=device, device=torch.device("cpu"), progress=progress,
+        )
+        out = torch.flip(out, dims) if dims else out
+        total = out if total is None else total.add_(out)
+    assert total is not None  # at least the identity flip
+    return (total / len(flips))[0]

@@ -1,0 +1,7 @@
+"""Models: one input stem per modality, a backbone from :data:`MODELS`, per-task sigmoid heads."""
+
+from __future__ import annotations
+
+from mosaicseg.models.factory import MODELS, UniversalNet, build_model
+
+__all__ = ["MODELS", "UniversalNet", "build_model"]

@@ -1,0 +1,457 @@
+"""The one training loop. Recipes plug model, loss, datasets, sampling and hooks into it.
+
+Reproducibility: the model is initialised from ``torch.manual_seed(seed)``, sample ``i`` of the run is a pure
+function of ``(seed, i)`` (see :mod:`mosaicseg.data.sampling`), and the learning rate is a function of the
+iteration. A run with an iteration budget therefore gives identical weights on CPU whether it ran in one go
+or was stopped and ``--resume``d at any iteration. A wall-clock budget (``time_budget_s``) makes the length
+of the run, and so the learning-rate schedule, depend on the machine: such runs are not reproducible.
+
+Run folder::
+
+    RUN/config.json               training settings (TrainConfig) + recipe summary
+    RUN/checkpoint_latest.pt      written at every epoch end (or every ``checkpoint_every`` iterations)
+    RUN/checkpoint_final.pt       the end of training; reported numbers use this one
+    RUN/checkpoint_best.pt        best validation mean pseudo-Dice (a convenience, not for reporting)
+    RUN/metrics.jsonl             one record per epoch
+    RUN/progress.png              loss, per-dataset validation Dice, learning rate, epoch time
+
+Checkpoints are plain dicts of tensors and primitives written atomically with :func:`torch.save` and read
+with ``weights_only=True``: loading never executes code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from mosaicseg.atomic import atomic_write, write_json_atomic
+from mosaicseg.config import CollectionConfig, TrainConfig, parse_collection
+from mosaicseg.data.augment import AugmentConfig
+from mosaicseg.data.fingerprint import load_plans
+from mosaicseg.data.preprocess import list_cases, load_case
+from mosaicseg.data.sampling import CaseSampler, PatchDataset, cached_loader, collate
+from mosaicseg.data.splits import fold_cases
+from mosaicseg.data.vocabulary import Vocabulary
+from mosaicseg.errors import MosaicSegError
+from mosaicseg.inference.sliding_window import predict_logits
+from mosaicseg.training.logging import append_record, plot_progress, read_records, truncate_records
+from mosaicseg.training.optim import build_optimizer, learning_rate
+from mosaicseg.training.recipes import RECIPES, RecipeContext, RecipeParts
+
+CHECKPOINT_FORMAT = "mosaicseg/checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MosaicSegError(f"device '{name}' requested but CUDA is not available. Fix: use --device cpu.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise MosaicSegError("device 'mps' requested but MPS is not available. Fix: use --device cpu.")
+    return torch.device(name)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A MosaicSeg checkpoint, loaded without executing code (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MosaicSegError(f"{path}: checkpoint not found. Fix: check the run folder (train first).")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle refusals and corrupt files surface as many types
+        raise MosaicSegError(f"{path}: not a loadable MosaicSeg checkpoint ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}). Fix: use a checkpoint written by mosaicseg "
+                             "train; files from untrusted sources are refused.") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MosaicSegError(f"{path}: not a MosaicSeg checkpoint. Fix: pass a run folder or a checkpoint_*.pt "
+                             "written by mosaicseg train.")
+    return ckpt
+
+
+def run_folder_for(workdir: str | Path, config: TrainConfig) -> Path:
+    """Default run folder: ``WORKDIR/runs/RECIPE_ARCH[_DATASET]/fold_F``."""
+    name = f"{config.recipe}_{config.architecture}" + (f"_{config.dataset}" if config.dataset else "")
+    return Path(workdir) / "runs" / name / f"fold_{config.fold}"
+
+
+class Trainer:
+    """Trains the recipe's model on the preprocessed collection in ``workdir`` into ``run_dir``.
+
+    ``resume``: continue from ``checkpoint_latest.pt``; ``overwrite``: start again in a run folder that
+    holds a run. Without either, an existing run is never touched.
+    """
+
+    def __init__(self, workdir: str | Path, config: TrainConfig, run_dir: str | Path | None = None, *,
+                 resume: bool = False, overwrite: bool = False, progress: bool = True) -> None:
+        self.workdir = Path(workdir)
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else run_folder_for(workdir, config)
+        self.progress = progress
+        self.stop_requested = False
+        self._prepare_distributed()
+        self.device = resolve_device(config.device)
+        self.amp = bool(config.amp if config.amp is not None else self.device.type == "cuda")
+        if self.amp and self.device.type != "cuda":
+            raise MosaicSegError("AMP was requested on a device without CUDA. Fix: drop --amp or use --device cuda.")
+        self._check_run_folder(resume, overwrite)
+
+        self.plans = load_plans(self.workdir)
+        self.collection = self._load_collection()
+        full_vocab = Vocabulary.from_dict(json.loads((self.workdir / "vocabulary.json").read_text(encoding="utf-8")))
+        torch.manual_seed(config.seed)  # model initialisation is part of the seeded run
+        ctx = RecipeContext(config=config, plans=self.plans, vocabulary=full_vocab,
+                            sampling=self.collection.sampling,
+                            weights={d.name: d.weight for d in self.collection.datasets})
+        self.parts: RecipeParts = RECIPES.get(config.recipe)(ctx)
+        self.vocabulary = self.parts.vocabulary
+        self.model = self.parts.model.to(self.device)
+        self.patch_size = tuple(int(p) for p in (config.patch_size or self.plans["network"]["patch_size"]))
+        self.batch_size = int(config.batch_size or self.plans["network"]["batch_size"])
+        self.optimizer = build_optimizer(self.model.parameters(), config)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.train_cases, self.val_cases, self.notes = self._split()
+        self.iteration = 0
+        self.epoch = 0
+        self.elapsed_s = 0.0
+        self.best: dict[str, Any] = {"val_mean": -math.inf, "iteration": None}
+        if resume and (self.run_dir / "checkpoint_latest.pt").is_file():
+            self._restore(load_checkpoint(self.run_dir / "checkpoint_latest.pt", self.device))
+        self.ddp_model = self._wrap_distributed(self.model)
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _prepare_distributed(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and self.config.device != "cpu" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+
+    def _wrap_distributed(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # Stems of modalities absent from a rank's batch get no gradient: DDP must tolerate unused parameters.
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _check_run_folder(self, resume: bool, overwrite: bool) -> None:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise MosaicSegError(f"{self.run_dir}: is a file, not a folder. Fix: choose another run folder (-o).")
+        has_run = any((self.run_dir / n).exists() for n in ("checkpoint_latest.pt", "checkpoint_final.pt",
+                                                             "metrics.jsonl"))
+        if has_run and not resume and not overwrite:
+            raise MosaicSegError(f"{self.run_dir}: holds a run already. Fix: --resume to continue it, --overwrite "
+                                 "to start again, or -o for another folder.")
+        if has_run and overwrite and not resume and self.is_main:
+            for n in ("checkpoint_latest.pt", "checkpoint_final.pt", "checkpoint_best.pt", "metrics.jsonl",
+                      "progress.png"):
+                (self.run_dir / n).unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _load_collection(self) -> CollectionConfig:
+        path = self.workdir / "collection.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MosaicSegError(f"{path}: missing or unreadable ({exc}). Fix: run mosaicseg plan first.") from exc
+        return parse_collection(data, source=path)
+
+    def _split(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
+        cases = list_cases(self.workdir)
+        wanted = set(self.parts.datasets)
+        missing = sorted(d for d in wanted if not cases.get(d))
+        if missing:
+            raise MosaicSegError(f"{self.workdir}: no preprocessed cases for {missing}. Fix: run mosaicseg "
+                                 f"preprocess {self.workdir}.")
+        cases = {d: ids for d, ids in cases.items() if d in wanted}
+        train, val, notes = fold_cases(self.collection, cases, self.config.fold)
+        return train, val, notes
+
+    # ----------------------------------------------------------------------------------------- state
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "model": self.model.state_dict(),
+            "model_config": self.model.config,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.amp else None,
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "elapsed_s": self.elapsed_s,
+            "train_config": self.config.to_dict(),
+            "plans": self.plans,
+            "vocabulary": self.vocabulary.to_dict(),
+            "datasets": list(self.parts.datasets),
+            "best": dict(self.best),
+            "patch_size": list(self.patch_size),
+        }
+
+    def save(self, name: str) -> Path:
+        path = self.run_dir / f"checkpoint_{name}.pt"
+        if self.is_main:
+            state = self.checkpoint()
+            atomic_write(path, lambda f: torch.save(state, f))
+        return path
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        if ckpt.get("vocabulary") != self.vocabulary.to_dict():
+            raise MosaicSegError(f"{self.run_dir}: the checkpoint was trained with another task vocabulary. Fix: "
+                                 "resume with the work folder it was trained on, or start a new run folder.")
+        saved = TrainConfig.from_dict(ckpt["train_config"])
+        if saved.to_dict() != self.config.to_dict():
+            diff = sorted(k for k, v in saved.to_dict().items() if self.config.to_dict().get(k) != v)
+            raise MosaicSegError(f"{self.run_dir}: --resume with settings that differ from the run's ({diff}). Fix: "
+                                 "resume with the same settings (see config.json) or start a new run folder.")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.amp and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt["iteration"])
+        self.epoch = int(ckpt["epoch"])
+        self.elapsed_s = float(ckpt["elapsed_s"])
+        self.best = dict(ckpt.get("best") or self.best)
+        if self.is_main:
+            truncate_records(self.run_dir / "metrics.jsonl", self.iteration)
+
+    # ----------------------------------------------------------------------------------------- budget
+    @property
+    def total_iterations(self) -> int | None:
+        totals = [t for t in (self.config.iterations,
+                              self.config.epochs * self.config.iterations_per_epoch if self.config.epochs else None)
+                  if t is not None]
+        return min(totals) if totals else None
+
+    def progress_fraction(self) -> float:
+        parts = []
+        if self.total_iterations:
+            parts.append(self.iteration / self.total_iterations)
+        if self.config.time_budget_s:
+            parts.append(self.elapsed_s / self.config.time_budget_s)
+        return max(parts)
+
+    def finished(self) -> bool:
+        return self.progress_fraction() >= 1.0
+
+    def request_stop(self) -> None:
+        """Stop after the current step, saving ``checkpoint_latest.pt`` (SIGINT/SIGTERM call this too)."""
+        self.stop_requested = True
+
+    # ----------------------------------------------------------------------------------------- data
+    def _loader(self) -> DataLoader:
+        cfg = self.config
+        sampler = CaseSampler.build(self.train_cases, self.parts.sampling, self.parts.weights)
+        augment = AugmentConfig() if cfg.augment else AugmentConfig.off()
+        global_batch = self.batch_size * self.world_size
+        dataset = PatchDataset(cached_loader(self.workdir), sampler, self.vocabulary, self.patch_size,
+                               seed=cfg.seed, length=2**62, augment=augment,
+                               oversample_foreground=cfg.oversample_foreground)
+        end = (self.total_iterations or 2**40) * global_batch
+        # Rank r takes samples [it*G + r*B, it*G + (r+1)*B) of iteration it: the union over ranks is the same
+        # sample stream whatever the number of processes.
+        indices = _RankIndices(self.iteration * global_batch, end, self.batch_size, self.rank, self.world_size)
+        channels = max(len(d["normalization"]) for n, d in self.plans["datasets"].items() if n in self.parts.datasets)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=indices, num_workers=cfg.num_workers,
+                          collate_fn=_Collate(channels), persistent_workers=cfg.num_workers > 0,
+                          prefetch_factor=2 if cfg.num_workers > 0 else None, pin_memory=self.device.type == "cuda")
+
+    # ----------------------------------------------------------------------------------------- steps
+    def train_step(self, batch: dict[str, Any]) -> float:
+        self.model.train()
+        image = batch["image"].to(self.device, non_blocking=True)
+        modality = batch["modality"].to(self.device)
+        on_device = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                     for k, v in batch.items()}
+        lr = learning_rate(self.config, self.progress_fraction())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            outputs = self.ddp_model(image, modality)
+            loss = self.parts.loss(outputs, on_device)
+        if not torch.isfinite(loss):
+            raise MosaicSegError(f"training diverged at iteration {self.iteration}: the loss is {loss.item()}. Fix: "
+                                 "lower the learning rate (--lr) or check the data with mosaicseg check.")
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.iteration += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Per-dataset pseudo-Dice on the fold's held-out cases (preprocessed space, threshold 0.5).
+
+        Counts are summed over cases per task (nnU-Net's pseudo-Dice), then averaged over each dataset's
+        tasks; at most ``val_max_cases`` cases per dataset, the first in sorted order.
+        """
+        self.model.eval()
+        per_dataset: dict[str, list[tuple[str, str]]] = {}
+        for d, c in self.val_cases:
+            per_dataset.setdefault(d, []).append((d, c))
+        counts: dict[tuple[str, int], np.ndarray] = {}
+        for d, cases in per_dataset.items():
+            if self.config.val_max_cases is not None:
+                cases = sorted(cases)[: self.config.val_max_cases]
+            tasks = self.vocabulary.dataset_tasks(d)
+            for _, case_id in cases:
+                case = load_case(self.workdir, d, case_id, mmap=True)
+                image = torch.from_numpy(np.array(case.image, dtype=np.float32))  # mmap is read-only
+                logits = predict_logits(self.model, image, self.vocabulary.modality_index(d), self.patch_size,
+                                        tile_batch=self.batch_size, tasks=[k for k, _, _ in tasks],
+                                        device=self.device, amp=self.amp)
+                seg = np.asarray(case.seg)
+                valid = ~self.vocabulary.ignore_mask(d, seg)
+                for j, (k, _, values) in enumerate(tasks):
+                    pred = (logits[j].numpy() > 0) & valid
+                    ref = np.isin(seg, values) & valid
+                    tp = np.count_nonzero(pred & ref)
+                    c = counts.setdefault((d, k), np.zeros(3, dtype=np.int64))
+                    c += (tp, np.count_nonzero(pred) - tp, np.count_nonzero(ref) - tp)
+        task_dice: dict[str, float] = {}
+        dataset_dice: dict[str, float] = {}
+        for d in per_dataset:
+            values = []
+            for k, _, _ in self.vocabulary.dataset_tasks(d):
+                tp, fp, fn = counts.get((d, k), np.zeros(3))
+                dice = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else math.nan
+                task_dice[self.vocabulary.tasks[k].name] = float(dice)
+                values.append(dice)
+            finite = [v for v in values if not math.isnan(v)]
+            dataset_dice[d] = float(np.mean(finite)) if finite else math.nan
+        finite = [v for v in dataset_dice.values() if not math.isnan(v)]
+        return {"val_dice": dataset_dice, "val_dice_tasks": task_dice,
+                "val_mean": float(np.mean(finite)) if finite else math.nan}
+
+    # ----------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        """Train until the budget is spent or a stop is requested; returns the last epoch record."""
+        cfg = self.config
+        if self.is_main:
+            write_json_atomic(self.run_dir / "config.json", {
+                "train_config": cfg.to_dict(), "datasets": list(self.parts.datasets),
+                "tasks": [t.name for t in self.vocabulary.tasks], "patch_size": list(self.patch_size),
+                "batch_size": self.batch_size, "world_size": self.world_size, "notes": self.notes,
+                "train_cases": len(self.train_cases), "val_cases": len(self.val_cases)})
+        for hook in self.parts.hooks:
+            getattr(hook, "on_train_start", lambda t: None)(self)
+        record: dict[str, Any] = {}
+        if self.finished():
+            return self._finish(record)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, lambda *_: self.request_stop())
+        bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=not (self.progress and self.is_main),
+                   desc=f"train {cfg.recipe}", unit="it", dynamic_ncols=True)
+        losses: list[float] = []
+        epoch_start = time.perf_counter()
+        tick = time.perf_counter()
+        try:
+            for batch in self._loader():
+                loss = self.train_step(batch)
+                now = time.perf_counter()
+                self.elapsed_s += now - tick
+                tick = now
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", epoch=self.epoch)
+                for hook in self.parts.hooks:
+                    getattr(hook, "on_step_end", lambda t, v: None)(self, loss)
+                done = self.finished()
+                epoch_end = self.iteration % cfg.iterations_per_epoch == 0
+                if epoch_end or done:
+                    record = self._end_epoch(losses, time.perf_counter() - epoch_start, validate=epoch_end or done)
+                    losses, epoch_start = [], time.perf_counter()
+                elif cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                    self.save("latest")
+                if done:
+                    break
+                if self.stop_requested:
+                    self.save("latest")
+                    bar.close()
+                    return record
+        finally:
+            bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return self._finish(record)
+
+    def _end_epoch(self, losses: list[float], seconds: float, validate: bool) -> dict[str, Any]:
+        cfg = self.config
+        self.epoch = self.iteration // cfg.iterations_per_epoch
+        # a final partial epoch is logged under its own number
+        record: dict[str, Any] = {"epoch": math.ceil(self.iteration / cfg.iterations_per_epoch),
+                                  "iteration": self.iteration,
+                                  "train_loss": float(np.mean(losses)) if losses else math.nan,
+                                  "lr": learning_rate(cfg, self.progress_fraction()), "epoch_time_s": seconds,
+                                  "elapsed_s": self.elapsed_s}
+        do_val = validate and self.val_cases and (self.finished() or record["epoch"] % cfg.val_every == 0)
+        if do_val and self.is_main:
+            t0 = time.perf_counter()
+            record.update(self.validate())
+            record["val_time_s"] = time.perf_counter() - t0
+            if not math.isnan(record["val_mean"]) and record["val_mean"] > self.best["val_mean"]:
+                self.best = {"val_mean": record["val_mean"], "iteration": self.iteration}
+                self.save("best")
+        for hook in self.parts.hooks:
+            getattr(hook, "on_epoch_end", lambda t, r: None)(self, record)
+        if self.is_main:
+            append_record(self.run_dir / "metrics.jsonl", record)
+            plot_progress(read_records(self.run_dir / "metrics.jsonl"), self.run_dir / "progress.png")
+            if self.progress:
+                dice = " ".join(f"{d.split('_', 1)[-1]}={v:.3f}" for d, v in record.get("val_dice", {}).items())
+                tqdm.write(f"epoch {self.epoch} it {self.iteration}: loss {record['train_loss']:.4f} "
+                           f"lr {record['lr']:.2e} {record['epoch_time_s']:.1f}s {dice}")
+        self.save("latest")
+        return record
+
+    def _finish(self, record: dict[str, Any]) -> dict[str, Any]:
+        self.save("final")
+        self.save("latest")
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return record
+
+
+class _RankIndices(Sampler[int]):
+    """Indices of this rank's share of each global batch (see :meth:`Trainer._loader`)."""
+
+    def __init__(self, start: int, stop: int, batch: int, rank: int, world: int) -> None:
+        self.start, self.stop, self.batch, self.rank, self.world = start, stop, batch, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        step = self.batch * self.world
+        for base in range(self.start, self.stop, step):
+            yield from range(base + self.rank * self.batch, base + (self.rank + 1) * self.batch)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) // self.world
+
+
+class _Collate:
+    """Picklable collate (loader workers) padding every batch to the run's channel count."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, samples: Sequence[Any]) -> Any:
+        return collate(list(samples), channels=self.channels)

@@ -1,0 +1,163 @@
+"""Sliding window, TTA, the label rule, and the Predictor writing files in the input's exact geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from mosaicseg.config import TrainConfig
+from mosaicseg.errors import MosaicSegError
+from mosaicseg.inference.postprocess import keep_largest_component, labels_from_probabilities
+from mosaicseg.inference.predictor import Predictor, group_inputs
+from mosaicseg.inference.sliding_window import predict_logits
+from mosaicseg.models import build_model
+from mosaicseg.training.loop import Trainer
+
+
+def _plan(patch: list[int]) -> dict:
+    nd = len(patch)
+    return {"patch_size": patch, "features": [4, 8, 16], "num_stages": 3, "batch_size": 1,
+            "kernel_sizes": [[3] * nd] * 3, "strides": [[1] * nd, [2] * nd, [2] * nd]}
+
+
+@pytest.mark.parametrize("patch", [[16, 16], [16, 16, 8]])
+def test_sliding_window_on_a_patch_sized_image_equals_the_whole_image_forward(patch):
+    torch.manual_seed(0)
+    model = build_model(_plan(patch), {"CT": 1, "RGB": 3}, num_tasks=3).eval()
+    image = torch.randn(3, *patch)
+    got = predict_logits(model, image, 1, patch)
+    with torch.no_grad():
+        want = model(image[None], torch.tensor([1]))[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _Pointwise(torch.nn.Module):
+    """A 1x1 convolution: tiling cannot change its output, so any sliding window must reproduce it."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+        self.conv = conv(2, 3, 1)
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + modality.view(-1, *[1] * (x.ndim - 1)).float()
+
+
+@pytest.mark.parametrize("shape,patch", [((37, 45), (16, 16)), ((21, 18, 13), (8, 8, 8))])
+def test_sliding_window_and_mirroring_equal_the_whole_image_on_larger_inputs(shape, patch):
+    torch.manual_seed(1)
+    model = _Pointwise(len(shape)).eval()
+    image = torch.randn(2, *shape)
+    with torch.no_grad():
+        want = model(image[None], torch.tensor([2]))[0]
+    got = predict_logits(model, image, 2, patch, overlap=0.5, tile_batch=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    mirrored = predict_logits(model, image, 2, patch, mirror_axes=tuple(range(len(shape))))
+    torch.testing.assert_close(mirrored, want, rtol=1e-5, atol=1e-5)
+
+
+def test_label_rule_highest_probability_above_half_else_background():
+    prob = np.array([[0.9, 0.6, 0.4, 0.2],
+                     [0.7, 0.8, 0.45, 0.1]], dtype=np.float32)[:, None, :]  # (T=2, 1, 4)
+    seg = labels_from_probabilities(prob, [(3,), (5,)])
+    np.testing.assert_array_equal(seg[0], [3, 5, 0, 0])
+
+
+def test_region_datasets_paint_regions_in_regions_class_order():
+    # nnU-Net regions: Liver = {1, 2} (includes the tumour), Tumor = {2}; order [1, 2]: tumour painted last
+    prob = np.array([[0.9, 0.9, 0.2], [0.1, 0.8, 0.9]], dtype=np.float32)
+    seg = labels_from_probabilities(prob, [(1, 2), (2,)], regions_class_order=(1, 2))
+    np.testing.assert_array_equal(seg, [1, 2, 2])
+
+
+def test_largest_component_keeps_only_the_biggest_blob():
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[1:3, 1:3] = True
+    mask[5:9, 5:9] = True
+    kept = keep_largest_component(mask)
+    assert kept.sum() == 16 and not kept[1, 1]
+
+
+def test_group_inputs_pairs_channel_files(tmp_path):
+    for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    cases = group_inputs([tmp_path])
+    assert [(c.case_id, [f.name for f in c.files]) for c in cases] == [
+        ("a", ["a_0000.nii.gz", "a_0001.nii.gz"]), ("b", ["b_0000.nii.gz"])]
+    (tmp_path / "c_0001.nii.gz").write_bytes(b"")
+    with pytest.raises(MosaicSegError, match="channel files \\[1\\]"):
+        group_inputs([tmp_path])
+
+
+def _train(workdir, run, fold=0, iterations=2):
+    cfg = TrainConfig(recipe="universal", optimizer="adamw", iterations=iterations, iterations_per_epoch=iterations,
+                      device="cpu", fold=fold, val_max_cases=1)
+    Trainer(workdir, cfg, run / f"fold_{fold}", progress=False).fit()
+    return run
+
+
+def _same_geometry(a, b) -> None:
+    ia, ib = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
+    assert ia.GetSize() == ib.GetSize()
+    assert ia.GetSpacing() == ib.GetSpacing()
+    assert ia.GetOrigin() == ib.GetOrigin()
+    assert ia.GetDirection() == ib.GetDirection()
+
+
+def test_predicted_files_have_the_input_geometry_exactly_3d(tiny_workdir_3d, tmp_path):
+    run = _train(tiny_workdir_3d, tmp_path / "run")
+    predictor = Predictor.from_run(run)
+    data = tiny_workdir_3d.parent / "data"
+    for dataset in ("Dataset901_SynthCT", "Dataset902_SynthMR", "Dataset903_SynthMulti"):
+        images = sorted((data / dataset / "imagesTr").glob("*.nii.gz"))
+        out = tmp_path / "pred" / dataset
+        report = predictor.predict_files(images, out, dataset=dataset, save_probabilities=True, progress=False)
+        assert len(report["cases"]) == 3
+        for case in report["cases"]:
+            first = next(p for p in images if p.name.startswith(case["case_id"] + "_0000"))
+            label = out / f"{case['case_id']}.nii.gz"
+            _same_geometry(label, first)
+            values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(label)))).tolist())
+            declared = {1, 2}
+            assert values <= {0} | declared
+            probs = sorted(out.glob(f"{case['case_id']}_prob_*.nii.gz"))
+            assert len(probs) == 2
+            _same_geometry(probs[0], first)
+    # existing outputs are kept unless overwrite
+    again = predictor.predict_files(images, out, dataset="Dataset903_SynthMulti", progress=False)
+    assert len(again["skipped"]) == 3 and not again["cases"]
+
+
+def test_predict_png_and_2d_nifti_and_fold_ensemble(tiny_workdir_2d, tmp_path):
+    run = _train(tiny_workdir_2d, tmp_path / "run", fold=0)
+    _train(tiny_workdir_2d, run, fold=1)
+    predictor = Predictor.from_run(run)
+    assert len(predictor.models) == 2
+    data = tiny_workdir_2d.parent / "data"
+    pngs = sorted((data / "Dataset911_SynthDerm" / "imagesTr").glob("*.png"))[:2]
+    report = predictor.predict_files(pngs, tmp_path / "derm", dataset="Dataset911_SynthDerm", progress=False)
+    from PIL import Image
+
+    for case in report["cases"]:
+        src = next(p for p in pngs if p.name.startswith(case["case_id"]))
+        out = np.asarray(Image.open(tmp_path / "derm" / f"{case['case_id']}.png"))
+        assert out.shape == np.asarray(Image.open(src)).shape[:2]
+    ct = sorted((data / "Dataset912_SynthCT" / "imagesTr").glob("*.nii.gz"))[:1]
+    predictor.predict_files(ct, tmp_path / "ct", dataset="Dataset912_SynthCT", progress=False)
+    case_id = ct[0].name[: -len("_0000.nii.gz")]
+    _same_geometry(tmp_path / "ct" / f"{case_id}.nii.gz", ct[0])
+    # every task: one output folder per source dataset, each in its own numbering
+    everything = predictor.predict_files(ct, tmp_path / "all", dataset="Dataset912_SynthCT",
+                                         tasks=["Dataset913_SynthMR/Kidney", "Dataset912_SynthCT/Tumor"],
+                                         progress=False)
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["Dataset912_SynthCT", "Dataset913_SynthMR"]
+    assert everything["tasks"] == ["Dataset912_SynthCT/Tumor", "Dataset913_SynthMR/Kidney"]
+    with pytest.raises(MosaicSegError, match="unknown task"):
+        predictor.predict_files(ct, tmp_path / "x", dataset="Dataset912_SynthCT", tasks=["Spleen"], progress=False)
+    with pytest.raises(MosaicSegError, match="--dataset"):
+        predictor.predict_files(ct, tmp_path / "x", progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MosaicSegError, match="is a file"):
+        predictor.predict_files(ct, tmp_path / "file", dataset="Dataset912_SynthCT", progress=False)

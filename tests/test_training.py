@@ -1,0 +1,112 @@
+"""The Trainer: seeded determinism, exact resume mid-epoch, checkpoints, run-folder safety, recipes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from mosaicseg.config import TrainConfig
+from mosaicseg.errors import MosaicSegError
+from mosaicseg.training.loop import Trainer, load_checkpoint
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(recipe="universal", optimizer="adamw", iterations=8, iterations_per_epoch=5, seed=3,
+                device="cpu", val_max_cases=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoint_final.pt")["model"]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class _StopAt:
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def on_step_end(self, trainer, loss) -> None:
+        if trainer.iteration == self.iteration:
+            trainer.request_stop()
+
+
+def test_seeded_runs_are_identical_and_resume_mid_epoch_is_exact(tiny_workdir_2d, tmp_path):
+    cfg = _cfg()
+    a = Trainer(tiny_workdir_2d, cfg, tmp_path / "a", progress=False)
+    a.fit()
+    b = Trainer(tiny_workdir_2d, cfg, tmp_path / "b", progress=False)
+    b.fit()
+    _assert_same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+    c = Trainer(tiny_workdir_2d, cfg, tmp_path / "c", progress=False)
+    c.parts.hooks.append(_StopAt(3))  # mid-epoch (5 iterations per epoch)
+    c.fit()
+    assert c.stop_requested and not (tmp_path / "c" / "checkpoint_final.pt").exists()
+    assert load_checkpoint(tmp_path / "c" / "checkpoint_latest.pt")["iteration"] == 3
+    resumed = Trainer(tiny_workdir_2d, cfg, tmp_path / "c", resume=True, progress=False)
+    assert resumed.iteration == 3
+    resumed.fit()
+    _assert_same(_weights(tmp_path / "a"), _weights(tmp_path / "c"))
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [5, 8]
+    assert set(records[-1]["val_dice"]) == {"Dataset911_SynthDerm", "Dataset912_SynthCT", "Dataset913_SynthMR",
+                                            "Dataset914_SynthMulti"}
+    assert (tmp_path / "a" / "progress.png").stat().st_size > 1000
+
+
+def test_checkpoint_holds_everything_to_rebuild_and_loads_without_pickle(tiny_workdir_2d, tmp_path):
+    Trainer(tiny_workdir_2d, _cfg(iterations=2), tmp_path / "r", progress=False).fit()
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint_final.pt")
+    assert {"model", "model_config", "optimizer", "plans", "vocabulary", "train_config", "iteration"} <= set(ckpt)
+    assert ckpt["iteration"] == 2 and len(ckpt["vocabulary"]["tasks"]) == 7
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps({"format": "mosaicseg/checkpoint", "x": Evil()}))
+    with pytest.raises(MosaicSegError, match="not a loadable MosaicSeg checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_existing_run_is_never_overwritten_silently(tiny_workdir_2d, tmp_path):
+    Trainer(tiny_workdir_2d, _cfg(iterations=1), tmp_path / "r", progress=False).fit()
+    with pytest.raises(MosaicSegError, match=r"holds a run already.*--resume"):
+        Trainer(tiny_workdir_2d, _cfg(iterations=1), tmp_path / "r", progress=False)
+    with pytest.raises(MosaicSegError, match="settings that differ"):
+        Trainer(tiny_workdir_2d, _cfg(iterations=1, lr=0.5), tmp_path / "r", resume=True, progress=False)
+
+
+def test_single_recipe_trains_one_dataset_with_its_own_tasks(tiny_workdir_2d, tmp_path):
+    with pytest.raises(MosaicSegError, match="--dataset"):
+        Trainer(tiny_workdir_2d, _cfg(recipe="single"), tmp_path / "x", progress=False)
+    t = Trainer(tiny_workdir_2d, _cfg(recipe="single", dataset="Dataset912_SynthCT", iterations=2), tmp_path / "s",
+                progress=False)
+    assert [task.name for task in t.vocabulary.tasks] == ["Dataset912_SynthCT/Liver", "Dataset912_SynthCT/Tumor"]
+    assert {d for d, _ in t.train_cases} == {"Dataset912_SynthCT"}
+    t.fit()
+    assert t.model.num_tasks == 2
+
+
+def test_universal_3d_trains_and_the_unannotated_stem_sees_every_modality(tiny_workdir_3d, tmp_path):
+    t = Trainer(tiny_workdir_3d, _cfg(iterations=3, iterations_per_epoch=3), tmp_path / "r", progress=False)
+    assert t.model.modalities == ("CT", "T1", "FLAIR+T1c")
+    t.fit()
+    assert load_checkpoint(tmp_path / "r" / "checkpoint_final.pt")["iteration"] == 3
+
+
+def test_bad_settings_are_reported_together():
+    with pytest.raises(MosaicSegError) as info:
+        TrainConfig(optimizer="adam", iterations=0)
+    text = str(info.value)
+    assert "optimizer 'adam'" in text and "iterations must be a positive integer" in text
