@@ -121,33 +121,26 @@ def _tiny_network(workdir: Path, patch: list[int], features: list[int]) -> None:
     collection_path.write_text(json.dumps(collection, indent=2))
 
 
-@pytest.fixture(scope="session")
-def tiny_workdir_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic 2D collection (4 cases per dataset), planned with a tiny network and preprocessed."""
+def _tiny_workdir(root: Path, dim: int, cases: int, patch: list[int], features: list[int]) -> Path:
     from mosaicseg.data.fingerprint import plan
     from mosaicseg.data.preprocess import preprocess
     from mosaicseg.data.synthetic import generate_collection
 
-    root = tmp_path_factory.mktemp("tiny2d")
-    collection = generate_collection(root / "data", dim=2, seed=0, cases_per_dataset=4)
+    collection = generate_collection(root / "data", dim=dim, seed=0, cases_per_dataset=cases)
     workdir = root / "work"
     plan(collection, workdir, workers=1, progress=False)
-    _tiny_network(workdir, [32, 32], [4, 8, 16])
+    _tiny_network(workdir, patch, features)
     preprocess(workdir, workers=1, progress=False)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic 2D collection (4 cases per dataset), planned with a tiny network and preprocessed."""
+    return _tiny_workdir(tmp_path_factory.mktemp("tiny2d"), 2, 4, [32, 32], [4, 8, 16])
 
 
 @pytest.fixture(scope="session")
 def tiny_workdir_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic 3D collection (3 cases per dataset), planned with a tiny network and preprocessed."""
-    from mosaicseg.data.fingerprint import plan
-    from mosaicseg.data.preprocess import preprocess
-    from mosaicseg.data.synthetic import generate_collection
-
-    root = tmp_path_factory.mktemp("tiny3d")
-    collection = generate_collection(root / "data", dim=3, seed=0, cases_per_dataset=3)
-    workdir = root / "work"
-    plan(collection, workdir, workers=1, progress=False)
-    _tiny_network(workdir, [16, 16, 16], [4, 8])
-    preprocess(workdir, workers=1, progress=False)
-    return workdir
+    return _tiny_workdir(tmp_path_factory.mktemp("tiny3d"), 3, 3, [16, 16, 16], [4, 8])

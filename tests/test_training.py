@@ -110,3 +110,16 @@ def test_bad_settings_are_reported_together():
         TrainConfig(optimizer="adam", iterations=0)
     text = str(info.value)
     assert "optimizer 'adam'" in text and "iterations must be a positive integer" in text
+
+
+def test_missing_labels_as_background_supervises_unannotated_tasks():
+    from mosaicseg.training.recipes import missing_as_background_objective, partial_label_objective
+
+    logits = torch.zeros(1, 2, 4, requires_grad=True)
+    batch = {"target": torch.zeros(1, 2, 4, dtype=torch.uint8), "label_mask": torch.tensor([[True, False]]),
+             "ignore": torch.zeros(1, 4, dtype=torch.bool)}
+    partial_label_objective(logits, batch).backward()
+    assert torch.all(logits.grad[:, 1] == 0)
+    logits.grad = None
+    missing_as_background_objective(logits, batch).backward()
+    assert torch.all(logits.grad[:, 1] > 0)  # pushed towards "absent"

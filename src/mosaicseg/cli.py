@@ -277,8 +277,8 @@ def evaluate(
 @_user_errors
 def demo(
     workdir: Annotated[Path, typer.Option("-o", "--output", help="Demo folder")] = Path("work/demo"),
-    dim: Annotated[int, typer.Option(help="3 (default) or 2 (faster)")] = 3,
-    iterations: Annotated[int | None, typer.Option(help="Training iterations (default 1500 in 3D, 300 in 2D)")] = None,
+    dim: Annotated[int, typer.Option(help="2 (default, about a minute on CPU) or 3 (slower)")] = 2,
+    iterations: Annotated[int | None, typer.Option(help="Training iterations (default 400 in 2D, 1500 in 3D)")] = None,
     time_budget: Annotated[str | None, typer.Option(help="Wall-clock training budget instead, e.g. 5m")] = None,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Retrain and re-predict instead of reusing earlier results")] = False,

@@ -265,6 +265,9 @@ class TrainConfig:
     augment: bool = True
     oversample_foreground: float = 1 / 3
     sampling: str | None = None  # None: the collection's
+    # "ignore" (MultiTalent: a task contributes only where its dataset annotates it) or "background" (the naive
+    # baseline that trains every un-annotated task as absent; for ablations, it hurts overlapping tasks)
+    missing_labels: str = "ignore"
     model_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -279,6 +282,8 @@ class TrainConfig:
             bad(f"schedule '{self.schedule}' is unknown", f"use one of {', '.join(SCHEDULES)}")
         if self.sampling is not None and self.sampling not in SAMPLING_SCHEMES:
             bad(f"sampling '{self.sampling}' is unknown", f"use one of {', '.join(SAMPLING_SCHEMES)}")
+        if self.missing_labels not in ("ignore", "background"):
+            bad(f"missing_labels '{self.missing_labels}' is unknown", "use ignore or background")
         if self.iterations is None and self.epochs is None and self.time_budget_s is None:
             bad("no training budget", "give --iterations, --epochs or --time-budget")
         for name in ("iterations", "epochs", "iterations_per_epoch", "batch_size", "val_every", "val_max_cases",

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mosaicseg.config import CollectionConfig, load_collection
 from mosaicseg.data.collection import open_collection
 from mosaicseg.data.io import Geometry, file_ending, read_header, read_image, scan_nifti
-from mosaicseg.data.manifest import DatasetManifest
+from mosaicseg.data.manifest import DatasetManifest, inside_folder
 from mosaicseg.data.splits import patient_of, suspected_grouping
 from mosaicseg.data.vocabulary import Vocabulary, build_vocabulary
 from mosaicseg.errors import MosaicSegError, Problem, Severity
@@ -378,7 +378,7 @@ def _dataset_checks(manifest: DatasetManifest, regex: str | None, modality: str,
         if not d.is_dir():
             continue
         for p in sorted(d.iterdir()):
-            if p.is_symlink() and not _inside(folder, p):
+            if p.is_symlink() and not inside_folder(folder, p):
                 problems.append(Problem("warning", "path-escape", p,
                                         f"symbolic link to {p.resolve()}, outside the dataset folder",
                                         "copy the file into the dataset, or make sure the target stays available"))
@@ -415,14 +415,6 @@ def _dataset_checks(manifest: DatasetManifest, regex: str | None, modality: str,
                                 "add cases, lower 'folds', or accept that it is not validated"))
     return DatasetSummary(manifest.name, dim, len(case_ids), n_patients, modality, manifest.channel_names,
                           tuple(manifest.labels), grouping, folds_ok)
-
-
-def _inside(folder: Path, candidate: Path) -> bool:
-    try:
-        candidate.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------- per collection

@@ -70,7 +70,8 @@ def _problem(code: str, path: Path | str, message: str, fix: str, severity: str 
     return Problem(severity, code, path, message, fix)  # type: ignore[arg-type]
 
 
-def _inside(folder: Path, candidate: Path) -> bool:
+def inside_folder(folder: Path, candidate: Path) -> bool:
+    """Whether ``candidate`` (links resolved) lies inside ``folder``: dataset files may not escape it."""
     try:
         candidate.resolve().relative_to(folder.resolve())
         return True
@@ -221,7 +222,7 @@ def _explicit_cases(data: dict[str, Any], folder: Path, n_channels: int, problem
                                      "give both, paths relative to the dataset folder"))
             continue
         paths = [folder / p for p in entry["images"]] + [folder / entry["label"]]
-        escaping = [p for p in paths if not _inside(folder, p)]
+        escaping = [p for p in paths if not inside_folder(folder, p)]
         if escaping:
             problems.append(_problem("path-escape", json_path,
                                      f"case '{case_id}' names files outside the dataset folder: "

@@ -72,6 +72,15 @@ def partial_label_objective(outputs: Any, batch: Batch) -> torch.Tensor:
     return deep_supervision_loss(outputs, batch["target"], batch["label_mask"], batch["ignore"])
 
 
+def missing_as_background_objective(outputs: Any, batch: Batch) -> torch.Tensor:
+    """The naive baseline: every task is supervised on every sample, un-annotated ones as background."""
+    return deep_supervision_loss(outputs, batch["target"], torch.ones_like(batch["label_mask"]), batch["ignore"])
+
+
+def _objective(cfg: TrainConfig) -> LossFn:
+    return missing_as_background_objective if cfg.missing_labels == "background" else partial_label_objective
+
+
 def _network(ctx: RecipeContext, vocabulary: Vocabulary) -> torch.nn.Module:
     network = dict(ctx.plans["network"])
     if ctx.config.patch_size is not None:
@@ -87,7 +96,7 @@ def universal(ctx: RecipeContext) -> RecipeParts:
     vocabulary = ctx.vocabulary
     if ctx.config.datasets:
         vocabulary = vocabulary.restrict(list(ctx.config.datasets))
-    return RecipeParts(model=_network(ctx, vocabulary), loss=partial_label_objective, vocabulary=vocabulary,
+    return RecipeParts(model=_network(ctx, vocabulary), loss=_objective(ctx.config), vocabulary=vocabulary,
                        datasets=vocabulary.datasets, sampling=ctx.config.sampling or ctx.sampling,
                        weights=ctx.weights)
 

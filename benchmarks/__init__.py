@@ -1,0 +1,1 @@
+"""MosaicSeg benchmark studies: ``python -m benchmarks STUDY`` (see BENCHMARKS.md)."""

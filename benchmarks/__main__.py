@@ -1,0 +1,193 @@
+"""``python -m benchmarks STUDY [--force]``: run one study, write ``benchmarks/results/STUDY.json`` and
+regenerate ``BENCHMARKS.md`` from every result present. A finished study is not recomputed (``--force``).
+
+Studies:
+  partial-labels  synthetic 2D: MultiTalent's partial-label loss vs. treating missing labels as background
+  hippocampus     single recipe on Dataset001_Hippocampus fold 0, 3D, 30-minute wall-clock budget (CPU)
+  predict         predict seconds per case and peak memory on hippocampus and IXI cases
+  brain4          universal on Dataset001-004 vs single on each, equal total iterations, 2 seeds
+                  (--iterations N per single run; the universal run gets 4 N)
+  report          only regenerate BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, SHARED, WORK, peak_rss_mb, run_cli, run_study
+from benchmarks.report import write_report
+
+
+def _fold_cases(workdir: Path, dataset: str, fold: int = 0) -> list[str]:
+    from mosaicseg.config import parse_collection
+    from mosaicseg.data.preprocess import list_cases
+    from mosaicseg.data.splits import fold_cases
+
+    config = parse_collection(json.loads((workdir / "collection.json").read_text()), source=workdir)
+    _, val, _ = fold_cases(config, {dataset: list_cases(workdir)[dataset]}, fold)
+    return sorted(c for _, c in val)
+
+
+def _held_out_files(dataset: str, cases: list[str]) -> tuple[Path, list[Path]]:
+    """A folder of symlinks to the held-out images, and their label files."""
+    folder = SHARED / dataset
+    ending = json.loads((folder / "dataset.json").read_text())["file_ending"]
+    images = [p for c in cases for p in sorted((folder / "imagesTr").glob(f"{c}_*{ending}"))]
+    labels = [folder / "labelsTr" / f"{c}{ending}" for c in cases]
+    return folder, images + labels
+
+
+def _link_all(paths: list[Path], into: Path) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        link = into / p.name
+        if not link.exists():
+            link.symlink_to(p)
+    return into
+
+
+def study_partial_labels() -> dict[str, Any]:
+    from mosaicseg.demo import run_demo
+
+    runs: dict[str, dict[str, Any]] = {}
+    for mode in ("ignore", "background"):
+        for seed in (0, 1):
+            summary = run_demo(WORK / f"partial_{mode}_s{seed}", dim=2, seed=seed, iterations=400,
+                               missing_labels=mode, progress=False, log=lambda *_: None)
+            runs[f"{mode}/{seed}"] = {
+                d: {label: e["dice"]["mean"] for label, e in v["labels"].items()}
+                for d, v in summary["datasets"].items()}
+    return {"setting": "synthetic 2D collection, universal recipe, unet (plan), AdamW 1e-3 poly, 400 iterations, "
+                       "batch 2, fold 0 held-out cases, seeds 0 and 1 (data and training)",
+            "runs": runs}
+
+
+def study_hippocampus() -> dict[str, Any]:
+    workdir = WORK / "hippo"
+    dataset = "Dataset001_Hippocampus"
+    t_plan = run_cli(["plan", str(SHARED / dataset), "-o", str(workdir), "--overwrite"],
+                     WORK / "logs" / "hippo_plan.log")
+    run = workdir / "runs" / "single_adamw" / "fold_0"
+    args = ["train", str(workdir), "--recipe", "single", "--fold", "0", "--optimizer", "adamw", "--time-budget", "30m",
+            "--iterations-per-epoch", "100", "--val-every", "5", "--val-max-cases", "0", "--seed", "0",
+            "--device", "cpu", "-o", str(run)]
+    if (run / "checkpoint_latest.pt").is_file():
+        args.append("--resume")
+    t_train = run_cli(args, WORK / "logs" / "hippo_train.log")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    cases = _fold_cases(workdir, dataset)
+    _, files = _held_out_files(dataset, cases)
+    images = _link_all([f for f in files if "imagesTr" in str(f)], WORK / "hippo_heldout" / "images")
+    labels = _link_all([f for f in files if "labelsTr" in str(f)], WORK / "hippo_heldout" / "labels")
+    pred = WORK / "hippo_pred"
+    t_pred = run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--overwrite"],
+                     WORK / "logs" / "hippo_predict.log")
+    run_cli(["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"),
+             "--overwrite"], WORK / "logs" / "hippo_eval.log")
+    summary = json.loads((pred / "summary.json").read_text())
+    plans = json.loads((workdir / "plans.json").read_text())
+    return {
+        "setting": {"network": "unet (plan)", **{k: plans["network"][k] for k in ("patch_size", "batch_size",
+                                                                                  "features", "strides")},
+                    "optimizer": "AdamW 1e-3, poly", "budget": "30 min wall clock", "fold": 0,
+                    "held_out_cases": len(cases)},
+        "iterations": records[-1]["iteration"], "train_s": t_train, "plan_s": t_plan, "predict_s": t_pred,
+        "final_pseudo_dice": records[-1].get("val_mean"),
+        "dice_per_label": {k: v["dice"]["mean"] for k, v in _only(summary)["labels"].items()},
+        "dice_mean": _only(summary)["mean"]["dice"],
+        "curve": [(r["iteration"], r.get("val_mean")) for r in records if "val_mean" in r],
+    }
+
+
+def _only(summary: dict[str, Any]) -> dict[str, Any]:
+    return next(iter(summary["datasets"].values()))
+
+
+def study_predict() -> dict[str, Any]:
+    """Prediction cost per case (own process: its peak RSS is the prediction's) with the hippocampus run."""
+    run = WORK / "hippo" / "runs" / "single_adamw" / "fold_0"
+    if not (run / "checkpoint_final.pt").is_file():
+        raise SystemExit("run the hippocampus study first (python -m benchmarks hippocampus)")
+    out: dict[str, Any] = {}
+    for dataset, n in (("Dataset001_Hippocampus", 10), ("Dataset003_IXILimbic", 3)):
+        images = sorted((SHARED / dataset / "imagesTr").glob("*_0000.nii.gz"))[:n]
+        folder = _link_all(images, WORK / f"predict_{dataset}" / "images")
+        for tta in (False, True):
+            pred = WORK / f"predict_{dataset}" / ("pred_tta" if tta else "pred")
+            t0 = time.perf_counter()
+            before = peak_rss_mb(children=True)
+            run_cli(["predict", "-m", str(run), "-i", str(folder), "-o", str(pred), "--overwrite",
+                     "--dataset", "Dataset001_Hippocampus", *(["--tta"] if tta else [])],
+                    WORK / "logs" / f"predict_{dataset}_{tta}.log")
+            out[f"{dataset}{' +TTA' if tta else ''}"] = {
+                "cases": n, "s_per_case_incl_startup": (time.perf_counter() - t0) / n,
+                "peak_rss_mb": max(peak_rss_mb(children=True), before)}
+    return {"setting": "mosaicseg predict in its own process (start-up included), CPU, the hippocampus run's "
+                       "final checkpoint; IXI cases are predicted with the hippocampus plan (cost only, not quality)",
+            "results": out}
+
+
+BRAIN4 = ("Dataset001_Hippocampus", "Dataset002_IXIDeepGrey", "Dataset003_IXILimbic", "Dataset004_IXIVentricles")
+
+
+def study_brain4(iterations: int) -> dict[str, Any]:
+    """Universal vs. single at an equal total budget in iterations (so a busy machine cannot bias it): every
+    single run gets ``iterations``, the universal run ``4 × iterations``; same plan (network, patch, batch),
+    optimiser and fold; validation pseudo-Dice on every held-out case of fold 0, final checkpoint."""
+    from benchmarks.common import ROOT
+
+    workdir = WORK / "brain4"
+    run_cli(["plan", str(ROOT / "collections" / "brain4.yaml"), "-o", str(workdir), "--overwrite"],
+            WORK / "logs" / "brain4_plan.log")
+    common = ["--fold", "0", "--optimizer", "adamw", "--iterations-per-epoch", str(max(1, iterations // 2)),
+              "--val-every", "1000", "--val-max-cases", "0", "--device", "cpu"]
+    results: dict[str, Any] = {}
+    for seed in (0, 1):
+        jobs = [("universal", None, 4 * iterations)] + [("single", d, iterations) for d in BRAIN4]
+        for recipe, dataset, its in jobs:
+            name = f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
+            run = workdir / "runs" / name
+            args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(its), "--seed", str(seed),
+                    "-o", str(run), *common, *(["--dataset", dataset] if dataset else [])]
+            if (run / "checkpoint_latest.pt").is_file():
+                args.append("--resume")
+            seconds = run_cli(args, WORK / "logs" / f"brain4_{name}.log")
+            last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+            results[name] = {"train_s": seconds, "iterations": its, "val_dice": last.get("val_dice", {})}
+    plans = json.loads((workdir / "plans.json").read_text())
+    return {"setting": {"network": "unet (plan)", **{k: plans["network"][k] for k in ("patch_size", "batch_size",
+                                                                                      "features")},
+                        "optimizer": "AdamW 1e-3, poly", "iterations_single": iterations,
+                        "iterations_universal": 4 * iterations, "fold": 0,
+                        "spacing": {d: plans["datasets"][d]["target_spacing"] for d in BRAIN4}},
+            "runs": results}
+
+
+STUDIES = {"partial-labels": study_partial_labels, "hippocampus": study_hippocampus, "predict": study_predict,
+           "brain4": study_brain4}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=[*STUDIES, "report"])
+    parser.add_argument("--force", action="store_true", help="recompute a finished study")
+    parser.add_argument("--iterations", type=int, default=500, help="brain4: iterations of each single run")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.study != "report":
+        fn = STUDIES[args.study]
+        if args.study == "brain4":
+            def fn() -> dict[str, Any]:
+                return study_brain4(args.iterations)
+        run_study(args.study, fn, force=args.force)
+    write_report()
+    print(f"updated {RESULTS.parent.parent / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
