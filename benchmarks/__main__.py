@@ -56,25 +56,57 @@ def study_partial_labels() -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     for mode in ("ignore", "background"):
         for seed in (0, 1):
-            summary = run_demo(WORK / f"partial_{mode}_s{seed}", dim=2, seed=seed, iterations=400,
-                               missing_labels=mode, progress=False, log=lambda *_: None)
+            summary = run_demo(
+                WORK / f"partial_{mode}_s{seed}",
+                dim=2,
+                seed=seed,
+                iterations=400,
+                missing_labels=mode,
+                progress=False,
+                log=lambda *_: None,
+            )
             runs[f"{mode}/{seed}"] = {
                 d: {label: e["dice"]["mean"] for label, e in v["labels"].items()}
-                for d, v in summary["datasets"].items()}
-    return {"setting": "synthetic 2D collection, universal recipe, unet (plan), AdamW 1e-3 poly, 400 iterations, "
-                       "batch 2, fold 0 held-out cases, seeds 0 and 1 (data and training)",
-            "runs": runs}
+                for d, v in summary["datasets"].items()
+            }
+    return {
+        "setting": "synthetic 2D collection, universal recipe, unet (plan), AdamW 1e-3 poly, 400 iterations, "
+        "batch 2, fold 0 held-out cases, seeds 0 and 1 (data and training)",
+        "runs": runs,
+    }
 
 
 def study_hippocampus() -> dict[str, Any]:
     workdir = WORK / "hippo"
     dataset = "Dataset001_Hippocampus"
-    t_plan = run_cli(["plan", str(SHARED / dataset), "-o", str(workdir), "--overwrite"],
-                     WORK / "logs" / "hippo_plan.log")
+    t_plan = run_cli(
+        ["plan", str(SHARED / dataset), "-o", str(workdir), "--overwrite"], WORK / "logs" / "hippo_plan.log"
+    )
     run = workdir / "runs" / "single_adamw" / "fold_0"
-    args = ["train", str(workdir), "--recipe", "single", "--fold", "0", "--optimizer", "adamw", "--time-budget", "30m",
-            "--iterations-per-epoch", "100", "--val-every", "5", "--val-max-cases", "0", "--seed", "0",
-            "--device", "cpu", "-o", str(run)]
+    args = [
+        "train",
+        str(workdir),
+        "--recipe",
+        "single",
+        "--fold",
+        "0",
+        "--optimizer",
+        "adamw",
+        "--time-budget",
+        "30m",
+        "--iterations-per-epoch",
+        "100",
+        "--val-every",
+        "5",
+        "--val-max-cases",
+        "0",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "-o",
+        str(run),
+    ]
     if (run / "checkpoint_latest.pt").is_file():
         args.append("--resume")
     t_train = run_cli(args, WORK / "logs" / "hippo_train.log")
@@ -84,18 +116,29 @@ def study_hippocampus() -> dict[str, Any]:
     images = _link_all([f for f in files if "imagesTr" in str(f)], WORK / "hippo_heldout" / "images")
     labels = _link_all([f for f in files if "labelsTr" in str(f)], WORK / "hippo_heldout" / "labels")
     pred = WORK / "hippo_pred"
-    t_pred = run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--overwrite"],
-                     WORK / "logs" / "hippo_predict.log")
-    run_cli(["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"),
-             "--overwrite"], WORK / "logs" / "hippo_eval.log")
+    t_pred = run_cli(
+        ["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--overwrite"],
+        WORK / "logs" / "hippo_predict.log",
+    )
+    run_cli(
+        ["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"), "--overwrite"],
+        WORK / "logs" / "hippo_eval.log",
+    )
     summary = json.loads((pred / "summary.json").read_text())
     plans = json.loads((workdir / "plans.json").read_text())
     return {
-        "setting": {"network": "unet (plan)", **{k: plans["network"][k] for k in ("patch_size", "batch_size",
-                                                                                  "features", "strides")},
-                    "optimizer": "AdamW 1e-3, poly", "budget": "30 min wall clock", "fold": 0,
-                    "held_out_cases": len(cases)},
-        "iterations": records[-1]["iteration"], "train_s": t_train, "plan_s": t_plan, "predict_s": t_pred,
+        "setting": {
+            "network": "unet (plan)",
+            **{k: plans["network"][k] for k in ("patch_size", "batch_size", "features", "strides")},
+            "optimizer": "AdamW 1e-3, poly",
+            "budget": "30 min wall clock",
+            "fold": 0,
+            "held_out_cases": len(cases),
+        },
+        "iterations": records[-1]["iteration"],
+        "train_s": t_train,
+        "plan_s": t_plan,
+        "predict_s": t_pred,
         "final_pseudo_dice": records[-1].get("val_mean"),
         "dice_per_label": {k: v["dice"]["mean"] for k, v in _only(summary)["labels"].items()},
         "dice_mean": _only(summary)["mean"]["dice"],
@@ -120,15 +163,32 @@ def study_predict() -> dict[str, Any]:
             pred = WORK / f"predict_{dataset}" / ("pred_tta" if tta else "pred")
             t0 = time.perf_counter()
             before = peak_rss_mb(children=True)
-            run_cli(["predict", "-m", str(run), "-i", str(folder), "-o", str(pred), "--overwrite",
-                     "--dataset", "Dataset001_Hippocampus", *(["--tta"] if tta else [])],
-                    WORK / "logs" / f"predict_{dataset}_{tta}.log")
+            run_cli(
+                [
+                    "predict",
+                    "-m",
+                    str(run),
+                    "-i",
+                    str(folder),
+                    "-o",
+                    str(pred),
+                    "--overwrite",
+                    "--dataset",
+                    "Dataset001_Hippocampus",
+                    *(["--tta"] if tta else []),
+                ],
+                WORK / "logs" / f"predict_{dataset}_{tta}.log",
+            )
             out[f"{dataset}{' +TTA' if tta else ''}"] = {
-                "cases": n, "s_per_case_incl_startup": (time.perf_counter() - t0) / n,
-                "peak_rss_mb": max(peak_rss_mb(children=True), before)}
-    return {"setting": "mosaicseg predict in its own process (start-up included), CPU, the hippocampus run's "
-                       "final checkpoint; IXI cases are predicted with the hippocampus plan (cost only, not quality)",
-            "results": out}
+                "cases": n,
+                "s_per_case_incl_startup": (time.perf_counter() - t0) / n,
+                "peak_rss_mb": max(peak_rss_mb(children=True), before),
+            }
+    return {
+        "setting": "mosaicseg predict in its own process (start-up included), CPU, the hippocampus run's "
+        "final checkpoint; IXI cases are predicted with the hippocampus plan (cost only, not quality)",
+        "results": out,
+    }
 
 
 BRAIN4 = ("Dataset001_Hippocampus", "Dataset002_IXIDeepGrey", "Dataset003_IXILimbic", "Dataset004_IXIVentricles")
@@ -141,39 +201,76 @@ def study_brain4(iterations: int) -> dict[str, Any]:
     from benchmarks.common import ROOT
 
     workdir = WORK / "brain4"
-    run_cli(["plan", str(ROOT / "collections" / "brain4.yaml"), "-o", str(workdir), "--overwrite"],
-            WORK / "logs" / "brain4_plan.log")
-    common = ["--fold", "0", "--optimizer", "adamw", "--iterations-per-epoch", str(max(1, iterations // 2)),
-              "--val-every", "1000", "--val-max-cases", "0", "--device", "cpu"]
+    run_cli(
+        ["plan", str(ROOT / "collections" / "brain4.yaml"), "-o", str(workdir), "--overwrite"],
+        WORK / "logs" / "brain4_plan.log",
+    )
+    common = [
+        "--fold",
+        "0",
+        "--optimizer",
+        "adamw",
+        "--iterations-per-epoch",
+        str(max(1, iterations // 2)),
+        "--val-every",
+        "1000",
+        "--val-max-cases",
+        "0",
+        "--device",
+        "cpu",
+    ]
     results: dict[str, Any] = {}
     for seed in (0, 1):
         jobs = [("universal", None, 4 * iterations)] + [("single", d, iterations) for d in BRAIN4]
         for recipe, dataset, its in jobs:
             name = f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
             run = workdir / "runs" / name
-            args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(its), "--seed", str(seed),
-                    "-o", str(run), *common, *(["--dataset", dataset] if dataset else [])]
+            args = [
+                "train",
+                str(workdir),
+                "--recipe",
+                recipe,
+                "--iterations",
+                str(its),
+                "--seed",
+                str(seed),
+                "-o",
+                str(run),
+                *common,
+                *(["--dataset", dataset] if dataset else []),
+            ]
             if (run / "checkpoint_latest.pt").is_file():
                 args.append("--resume")
             seconds = run_cli(args, WORK / "logs" / f"brain4_{name}.log")
             last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
             results[name] = {"train_s": seconds, "iterations": its, "val_dice": last.get("val_dice", {})}
     plans = json.loads((workdir / "plans.json").read_text())
-    return {"setting": {"network": "unet (plan)", **{k: plans["network"][k] for k in ("patch_size", "batch_size",
-                                                                                      "features")},
-                        "optimizer": "AdamW 1e-3, poly", "iterations_single": iterations,
-                        "iterations_universal": 4 * iterations, "fold": 0,
-                        "spacing": {d: plans["datasets"][d]["target_spacing"] for d in BRAIN4}},
-            "runs": results}
+    return {
+        "setting": {
+            "network": "unet (plan)",
+            **{k: plans["network"][k] for k in ("patch_size", "batch_size", "features")},
+            "optimizer": "AdamW 1e-3, poly",
+            "iterations_single": iterations,
+            "iterations_universal": 4 * iterations,
+            "fold": 0,
+            "spacing": {d: plans["datasets"][d]["target_spacing"] for d in BRAIN4},
+        },
+        "runs": results,
+    }
 
 
-STUDIES = {"partial-labels": study_partial_labels, "hippocampus": study_hippocampus, "predict": study_predict,
-           "brain4": study_brain4}
+STUDIES = {
+    "partial-labels": study_partial_labels,
+    "hippocampus": study_hippocampus,
+    "predict": study_predict,
+    "brain4": study_brain4,
+}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("study", choices=[*STUDIES, "report"])
     parser.add_argument("--force", action="store_true", help="recompute a finished study")
     parser.add_argument("--iterations", type=int, default=500, help="brain4: iterations of each single run")
@@ -182,8 +279,10 @@ def main() -> None:
     if args.study != "report":
         fn = STUDIES[args.study]
         if args.study == "brain4":
+
             def fn() -> dict[str, Any]:
                 return study_brain4(args.iterations)
+
         run_study(args.study, fn, force=args.force)
     write_report()
     print(f"updated {RESULTS.parent.parent / 'BENCHMARKS.md'}")

@@ -27,11 +27,16 @@ def _ms(values: list[float | None]) -> str:
 
 
 def _partial_labels(r: dict[str, Any]) -> list[str]:
-    lines = ["## Partial labels: ignore vs. background (synthetic 2D)", "",
-             f"`python -m benchmarks partial-labels` — {r['setting']}. Held-out Dice per task (mean ± sd over "
-             "seeds). *ignore* is MultiTalent's loss (a task counts only where its dataset annotates it); "
-             "*background* trains every un-annotated task as absent.", "",
-             "| dataset | task | ignore | background | Δ (ignore − background) |", "|---|---|---|---|---|"]
+    lines = [
+        "## Partial labels: ignore vs. background (synthetic 2D)",
+        "",
+        f"`python -m benchmarks partial-labels` — {r['setting']}. Held-out Dice per task (mean ± sd over "
+        "seeds). *ignore* is MultiTalent's loss (a task counts only where its dataset annotates it); "
+        "*background* trains every un-annotated task as absent.",
+        "",
+        "| dataset | task | ignore | background | Δ (ignore − background) |",
+        "|---|---|---|---|---|",
+    ]
     runs = r["runs"]
     first = next(iter(runs.values()))
     for d, labels in first.items():
@@ -45,24 +50,37 @@ def _partial_labels(r: dict[str, Any]) -> list[str]:
 
 def _hippocampus(r: dict[str, Any]) -> list[str]:
     s = r["setting"]
-    lines = ["## Single recipe on Dataset001_Hippocampus (CPU, 30 minutes)", "",
-             "`python -m benchmarks hippocampus` — runs `mosaicseg plan ../shared/data/Dataset001_Hippocampus`, "
-             "`mosaicseg train --recipe single --fold 0 --optimizer adamw --time-budget 30m --iterations-per-epoch "
-             "100 --val-every 5`, then `mosaicseg predict` on the fold's held-out raw images and `mosaicseg "
-             "evaluate` against their labels (final checkpoint).", "",
-             f"Configuration: {s['network']}, patch {s['patch_size']}, batch {s['batch_size']}, features "
-             f"{s['features']}, {s['optimizer']}, {s['budget']}, fold {s['fold']} ({s['held_out_cases']} held-out "
-             "cases).", "",
-             "| iterations | train s | validation pseudo-Dice (final) | held-out Dice (mean) | per label |",
-             "|---|---|---|---|---|",
-             f"| {r['iterations']} | {r['train_s']:.0f} | {r['final_pseudo_dice']:.4f} | {r['dice_mean']:.4f} | "
-             + ", ".join(f"{k} {v:.4f}" for k, v in r["dice_per_label"].items()) + " |", ""]
+    lines = [
+        "## Single recipe on Dataset001_Hippocampus (CPU, 30 minutes)",
+        "",
+        "`python -m benchmarks hippocampus` — runs `mosaicseg plan ../shared/data/Dataset001_Hippocampus`, "
+        "`mosaicseg train --recipe single --fold 0 --optimizer adamw --time-budget 30m --iterations-per-epoch "
+        "100 --val-every 5`, then `mosaicseg predict` on the fold's held-out raw images and `mosaicseg "
+        "evaluate` against their labels (final checkpoint).",
+        "",
+        f"Configuration: {s['network']}, patch {s['patch_size']}, batch {s['batch_size']}, features "
+        f"{s['features']}, {s['optimizer']}, {s['budget']}, fold {s['fold']} ({s['held_out_cases']} held-out "
+        "cases).",
+        "",
+        "| iterations | train s | validation pseudo-Dice (final) | held-out Dice (mean) | per label |",
+        "|---|---|---|---|---|",
+        f"| {r['iterations']} | {r['train_s']:.0f} | {r['final_pseudo_dice']:.4f} | {r['dice_mean']:.4f} | "
+        + ", ".join(f"{k} {v:.4f}" for k, v in r["dice_per_label"].items())
+        + " |",
+        "",
+    ]
     return lines
 
 
 def _predict(r: dict[str, Any]) -> list[str]:
-    lines = ["## Prediction cost", "", f"`python -m benchmarks predict` — {r['setting']}.", "",
-             "| input | cases | s/case | peak RSS MB |", "|---|---|---|---|"]
+    lines = [
+        "## Prediction cost",
+        "",
+        f"`python -m benchmarks predict` — {r['setting']}.",
+        "",
+        "| input | cases | s/case | peak RSS MB |",
+        "|---|---|---|---|",
+    ]
     for name, v in r["results"].items():
         lines.append(f"| {name} | {v['cases']} | {v['s_per_case_incl_startup']:.2f} | {v['peak_rss_mb']:.0f} |")
     return [*lines, ""]
@@ -70,19 +88,25 @@ def _predict(r: dict[str, Any]) -> list[str]:
 
 def _brain4(r: dict[str, Any]) -> list[str]:
     s = r["setting"]
-    lines = ["## Universal vs. single on Dataset001–004 (equal total iterations)", "",
-             "`python -m benchmarks brain4 --iterations N` — plans `collections/brain4.yaml` once; every single run "
-             f"trains {s['iterations_single']} iterations on its dataset, the universal run "
-             f"{s['iterations_universal']} on all four; {s['network']}, patch {s['patch_size']}, batch "
-             f"{s['batch_size']}, {s['optimizer']}, fold {s['fold']}, seeds 0 and 1; validation pseudo-Dice on "
-             "every held-out case, final checkpoint.", "",
-             "| dataset | single | universal | Δ |", "|---|---|---|---|"]
+    lines = [
+        "## Universal vs. single on Dataset001–004 (equal total iterations)",
+        "",
+        "`python -m benchmarks brain4 --iterations N` — plans `collections/brain4.yaml` once; every single run "
+        f"trains {s['iterations_single']} iterations on its dataset, the universal run "
+        f"{s['iterations_universal']} on all four; {s['network']}, patch {s['patch_size']}, batch "
+        f"{s['batch_size']}, {s['optimizer']}, fold {s['fold']}, seeds 0 and 1; validation pseudo-Dice on "
+        "every held-out case, final checkpoint.",
+        "",
+        "| dataset | single | universal | Δ |",
+        "|---|---|---|---|",
+    ]
     runs = r["runs"]
     for d in s["spacing"]:
         single = [v["val_dice"].get(d) for k, v in runs.items() if k.startswith(f"single_{d}_")]
         universal = [v["val_dice"].get(d) for k, v in runs.items() if k.startswith("universal_")]
         delta = statistics.mean([x for x in universal if x is not None]) - statistics.mean(
-            [x for x in single if x is not None])
+            [x for x in single if x is not None]
+        )
         lines.append(f"| {d} | {_ms(single)} | {_ms(universal)} | {delta:+.3f} |")
     return [*lines, ""]
 
@@ -100,8 +124,10 @@ def write_report() -> Path:
     for name, section in SECTIONS.items():
         if name in results:
             lines += section(results[name])
-            lines.append(f"<sub>{name}: commit {results[name]['machine']['commit']}, "
-                         f"{results[name]['machine']['date']}, {results[name]['wall_s']:.0f} s</sub>")
+            lines.append(
+                f"<sub>{name}: commit {results[name]['machine']['commit']}, "
+                f"{results[name]['machine']['date']}, {results[name]['wall_s']:.0f} s</sub>"
+            )
             lines.append("")
     text = "\n".join(lines)
     path = ROOT / "BENCHMARKS.md"

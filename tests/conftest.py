@@ -25,8 +25,9 @@ class DatasetFactory:
         self.root = root
 
     @staticmethod
-    def write(path: Path, array: np.ndarray, spacing: Sequence[float] | None = None,
-              origin: Sequence[float] | None = None) -> Path:
+    def write(
+        path: Path, array: np.ndarray, spacing: Sequence[float] | None = None, origin: Sequence[float] | None = None
+    ) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.name.endswith(".png"):
             Image.fromarray(np.ascontiguousarray(array)).save(path)
@@ -109,11 +110,16 @@ def _tiny_network(workdir: Path, patch: list[int], features: list[int]) -> None:
     plans = json.loads(plans_path.read_text())
     n = len(features)
     nd = len(patch)
-    plans["network"].update({
-        "patch_size": patch, "features": features, "num_stages": n, "batch_size": 2,
-        "kernel_sizes": [[3] * nd for _ in range(n)],
-        "strides": [[1] * nd] + [[2] * nd for _ in range(n - 1)],
-    })
+    plans["network"].update(
+        {
+            "patch_size": patch,
+            "features": features,
+            "num_stages": n,
+            "batch_size": 2,
+            "kernel_sizes": [[3] * nd for _ in range(n)],
+            "strides": [[1] * nd] + [[2] * nd for _ in range(n - 1)],
+        }
+    )
     plans_path.write_text(json.dumps(plans, indent=2))
     collection_path = workdir / "collection.json"
     collection = json.loads(collection_path.read_text())

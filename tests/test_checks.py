@@ -60,7 +60,6 @@ def test_unreadable_truncated_and_fake_files(make_dataset):
     assert len(found(report, "unreadable")) == 2  # each problem once; the rest of the cases still checked
 
 
-
 def test_truncated_plain_nifti_and_nrrd(make_dataset):
     # ITK reads a truncated NIfTI without complaint (the rest is zeros): check must notice
     folder = make_dataset(cases=2, ending=".nii")
@@ -72,13 +71,16 @@ def test_truncated_plain_nifti_and_nrrd(make_dataset):
     broken.write_bytes(broken.read_bytes()[:-10])
     fires(check_collection(nrrd, folds=2), "unreadable", broken)
 
+
 def test_shape_and_geometry_mismatch(make_dataset):
     folder = make_dataset(cases=3, channels=("T1", "T2"))
     other_shape = make_dataset.write(folder / "labelsTr" / "case0.nii.gz", np.zeros((6, 8, 8), np.uint8))
-    other_spacing = make_dataset.write(folder / "labelsTr" / "case1.nii.gz",
-                                       make_dataset.default_label((8, 8, 8)), spacing=(1, 1, 2))
-    other_channel = make_dataset.write(folder / "imagesTr" / "case2_0001.nii.gz",
-                                       np.ones((8, 8, 8), np.float32), origin=(5, 0, 0))
+    other_spacing = make_dataset.write(
+        folder / "labelsTr" / "case1.nii.gz", make_dataset.default_label((8, 8, 8)), spacing=(1, 1, 2)
+    )
+    other_channel = make_dataset.write(
+        folder / "imagesTr" / "case2_0001.nii.gz", np.ones((8, 8, 8), np.float32), origin=(5, 0, 0)
+    )
     report = check_collection(folder, folds=2)
     assert "(8, 8, 6)" in fires(report, "shape-mismatch", other_shape).message
     assert "spacing" in fires(report, "geometry-mismatch", other_spacing).message
@@ -90,8 +92,9 @@ def test_label_values(make_dataset):
     undeclared[0, 0, 0] = 5
     fractional = make_dataset.default_label((8, 8, 8)).astype(np.float32)
     fractional[0, 0, 0] = 0.5
-    folder = make_dataset(cases=3, label_maps={"case0": undeclared, "case1": fractional,
-                                               "case2": np.zeros((8, 8, 8), np.uint8)})
+    folder = make_dataset(
+        cases=3, label_maps={"case0": undeclared, "case1": fractional, "case2": np.zeros((8, 8, 8), np.uint8)}
+    )
     report = check_collection(folder, folds=2)
     p = fires(report, "undeclared-label", folder / "labelsTr" / "case0.nii.gz")
     assert "[5]" in p.message and "case0" in p.message
@@ -100,13 +103,13 @@ def test_label_values(make_dataset):
     assert not found(report, "empty-label", "error")
 
 
-
 def test_nan_label_is_not_integer_even_though_itk_reads_it_as_zero(make_dataset):
     nan = make_dataset.default_label((8, 8, 8)).astype(np.float32)
     nan[0, 0, 0] = np.nan
     folder = make_dataset(cases=2, label_maps={"case0": nan})
     p = fires(check_collection(folder, folds=2), "label-not-integer", folder / "labelsTr" / "case0.nii.gz")
     assert "NaN" in p.message
+
 
 def test_ignore_label_is_declared_and_not_foreground(make_dataset):
     only_ignore = np.zeros((8, 8, 8), np.uint8)
@@ -121,13 +124,15 @@ def test_intensity_checks(make_dataset):
     nan = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
     nan[1, 2, 3] = np.nan
     nan[2, 2, 2] = np.inf
-    folder = make_dataset(cases=3, channels=("T1",), images={
-        "case0": [nan], "case1": [np.zeros((8, 8, 8), np.float32)], "case2": [np.full((8, 8, 8), 7, np.int16)]})
+    folder = make_dataset(
+        cases=3,
+        channels=("T1",),
+        images={"case0": [nan], "case1": [np.zeros((8, 8, 8), np.float32)], "case2": [np.full((8, 8, 8), 7, np.int16)]},
+    )
     report = check_collection(folder, folds=2)
     assert "2 of 512" in fires(report, "nonfinite", folder / "imagesTr" / "case0_0000.nii.gz").message
     fires(report, "constant-image", folder / "imagesTr" / "case1_0000.nii.gz", "error")
     assert "7" in fires(report, "constant-image", folder / "imagesTr" / "case2_0000.nii.gz", "warning").message
-
 
 
 def test_nonfinite_outside_nifti(make_dataset):
@@ -136,12 +141,14 @@ def test_nonfinite_outside_nifti(make_dataset):
     folder = make_dataset(cases=2, channels=("T1",), ending=".mha", images={"case0": [nan]})
     fires(check_collection(folder, folds=2), "nonfinite", folder / "imagesTr" / "case0_0000.mha")
 
+
 def test_wrong_ndim_and_mixed_dim(make_dataset):
     folder = make_dataset(cases=4, channels=("T1",))
     four_d = make_dataset.write(folder / "imagesTr" / "case0_0000.nii.gz", np.ones((2, 8, 8, 8), np.float32))
     # a NIfTI with one slice is 2D: a 2D case in a 3D dataset
-    single = make_dataset.write(folder / "imagesTr" / "case1_0000.nii.gz",
-                                np.arange(64, dtype=np.float32).reshape(1, 8, 8))
+    single = make_dataset.write(
+        folder / "imagesTr" / "case1_0000.nii.gz", np.arange(64, dtype=np.float32).reshape(1, 8, 8)
+    )
     make_dataset.write(folder / "labelsTr" / "case1.nii.gz", make_dataset.default_label((1, 8, 8)))
     report = check_collection(folder, folds=2)
     assert "4 dimensions" in fires(report, "wrong-ndim", four_d).message
@@ -161,14 +168,26 @@ def test_collection_mixing_2d_and_3d(make_dataset, tmp_path):
 
 
 def test_channel_count(make_dataset, tmp_path):
-    gray = make_dataset("Dataset001_Gray", cases=2, channels=("R", "G", "B"), ending=".png", shape=(8, 8),
-                        images={"case0": [np.arange(64, dtype=np.uint8).reshape(8, 8)]})
+    gray = make_dataset(
+        "Dataset001_Gray",
+        cases=2,
+        channels=("R", "G", "B"),
+        ending=".png",
+        shape=(8, 8),
+        images={"case0": [np.arange(64, dtype=np.uint8).reshape(8, 8)]},
+    )
     report = check_collection(gray, folds=2)
     p = fires(report, "channel-count", gray / "imagesTr" / "case0_0000.png")
     assert "grayscale" in p.message and "3" in p.message
     assert len(found(report, "channel-count")) == 1  # case1 is RGB as declared
-    rgb = make_dataset("Dataset002_Rgb", cases=2, channels=("CT",), ending=".png", shape=(8, 8),
-                       images={"case0": [np.zeros((8, 8, 3), np.uint8) + np.arange(8, dtype=np.uint8)[:, None]]})
+    rgb = make_dataset(
+        "Dataset002_Rgb",
+        cases=2,
+        channels=("CT",),
+        ending=".png",
+        shape=(8, 8),
+        images={"case0": [np.zeros((8, 8, 3), np.uint8) + np.arange(8, dtype=np.uint8)[:, None]]},
+    )
     fires(check_collection(rgb, folds=2), "channel-count", rgb / "imagesTr" / "case0_0000.png")
 
 
@@ -181,8 +200,9 @@ def test_num_training_and_structural_problems_are_included(make_dataset):
 
 
 def test_path_escape(make_dataset, tmp_path):
-    outside = make_dataset.write(tmp_path / "elsewhere" / "img.nii.gz", np.ones((8, 8, 8), np.float32) * 3 +
-                                 np.arange(8, dtype=np.float32))
+    outside = make_dataset.write(
+        tmp_path / "elsewhere" / "img.nii.gz", np.ones((8, 8, 8), np.float32) * 3 + np.arange(8, dtype=np.float32)
+    )
     folder = make_dataset(cases=2, channels=("T1",))
     link = folder / "imagesTr" / "case0_0000.nii.gz"
     link.unlink()
@@ -206,20 +226,24 @@ def test_not_hu(make_dataset, tmp_path):
     hu = make_dataset("Dataset002_Hu", cases=2)
     assert not found(check_collection(hu, folds=2), "not-hu")
     # MR channels are never HU; only CT channels are judged
-    assert not found(check_collection(make_dataset("Dataset003_Mr", cases=2, channels=("T1",),
-                                                   images=zscored), folds=2), "not-hu")
+    assert not found(
+        check_collection(make_dataset("Dataset003_Mr", cases=2, channels=("T1",), images=zscored), folds=2), "not-hu"
+    )
 
 
-@pytest.mark.parametrize(("lo", "hi", "hu"), [
-    (-1019, 949, True),  # body CT
-    (-3024, 1500, True),  # padded scan
-    (-120, 250, True),  # soft-tissue crop with fat
-    (-0.2, 3.1, False),  # z-scored
-    (0, 1, False),  # min-max scaled
-    (0, 255, False),  # windowed 8-bit
-    (24, 2100, False),  # HU stored with a +1024 offset
-    (-1000, 30000, False),  # not plausible
-])
+@pytest.mark.parametrize(
+    ("lo", "hi", "hu"),
+    [
+        (-1019, 949, True),  # body CT
+        (-3024, 1500, True),  # padded scan
+        (-120, 250, True),  # soft-tissue crop with fat
+        (-0.2, 3.1, False),  # z-scored
+        (0, 1, False),  # min-max scaled
+        (0, 255, False),  # windowed 8-bit
+        (24, 2100, False),  # HU stored with a +1024 offset
+        (-1000, 30000, False),  # not plausible
+    ],
+)
 def test_looks_like_hu(lo, hi, hu):
     assert looks_like_hu(lo, hi) is hu
 
@@ -252,9 +276,11 @@ def test_too_few_for_folds(make_dataset):
 def test_modality_channels_and_shared_labels(make_dataset, tmp_path):
     make_dataset("Dataset001_One", cases=2, channels=("T1",))
     make_dataset("Dataset002_Two", cases=2, channels=("T1", "T2"))
-    path = write_collection(tmp_path, [{"path": "Dataset001_One", "modality": "MR"},
-                                       {"path": "Dataset002_Two", "modality": "MR"}],
-                            shared_labels=[["Dataset001_One/Organ", "Dataset002_Two/Liver"]])
+    path = write_collection(
+        tmp_path,
+        [{"path": "Dataset001_One", "modality": "MR"}, {"path": "Dataset002_Two", "modality": "MR"}],
+        shared_labels=[["Dataset001_One/Organ", "Dataset002_Two/Liver"]],
+    )
     report = check_collection(path)
     p = fires(report, "modality-channels", path)
     assert "Dataset001_One" in p.message and "Dataset002_Two" in p.message
@@ -336,4 +362,3 @@ def test_real_2d_collection():
     assert {s.dim for s in report.datasets} == {2}
     text = render_report(report)
     assert "3 tasks" in text and "RGB, CT" in text
-

@@ -31,8 +31,9 @@ from mosaicseg.evaluation import (
 SPACING = (0.7, 0.9, 1.5)  # (x, y, z) in mm: anisotropic, so a swapped axis changes every distance
 
 
-def write_label(path: Path, array_zyx: np.ndarray, spacing: tuple[float, ...] = SPACING,
-                origin: tuple[float, ...] | None = None) -> Path:
+def write_label(
+    path: Path, array_zyx: np.ndarray, spacing: tuple[float, ...] = SPACING, origin: tuple[float, ...] | None = None
+) -> Path:
     """``array_zyx`` in numpy (Z, Y, X) order, as SimpleITK writes it; read_image returns it as (X, Y, Z)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx.astype(np.uint8)))
@@ -134,11 +135,25 @@ def test_region_mask() -> None:
 
 def test_summarise_class_and_dataset_averages() -> None:
     def row(dataset: str, case: str, label: str, dice: float | None, status: str = "ok") -> dict[str, Any]:
-        return {"dataset": dataset, "case": case, "label": label, "dice": dice, "iou": dice, "hd95": None,
-                "nsd": dice, "status": status}
+        return {
+            "dataset": dataset,
+            "case": case,
+            "label": label,
+            "dice": dice,
+            "iou": dice,
+            "hd95": None,
+            "nsd": dice,
+            "status": status,
+        }
 
-    rows = [row("A", "c0", "x", 1.0), row("A", "c1", "x", 1.0), row("A", "c0", "y", 0.5),
-            row("A", "c1", "y", None, "both_empty"), row("B", "c0", "z", 0.0), row("B", "c1", "z", float("nan"))]
+    rows = [
+        row("A", "c0", "x", 1.0),
+        row("A", "c1", "x", 1.0),
+        row("A", "c0", "y", 0.5),
+        row("A", "c1", "y", None, "both_empty"),
+        row("B", "c0", "z", 0.0),
+        row("B", "c1", "z", float("nan")),
+    ]
     s = summarise(rows)
     y = s["datasets"]["A"]["labels"]["y"]
     assert y["dice"] == {"mean": 0.5, "n": 1, "n_nan": 1} and y["n_both_empty"] == 1 and y["n_cases"] == 2
@@ -158,9 +173,11 @@ def test_summarise_class_and_dataset_averages() -> None:
 @pytest.fixture
 def organ_task(tmp_path: Path) -> dict[str, Path]:
     """Dataset with labels Organ=1, Core=2, region Whole=[1, 2] and ignore=3; two cases on SPACING."""
-    json_path = write_json(tmp_path / "Dataset001_Organ", {"background": 0, "Organ": 1, "Core": 2,
-                                                             "Whole": [1, 2], "ignore": 3},
-                           regions_class_order=[1, 2])
+    json_path = write_json(
+        tmp_path / "Dataset001_Organ",
+        {"background": 0, "Organ": 1, "Core": 2, "Whole": [1, 2], "ignore": 3},
+        regions_class_order=[1, 2],
+    )
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     # case0: reference Organ = slab z=2, Core = slab z=3; prediction Organ at z=5 (3 voxels off), no Core
     write_label(gt / "case0.nii.gz", slab(2) + 2 * slab(3))
@@ -175,8 +192,7 @@ def organ_task(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_evaluate_folders_summary_and_csv(organ_task: dict[str, Path], tmp_path: Path) -> None:
-    s = evaluate_folders(organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False,
-                         nsd_tolerance_mm=4.5)
+    s = evaluate_folders(organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False, nsd_tolerance_mm=4.5)
     rows = {(r["case"], r["label"]): r for r in s["cases"]}
     assert len(rows) == 6 and s["n_cases"] == 2 and s["dataset"] == "Dataset001_Organ"
     # case0 Organ: disjoint planes 3 z-voxels (4.5 mm) apart
@@ -207,8 +223,15 @@ def test_evaluate_folders_summary_and_csv(organ_task: dict[str, Path], tmp_path:
 
     with pytest.raises(MosaicSegError, match=r"summary\.json: exists already.*overwrite"):
         evaluate_folders(organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False)
-    again = evaluate_folders(organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False,
-                             overwrite=True, labels=["organ"], output_dir=tmp_path / "out")
+    again = evaluate_folders(
+        organ_task["pred"],
+        organ_task["gt"],
+        organ_task["json"],
+        progress=False,
+        overwrite=True,
+        labels=["organ"],
+        output_dir=tmp_path / "out",
+    )
     assert {r["label"] for r in again["cases"]} == {"Organ"} and (tmp_path / "out" / "metrics.csv").is_file()
 
 
@@ -216,31 +239,45 @@ def test_missing_prediction_and_geometry_errors(organ_task: dict[str, Path], tmp
     (organ_task["pred"] / "case1.nii.gz").unlink()
     with pytest.raises(MosaicSegError, match=r"no prediction for 1 of 2 reference case\(s\): case1"):
         evaluate_folders(organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False)
-    s = evaluate_folders(organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False,
-                         missing_as_empty=True, output_dir=tmp_path / "o1")
+    s = evaluate_folders(
+        organ_task["pred"],
+        organ_task["gt"],
+        organ_task["json"],
+        progress=False,
+        missing_as_empty=True,
+        output_dir=tmp_path / "o1",
+    )
     assert s["missing_predictions"] == ["case1"]
     assert next(r for r in s["cases"] if r["case"] == "case1" and r["label"] == "Organ")["status"] == "pred_empty"
 
     write_label(organ_task["pred"] / "case1.nii.gz", slab(4), origin=(0.0, 0.0, 10.0))
     with pytest.raises(MosaicSegError, match=r"pred/case1\.nii\.gz: grid .* differs from the reference .*gt/case1"):
-        evaluate_folders(organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False,
-                         output_dir=tmp_path / "o2")
+        evaluate_folders(
+            organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False, output_dir=tmp_path / "o2"
+        )
 
 
 def test_mapping_across_datasets(tmp_path: Path) -> None:
     # Reference dataset numbers the hippocampus as two parts (1, 2) plus a region; the model's dataset as 3.
-    ref_json = write_json(tmp_path / "Dataset001_Hippo", {"background": 0, "Anterior": 1, "Posterior": 2,
-                                                            "Hippocampus": [1, 2]}, regions_class_order=[1, 2])
+    ref_json = write_json(
+        tmp_path / "Dataset001_Hippo",
+        {"background": 0, "Anterior": 1, "Posterior": 2, "Hippocampus": [1, 2]},
+        regions_class_order=[1, 2],
+    )
     pred_json = write_json(tmp_path / "Dataset003_Brain", {"background": 0, "Ventricle": 1, "Hippocampus": 3})
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     write_label(gt / "a.nii.gz", slab(2) + 2 * slab(3))
     write_label(pred / "a.nii.gz", 3 * slab(3) + slab(6))  # hippocampus half right; ventricle elsewhere
-    s = evaluate_folders(pred, gt, ref_json, pred_dataset_json=pred_json, mapping={"Hippocampus": "Hippocampus"},
-                         progress=False)
+    s = evaluate_folders(
+        pred, gt, ref_json, pred_dataset_json=pred_json, mapping={"Hippocampus": "Hippocampus"}, progress=False
+    )
     assert [(r["label"], r["prediction_label"]) for r in s["cases"]] == [("Hippocampus", "Hippocampus")]
     assert s["cases"][0]["dice"] == pytest.approx(2 * 36 / (72 + 36), abs=1e-6)
-    assert s["labels"]["Hippocampus"] == {"reference_values": [1, 2], "prediction_label": "Hippocampus",
-                                          "prediction_values": [3]}
+    assert s["labels"]["Hippocampus"] == {
+        "reference_values": [1, 2],
+        "prediction_label": "Hippocampus",
+        "prediction_values": [3],
+    }
     assert s["prediction_dataset"] == "Dataset003_Brain"
 
     ref_map, pred_map = load_label_map(ref_json.parent), load_label_map(pred_json)
@@ -263,8 +300,15 @@ def test_bad_dataset_json(tmp_path: Path) -> None:
 
 
 def test_workers_give_the_same_rows(organ_task: dict[str, Path], tmp_path: Path) -> None:
-    serial = evaluate_folders(organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False,
-                              output_dir=tmp_path / "serial")
-    parallel = evaluate_folders(organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False,
-                                output_dir=tmp_path / "parallel", workers=2)
+    serial = evaluate_folders(
+        organ_task["pred"], organ_task["gt"], organ_task["json"], progress=False, output_dir=tmp_path / "serial"
+    )
+    parallel = evaluate_folders(
+        organ_task["pred"],
+        organ_task["gt"],
+        organ_task["json"],
+        progress=False,
+        output_dir=tmp_path / "parallel",
+        workers=2,
+    )
     assert parallel["cases"] == serial["cases"]

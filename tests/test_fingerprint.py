@@ -26,9 +26,15 @@ from mosaicseg.data.fingerprint import (
 from mosaicseg.errors import MosaicSegError
 
 
-def write_nifti_dataset(folder: Path, n_cases: int, spacing: tuple[float, ...], channel: str = "T1",
-                        intensity: tuple[float, float] = (100.0, 20.0), shape: tuple[int, ...] = (16, 16, 16),
-                        seed: int = 0) -> Path:
+def write_nifti_dataset(
+    folder: Path,
+    n_cases: int,
+    spacing: tuple[float, ...],
+    channel: str = "T1",
+    intensity: tuple[float, float] = (100.0, 20.0),
+    shape: tuple[int, ...] = (16, 16, 16),
+    seed: int = 0,
+) -> Path:
     """An nnU-Net raw dataset of ``n_cases`` random images with one box label (value 1)."""
     rng = np.random.default_rng(seed)
     (folder / "imagesTr").mkdir(parents=True)
@@ -41,9 +47,16 @@ def write_nifti_dataset(folder: Path, n_cases: int, spacing: tuple[float, ...], 
             img = sitk.GetImageFromArray(np.ascontiguousarray(arr.T))
             img.SetSpacing(spacing)
             sitk.WriteImage(img, str(folder / path))
-    (folder / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": channel}, "labels": {"background": 0, "thing": 1},
-        "numTraining": n_cases, "file_ending": ".nii.gz"}))
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": channel},
+                "labels": {"background": 0, "thing": 1},
+                "numTraining": n_cases,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
     return folder
 
 
@@ -56,9 +69,16 @@ def write_rgb_dataset(folder: Path, n_cases: int = 2, shape: tuple[int, int] = (
         seg = np.zeros(shape, dtype=np.uint8)
         seg[5:15, 5:12] = 1
         Image.fromarray(seg).save(folder / f"labelsTr/p{i}.png")
-    (folder / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {"background": 0, "lesion": 1},
-        "numTraining": n_cases, "file_ending": ".png"}))
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "R", "1": "G", "2": "B"},
+                "labels": {"background": 0, "lesion": 1},
+                "numTraining": n_cases,
+                "file_ending": ".png",
+            }
+        )
+    )
     return folder
 
 
@@ -104,8 +124,10 @@ def test_topology_anisotropic_kernels_and_delayed_pooling() -> None:
 @pytest.mark.parametrize(("dim", "device"), [(3, "cpu"), (3, "cuda"), (2, "cpu"), (2, "cuda")])
 def test_network_plan_divisible_and_within_caps(dim: int, device: str) -> None:
     shape = [300, 280, 200][:dim]
-    datasets = {"A": {"target_spacing": [1.0] * dim, "median_shape": shape},
-                "B": {"target_spacing": [1.0, 1.0, 3.0][:dim], "median_shape": [100, 120, 40][:dim]}}
+    datasets = {
+        "A": {"target_spacing": [1.0] * dim, "median_shape": shape},
+        "B": {"target_spacing": [1.0, 1.0, 3.0][:dim], "median_shape": [100, 120, 40][:dim]},
+    }
     net = plan_network(datasets, dim, device, in_channels=2, out_channels=5, total_voxels=1e12)
     preset = PRESETS[device]
     for axis, p in enumerate(net["patch_size"]):
@@ -122,10 +144,12 @@ def test_network_plan_divisible_and_within_caps(dim: int, device: str) -> None:
 
 # --------------------------------------------------------------------------------------------- plans from data
 def test_ct_in_hu_and_not_hu_and_fixed_window(tmp_path: Path) -> None:
-    hu = write_nifti_dataset(tmp_path / "Dataset001_HU", 2, (0.8, 0.8, 4.0), "CT", intensity=(-300.0, 400.0),
-                             shape=(32, 32, 6))
-    flat = write_nifti_dataset(tmp_path / "Dataset002_Flat", 2, (0.8, 0.8, 4.0), "CT", intensity=(0.5, 0.3),
-                               shape=(32, 32, 6))
+    hu = write_nifti_dataset(
+        tmp_path / "Dataset001_HU", 2, (0.8, 0.8, 4.0), "CT", intensity=(-300.0, 400.0), shape=(32, 32, 6)
+    )
+    flat = write_nifti_dataset(
+        tmp_path / "Dataset002_Flat", 2, (0.8, 0.8, 4.0), "CT", intensity=(0.5, 0.3), shape=(32, 32, 6)
+    )
     opened = open_collection(write_collection(tmp_path, [hu, flat]))
     fp = compute_fingerprint(opened, workers=1, progress=False)
     stats = fp["datasets"]["Dataset001_HU"]["intensity"][0]

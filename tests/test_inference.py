@@ -18,8 +18,14 @@ from mosaicseg.training.loop import Trainer
 
 def _plan(patch: list[int]) -> dict:
     nd = len(patch)
-    return {"patch_size": patch, "features": [4, 8, 16], "num_stages": 3, "batch_size": 1,
-            "kernel_sizes": [[3] * nd] * 3, "strides": [[1] * nd, [2] * nd, [2] * nd]}
+    return {
+        "patch_size": patch,
+        "features": [4, 8, 16],
+        "num_stages": 3,
+        "batch_size": 1,
+        "kernel_sizes": [[3] * nd] * 3,
+        "strides": [[1] * nd, [2] * nd, [2] * nd],
+    }
 
 
 @pytest.mark.parametrize("patch", [[16, 16], [16, 16, 8]])
@@ -59,8 +65,7 @@ def test_sliding_window_and_mirroring_equal_the_whole_image_on_larger_inputs(sha
 
 
 def test_label_rule_highest_probability_above_half_else_background():
-    prob = np.array([[0.9, 0.6, 0.4, 0.2],
-                     [0.7, 0.8, 0.45, 0.1]], dtype=np.float32)[:, None, :]  # (T=2, 1, 4)
+    prob = np.array([[0.9, 0.6, 0.4, 0.2], [0.7, 0.8, 0.45, 0.1]], dtype=np.float32)[:, None, :]  # (T=2, 1, 4)
     seg = labels_from_probabilities(prob, [(3,), (5,)])
     np.testing.assert_array_equal(seg[0], [3, 5, 0, 0])
 
@@ -85,15 +90,24 @@ def test_group_inputs_pairs_channel_files(tmp_path):
         (tmp_path / name).write_bytes(b"")
     cases = group_inputs([tmp_path])
     assert [(c.case_id, [f.name for f in c.files]) for c in cases] == [
-        ("a", ["a_0000.nii.gz", "a_0001.nii.gz"]), ("b", ["b_0000.nii.gz"])]
+        ("a", ["a_0000.nii.gz", "a_0001.nii.gz"]),
+        ("b", ["b_0000.nii.gz"]),
+    ]
     (tmp_path / "c_0001.nii.gz").write_bytes(b"")
     with pytest.raises(MosaicSegError, match="channel files \\[1\\]"):
         group_inputs([tmp_path])
 
 
 def _train(workdir, run, fold=0, iterations=2):
-    cfg = TrainConfig(recipe="universal", optimizer="adamw", iterations=iterations, iterations_per_epoch=iterations,
-                      device="cpu", fold=fold, val_max_cases=1)
+    cfg = TrainConfig(
+        recipe="universal",
+        optimizer="adamw",
+        iterations=iterations,
+        iterations_per_epoch=iterations,
+        device="cpu",
+        fold=fold,
+        val_max_cases=1,
+    )
     Trainer(workdir, cfg, run / f"fold_{fold}", progress=False).fit()
     return run
 
@@ -149,9 +163,13 @@ def test_predict_png_and_2d_nifti_and_fold_ensemble(tiny_workdir_2d, tmp_path):
     case_id = ct[0].name[: -len("_0000.nii.gz")]
     _same_geometry(tmp_path / "ct" / f"{case_id}.nii.gz", ct[0])
     # every task: one output folder per source dataset, each in its own numbering
-    everything = predictor.predict_files(ct, tmp_path / "all", dataset="Dataset912_SynthCT",
-                                         tasks=["Dataset913_SynthMR/Kidney", "Dataset912_SynthCT/Tumor"],
-                                         progress=False)
+    everything = predictor.predict_files(
+        ct,
+        tmp_path / "all",
+        dataset="Dataset912_SynthCT",
+        tasks=["Dataset913_SynthMR/Kidney", "Dataset912_SynthCT/Tumor"],
+        progress=False,
+    )
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["Dataset912_SynthCT", "Dataset913_SynthMR"]
     assert everything["tasks"] == ["Dataset912_SynthCT/Tumor", "Dataset913_SynthMR/Kidney"]
     with pytest.raises(MosaicSegError, match="unknown task"):

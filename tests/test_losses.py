@@ -98,5 +98,6 @@ def test_deep_supervision_weights_and_downsampled_targets():
     mask = torch.tensor([[True, True]])
     got = deep_supervision_loss([full, low], target, mask)
     expected = 2 / 3 * partial_label_loss(full, target, mask) + 1 / 3 * partial_label_loss(
-        low, target[:, :, ::2, ::2], mask)
+        low, target[:, :, ::2, ::2], mask
+    )
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -25,9 +25,14 @@ from mosaicseg.data.preprocess import (
 from mosaicseg.errors import MosaicSegError
 
 
-def write_dataset(folder: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], spacing: tuple[float, ...],
-                  channel_names: tuple[str, ...] = ("T1",), labels: dict[str, int] | None = None,
-                  direction: tuple[float, ...] | None = None) -> Path:
+def write_dataset(
+    folder: Path,
+    cases: dict[str, tuple[np.ndarray, np.ndarray]],
+    spacing: tuple[float, ...],
+    channel_names: tuple[str, ...] = ("T1",),
+    labels: dict[str, int] | None = None,
+    direction: tuple[float, ...] | None = None,
+) -> Path:
     """An nnU-Net raw dataset from arrays: image ``(C, X, Y, Z)``, labels ``(X, Y, Z)``."""
     labels = labels or {"a": 1, "b": 2}
     (folder / "imagesTr").mkdir(parents=True)
@@ -44,17 +49,22 @@ def write_dataset(folder: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]],
         for c in range(image.shape[0]):
             save(image[c].astype(np.float32), folder / "imagesTr" / f"{cid}_{c:04d}.nii.gz")
         save(seg.astype(np.uint8), folder / "labelsTr" / f"{cid}.nii.gz")
-    (folder / "dataset.json").write_text(json.dumps({
-        "channel_names": {str(i): n for i, n in enumerate(channel_names)},
-        "labels": {"background": 0, **labels},
-        "numTraining": len(cases),
-        "file_ending": ".nii.gz",
-    }))
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {str(i): n for i, n in enumerate(channel_names)},
+                "labels": {"background": 0, **labels},
+                "numTraining": len(cases),
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
     return folder
 
 
-def blob_case(rng: np.random.Generator, shape: tuple[int, ...] = (16, 16, 16), border: int = 2) -> tuple[np.ndarray,
-                                                                                                        np.ndarray]:
+def blob_case(
+    rng: np.random.Generator, shape: tuple[int, ...] = (16, 16, 16), border: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
     """A case with a zero border (so cropping has work to do) and two box labels."""
     image = np.zeros((1, *shape), dtype=np.float32)
     inner = tuple(slice(border, s - border) for s in shape)
@@ -147,8 +157,9 @@ def test_normalize_schemes_match_hand_computed_values() -> None:
 @pytest.fixture()
 def planned(tmp_path: Path) -> Path:
     rng = np.random.default_rng(1)
-    folder = write_dataset(tmp_path / "Dataset001_Tiny", {f"case{i}": blob_case(rng) for i in range(3)},
-                           spacing=(1.0, 1.0, 1.0))
+    folder = write_dataset(
+        tmp_path / "Dataset001_Tiny", {f"case{i}": blob_case(rng) for i in range(3)}, spacing=(1.0, 1.0, 1.0)
+    )
     work = tmp_path / "work"
     plan(folder, work, workers=1, progress=False)
     return work
@@ -193,8 +204,12 @@ def test_preprocess_in_parallel_and_errors(planned: Path) -> None:
 def test_meta_restores_original_labels_and_geometry(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     ras = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)  # not the canonical orientation: exercises reorientation
-    folder = write_dataset(tmp_path / "Dataset002_Ras", {"c0": blob_case(rng, (16, 14, 12), border=3)},
-                           spacing=(1.0, 1.0, 1.0), direction=ras)
+    folder = write_dataset(
+        tmp_path / "Dataset002_Ras",
+        {"c0": blob_case(rng, (16, 14, 12), border=3)},
+        spacing=(1.0, 1.0, 1.0),
+        direction=ras,
+    )
     work = tmp_path / "work"
     plan(folder, work, workers=1, progress=False)
     preprocess(work, workers=1, progress=False)

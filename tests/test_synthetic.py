@@ -19,11 +19,23 @@ from mosaicseg.data.splits import patient_of
 from mosaicseg.errors import MosaicSegError
 
 EXPECTED_TASKS = {
-    3: ["Dataset901_SynthCT/Liver", "Dataset901_SynthCT/Tumor", "Dataset902_SynthMR/Liver",
-        "Dataset902_SynthMR/Kidney", "Dataset903_SynthMulti/Edema", "Dataset903_SynthMulti/Lesion"],
-    2: ["Dataset911_SynthDerm/Lesion", "Dataset912_SynthCT/Liver", "Dataset912_SynthCT/Tumor",
-        "Dataset913_SynthMR/Liver", "Dataset913_SynthMR/Kidney", "Dataset914_SynthMulti/Edema",
-        "Dataset914_SynthMulti/Lesion"],
+    3: [
+        "Dataset901_SynthCT/Liver",
+        "Dataset901_SynthCT/Tumor",
+        "Dataset902_SynthMR/Liver",
+        "Dataset902_SynthMR/Kidney",
+        "Dataset903_SynthMulti/Edema",
+        "Dataset903_SynthMulti/Lesion",
+    ],
+    2: [
+        "Dataset911_SynthDerm/Lesion",
+        "Dataset912_SynthCT/Liver",
+        "Dataset912_SynthCT/Tumor",
+        "Dataset913_SynthMR/Liver",
+        "Dataset913_SynthMR/Kidney",
+        "Dataset914_SynthMulti/Edema",
+        "Dataset914_SynthMulti/Lesion",
+    ],
 }
 EXPECTED_MODALITIES = {3: ("CT", "T1", "FLAIR+T1c"), 2: ("RGB", "CT", "T1", "FLAIR+T1c")}
 
@@ -133,7 +145,7 @@ def test_partial_labels_unannotated_structures_are_visible(generated):
         assert ct.image[0][kidney].mean() - ct.image[0][fat].mean() > 100
         mr = synthetic._render_case(_spec(dim, "SynthMR"), dim, 0, index)
         lesion = mr.structures["lesion"] & ~mr.structures.get("ignore", np.zeros_like(mr.label, dtype=bool))
-        liver = (mr.label == 1)
+        liver = mr.label == 1
         assert lesion.sum() > 10
         assert (mr.label[lesion] == 0).all()
         assert mr.image[0][lesion].mean() < 0.75 * mr.image[0][liver].mean()  # a dark spot in the liver
@@ -165,8 +177,11 @@ def _best_threshold_dice(images: list[np.ndarray], targets: list[np.ndarray], va
     best = 0.0
     for ch in range(images[0].shape[0]):
         pooled = np.concatenate([im[ch][ok] for im, ok in zip(images, valid, strict=True)])
-        thresholds = np.unique(np.concatenate([np.quantile(pooled, np.linspace(0.005, 0.995, 50)),
-                                               np.linspace(pooled.min(), pooled.max(), 50)]))
+        thresholds = np.unique(
+            np.concatenate(
+                [np.quantile(pooled, np.linspace(0.005, 0.995, 50)), np.linspace(pooled.min(), pooled.max(), 50)]
+            )
+        )
         for sign in (1.0, -1.0):
             dice = np.zeros(len(thresholds))
             for im, tg, ok in zip(images, targets, valid, strict=True):

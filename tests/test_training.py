@@ -14,8 +14,15 @@ from mosaicseg.training.loop import Trainer, load_checkpoint
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(recipe="universal", optimizer="adamw", iterations=8, iterations_per_epoch=5, seed=3,
-                device="cpu", val_max_cases=1)
+    base = dict(
+        recipe="universal",
+        optimizer="adamw",
+        iterations=8,
+        iterations_per_epoch=5,
+        seed=3,
+        device="cpu",
+        val_max_cases=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -58,8 +65,12 @@ def test_seeded_runs_are_identical_and_resume_mid_epoch_is_exact(tiny_workdir_2d
     _assert_same(_weights(tmp_path / "a"), _weights(tmp_path / "c"))
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [5, 8]
-    assert set(records[-1]["val_dice"]) == {"Dataset911_SynthDerm", "Dataset912_SynthCT", "Dataset913_SynthMR",
-                                            "Dataset914_SynthMulti"}
+    assert set(records[-1]["val_dice"]) == {
+        "Dataset911_SynthDerm",
+        "Dataset912_SynthCT",
+        "Dataset913_SynthMR",
+        "Dataset914_SynthMulti",
+    }
     assert (tmp_path / "a" / "progress.png").stat().st_size > 1000
 
 
@@ -90,8 +101,12 @@ def test_existing_run_is_never_overwritten_silently(tiny_workdir_2d, tmp_path):
 def test_single_recipe_trains_one_dataset_with_its_own_tasks(tiny_workdir_2d, tmp_path):
     with pytest.raises(MosaicSegError, match="--dataset"):
         Trainer(tiny_workdir_2d, _cfg(recipe="single"), tmp_path / "x", progress=False)
-    t = Trainer(tiny_workdir_2d, _cfg(recipe="single", dataset="Dataset912_SynthCT", iterations=2), tmp_path / "s",
-                progress=False)
+    t = Trainer(
+        tiny_workdir_2d,
+        _cfg(recipe="single", dataset="Dataset912_SynthCT", iterations=2),
+        tmp_path / "s",
+        progress=False,
+    )
     assert [task.name for task in t.vocabulary.tasks] == ["Dataset912_SynthCT/Liver", "Dataset912_SynthCT/Tumor"]
     assert {d for d, _ in t.train_cases} == {"Dataset912_SynthCT"}
     t.fit()
@@ -116,8 +131,11 @@ def test_missing_labels_as_background_supervises_unannotated_tasks():
     from mosaicseg.training.recipes import missing_as_background_objective, partial_label_objective
 
     logits = torch.zeros(1, 2, 4, requires_grad=True)
-    batch = {"target": torch.zeros(1, 2, 4, dtype=torch.uint8), "label_mask": torch.tensor([[True, False]]),
-             "ignore": torch.zeros(1, 4, dtype=torch.bool)}
+    batch = {
+        "target": torch.zeros(1, 2, 4, dtype=torch.uint8),
+        "label_mask": torch.tensor([[True, False]]),
+        "ignore": torch.zeros(1, 4, dtype=torch.bool),
+    }
     partial_label_objective(logits, batch).backward()
     assert torch.all(logits.grad[:, 1] == 0)
     logits.grad = None

@@ -39,17 +39,28 @@ def collection(tmp_path):
     lab_a[1, 1:3, 1:3] = 1  # organ without lesion
     lab_a[1, 2, 2] = 2  # lesion inside the organ
     lab_a[3, 4, 5] = 3  # ignore
-    _write_dataset(tmp_path, "DatasetA", {"background": 0, "Organ": [1, 2], "Lesion": [2], "ignore": 3},
-                   {"0": "CT"}, [lab_a], regions_class_order=[1, 2])
+    _write_dataset(
+        tmp_path,
+        "DatasetA",
+        {"background": 0, "Organ": [1, 2], "Lesion": [2], "ignore": 3},
+        {"0": "CT"},
+        [lab_a],
+        regions_class_order=[1, 2],
+    )
     lab_b = np.zeros((4, 5, 6), dtype=np.uint8)
     lab_b[2, 0:2, 0:2] = 1
     lab_b[0, 0, 0] = 2
-    _write_dataset(tmp_path, "DatasetB", {"background": 0, "Organ": 1, "Kidney": 2}, {"0": "FLAIR", "1": "T1c"},
-                   [lab_b])
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
-        "datasets": [{"path": "DatasetA"}, {"path": "DatasetB", "modality": "MRpair"}],
-        "shared_labels": [["DatasetA/Lesion", "DatasetB/Kidney"]],
-    }))
+    _write_dataset(
+        tmp_path, "DatasetB", {"background": 0, "Organ": 1, "Kidney": 2}, {"0": "FLAIR", "1": "T1c"}, [lab_b]
+    )
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "datasets": [{"path": "DatasetA"}, {"path": "DatasetB", "modality": "MRpair"}],
+                "shared_labels": [["DatasetA/Lesion", "DatasetB/Kidney"]],
+            }
+        )
+    )
     return tmp_path / "c.yaml", lab_a, lab_b
 
 

@@ -19,8 +19,12 @@ import typer
 from mosaicseg.atomic import write_json_atomic
 from mosaicseg.errors import MosaicSegError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="MosaicSeg: one segmentation model from many partially labelled datasets.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="MosaicSeg: one segmentation model from many partially labelled datasets.",
+)
 _state = {"debug": False}
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,9 +69,15 @@ def check(
     typer.echo(render_report(report))
     typer.echo(f"checked in {time.perf_counter() - t0:.1f} s")
     if json_out:
-        write_json_atomic(json_out, {"problems": [
-            {"severity": p.severity, "code": p.code, "path": str(p.path), "message": p.message, "fix": p.fix}
-            for p in report.problems]})
+        write_json_atomic(
+            json_out,
+            {
+                "problems": [
+                    {"severity": p.severity, "code": p.code, "path": str(p.path), "message": p.message, "fix": p.fix}
+                    for p in report.problems
+                ]
+            },
+        )
     if not report.ok:
         raise typer.Exit(code=1)
 
@@ -97,17 +107,27 @@ def plan(
     if device not in ("cpu", "cuda"):
         raise MosaicSegError(f"--device {device!r} is unknown. Fix: use cpu or cuda.")
     t0 = time.perf_counter()
-    plans = make_plan(collection, output, device=device, memory_budget_gb=memory_budget_gb,
-                      common_spacing=common_spacing, ct_normalization=ct_normalization, workers=workers,
-                      overwrite=overwrite, progress=True)
+    plans = make_plan(
+        collection,
+        output,
+        device=device,
+        memory_budget_gb=memory_budget_gb,
+        common_spacing=common_spacing,
+        ct_normalization=ct_normalization,
+        workers=workers,
+        overwrite=overwrite,
+        progress=True,
+    )
     vocab = Vocabulary.from_dict(json.loads((output / "vocabulary.json").read_text()))
     typer.echo(vocab.describe())
     typer.echo(_describe_plans(plans))
     typer.echo(f"planned in {time.perf_counter() - t0:.1f} s → {output / 'plans.json'}")
     if preprocess:
         stats = run_preprocess(output, workers=workers, progress=True)
-        typer.echo(f"preprocessed {stats['n_done']} case(s), skipped {stats['n_skipped']} done before, "
-                   f"{stats['seconds']:.1f} s")
+        typer.echo(
+            f"preprocessed {stats['n_done']} case(s), skipped {stats['n_skipped']} done before, "
+            f"{stats['seconds']:.1f} s"
+        )
 
 
 @app.command()
@@ -121,8 +141,9 @@ def preprocess(
     from mosaicseg.data.preprocess import preprocess as run_preprocess
 
     stats = run_preprocess(workdir, workers=workers, progress=True, datasets=dataset or None)
-    typer.echo(f"preprocessed {stats['n_done']} case(s), skipped {stats['n_skipped']} done before, "
-               f"{stats['seconds']:.1f} s")
+    typer.echo(
+        f"preprocessed {stats['n_done']} case(s), skipped {stats['n_skipped']} done before, {stats['seconds']:.1f} s"
+    )
 
 
 @app.command()
@@ -195,19 +216,36 @@ def train(
         try:
             patch = tuple(int(p) for p in patch_size.split(","))
         except ValueError:
-            raise MosaicSegError(f"--patch-size {patch_size!r} is not a list of integers. "
-                                 "Fix: e.g. 64,64,48.") from None
-    cfg = TrainConfig(recipe=recipe, architecture=architecture, dataset=dataset,
-                      datasets=tuple(only) if only else None, fold=_parse_fold(fold), iterations=iterations,
-                      epochs=epochs, iterations_per_epoch=iterations_per_epoch,
-                      time_budget_s=parse_duration(time_budget) if time_budget else None, optimizer=optimizer, lr=lr,
-                      batch_size=batch_size, patch_size=patch, seed=seed, val_every=val_every,
-                      val_max_cases=val_max_cases or None, device=device, num_workers=workers)
+            raise MosaicSegError(
+                f"--patch-size {patch_size!r} is not a list of integers. Fix: e.g. 64,64,48."
+            ) from None
+    cfg = TrainConfig(
+        recipe=recipe,
+        architecture=architecture,
+        dataset=dataset,
+        datasets=tuple(only) if only else None,
+        fold=_parse_fold(fold),
+        iterations=iterations,
+        epochs=epochs,
+        iterations_per_epoch=iterations_per_epoch,
+        time_budget_s=parse_duration(time_budget) if time_budget else None,
+        optimizer=optimizer,
+        lr=lr,
+        batch_size=batch_size,
+        patch_size=patch,
+        seed=seed,
+        val_every=val_every,
+        val_max_cases=val_max_cases or None,
+        device=device,
+        num_workers=workers,
+    )
     trainer = Trainer(workdir, cfg, output, resume=resume, overwrite=overwrite)
     for note in trainer.notes:
         typer.echo(f"note: {note}")
-    typer.echo(f"run folder: {trainer.run_dir}  ({len(trainer.train_cases)} training / {len(trainer.val_cases)} "
-               f"validation cases, patch {list(trainer.patch_size)}, batch {trainer.batch_size}, {cfg.optimizer})")
+    typer.echo(
+        f"run folder: {trainer.run_dir}  ({len(trainer.train_cases)} training / {len(trainer.val_cases)} "
+        f"validation cases, patch {list(trainer.patch_size)}, batch {trainer.batch_size}, {cfg.optimizer})"
+    )
     t0 = time.perf_counter()
     record = trainer.fit()
     status = "stopped (resume with --resume)" if trainer.stop_requested else "finished"
@@ -239,13 +277,22 @@ def predict(
     if checkpoint not in ("final", "latest", "best"):
         raise MosaicSegError(f"--checkpoint {checkpoint!r} is unknown. Fix: use final, latest or best.")
     predictor = Predictor.from_run(model, folds=folds, checkpoint=checkpoint, device=device)
-    report = predictor.predict_files(inputs, output, dataset=dataset, tasks=tasks, tta=tta,
-                                     save_probabilities=save_probabilities, largest_component=largest_component,
-                                     overwrite=overwrite)
+    report = predictor.predict_files(
+        inputs,
+        output,
+        dataset=dataset,
+        tasks=tasks,
+        tta=tta,
+        save_probabilities=save_probabilities,
+        largest_component=largest_component,
+        overwrite=overwrite,
+    )
     seconds = [c["seconds"] for c in report["cases"]]
-    typer.echo(f"predicted {len(seconds)} case(s) into {output}"
-               + (f", {sum(seconds) / len(seconds):.2f} s/case" if seconds else "")
-               + (f"; kept {len(report['skipped'])} existing (use --overwrite)" if report["skipped"] else ""))
+    typer.echo(
+        f"predicted {len(seconds)} case(s) into {output}"
+        + (f", {sum(seconds) / len(seconds):.2f} s/case" if seconds else "")
+        + (f"; kept {len(report['skipped'])} existing (use --overwrite)" if report["skipped"] else "")
+    )
 
 
 @app.command()
@@ -266,10 +313,20 @@ def evaluate(
     """Dice, IoU, HD95 and NSD per case and label; summary.json and metrics.csv."""
     from mosaicseg.evaluation import evaluate_folders, format_table, parse_mapping
 
-    summary = evaluate_folders(pred, gt, dataset_json, pred_dataset_json=pred_dataset_json,
-                               mapping=parse_mapping(map_items or []) or None, labels=labels or None,
-                               nsd_tolerance_mm=nsd_tolerance, output_dir=output, workers=workers,
-                               progress=sys.stderr.isatty(), overwrite=overwrite, missing_as_empty=missing_as_empty)
+    summary = evaluate_folders(
+        pred,
+        gt,
+        dataset_json,
+        pred_dataset_json=pred_dataset_json,
+        mapping=parse_mapping(map_items or []) or None,
+        labels=labels or None,
+        nsd_tolerance_mm=nsd_tolerance,
+        output_dir=output,
+        workers=workers,
+        progress=sys.stderr.isatty(),
+        overwrite=overwrite,
+        missing_as_empty=missing_as_empty,
+    )
     typer.echo(format_table(summary))
 
 
@@ -288,21 +345,31 @@ def demo(
 
     if dim not in (2, 3):
         raise MosaicSegError(f"--dim {dim} is not supported. Fix: use 2 or 3.")
-    run_demo(workdir, dim=dim, seed=seed, iterations=iterations,
-             time_budget_s=parse_duration(time_budget) if time_budget else None, overwrite=overwrite,
-             log=typer.echo)
+    run_demo(
+        workdir,
+        dim=dim,
+        seed=seed,
+        iterations=iterations,
+        time_budget_s=parse_duration(time_budget) if time_budget else None,
+        overwrite=overwrite,
+        log=typer.echo,
+    )
 
 
 def _describe_plans(plans: dict[str, Any]) -> str:
     net = plans["network"]
-    lines = [f"{plans['dim']}D collection plan for {plans['device']}: patch {net['patch_size']}, batch "
-             f"{net['batch_size']}, {net['num_stages']} stages, features {net['features']}, estimated "
-             f"{net['memory_estimate_gb']:.2f} GB of {net['memory_budget_gb']:.2f} GB"]
+    lines = [
+        f"{plans['dim']}D collection plan for {plans['device']}: patch {net['patch_size']}, batch "
+        f"{net['batch_size']}, {net['num_stages']} stages, features {net['features']}, estimated "
+        f"{net['memory_estimate_gb']:.2f} GB of {net['memory_budget_gb']:.2f} GB"
+    ]
     for name, d in plans["datasets"].items():
         norm = ", ".join(f"{n['channel']}:{n['scheme']}" for n in d["normalization"])
         sep = f", separate axis {d['separate_axis']}" if d.get("separate_axis") is not None else ""
-        lines.append(f"  {name}: spacing {[round(s, 3) for s in d['target_spacing']]}, median shape "
-                     f"{d['median_shape']}{sep}; {norm}")
+        lines.append(
+            f"  {name}: spacing {[round(s, 3) for s in d['target_spacing']]}, median shape "
+            f"{d['median_shape']}{sep}; {norm}"
+        )
     return "\n".join(lines)
 
 

@@ -100,8 +100,9 @@ def parse_collection(data: Any, source: Path | None = None, base: Path | None = 
     where: Path | str = source or "<collection>"
     problems: list[Problem] = []
     if not isinstance(data, dict):
-        raise MosaicSegError(f"{where}: a collection must be a mapping with a 'datasets' list. Fix: see "
-                             "collections/*.yaml for examples.")
+        raise MosaicSegError(
+            f"{where}: a collection must be a mapping with a 'datasets' list. Fix: see collections/*.yaml for examples."
+        )
     unknown = sorted(set(map(str, data)) - _COLLECTION_KEYS)
     if unknown:
         problems.append(_err(where, f"unknown key(s) {unknown}", f"use only {sorted(_COLLECTION_KEYS)}"))
@@ -129,8 +130,9 @@ def parse_collection(data: Any, source: Path | None = None, base: Path | None = 
     if data.get("synthetic") is not None:
         s = data["synthetic"]
         if not isinstance(s, dict) or s.get("dim", 3) not in (2, 3) or not isinstance(s.get("seed", 0), int):
-            problems.append(_err(where, "'synthetic' must be {dim: 2|3, seed: int}",
-                                 "write synthetic: {dim: 3, seed: 0}"))
+            problems.append(
+                _err(where, "'synthetic' must be {dim: 2|3, seed: int}", "write synthetic: {dim: 3, seed: 0}")
+            )
         else:
             synthetic = SyntheticSpec(dim=int(s.get("dim", 3)), seed=int(s.get("seed", 0)))
 
@@ -154,8 +156,9 @@ def parse_collection(data: Any, source: Path | None = None, base: Path | None = 
             modality = None
         weight = item.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            problems.append(_err(where, f"datasets[{i}].weight must be a positive number, got {weight!r}",
-                                 "write weight: 1.0"))
+            problems.append(
+                _err(where, f"datasets[{i}].weight must be a positive number, got {weight!r}", "write weight: 1.0")
+            )
             weight = 1.0
         regex = item.get("patient_regex")
         if regex is not None:
@@ -164,12 +167,23 @@ def parse_collection(data: Any, source: Path | None = None, base: Path | None = 
                 if compiled.groups < 1:
                     raise re.error("needs a capturing group for the patient id")
             except (re.error, TypeError) as exc:
-                problems.append(_err(where, f"datasets[{i}].patient_regex {regex!r} is invalid ({exc})",
-                                     "give a regular expression whose first group is the patient id"))
+                problems.append(
+                    _err(
+                        where,
+                        f"datasets[{i}].patient_regex {regex!r} is invalid ({exc})",
+                        "give a regular expression whose first group is the patient id",
+                    )
+                )
                 regex = None
         path = Path(item["path"])
-        entries.append(DatasetEntry(path=path if path.is_absolute() else root / path, modality=modality,
-                                    weight=float(weight), patient_regex=regex))
+        entries.append(
+            DatasetEntry(
+                path=path if path.is_absolute() else root / path,
+                modality=modality,
+                weight=float(weight),
+                patient_regex=regex,
+            )
+        )
     names = [e.name for e in entries]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -178,8 +192,13 @@ def parse_collection(data: Any, source: Path | None = None, base: Path | None = 
     shared: list[tuple[str, ...]] = []
     for group in data.get("shared_labels") or []:
         if not isinstance(group, list) or len(group) < 2 or not all(isinstance(s, str) and "/" in s for s in group):
-            problems.append(_err(where, f"shared_labels entry {group!r} must list ≥ 2 'Dataset/label' names",
-                                 "write - [DatasetA/Liver, DatasetB/liver]"))
+            problems.append(
+                _err(
+                    where,
+                    f"shared_labels entry {group!r} must list ≥ 2 'Dataset/label' names",
+                    "write - [DatasetA/Liver, DatasetB/liver]",
+                )
+            )
             continue
         shared.append(tuple(group))
     raise_if_errors(problems, f"collection {where}")
@@ -205,8 +224,10 @@ def load_collection(path: str | Path) -> CollectionConfig:
         if (path / "collection.yaml").is_file():
             path = path / "collection.yaml"
         else:
-            raise MosaicSegError(f"{path}: neither a dataset folder (dataset.json) nor a folder with collection.yaml. "
-                                 "Fix: pass a collection.yaml or a dataset folder.")
+            raise MosaicSegError(
+                f"{path}: neither a dataset folder (dataset.json) nor a folder with collection.yaml. "
+                "Fix: pass a collection.yaml or a dataset folder."
+            )
     if not path.is_file():
         raise MosaicSegError(f"{path}: collection file not found. Fix: check the path (see collections/).")
     try:
@@ -286,8 +307,15 @@ class TrainConfig:
             bad(f"missing_labels '{self.missing_labels}' is unknown", "use ignore or background")
         if self.iterations is None and self.epochs is None and self.time_budget_s is None:
             bad("no training budget", "give --iterations, --epochs or --time-budget")
-        for name in ("iterations", "epochs", "iterations_per_epoch", "batch_size", "val_every", "val_max_cases",
-                     "checkpoint_every"):
+        for name in (
+            "iterations",
+            "epochs",
+            "iterations_per_epoch",
+            "batch_size",
+            "val_every",
+            "val_max_cases",
+            "checkpoint_every",
+        ):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 bad(f"{name} must be a positive integer, got {v!r}", f"give {name} >= 1")

@@ -39,8 +39,7 @@ class AugmentConfig:
 
     @classmethod
     def off(cls) -> AugmentConfig:
-        return cls(p_rotate=0, p_scale=0, p_elastic=0, p_mirror=0, p_brightness=0, p_contrast=0, p_gamma=0,
-                   p_noise=0)
+        return cls(p_rotate=0, p_scale=0, p_elastic=0, p_mirror=0, p_brightness=0, p_contrast=0, p_gamma=0, p_noise=0)
 
 
 def _rotation_matrix(angles: np.ndarray, ndim: int) -> np.ndarray:

@@ -102,7 +102,7 @@ def _split_error(exc: MosaicSegError, path: Path) -> tuple[str, str]:
     text = str(exc).strip()
     prefix = f"{path}: "
     if text.startswith(prefix):
-        text = text[len(prefix):]
+        text = text[len(prefix) :]
     what, _, fix = text.partition(" Fix: ")
     return what.rstrip("."), fix.rstrip(".")
 
@@ -127,9 +127,15 @@ def _read(path: Path, res: _CaseResult) -> tuple[np.ndarray, Geometry, int] | No
     except MosaicSegError:
         ndim = None
     if ndim is not None and ndim not in (2, 3):
-        res.problems.append(Problem("error", "wrong-ndim", path, f"image has {ndim} dimensions, expected 2 or 3",
-                                    "split 4D series into one file per channel (CASE_0000, CASE_0001, ...) or "
-                                    "one case per time point"))
+        res.problems.append(
+            Problem(
+                "error",
+                "wrong-ndim",
+                path,
+                f"image has {ndim} dimensions, expected 2 or 3",
+                "split 4D series into one file per channel (CASE_0000, CASE_0001, ...) or one case per time point",
+            )
+        )
     else:
         res.problems.append(Problem("error", "unreadable", path, what, fix or "re-export or re-download the file"))
     return None
@@ -137,17 +143,27 @@ def _read(path: Path, res: _CaseResult) -> tuple[np.ndarray, Geometry, int] | No
 
 def _grid_problem(path: Path, g: Geometry, ref_path: Path, ref: Geometry, what: str) -> Problem | None:
     if g.file_shape != ref.file_shape or g.shape != ref.shape:
-        return Problem("error", "shape-mismatch", path,
-                       f"{what} shape {g.file_shape} differs from {ref_path.name}'s {ref.file_shape}",
-                       "resample it onto the grid of the case's first channel (all files of a case share one grid)")
+        return Problem(
+            "error",
+            "shape-mismatch",
+            path,
+            f"{what} shape {g.file_shape} differs from {ref_path.name}'s {ref.file_shape}",
+            "resample it onto the grid of the case's first channel (all files of a case share one grid)",
+        )
     if not g.same_grid(ref):
-        diffs = [f"{k} {getattr(g, 'file_' + k)} vs {getattr(ref, 'file_' + k)}"
-                 for k in ("spacing", "origin", "direction")
-                 if not np.allclose(getattr(g, "file_" + k), getattr(ref, "file_" + k), rtol=1e-3, atol=1e-3)]
-        return Problem("error", "geometry-mismatch", path,
-                       f"{what} lies on another grid than {ref_path.name}: {'; '.join(diffs)}",
-                       "resample it onto the first channel's grid, or copy that header if only the header is wrong "
-                       "(SimpleITK CopyInformation)")
+        diffs = [
+            f"{k} {getattr(g, 'file_' + k)} vs {getattr(ref, 'file_' + k)}"
+            for k in ("spacing", "origin", "direction")
+            if not np.allclose(getattr(g, "file_" + k), getattr(ref, "file_" + k), rtol=1e-3, atol=1e-3)
+        ]
+        return Problem(
+            "error",
+            "geometry-mismatch",
+            path,
+            f"{what} lies on another grid than {ref_path.name}: {'; '.join(diffs)}",
+            "resample it onto the first channel's grid, or copy that header if only the header is wrong "
+            "(SimpleITK CopyInformation)",
+        )
     return None
 
 
@@ -160,26 +176,47 @@ def _label_values(lab: np.ndarray) -> list[int]:
         counts = np.zeros(hi + 1, dtype=np.int64)
         flat = lab.reshape(-1)
         for start in range(0, flat.size, 1 << 24):
-            counts += np.bincount(flat[start:start + (1 << 24)], minlength=hi + 1)
+            counts += np.bincount(flat[start : start + (1 << 24)], minlength=hi + 1)
         return [int(v) for v in np.flatnonzero(counts)]
     return [int(v) for v in np.unique(lab)]
 
 
 def _check_image_values(path: Path, arr: np.ndarray, nonfinite: int, res: _CaseResult) -> None:
     if nonfinite:
-        res.problems.append(Problem("error", "nonfinite", path, f"{nonfinite} of {arr.size} voxels are NaN or infinite",
-                                    "replace them (e.g. by the background value) before training"))
+        res.problems.append(
+            Problem(
+                "error",
+                "nonfinite",
+                path,
+                f"{nonfinite} of {arr.size} voxels are NaN or infinite",
+                "replace them (e.g. by the background value) before training",
+            )
+        )
     values = arr[np.isfinite(arr)] if nonfinite and arr.dtype.kind in "fc" else arr
     if values.size == 0:
         return
     lo, hi = values.min(), values.max()
     if lo == hi:
         if lo == 0:
-            res.problems.append(Problem("error", "constant-image", path, "every voxel is 0 (empty image)",
-                                        "re-export the image; an empty file usually means a failed conversion"))
+            res.problems.append(
+                Problem(
+                    "error",
+                    "constant-image",
+                    path,
+                    "every voxel is 0 (empty image)",
+                    "re-export the image; an empty file usually means a failed conversion",
+                )
+            )
         else:
-            res.problems.append(Problem("warning", "constant-image", path, f"every voxel has the value {lo:g}",
-                                        "check the export; a constant image carries no information"))
+            res.problems.append(
+                Problem(
+                    "warning",
+                    "constant-image",
+                    path,
+                    f"every voxel has the value {lo:g}",
+                    "check the export; a constant image carries no information",
+                )
+            )
 
 
 def _ct_percentiles(channel: np.ndarray) -> tuple[float, float] | None:
@@ -196,14 +233,26 @@ def _ct_percentiles(channel: np.ndarray) -> tuple[float, float] | None:
 def _check_label(job: _CaseJob, arr: np.ndarray, nonfinite: int, res: _CaseResult) -> None:
     path = job.label
     if arr.shape[0] != 1:
-        res.problems.append(Problem("error", "channel-count", path,
-                                    f"label file has {arr.shape[0]} channels, expected 1",
-                                    "save labels as single-channel integer images"))
+        res.problems.append(
+            Problem(
+                "error",
+                "channel-count",
+                path,
+                f"label file has {arr.shape[0]} channels, expected 1",
+                "save labels as single-channel integer images",
+            )
+        )
         return
     if nonfinite:
-        res.problems.append(Problem("error", "label-not-integer", path,
-                                    f"case '{job.case_id}': {nonfinite} label voxels are NaN or infinite",
-                                    "save labels as integer images"))
+        res.problems.append(
+            Problem(
+                "error",
+                "label-not-integer",
+                path,
+                f"case '{job.case_id}': {nonfinite} label voxels are NaN or infinite",
+                "save labels as integer images",
+            )
+        )
         return
     lab = arr[0]
     if np.issubdtype(lab.dtype, np.floating):
@@ -212,24 +261,41 @@ def _check_label(job: _CaseJob, arr: np.ndarray, nonfinite: int, res: _CaseResul
         bad[finite] = np.rint(lab[finite]) != lab[finite]
         if bad.any():
             examples = ", ".join(f"{v:g}" for v in np.unique(lab[bad])[:5])
-            res.problems.append(Problem("error", "label-not-integer", path,
-                                        f"case '{job.case_id}': {int(bad.sum())} label voxels are not integers "
-                                        f"(e.g. {examples})",
-                                        "save labels as integer images (nearest-neighbour resampling, no smoothing)"))
+            res.problems.append(
+                Problem(
+                    "error",
+                    "label-not-integer",
+                    path,
+                    f"case '{job.case_id}': {int(bad.sum())} label voxels are not integers (e.g. {examples})",
+                    "save labels as integer images (nearest-neighbour resampling, no smoothing)",
+                )
+            )
             return
         lab = lab.astype(np.int64)
     values = _label_values(lab)
     undeclared = [v for v in values if v not in job.declared_values]
     if undeclared:
-        res.problems.append(Problem("error", "undeclared-label", path,
-                                    f"case '{job.case_id}' contains label value(s) {undeclared} not declared in "
-                                    f"dataset.json (declared: {sorted(job.declared_values)})",
-                                    "declare them in 'labels' or relabel the file"))
+        res.problems.append(
+            Problem(
+                "error",
+                "undeclared-label",
+                path,
+                f"case '{job.case_id}' contains label value(s) {undeclared} not declared in "
+                f"dataset.json (declared: {sorted(job.declared_values)})",
+                "declare them in 'labels' or relabel the file",
+            )
+        )
     if not set(values) - {0, job.ignore_value}:
-        res.problems.append(Problem("warning", "empty-label", path,
-                                    f"case '{job.case_id}' has no foreground: every voxel is background"
-                                    + (" or ignore" if job.ignore_value in values else ""),
-                                    "check the label; an unannotated case only teaches 'background'"))
+        res.problems.append(
+            Problem(
+                "warning",
+                "empty-label",
+                path,
+                f"case '{job.case_id}' has no foreground: every voxel is background"
+                + (" or ignore" if job.ignore_value in values else ""),
+                "check the label; an unannotated case only teaches 'background'",
+            )
+        )
 
 
 def _check_case(job: _CaseJob) -> _CaseResult:
@@ -257,30 +323,50 @@ def _check_case(job: _CaseJob) -> _CaseResult:
     if readable and n_declared and len(channels) != n_declared:
         if len(job.images) == 1:
             kind = "grayscale " if per_file[0] == 1 else ""
-            res.problems.append(Problem("error", "channel-count", job.images[0],
-                                        f"{kind}file has {per_file[0]} channel(s) but dataset.json declares "
-                                        f"{n_declared} ({', '.join(job.channel_names)})",
-                                        f"save it with {n_declared} channel(s), or fix channel_names"))
+            res.problems.append(
+                Problem(
+                    "error",
+                    "channel-count",
+                    job.images[0],
+                    f"{kind}file has {per_file[0]} channel(s) but dataset.json declares "
+                    f"{n_declared} ({', '.join(job.channel_names)})",
+                    f"save it with {n_declared} channel(s), or fix channel_names",
+                )
+            )
         else:  # one file per channel (a missing file is the manifest's missing-channel)
             for path, n in zip(job.images, per_file, strict=True):
                 if n != 1:
-                    res.problems.append(Problem("error", "channel-count", path,
-                                                f"file has {n} channels; with one file per channel each file must "
-                                                "have exactly one", "split it into single-channel files, one per "
-                                                "declared channel"))
+                    res.problems.append(
+                        Problem(
+                            "error",
+                            "channel-count",
+                            path,
+                            f"file has {n} channels; with one file per channel each file must have exactly one",
+                            "split it into single-channel files, one per declared channel",
+                        )
+                    )
     elif readable and ref is not None:
         for c in job.ct_channels:
             if c < len(channels) and (pct := _ct_percentiles(channels[c])) is not None:
                 res.ct_percentiles[c] = pct
     if ref is not None and res.spacing is not None:
         finest = min(res.spacing)
-        small = [ax for ax, (n, s) in enumerate(zip(ref[1].shape, res.spacing, strict=True))
-                 if n < MIN_AXIS_VOXELS and s < ANISOTROPY_RATIO * finest]  # few thick slices are normal
+        small = [
+            ax
+            for ax, (n, s) in enumerate(zip(ref[1].shape, res.spacing, strict=True))
+            if n < MIN_AXIS_VOXELS and s < ANISOTROPY_RATIO * finest
+        ]  # few thick slices are normal
         if small:
-            res.problems.append(Problem("warning", "small-image", ref[0],
-                                        f"case '{job.case_id}' has only {[ref[1].shape[a] for a in small]} voxel(s) "
-                                        f"along axis {small} (shape {ref[1].shape})",
-                                        "check the export; such images are mostly padding for the network"))
+            res.problems.append(
+                Problem(
+                    "warning",
+                    "small-image",
+                    ref[0],
+                    f"case '{job.case_id}' has only {[ref[1].shape[a] for a in small]} voxel(s) "
+                    f"along axis {small} (shape {ref[1].shape})",
+                    "check the export; such images are mostly padding for the network",
+                )
+            )
     label = _read(job.label, res)
     if label is not None:
         arr, g, nonfinite = label
@@ -332,8 +418,14 @@ def _ct_channels(manifest: DatasetManifest, modality: str) -> tuple[int, ...]:
     return named
 
 
-def _dataset_checks(manifest: DatasetManifest, regex: str | None, modality: str, folds: int,
-                    results: list[_CaseResult], problems: list[Problem]) -> DatasetSummary:
+def _dataset_checks(
+    manifest: DatasetManifest,
+    regex: str | None,
+    modality: str,
+    folds: int,
+    results: list[_CaseResult],
+    problems: list[Problem],
+) -> DatasetSummary:
     folder = manifest.folder
     dims = Counter(r.dim for r in results if r.dim is not None)
     dim = dims.most_common(1)[0][0] if dims else None
@@ -341,10 +433,15 @@ def _dataset_checks(manifest: DatasetManifest, regex: str | None, modality: str,
         for r in results:
             if r.dim is not None and r.dim != dim:
                 case = manifest.cases[[c.case_id for c in manifest.cases].index(r.case_id)]
-                problems.append(Problem("error", "mixed-dim", case.images[0],
-                                        f"case '{r.case_id}' is {r.dim}D but {dims[dim]} other case(s) of "
-                                        f"{manifest.name} are {dim}D",
-                                        "keep one dimensionality per dataset (a single-slice NIfTI counts as 2D)"))
+                problems.append(
+                    Problem(
+                        "error",
+                        "mixed-dim",
+                        case.images[0],
+                        f"case '{r.case_id}' is {r.dim}D but {dims[dim]} other case(s) of {manifest.name} are {dim}D",
+                        "keep one dimensionality per dataset (a single-slice NIfTI counts as 2D)",
+                    )
+                )
 
     json_path = folder / "dataset.json"
     for c in _ct_channels(manifest, modality):
@@ -355,23 +452,35 @@ def _dataset_checks(manifest: DatasetManifest, regex: str | None, modality: str,
         if not looks_like_hu(lo, hi):
             first = manifest.cases[0].images
             example = first[min(c, len(first) - 1)].name
-            problems.append(Problem(
-                "warning", "not-hu", json_path,
-                f"channel {c} ('{manifest.channel_names[c]}') is declared CT but its intensities are not Hounsfield "
-                f"units (0.5–99.5th percentiles {lo:.3g}..{hi:.3g}, median over {len(pcts)} case(s) such as "
-                f"{example}): HU windowing would destroy it; the planner will use z-score normalisation instead",
-                "nothing to do if the source normalised the images; otherwise export the original HU values"))
+            problems.append(
+                Problem(
+                    "warning",
+                    "not-hu",
+                    json_path,
+                    f"channel {c} ('{manifest.channel_names[c]}') is declared CT but its intensities are not "
+                    f"Hounsfield units (0.5–99.5th percentiles {lo:.3g}..{hi:.3g}, median over {len(pcts)} case(s) "
+                    f"such as {example}): HU windowing would destroy it; the planner will use z-score "
+                    "normalisation instead",
+                    "nothing to do if the source normalised the images; otherwise export the original HU values",
+                )
+            )
 
     spacings = [r.spacing for r in results if r.spacing]
     if spacings:
         ratios = [max(s) / min(s) for s in spacings if min(s) > 0]
         if ratios and float(np.median(ratios)) > ANISOTROPY_RATIO:
             med = np.median(np.array([s for s in spacings if len(s) == len(spacings[0])]), axis=0)
-            problems.append(Problem("info", "anisotropic-spacing", folder,
-                                    f"{sum(r > ANISOTROPY_RATIO for r in ratios)} of {len(ratios)} case(s) have "
-                                    f"voxels over {ANISOTROPY_RATIO:g}x longer on one axis (median spacing "
-                                    f"{' x '.join(f'{v:.3g}' for v in med)})",
-                                    "nothing to do; planning treats the coarse axis as thick slices"))
+            problems.append(
+                Problem(
+                    "info",
+                    "anisotropic-spacing",
+                    folder,
+                    f"{sum(r > ANISOTROPY_RATIO for r in ratios)} of {len(ratios)} case(s) have "
+                    f"voxels over {ANISOTROPY_RATIO:g}x longer on one axis (median spacing "
+                    f"{' x '.join(f'{v:.3g}' for v in med)})",
+                    "nothing to do; planning treats the coarse axis as thick slices",
+                )
+            )
 
     images_dirs = [folder / "imagesTr", folder / "labelsTr"]
     for d in images_dirs:
@@ -379,9 +488,15 @@ def _dataset_checks(manifest: DatasetManifest, regex: str | None, modality: str,
             continue
         for p in sorted(d.iterdir()):
             if p.is_symlink() and not inside_folder(folder, p):
-                problems.append(Problem("warning", "path-escape", p,
-                                        f"symbolic link to {p.resolve()}, outside the dataset folder",
-                                        "copy the file into the dataset, or make sure the target stays available"))
+                problems.append(
+                    Problem(
+                        "warning",
+                        "path-escape",
+                        p,
+                        f"symbolic link to {p.resolve()}, outside the dataset folder",
+                        "copy the file into the dataset, or make sure the target stays available",
+                    )
+                )
 
     case_ids = [c.case_id for c in manifest.cases]
     n_patients = len({patient_of(c, regex) for c in case_ids})
@@ -389,57 +504,105 @@ def _dataset_checks(manifest: DatasetManifest, regex: str | None, modality: str,
         grouping = f"{len(case_ids)} cases of {n_patients} patients (patient_regex)"
         matched = sum(bool(re.search(regex, c)) for c in case_ids)
         if case_ids and not matched:
-            problems.append(Problem("warning", "patient-grouping", folder,
-                                    f"patient_regex {regex!r} matches none of the {len(case_ids)} case ids "
-                                    f"(e.g. '{case_ids[0]}'), so every case is its own patient",
-                                    "fix patient_regex in the collection file"))
+            problems.append(
+                Problem(
+                    "warning",
+                    "patient-grouping",
+                    folder,
+                    f"patient_regex {regex!r} matches none of the {len(case_ids)} case ids "
+                    f"(e.g. '{case_ids[0]}'), so every case is its own patient",
+                    "fix patient_regex in the collection file",
+                )
+            )
         else:
-            problems.append(Problem("info", "patient-grouping-ok", folder,
-                                    f"{len(case_ids)} cases of {n_patients} patients grouped by patient_regex",
-                                    ""))
+            problems.append(
+                Problem(
+                    "info",
+                    "patient-grouping-ok",
+                    folder,
+                    f"{len(case_ids)} cases of {n_patients} patients grouped by patient_regex",
+                    "",
+                )
+            )
     else:
         n_suspect, examples = suspected_grouping(case_ids)
         grouping = f"{len(case_ids)} case{'' if len(case_ids) == 1 else 's'}, one per patient"
         if n_suspect:
             grouping += f" ({n_suspect} look grouped)"
-            problems.append(Problem("warning", "patient-grouping", folder,
-                                    f"{n_suspect} case ids look like several images of one patient (e.g. "
-                                    f"{', '.join(examples)}) but no patient_regex groups them, so one patient can "
-                                    "land in both training and validation",
-                                    "add patient_regex: '^(?P<patient>...)' for this dataset in the collection file"))
+            problems.append(
+                Problem(
+                    "warning",
+                    "patient-grouping",
+                    folder,
+                    f"{n_suspect} case ids look like several images of one patient (e.g. "
+                    f"{', '.join(examples)}) but no patient_regex groups them, so one patient can "
+                    "land in both training and validation",
+                    "add patient_regex: '^(?P<patient>...)' for this dataset in the collection file",
+                )
+            )
     folds_ok = n_patients >= folds
     if not folds_ok and case_ids:
-        problems.append(Problem("warning", "too-few-for-folds", folder,
-                                f"{n_patients} patient(s) for {folds} folds: {manifest.name} is only trained on, "
-                                "never validated",
-                                "add cases, lower 'folds', or accept that it is not validated"))
-    return DatasetSummary(manifest.name, dim, len(case_ids), n_patients, modality, manifest.channel_names,
-                          tuple(manifest.labels), grouping, folds_ok)
+        problems.append(
+            Problem(
+                "warning",
+                "too-few-for-folds",
+                folder,
+                f"{n_patients} patient(s) for {folds} folds: {manifest.name} is only trained on, never validated",
+                "add cases, lower 'folds', or accept that it is not validated",
+            )
+        )
+    return DatasetSummary(
+        manifest.name,
+        dim,
+        len(case_ids),
+        n_patients,
+        modality,
+        manifest.channel_names,
+        tuple(manifest.labels),
+        grouping,
+        folds_ok,
+    )
 
 
 # ---------------------------------------------------------------------------------------- per collection
 
 
-def _collection_checks(config: CollectionConfig, manifests: list[DatasetManifest], summaries: list[DatasetSummary],
-                       vocabulary: Vocabulary, problems: list[Problem]) -> None:
+def _collection_checks(
+    config: CollectionConfig,
+    manifests: list[DatasetManifest],
+    summaries: list[DatasetSummary],
+    vocabulary: Vocabulary,
+    problems: list[Problem],
+) -> None:
     where: Path | str = config.source or config.name
     dims = {s.name: s.dim for s in summaries if s.dim is not None}
     if len(set(dims.values())) > 1:
         listing = ", ".join(f"{n} ({d}D)" for n, d in dims.items())
-        problems.append(Problem("error", "collection-mixed-dim", where,
-                                f"the collection mixes 2D and 3D datasets: {listing}",
-                                "split it into a 2D and a 3D collection; one network is either 2D or 3D"))
+        problems.append(
+            Problem(
+                "error",
+                "collection-mixed-dim",
+                where,
+                f"the collection mixes 2D and 3D datasets: {listing}",
+                "split it into a 2D and a 3D collection; one network is either 2D or 3D",
+            )
+        )
     by_modality: dict[str, list[DatasetManifest]] = {}
     for m in manifests:
         by_modality.setdefault(vocabulary.dataset_modality.get(m.name, ""), []).append(m)
     for modality, ms in by_modality.items():
         if len({len(m.channel_names) for m in ms}) > 1:
             listing = ", ".join(f"{m.name} ({len(m.channel_names)}: {'+'.join(m.channel_names)})" for m in ms)
-            problems.append(Problem("error", "modality-channels", where,
-                                    f"modality '{modality}' is given to datasets with different channel counts: "
-                                    f"{listing}",
-                                    "give them different 'modality' names; each modality has one input stem with "
-                                    "a fixed number of channels"))
+            problems.append(
+                Problem(
+                    "error",
+                    "modality-channels",
+                    where,
+                    f"modality '{modality}' is given to datasets with different channel counts: {listing}",
+                    "give them different 'modality' names; each modality has one input stem with "
+                    "a fixed number of channels",
+                )
+            )
 
 
 def _load(source: str | Path | CollectionConfig) -> tuple[CollectionConfig | None, list[Problem]]:
@@ -454,8 +617,9 @@ def _load(source: str | Path | CollectionConfig) -> tuple[CollectionConfig | Non
         return None, [Problem("error", "collection", source, what, fix)]
 
 
-def check_collection(source: str | Path | CollectionConfig, folds: int | None = None, workers: int = 1,
-                     progress: bool = False) -> CheckReport:
+def check_collection(
+    source: str | Path | CollectionConfig, folds: int | None = None, workers: int = 1, progress: bool = False
+) -> CheckReport:
     """Check a collection (``collection.yaml``, a dataset folder or a loaded config); never raises for bad data."""
     config, problems = _load(source)
     if config is None:
@@ -481,19 +645,38 @@ def check_collection(source: str | Path | CollectionConfig, folds: int | None = 
     jobs = []
     for m in manifests:
         modality = vocabulary.dataset_modality.get(m.name, "")
-        jobs += [_CaseJob(m.name, c.case_id, c.images, c.label, m.channel_names, frozenset(m.declared_values),
-                          m.ignore_value, _ct_channels(m, modality)) for c in m.cases]
+        jobs += [
+            _CaseJob(
+                m.name,
+                c.case_id,
+                c.images,
+                c.label,
+                m.channel_names,
+                frozenset(m.declared_values),
+                m.ignore_value,
+                _ct_channels(m, modality),
+            )
+            for c in m.cases
+        ]
     results = _run_jobs(jobs, workers, progress)
     by_dataset: dict[str, list[_CaseResult]] = {}
     for r in results:
         by_dataset.setdefault(r.dataset, []).append(r)
         problems.extend(r.problems)
 
-    summaries = [_dataset_checks(m, regex.get(m.name), vocabulary.dataset_modality.get(m.name, ""), folds,
-                                 by_dataset.get(m.name, []), problems) for m in manifests]
+    summaries = [
+        _dataset_checks(
+            m,
+            regex.get(m.name),
+            vocabulary.dataset_modality.get(m.name, ""),
+            folds,
+            by_dataset.get(m.name, []),
+            problems,
+        )
+        for m in manifests
+    ]
     _collection_checks(config, manifests, summaries, vocabulary, problems)
-    return CheckReport(problems, summaries, vocabulary, folds, config.name,
-                       tuple(e.path for e in config.datasets))
+    return CheckReport(problems, summaries, vocabulary, folds, config.name, tuple(e.path for e in config.datasets))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -517,21 +700,37 @@ def _short(path: Path | str, roots: tuple[Path, ...]) -> str:
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-            .rstrip() for r in rows]
+    return [
+        "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
 
 
 def render_report(report: CheckReport, max_per_code: int = 3) -> str:
     """Human-readable report: dataset table, vocabulary, problems grouped by (dataset, code), totals."""
     lines: list[str] = []
     n_cases = sum(s.n_cases for s in report.datasets)
-    lines.append(f"Collection {report.name}: {len(report.datasets)} dataset(s), {n_cases} case(s), "
-                 f"{report.folds} folds")
+    lines.append(
+        f"Collection {report.name}: {len(report.datasets)} dataset(s), {n_cases} case(s), {report.folds} folds"
+    )
     if report.datasets:
         rows = [["dataset", "dim", "cases", "patients", "modality", "channels", "labels", "folds", "grouping"]]
-        rows += [[s.name, f"{s.dim}D" if s.dim else "?", str(s.n_cases), str(s.n_patients), s.modality,
-                  ",".join(s.channels), str(len(s.labels)), "ok" if s.folds_ok else "too few", s.grouping]
-                 for s in report.datasets]
+        rows += [
+            [
+                s.name,
+                f"{s.dim}D" if s.dim else "?",
+                str(s.n_cases),
+                str(s.n_patients),
+                s.modality,
+                ",".join(s.channels),
+                str(len(s.labels)),
+                "ok" if s.folds_ok else "too few",
+                s.grouping,
+            ]
+            for s in report.datasets
+        ]
         lines += ["", *_table(rows, {2, 3, 6})]
     if report.vocabulary is not None:
         v = report.vocabulary

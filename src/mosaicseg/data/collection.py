@@ -58,8 +58,18 @@ def open_collection(path: str | Path | CollectionConfig, strict: bool = True) ->
         if strict:
             raise
         # Report the broken shared_labels declaration and go on without it, so every other check still runs.
-        problems.extend(exc.problems or [Problem("error", "shared-labels", config.source or config.name, str(exc),
-                                                 "fix the shared_labels entry of the collection file")])
+        problems.extend(
+            exc.problems
+            or [
+                Problem(
+                    "error",
+                    "shared-labels",
+                    config.source or config.name,
+                    str(exc),
+                    "fix the shared_labels entry of the collection file",
+                )
+            ]
+        )
         usable = replace(usable, shared_labels=())
         vocabulary = build_vocabulary(usable, manifests)
     return OpenCollection(usable, tuple(manifests), vocabulary, tuple(problems))

@@ -139,25 +139,34 @@ def _channel_stats(fg: np.ndarray, whole: np.ndarray) -> dict[str, Any]:
         "image_percentile_99_5": float(wp[1]),
         "hounsfield_like": hu,
         "hounsfield_test": why,
-        "fixed_window": {"clip": list(CT_FIXED_WINDOW), "mean": float(window.mean()) if window.size else 0.0,
-                         "std": float(window.std()) if window.size else 1.0},
+        "fixed_window": {
+            "clip": list(CT_FIXED_WINDOW),
+            "mean": float(window.mean()) if window.size else 0.0,
+            "std": float(window.std()) if window.size else 1.0,
+        },
     }
 
 
 def _summarise(manifest: DatasetManifest, results: list[dict[str, Any]], files_hash: str) -> dict[str, Any]:
     dims = {len(r["spacing"]) for r in results}
     if len(dims) > 1:
-        raise MosaicSegError(f"{manifest.folder}: the dataset mixes 2D and 3D cases. Fix: keep one dimensionality "
-                             "per dataset (a single-slice NIfTI is 2D).")
+        raise MosaicSegError(
+            f"{manifest.folder}: the dataset mixes 2D and 3D cases. Fix: keep one dimensionality "
+            "per dataset (a single-slice NIfTI is 2D)."
+        )
     channels = {r["n_channels"] for r in results}
     if len(channels) > 1:
-        raise MosaicSegError(f"{manifest.folder}: cases have different channel counts {sorted(channels)}. Fix: give "
-                             "every case the channels declared in dataset.json.")
+        raise MosaicSegError(
+            f"{manifest.folder}: cases have different channel counts {sorted(channels)}. Fix: give "
+            "every case the channels declared in dataset.json."
+        )
     n_channels = channels.pop()
     names = list(manifest.channel_names)
     if len(names) != n_channels:
-        raise MosaicSegError(f"{manifest.folder / 'dataset.json'}: channel_names declares {len(names)} channel(s) but "
-                             f"the images have {n_channels}. Fix: declare one name per image channel.")
+        raise MosaicSegError(
+            f"{manifest.folder / 'dataset.json'}: channel_names declares {len(names)} channel(s) but "
+            f"the images have {n_channels}. Fix: declare one name per image channel."
+        )
     spacings = np.array([r["spacing"] for r in results])
     shapes = np.array([r["shape_cropped"] for r in results])
     intensity = []
@@ -175,10 +184,16 @@ def _summarise(manifest: DatasetManifest, results: list[dict[str, Any]], files_h
         "spacings": spacings.tolist(),
         "shapes_original": [r["shape_original"] for r in results],
         "shapes_cropped": shapes.tolist(),
-        "spacing": {"median": np.median(spacings, 0).tolist(), "min": spacings.min(0).tolist(),
-                    "max": spacings.max(0).tolist()},
-        "shape_cropped": {"median": np.median(shapes, 0).tolist(), "min": shapes.min(0).tolist(),
-                          "max": shapes.max(0).tolist()},
+        "spacing": {
+            "median": np.median(spacings, 0).tolist(),
+            "min": spacings.min(0).tolist(),
+            "max": spacings.max(0).tolist(),
+        },
+        "shape_cropped": {
+            "median": np.median(shapes, 0).tolist(),
+            "min": shapes.min(0).tolist(),
+            "max": shapes.max(0).tolist(),
+        },
         "intensity": intensity,
     }
 
@@ -209,8 +224,9 @@ def _run_pool(fn: Any, jobs: list[Any], workers: int, progress: bool, desc: str)
     return results
 
 
-def compute_fingerprint(opened: OpenCollection, workers: int = 2, progress: bool = True,
-                        reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+def compute_fingerprint(
+    opened: OpenCollection, workers: int = 2, progress: bool = True, reuse: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Read every case once and summarise each dataset (see the module docstring of :mod:`fingerprint`).
 
     Per dataset: per-case spacing and cropped shape (canonical orientation) with median/min/max, the
@@ -291,27 +307,42 @@ def normalization_plan(fp: dict[str, Any], modality: str, ct_normalization: str 
             entry.update(scheme="rgb", reason="RGB image: per-image z-score of each colour channel")
         elif _is_ct(stats["channel"], modality, len(names)):
             if not stats["hounsfield_like"]:
-                entry.update(scheme="zscore", reason=f"CT but not Hounsfield units ({stats['hounsfield_test']}): "
-                                                     "per-image z-score")
+                entry.update(
+                    scheme="zscore",
+                    reason=f"CT but not Hounsfield units ({stats['hounsfield_test']}): per-image z-score",
+                )
             elif ct_normalization == "fixed":
                 window = stats["fixed_window"]
-                entry.update(scheme="ct_fixed", clip=list(window["clip"]), mean=window["mean"], std=window["std"],
-                             reason=f"CT in HU: fixed window {window['clip']} HU (Hermes), z-score with the "
-                                    f"dataset's clipped {where} mean/std")
+                entry.update(
+                    scheme="ct_fixed",
+                    clip=list(window["clip"]),
+                    mean=window["mean"],
+                    std=window["std"],
+                    reason=f"CT in HU: fixed window {window['clip']} HU (Hermes), z-score with the "
+                    f"dataset's clipped {where} mean/std",
+                )
             else:
-                entry.update(scheme="ct", clip=[stats["percentile_00_5"], stats["percentile_99_5"]],
-                             mean=stats["mean"], std=stats["std"],
-                             reason=f"CT in HU: clip to the dataset's {where} 0.5–99.5 percentiles, z-score with "
-                                    f"its mean/std (nnU-Net)")
+                entry.update(
+                    scheme="ct",
+                    clip=[stats["percentile_00_5"], stats["percentile_99_5"]],
+                    mean=stats["mean"],
+                    std=stats["std"],
+                    reason=f"CT in HU: clip to the dataset's {where} 0.5–99.5 percentiles, z-score with "
+                    f"its mean/std (nnU-Net)",
+                )
         else:
-            entry.update(percentiles=[2.0, 98.0], reason=f"grey-level modality '{stats['channel']}': per-image "
-                                                          "clip to the 2nd–98th percentiles, then z-score")
+            entry.update(
+                percentiles=[2.0, 98.0],
+                reason=f"grey-level modality '{stats['channel']}': per-image "
+                "clip to the 2nd–98th percentiles, then z-score",
+            )
         out.append(entry)
     return out
 
 
-def dataset_plan(fp: dict[str, Any], modality: str, common_spacing: float | None = None,
-                 ct_normalization: str = "percentile") -> dict[str, Any]:
+def dataset_plan(
+    fp: dict[str, Any], modality: str, common_spacing: float | None = None, ct_normalization: str = "percentile"
+) -> dict[str, Any]:
     """Target spacing, resampled median shape, separate axis and normalisation of one dataset."""
     spacings = np.asarray(fp["spacings"], dtype=np.float64)
     shapes = np.asarray(fp["shapes_cropped"], dtype=np.float64)
@@ -392,8 +423,16 @@ def _divisor(strides: list[list[int]]) -> list[int]:
     return [int(np.prod([s[a] for s in strides])) for a in range(len(strides[0]))]
 
 
-def estimate_memory_gb(patch: list[int], strides: list[list[int]], kernels: list[list[int]], features: list[int],
-                       batch: int, in_channels: int, out_channels: int, preset: DevicePreset) -> float:
+def estimate_memory_gb(
+    patch: list[int],
+    strides: list[list[int]],
+    kernels: list[list[int]],
+    features: list[int],
+    batch: int,
+    in_channels: int,
+    out_channels: int,
+    preset: DevicePreset,
+) -> float:
     """Training-step memory: activations ``batch × Σ_s features_s × voxels_s × bytes × factor``, the task
     outputs (logits, probabilities, gradients) and parameters × 4 (weights, gradients, Adam's two moments)."""
     voxels, size = [], np.asarray(patch, dtype=np.float64)
@@ -415,9 +454,16 @@ def estimate_memory_gb(patch: list[int], strides: list[list[int]], kernels: list
     return float((acts + outputs + params * 4 * 4) / 1024**3)
 
 
-def plan_network(dataset_plans: dict[str, dict[str, Any]], dim: int, device: str = "cpu",
-                 memory_budget_gb: float | None = None, common_spacing: float | None = None,
-                 in_channels: int = 1, out_channels: int = 1, total_voxels: float | None = None) -> dict[str, Any]:
+def plan_network(
+    dataset_plans: dict[str, dict[str, Any]],
+    dim: int,
+    device: str = "cpu",
+    memory_budget_gb: float | None = None,
+    common_spacing: float | None = None,
+    in_channels: int = 1,
+    out_channels: int = 1,
+    total_voxels: float | None = None,
+) -> dict[str, Any]:
     """The one network of a collection: patch, topology, features and batch size within the device preset.
 
     The patch starts at the per-axis largest median shape of the datasets and its physically longest axis
@@ -450,7 +496,8 @@ def plan_network(dataset_plans: dict[str, dict[str, Any]], dim: int, device: str
         if not shrinkable:
             raise MosaicSegError(
                 f"no patch fits the memory budget of {budget:g} GB on {device} (the smallest needs {estimate:.2f} "
-                "GB). Fix: pass a larger --memory-budget-gb.")
+                "GB). Fix: pass a larger --memory-budget-gb."
+            )
         axis = max(shrinkable, key=lambda a: (patch[a] * typical[a], patch[a]))
         patch[axis] -= div[axis]
     if preset.max_batch_size > batch:
@@ -458,8 +505,7 @@ def plan_network(dataset_plans: dict[str, dict[str, Any]], dim: int, device: str
         voxel_cap = 0.05 * total_voxels / math.prod(patch) if total_voxels else preset.max_batch_size
         limit = int(min(preset.max_batch_size, max(batch, math.floor(voxel_cap))))
         while batch < limit:
-            bigger = estimate_memory_gb(patch, strides, kernels, features, batch + 1, in_channels, out_channels,
-                                        preset)
+            bigger = estimate_memory_gb(patch, strides, kernels, features, batch + 1, in_channels, out_channels, preset)
             if bigger > budget:
                 break
             batch, estimate = batch + 1, bigger
@@ -480,43 +526,62 @@ def plan_network(dataset_plans: dict[str, dict[str, Any]], dim: int, device: str
 
 
 # --------------------------------------------------------------------------------------------- plans
-def _check_options(device: str, memory_budget_gb: float | None, common_spacing: float | None,
-                   ct_normalization: str) -> None:
+def _check_options(
+    device: str, memory_budget_gb: float | None, common_spacing: float | None, ct_normalization: str
+) -> None:
     if device not in DEVICES:
         raise MosaicSegError(f"device {device!r} is unknown. Fix: use one of {', '.join(DEVICES)}.")
     if ct_normalization not in CT_NORMALIZATIONS:
-        raise MosaicSegError(f"CT normalisation {ct_normalization!r} is unknown. Fix: use one of "
-                             f"{', '.join(CT_NORMALIZATIONS)}.")
+        raise MosaicSegError(
+            f"CT normalisation {ct_normalization!r} is unknown. Fix: use one of {', '.join(CT_NORMALIZATIONS)}."
+        )
     if memory_budget_gb is not None and not memory_budget_gb > 0:
         raise MosaicSegError(f"memory budget {memory_budget_gb!r} GB is not positive. Fix: pass e.g. 8.")
     if common_spacing is not None and not common_spacing > 0:
         raise MosaicSegError(f"common spacing {common_spacing!r} mm is not positive. Fix: pass e.g. 1.5.")
 
 
-def make_plans(fingerprint: dict[str, Any], opened: OpenCollection, device: str = "cpu",
-               memory_budget_gb: float | None = None, common_spacing: float | None = None,
-               ct_normalization: str = "percentile") -> dict[str, Any]:
+def make_plans(
+    fingerprint: dict[str, Any],
+    opened: OpenCollection,
+    device: str = "cpu",
+    memory_budget_gb: float | None = None,
+    common_spacing: float | None = None,
+    ct_normalization: str = "percentile",
+) -> dict[str, Any]:
     """Plans (see the module docstring) from a fingerprint of ``opened``'s datasets."""
     _check_options(device, memory_budget_gb, common_spacing, ct_normalization)
     fps = fingerprint.get("datasets", {})
     missing = [e.name for e in opened.config.datasets if e.name not in fps]
     if missing:
-        raise MosaicSegError(f"the fingerprint lacks dataset(s) {missing}. Fix: re-run mosaicseg plan so that "
-                             "every dataset is fingerprinted.")
+        raise MosaicSegError(
+            f"the fingerprint lacks dataset(s) {missing}. Fix: re-run mosaicseg plan so that "
+            "every dataset is fingerprinted."
+        )
     names = [e.name for e in opened.config.datasets]
     dims = {fps[n]["dim"] for n in names}
     if len(dims) > 1:
         by_dim = {d: [n for n in names if fps[n]["dim"] == d] for d in sorted(dims)}
-        raise MosaicSegError(f"{opened.config.source or opened.config.name}: the collection mixes 2D and 3D "
-                             f"datasets {by_dim}; one network has one dimensionality. Fix: put them in separate "
-                             "collections.")
+        raise MosaicSegError(
+            f"{opened.config.source or opened.config.name}: the collection mixes 2D and 3D "
+            f"datasets {by_dim}; one network has one dimensionality. Fix: put them in separate "
+            "collections."
+        )
     dim = dims.pop()
-    datasets = {n: dataset_plan(fps[n], opened.vocabulary.dataset_modality[n], common_spacing, ct_normalization)
-                for n in names}
+    datasets = {
+        n: dataset_plan(fps[n], opened.vocabulary.dataset_modality[n], common_spacing, ct_normalization) for n in names
+    }
     total_voxels = sum(fps[n]["n_cases"] * math.prod(datasets[n]["median_shape"]) for n in names)
-    network = plan_network(datasets, dim, device, memory_budget_gb, common_spacing,
-                           in_channels=max(len(fps[n]["channel_names"]) for n in names),
-                           out_channels=opened.vocabulary.num_tasks, total_voxels=total_voxels)
+    network = plan_network(
+        datasets,
+        dim,
+        device,
+        memory_budget_gb,
+        common_spacing,
+        in_channels=max(len(fps[n]["channel_names"]) for n in names),
+        out_channels=opened.vocabulary.num_tasks,
+        total_voxels=total_voxels,
+    )
     plans = {
         "version": PLANS_VERSION,
         "collection": opened.config.to_dict(),
@@ -533,13 +598,23 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise MosaicSegError(f"{path}: cannot read it as JSON ({exc}). Fix: repair the file or re-run mosaicseg "
-                             "plan with --overwrite.") from exc
+        raise MosaicSegError(
+            f"{path}: cannot read it as JSON ({exc}). Fix: repair the file or re-run mosaicseg plan with --overwrite."
+        ) from exc
 
 
-def plan(collection: str | Path, workdir: str | Path, *, device: str = "cpu", memory_budget_gb: float | None = None,
-         common_spacing: float | None = None, ct_normalization: str = "percentile", workers: int = 2,
-         overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def plan(
+    collection: str | Path,
+    workdir: str | Path,
+    *,
+    device: str = "cpu",
+    memory_budget_gb: float | None = None,
+    common_spacing: float | None = None,
+    ct_normalization: str = "percentile",
+    workers: int = 2,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Fingerprint ``collection`` (reusing an earlier fingerprint in ``workdir`` for unchanged datasets), derive
     plans and write ``collection.json``, ``vocabulary.json``, ``fingerprint.json`` and ``plans.json`` into
     ``workdir`` atomically. Existing plans with different content are only replaced with ``overwrite``."""
@@ -556,9 +631,11 @@ def plan(collection: str | Path, workdir: str | Path, *, device: str = "cpu", me
         existing = _read_json(plans_path)
         if existing != plans:
             changed = sorted(k for k in set(plans) | set(existing) if plans.get(k) != existing.get(k))
-            raise MosaicSegError(f"{plans_path}: plans exist with different content (changed: {', '.join(changed)}). "
-                                 "Fix: pass --overwrite to replace them (preprocess then redoes datasets whose plan "
-                                 "changed), or choose another work folder.")
+            raise MosaicSegError(
+                f"{plans_path}: plans exist with different content (changed: {', '.join(changed)}). "
+                "Fix: pass --overwrite to replace them (preprocess then redoes datasets whose plan "
+                "changed), or choose another work folder."
+            )
     workdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(workdir / "collection.json", opened.config.to_dict())
     write_json_atomic(workdir / "vocabulary.json", opened.vocabulary.to_dict())
@@ -573,11 +650,16 @@ def load_plans(workdir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MosaicSegError(f"{path}: no plans found. Fix: run mosaicseg plan COLLECTION -o {workdir} first.")
     plans = _read_json(path)
-    missing = [k for k in ("version", "collection", "dim", "datasets", "network") if k not in plans] if isinstance(
-        plans, dict) else ["(not a JSON object)"]
+    missing = (
+        [k for k in ("version", "collection", "dim", "datasets", "network") if k not in plans]
+        if isinstance(plans, dict)
+        else ["(not a JSON object)"]
+    )
     if missing:
         raise MosaicSegError(f"{path}: plans lack {missing}. Fix: re-run mosaicseg plan with --overwrite.")
     if plans["version"] != PLANS_VERSION:
-        raise MosaicSegError(f"{path}: plans version {plans['version']} is not supported (expected {PLANS_VERSION}). "
-                             "Fix: re-run mosaicseg plan with --overwrite.")
+        raise MosaicSegError(
+            f"{path}: plans version {plans['version']} is not supported (expected {PLANS_VERSION}). "
+            "Fix: re-run mosaicseg plan with --overwrite."
+        )
     return plans

@@ -169,7 +169,7 @@ def scan_nifti(path: Path) -> tuple[str | None, int]:
         offset, nbytes, dtype = parsed  # type: ignore[misc]
         if dtype.kind not in "fc":
             return
-        data = carry + out[max(0, offset - at): max(0, offset + nbytes - at)]
+        data = carry + out[max(0, offset - at) : max(0, offset + nbytes - at)]
         usable = len(data) - len(data) % dtype.itemsize
         values = np.frombuffer(data[:usable], dtype=dtype)
         nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
@@ -204,6 +204,7 @@ def scan_nifti(path: Path) -> tuple[str | None, int]:
         return f"the file holds {pos} bytes but its header announces {expected} (truncated download or copy)", nonfinite
     return None, nonfinite
 
+
 def _nifti_truncation(path: Path) -> str | None:
     """Why a NIfTI file is incomplete, or None; reads only its header and size (or gzip trailer).
 
@@ -236,9 +237,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     ending = file_ending(path)
     if not ending:
-        raise MosaicSegError(
-            f"{path}: unsupported file type. Fix: use one of {', '.join(SUPPORTED_ENDINGS)}."
-        )
+        raise MosaicSegError(f"{path}: unsupported file type. Fix: use one of {', '.join(SUPPORTED_ENDINGS)}.")
     if not path.is_file():
         raise MosaicSegError(f"{path}: file not found. Fix: check the path and the dataset's file_ending.")
     if ending == ".png":
@@ -312,9 +311,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, overwri
                 image.SetDirection(canonical_dir)
                 image = sitk.DICOMOrient(image, geometry.orientation)
             if tuple(image.GetSize()) != geometry.file_shape:
-                raise ValueError(
-                    f"restored shape {image.GetSize()} differs from the file shape {geometry.file_shape}"
-                )
+                raise ValueError(f"restored shape {image.GetSize()} differs from the file shape {geometry.file_shape}")
             image.SetSpacing(geometry.file_spacing)
             image.SetOrigin(geometry.file_origin)
             image.SetDirection(geometry.file_direction)

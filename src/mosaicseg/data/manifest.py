@@ -87,73 +87,128 @@ def _parse_labels(
     ignore_value: int | None = None
     regions = False
     if not isinstance(raw, dict) or not raw:
-        problems.append(_problem("json-labels", json_path, "'labels' must be a non-empty mapping name → value",
-                                 'write e.g. "labels": {"background": 0, "liver": 1}'))
+        problems.append(
+            _problem(
+                "json-labels",
+                json_path,
+                "'labels' must be a non-empty mapping name → value",
+                'write e.g. "labels": {"background": 0, "liver": 1}',
+            )
+        )
         return labels, ignore_value, regions
     seen: dict[int, str] = {}
     for name, value in raw.items():
         if isinstance(value, bool) or not isinstance(value, (int, list)):
-            problems.append(_problem("json-label-type", json_path,
-                                     f"label '{name}' has value {value!r}; expected an integer (or a list of "
-                                     "integers for an nnU-Net region)", f'write "{name}": <integer>'))
+            problems.append(
+                _problem(
+                    "json-label-type",
+                    json_path,
+                    f"label '{name}' has value {value!r}; expected an integer (or a list of "
+                    "integers for an nnU-Net region)",
+                    f'write "{name}": <integer>',
+                )
+            )
             continue
         if isinstance(value, list):
             if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                problems.append(_problem("json-label-type", json_path,
-                                         f"region '{name}' must list integers, got {value!r}",
-                                         f'write "{name}": [1, 2]'))
+                problems.append(
+                    _problem(
+                        "json-label-type",
+                        json_path,
+                        f"region '{name}' must list integers, got {value!r}",
+                        f'write "{name}": [1, 2]',
+                    )
+                )
                 continue
             regions = True
             values = tuple(sorted(set(value)))
         else:
             values = (value,)
         if any(v < 0 for v in values):
-            problems.append(_problem("json-label-negative", json_path, f"label '{name}' has a negative value",
-                                     "use non-negative integers"))
+            problems.append(
+                _problem(
+                    "json-label-negative",
+                    json_path,
+                    f"label '{name}' has a negative value",
+                    "use non-negative integers",
+                )
+            )
             continue
         if name == "background":
             if values != (0,):
-                problems.append(_problem("json-background", json_path, f"'background' must be 0, got {value!r}",
-                                         'write "background": 0'))
+                problems.append(
+                    _problem(
+                        "json-background", json_path, f"'background' must be 0, got {value!r}", 'write "background": 0'
+                    )
+                )
             continue
         if name == "ignore":
             if len(values) != 1:
-                problems.append(_problem("json-ignore", json_path, "'ignore' must be a single integer",
-                                         'write "ignore": <highest label value>'))
+                problems.append(
+                    _problem(
+                        "json-ignore",
+                        json_path,
+                        "'ignore' must be a single integer",
+                        'write "ignore": <highest label value>',
+                    )
+                )
                 continue
             ignore_value = values[0]
             continue
         if len(values) == 1 and not isinstance(value, list):
             if values[0] in seen:
-                problems.append(_problem("json-duplicate-label", json_path,
-                                         f"labels '{seen[values[0]]}' and '{name}' share the value {values[0]}",
-                                         "give every label its own value (or use a region list)"))
+                problems.append(
+                    _problem(
+                        "json-duplicate-label",
+                        json_path,
+                        f"labels '{seen[values[0]]}' and '{name}' share the value {values[0]}",
+                        "give every label its own value (or use a region list)",
+                    )
+                )
                 continue
             seen[values[0]] = name
         labels[name] = values
     if "background" not in raw:
-        problems.append(_problem("json-background", json_path, "'labels' has no 'background' entry",
-                                 'add "background": 0'))
+        problems.append(
+            _problem("json-background", json_path, "'labels' has no 'background' entry", 'add "background": 0')
+        )
     if ignore_value is not None and any(ignore_value <= max(v) for v in labels.values()):
-        problems.append(_problem("json-ignore", json_path,
-                                 f"the ignore label ({ignore_value}) must be the highest label value, as nnU-Net "
-                                 "requires", "renumber it above every other label"))
+        problems.append(
+            _problem(
+                "json-ignore",
+                json_path,
+                f"the ignore label ({ignore_value}) must be the highest label value, as nnU-Net requires",
+                "renumber it above every other label",
+            )
+        )
     if not labels:
-        problems.append(_problem("json-labels", json_path, "no foreground label is declared",
-                                 "declare at least one label besides background"))
+        problems.append(
+            _problem(
+                "json-labels",
+                json_path,
+                "no foreground label is declared",
+                "declare at least one label besides background",
+            )
+        )
     return labels, ignore_value, regions
 
 
 def _parse_json(folder: Path, problems: list[Problem]) -> dict[str, Any] | None:
     json_path = folder / "dataset.json"
     if not folder.is_dir():
-        problems.append(_problem("dataset-missing", folder, "dataset folder not found",
-                                 "check the path in the collection file"))
+        problems.append(
+            _problem("dataset-missing", folder, "dataset folder not found", "check the path in the collection file")
+        )
         return None
     if not json_path.is_file():
-        problems.append(_problem("json-missing", json_path, "dataset.json not found",
-                                 "create it as nnU-Net v2 describes (channel_names, labels, numTraining, "
-                                 "file_ending)"))
+        problems.append(
+            _problem(
+                "json-missing",
+                json_path,
+                "dataset.json not found",
+                "create it as nnU-Net v2 describes (channel_names, labels, numTraining, file_ending)",
+            )
+        )
         return None
     try:
         text = json_path.read_bytes().decode("utf-8")
@@ -165,8 +220,14 @@ def _parse_json(folder: Path, problems: list[Problem]) -> dict[str, Any] | None:
         problems.append(_problem("json-invalid", json_path, f"not UTF-8 text ({exc.reason})", "save it as UTF-8"))
         return None
     except json.JSONDecodeError as exc:
-        problems.append(_problem("json-invalid", json_path, f"invalid JSON at line {exc.lineno} column {exc.colno}: "
-                                 f"{exc.msg}", "fix the JSON syntax"))
+        problems.append(
+            _problem(
+                "json-invalid",
+                json_path,
+                f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
+                "fix the JSON syntax",
+            )
+        )
         return None
     except OSError as exc:
         problems.append(_problem("unreadable", json_path, f"cannot read ({exc.strerror})", "check the file"))
@@ -176,8 +237,14 @@ def _parse_json(folder: Path, problems: list[Problem]) -> dict[str, Any] | None:
         return None
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        problems.append(_problem("json-missing-key", json_path, f"missing key(s): {', '.join(missing)}",
-                                 "add them (see nnU-Net v2's dataset.json format)"))
+        problems.append(
+            _problem(
+                "json-missing-key",
+                json_path,
+                f"missing key(s): {', '.join(missing)}",
+                "add them (see nnU-Net v2's dataset.json format)",
+            )
+        )
     return data
 
 
@@ -186,18 +253,33 @@ def _channel_names(data: dict[str, Any], json_path: Path, problems: list[Problem
     if raw is None:
         return ()
     if not isinstance(raw, dict) or not raw:
-        problems.append(_problem("json-channels", json_path, "'channel_names' must map '0', '1', ... to names",
-                                 'write "channel_names": {"0": "CT"}'))
+        problems.append(
+            _problem(
+                "json-channels",
+                json_path,
+                "'channel_names' must map '0', '1', ... to names",
+                'write "channel_names": {"0": "CT"}',
+            )
+        )
         return ()
     try:
         keys = sorted(int(k) for k in raw)
     except (TypeError, ValueError):
-        problems.append(_problem("json-channels", json_path, "'channel_names' keys must be '0', '1', ...",
-                                 "number the channels from 0"))
+        problems.append(
+            _problem(
+                "json-channels", json_path, "'channel_names' keys must be '0', '1', ...", "number the channels from 0"
+            )
+        )
         return ()
     if keys != list(range(len(keys))):
-        problems.append(_problem("json-channels", json_path, f"channel numbers {keys} are not 0..{len(keys) - 1}",
-                                 "number the channels consecutively from 0"))
+        problems.append(
+            _problem(
+                "json-channels",
+                json_path,
+                f"channel numbers {keys} are not 0..{len(keys) - 1}",
+                "number the channels consecutively from 0",
+            )
+        )
         return ()
     names = tuple(str(raw[str(k)] if str(k) in raw else raw[k]) for k in keys)
     for n in names:
@@ -211,29 +293,52 @@ def _explicit_cases(data: dict[str, Any], folder: Path, n_channels: int, problem
     cases = []
     entries = data["dataset"]
     if not isinstance(entries, dict):
-        problems.append(_problem("json-dataset", json_path, "'dataset' must map case ids to {images, label}",
-                                 'write "dataset": {"case1": {"images": [...], "label": "..."}}'))
+        problems.append(
+            _problem(
+                "json-dataset",
+                json_path,
+                "'dataset' must map case ids to {images, label}",
+                'write "dataset": {"case1": {"images": [...], "label": "..."}}',
+            )
+        )
         return []
     for case_id, entry in entries.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("images"), list) or not isinstance(
-            entry.get("label"), str
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("images"), list)
+            or not isinstance(entry.get("label"), str)
         ):
-            problems.append(_problem("json-dataset", json_path, f"case '{case_id}' needs 'images' (list) and 'label'",
-                                     "give both, paths relative to the dataset folder"))
+            problems.append(
+                _problem(
+                    "json-dataset",
+                    json_path,
+                    f"case '{case_id}' needs 'images' (list) and 'label'",
+                    "give both, paths relative to the dataset folder",
+                )
+            )
             continue
         paths = [folder / p for p in entry["images"]] + [folder / entry["label"]]
         escaping = [p for p in paths if not inside_folder(folder, p)]
         if escaping:
-            problems.append(_problem("path-escape", json_path,
-                                     f"case '{case_id}' names files outside the dataset folder: "
-                                     f"{', '.join(str(p) for p in escaping)}",
-                                     "keep every file inside the dataset folder (no '..' or absolute paths)"))
+            problems.append(
+                _problem(
+                    "path-escape",
+                    json_path,
+                    f"case '{case_id}' names files outside the dataset folder: {', '.join(str(p) for p in escaping)}",
+                    "keep every file inside the dataset folder (no '..' or absolute paths)",
+                )
+            )
             continue
         png_rgb = len(entry["images"]) == 1 and str(entry["images"][0]).lower().endswith(".png")
         if n_channels and len(entry["images"]) != n_channels and not png_rgb:
-            problems.append(_problem("missing-channel", json_path,
-                                     f"case '{case_id}' lists {len(entry['images'])} image(s) but "
-                                     f"{n_channels} channel(s) are declared", "list one file per channel"))
+            problems.append(
+                _problem(
+                    "missing-channel",
+                    json_path,
+                    f"case '{case_id}' lists {len(entry['images'])} image(s) but {n_channels} channel(s) are declared",
+                    "list one file per channel",
+                )
+            )
         cases.append(CaseFiles(str(case_id), tuple(paths[:-1]), paths[-1]))
     return cases
 
@@ -255,13 +360,21 @@ def _folder_cases(folder: Path, ending: str, n_channels: int, problems: list[Pro
             problems.append(_problem("bad-filename", p, "file name is not valid UTF-8", "rename it (ASCII is safest)"))
             continue
         if not p.name.endswith(ending):
-            problems.append(_problem("unexpected-file", p, f"does not end with the dataset's file_ending '{ending}'",
-                                     "remove it, or fix file_ending in dataset.json", "warning"))
+            problems.append(
+                _problem(
+                    "unexpected-file",
+                    p,
+                    f"does not end with the dataset's file_ending '{ending}'",
+                    "remove it, or fix file_ending in dataset.json",
+                    "warning",
+                )
+            )
             continue
         m = _CHANNEL_SUFFIX.match(p.name[: -len(ending)])
         if not m:
-            problems.append(_problem("bad-filename", p, "image name lacks the _XXXX channel suffix",
-                                     f"rename to CASE_0000{ending}"))
+            problems.append(
+                _problem("bad-filename", p, "image name lacks the _XXXX channel suffix", f"rename to CASE_0000{ending}")
+            )
             continue
         channels.setdefault(m["case"], {})[int(m["channel"])] = p
     cases = []
@@ -270,20 +383,37 @@ def _folder_cases(folder: Path, ending: str, n_channels: int, problems: list[Pro
         if p.name.startswith("."):
             continue
         if not p.name.endswith(ending):
-            problems.append(_problem("unexpected-file", p, f"does not end with the dataset's file_ending '{ending}'",
-                                     "remove it, or fix file_ending in dataset.json", "warning"))
+            problems.append(
+                _problem(
+                    "unexpected-file",
+                    p,
+                    f"does not end with the dataset's file_ending '{ending}'",
+                    "remove it, or fix file_ending in dataset.json",
+                    "warning",
+                )
+            )
             continue
         label_files[p.name[: -len(ending)]] = p
     for case_id in sorted(set(channels) | set(label_files)):
         if case_id not in label_files:
-            problems.append(_problem("missing-label", labels_dir / f"{case_id}{ending}",
-                                     f"case '{case_id}' has images but no label file",
-                                     "add the label or remove the case"))
+            problems.append(
+                _problem(
+                    "missing-label",
+                    labels_dir / f"{case_id}{ending}",
+                    f"case '{case_id}' has images but no label file",
+                    "add the label or remove the case",
+                )
+            )
             continue
         if case_id not in channels:
-            problems.append(_problem("missing-image", label_files[case_id],
-                                     f"label of case '{case_id}' has no image file",
-                                     f"add imagesTr/{case_id}_0000{ending} or remove the label"))
+            problems.append(
+                _problem(
+                    "missing-image",
+                    label_files[case_id],
+                    f"label of case '{case_id}' has no image file",
+                    f"add imagesTr/{case_id}_0000{ending} or remove the label",
+                )
+            )
             continue
         have = channels[case_id]
         expected = range(n_channels) if n_channels else range(max(have) + 1)
@@ -292,14 +422,24 @@ def _folder_cases(folder: Path, ending: str, n_channels: int, problems: list[Pro
         missing = [c for c in expected if c not in have]
         extra = [c for c in have if c not in expected]
         if missing:
-            problems.append(_problem("missing-channel", images_dir / f"{case_id}_{missing[0]:04d}{ending}",
-                                     f"case '{case_id}' lacks channel(s) {missing} of {len(expected)} declared",
-                                     "add the missing channel file(s) or fix channel_names"))
+            problems.append(
+                _problem(
+                    "missing-channel",
+                    images_dir / f"{case_id}_{missing[0]:04d}{ending}",
+                    f"case '{case_id}' lacks channel(s) {missing} of {len(expected)} declared",
+                    "add the missing channel file(s) or fix channel_names",
+                )
+            )
             continue
         if extra:
-            problems.append(_problem("extra-channel", have[extra[0]],
-                                     f"case '{case_id}' has channel file(s) {extra} not declared in channel_names",
-                                     "declare the channel or remove the file"))
+            problems.append(
+                _problem(
+                    "extra-channel",
+                    have[extra[0]],
+                    f"case '{case_id}' has channel file(s) {extra} not declared in channel_names",
+                    "declare the channel or remove the file",
+                )
+            )
         cases.append(CaseFiles(case_id, tuple(have[c] for c in expected), label_files[case_id]))
     return cases
 
@@ -316,36 +456,67 @@ def scan_dataset(folder: str | Path) -> tuple[DatasetManifest | None, list[Probl
     labels, ignore_value, regions = _parse_labels(data.get("labels", {}), json_path, problems)
     ending = data.get("file_ending", "")
     if not isinstance(ending, str) or file_ending("x" + ending) != ending.lower() or not ending:
-        problems.append(_problem("json-file-ending", json_path, f"file_ending {ending!r} is not supported",
-                                 f"use one of {', '.join(SUPPORTED_ENDINGS)}"))
+        problems.append(
+            _problem(
+                "json-file-ending",
+                json_path,
+                f"file_ending {ending!r} is not supported",
+                f"use one of {', '.join(SUPPORTED_ENDINGS)}",
+            )
+        )
         ending = ".nii.gz"
     num_training = data.get("numTraining", -1)
     if isinstance(num_training, bool) or not isinstance(num_training, int):
-        problems.append(_problem("json-num-training", json_path,
-                                 f"numTraining must be an integer, got {num_training!r}",
-                                 "write the number of training cases"))
+        problems.append(
+            _problem(
+                "json-num-training",
+                json_path,
+                f"numTraining must be an integer, got {num_training!r}",
+                "write the number of training cases",
+            )
+        )
         num_training = -1
     regions_order = data.get("regions_class_order")
     if regions and regions_order is None:
-        problems.append(_problem("json-regions", json_path, "region labels are used but regions_class_order is missing",
-                                 "add regions_class_order as nnU-Net requires"))
+        problems.append(
+            _problem(
+                "json-regions",
+                json_path,
+                "region labels are used but regions_class_order is missing",
+                "add regions_class_order as nnU-Net requires",
+            )
+        )
     if regions_order is not None and (
         not isinstance(regions_order, list) or not all(isinstance(v, int) for v in regions_order)
     ):
-        problems.append(_problem("json-regions", json_path, "regions_class_order must be a list of integers",
-                                 "write e.g. [1, 2, 3]"))
+        problems.append(
+            _problem(
+                "json-regions", json_path, "regions_class_order must be a list of integers", "write e.g. [1, 2, 3]"
+            )
+        )
         regions_order = None
     if "dataset" in data:
         cases = _explicit_cases(data, folder, len(channel_names), problems)
     else:
         cases = _folder_cases(folder, ending, len(channel_names), problems)
     if num_training >= 0 and len(cases) != num_training:
-        problems.append(_problem("num-training", json_path,
-                                 f"numTraining is {num_training} but {len(cases)} complete case(s) were found",
-                                 f"set numTraining to {len(cases)} or add the missing cases"))
+        problems.append(
+            _problem(
+                "num-training",
+                json_path,
+                f"numTraining is {num_training} but {len(cases)} complete case(s) were found",
+                f"set numTraining to {len(cases)} or add the missing cases",
+            )
+        )
     if not cases:
-        problems.append(_problem("no-cases", folder, "no complete training case found",
-                                 "put CASE_0000<ending> in imagesTr/ and CASE<ending> in labelsTr/"))
+        problems.append(
+            _problem(
+                "no-cases",
+                folder,
+                "no complete training case found",
+                "put CASE_0000<ending> in imagesTr/ and CASE<ending> in labelsTr/",
+            )
+        )
     name = folder.name
     manifest = DatasetManifest(
         name=name,
@@ -378,18 +549,24 @@ def read_case(case: CaseFiles) -> tuple[np.ndarray, np.ndarray, Geometry]:
     for path in case.images:
         arr, geom = read_image(path)
         if geometry is not None and arr.shape[1:] != geometry.shape:
-            raise MosaicSegError(f"{path}: shape {arr.shape[1:]} differs from the first channel's {geometry.shape}. "
-                                 "Fix: resample all channels of a case onto one grid.")
+            raise MosaicSegError(
+                f"{path}: shape {arr.shape[1:]} differs from the first channel's {geometry.shape}. "
+                "Fix: resample all channels of a case onto one grid."
+            )
         geometry = geometry or geom
         arrays.append(arr.astype(np.float32, copy=False))
     label, _label_geom = read_image(case.label)
     if label.shape[0] != 1:
-        raise MosaicSegError(f"{case.label}: a label file must have one channel, found {label.shape[0]}. "
-                             "Fix: save labels as single-channel integer images.")
+        raise MosaicSegError(
+            f"{case.label}: a label file must have one channel, found {label.shape[0]}. "
+            "Fix: save labels as single-channel integer images."
+        )
     assert geometry is not None  # a CaseFiles always has at least one image
     if label.shape[1:] != geometry.shape:
-        raise MosaicSegError(f"{case.label}: label shape {label.shape[1:]} differs from the image's {geometry.shape}. "
-                             "Fix: resample the label onto the image grid.")
+        raise MosaicSegError(
+            f"{case.label}: label shape {label.shape[1:]} differs from the image's {geometry.shape}. "
+            "Fix: resample the label onto the image grid."
+        )
     return np.concatenate(arrays, axis=0), _as_labels(label[0], case.label), geometry
 
 

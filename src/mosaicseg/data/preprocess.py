@@ -53,8 +53,9 @@ _EPS = 1e-8
 
 # --------------------------------------------------------------------------------------------- atomic files
 # --------------------------------------------------------------------------------------------- array ops
-def crop_to_nonzero(image: np.ndarray, seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None,
-                                                                               list[list[int]]]:
+def crop_to_nonzero(
+    image: np.ndarray, seg: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None, list[list[int]]]:
     """Crop ``image`` ``(C, *S)`` and ``seg`` ``(*S)`` to the bounding box of voxels that are non-zero in any
     channel (nnU-Net). Labelled voxels are kept inside the box too, so no annotation is ever cut away.
 
@@ -104,8 +105,14 @@ def _check_spacings(ndim: int, old_spacing: Sequence[float], new_spacing: Sequen
         raise ValueError(f"spacings {old_spacing} / {new_spacing} do not match {ndim} spatial axes")
 
 
-def resample_image(image: np.ndarray, old_spacing: Sequence[float], new_spacing: Sequence[float], order: int = 3,
-                   separate_axis: int | None = None, new_shape: Sequence[int] | None = None) -> np.ndarray:
+def resample_image(
+    image: np.ndarray,
+    old_spacing: Sequence[float],
+    new_spacing: Sequence[float],
+    order: int = 3,
+    separate_axis: int | None = None,
+    new_shape: Sequence[int] | None = None,
+) -> np.ndarray:
     """Resample ``image`` ``(C, *S)`` from ``old_spacing`` to ``new_spacing`` (or to ``new_shape``) → ``(C, *S')``.
 
     Spline interpolation of ``order`` on every axis; with ``separate_axis`` (nnU-Net's anisotropic case) the
@@ -130,8 +137,13 @@ def resample_image(image: np.ndarray, old_spacing: Sequence[float], new_spacing:
     return out
 
 
-def resample_labels(seg: np.ndarray, old_spacing: Sequence[float], new_spacing: Sequence[float],
-                    separate_axis: int | None = None, new_shape: Sequence[int] | None = None) -> np.ndarray:
+def resample_labels(
+    seg: np.ndarray,
+    old_spacing: Sequence[float],
+    new_spacing: Sequence[float],
+    separate_axis: int | None = None,
+    new_shape: Sequence[int] | None = None,
+) -> np.ndarray:
     """Resample a label map ``(*S)`` → ``(*S')`` as nnU-Net does: each label value is resampled as a one-hot
     mask with linear interpolation and set where it reaches 0.5 (later values win ties); with
     ``separate_axis`` the masks are interpolated in-plane and ``separate_axis`` is resampled by nearest
@@ -182,13 +194,19 @@ def normalize(image: np.ndarray, channel_schemes: Sequence[dict[str, Any]]) -> n
         elif kind in ("zscore", "rgb"):
             out[c] = _zscore(x, float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64)))
         else:
-            raise MosaicSegError(f"normalisation scheme {kind!r} of channel {scheme.get('channel')!r} is unknown. "
-                                 f"Fix: use one of {', '.join(SCHEMES)} in plans.json.")
+            raise MosaicSegError(
+                f"normalisation scheme {kind!r} of channel {scheme.get('channel')!r} is unknown. "
+                f"Fix: use one of {', '.join(SCHEMES)} in plans.json."
+            )
     return out
 
 
-def sample_locations(seg: np.ndarray, labels: dict[str, tuple[int, ...]], rng: np.random.Generator,
-                     per_label: int = FG_LOCATIONS_PER_LABEL) -> dict[str, np.ndarray]:
+def sample_locations(
+    seg: np.ndarray,
+    labels: dict[str, tuple[int, ...]],
+    rng: np.random.Generator,
+    per_label: int = FG_LOCATIONS_PER_LABEL,
+) -> dict[str, np.ndarray]:
     """Up to ``per_label`` random voxel coordinates ``(N, ndim)`` int32 of each label (region: union of values)."""
     out = {}
     for name, values in labels.items():
@@ -196,8 +214,11 @@ def sample_locations(seg: np.ndarray, labels: dict[str, tuple[int, ...]], rng: n
         idx = np.flatnonzero(mask)
         if len(idx) > per_label:
             idx = np.sort(rng.choice(idx, per_label, replace=False))
-        out[name] = np.stack(np.unravel_index(idx, seg.shape), axis=1).astype(np.int32) if len(idx) else (
-            np.zeros((0, seg.ndim), dtype=np.int32))
+        out[name] = (
+            np.stack(np.unravel_index(idx, seg.shape), axis=1).astype(np.int32)
+            if len(idx)
+            else (np.zeros((0, seg.ndim), dtype=np.int32))
+        )
     return out
 
 
@@ -239,8 +260,9 @@ class _Job:
     seed: int
 
 
-def preprocess_arrays(image: np.ndarray, seg: np.ndarray | None, geometry: Geometry, plan: dict[str, Any],
-                      source: str | Path = "image") -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+def preprocess_arrays(
+    image: np.ndarray, seg: np.ndarray | None, geometry: Geometry, plan: dict[str, Any], source: str | Path = "image"
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """One case's arrays as read by :func:`~mosaicseg.data.manifest.read_case` → the cached representation.
 
     ``image`` ``(C, *S)`` and ``seg`` ``(*S)`` (or None at prediction time) are cropped to the non-zero region,
@@ -250,11 +272,15 @@ def preprocess_arrays(image: np.ndarray, seg: np.ndarray | None, geometry: Geome
     spacing = tuple(float(s) for s in geometry.spacing)
     target = tuple(float(s) for s in plan["target_spacing"])
     if len(target) != len(spacing):
-        raise MosaicSegError(f"{source}: a {len(spacing)}D image for a dataset planned with {len(target)}D target "
-                             "spacing. Fix: keep one dimensionality per dataset.")
+        raise MosaicSegError(
+            f"{source}: a {len(spacing)}D image for a dataset planned with {len(target)}D target "
+            "spacing. Fix: keep one dimensionality per dataset."
+        )
     if len(plan["normalization"]) != image.shape[0]:
-        raise MosaicSegError(f"{source}: {image.shape[0]} channel(s) but the plans normalise "
-                             f"{len(plan['normalization'])}. Fix: check channel_names, then re-run plan.")
+        raise MosaicSegError(
+            f"{source}: {image.shape[0]} channel(s) but the plans normalise "
+            f"{len(plan['normalization'])}. Fix: check channel_names, then re-run plan."
+        )
     shape_original = image.shape[1:]
     image, seg, bbox = crop_to_nonzero(image, seg)
     shape_cropped = image.shape[1:]
@@ -286,8 +312,13 @@ def _preprocess_case(job: _Job) -> str:
     save_npy_atomic(job.folder / f"{cid}.npy", np.ascontiguousarray(image, dtype=np.float32))
     save_npy_atomic(job.folder / f"{cid}_seg.npy", np.ascontiguousarray(seg, dtype=np.int16))
     save_npz_atomic(job.folder / f"{cid}_fg.npz", fg)
-    meta = {"case_id": cid, "dataset": job.dataset, "plans_hash": job.plans_hash, **geo_meta,
-            "labels_present": labels_present}
+    meta = {
+        "case_id": cid,
+        "dataset": job.dataset,
+        "plans_hash": job.plans_hash,
+        **geo_meta,
+        "labels_present": labels_present,
+    }
     write_json_atomic(job.folder / f"{cid}.json", meta)
     return cid
 
@@ -301,11 +332,13 @@ def _is_done(folder: Path, case_id: str, plans_hash: str) -> bool:
     except (OSError, ValueError):
         return False
     return meta.get("plans_hash") == plans_hash and all(
-        (folder / f"{case_id}{suffix}").is_file() for suffix in (".npy", "_seg.npy", "_fg.npz"))
+        (folder / f"{case_id}{suffix}").is_file() for suffix in (".npy", "_seg.npy", "_fg.npz")
+    )
 
 
-def preprocess(workdir: str | Path, *, workers: int = 2, progress: bool = True,
-               datasets: list[str] | None = None) -> dict[str, Any]:
+def preprocess(
+    workdir: str | Path, *, workers: int = 2, progress: bool = True, datasets: list[str] | None = None
+) -> dict[str, Any]:
     """Preprocess every case of the planned collection in ``workdir`` (written by ``mosaicseg plan``).
 
     Resumable: cases whose ``CASE.json`` carries the current plan's hash are skipped. ``datasets`` limits
@@ -326,8 +359,9 @@ def preprocess(workdir: str | Path, *, workers: int = 2, progress: bool = True,
     if datasets:
         unknown = sorted(set(datasets) - set(names))
         if unknown:
-            raise MosaicSegError(f"{workdir / 'plans.json'}: dataset(s) {unknown} are not planned. "
-                                 f"Fix: choose among {names}.")
+            raise MosaicSegError(
+                f"{workdir / 'plans.json'}: dataset(s) {unknown} are not planned. Fix: choose among {names}."
+            )
         names = [n for n in names if n in datasets]
     jobs: list[_Job] = []
     n_skipped = 0
@@ -340,8 +374,9 @@ def preprocess(workdir: str | Path, *, workers: int = 2, progress: bool = True,
             if _is_done(folder, case.case_id, phash):
                 n_skipped += 1
                 continue
-            jobs.append(_Job(folder, name, case, plans["datasets"][name], dict(manifest.labels), phash,
-                             int(config.seed)))
+            jobs.append(
+                _Job(folder, name, case, plans["datasets"][name], dict(manifest.labels), phash, int(config.seed))
+            )
     bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress or not jobs)
     try:
         if workers <= 1 or len(jobs) <= 1:
@@ -362,8 +397,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise MosaicSegError(f"{path}: unreadable case meta ({exc}). Fix: delete it and re-run mosaicseg "
-                             "preprocess.") from exc
+        raise MosaicSegError(
+            f"{path}: unreadable case meta ({exc}). Fix: delete it and re-run mosaicseg preprocess."
+        ) from exc
 
 
 def load_case(workdir: str | Path, dataset: str, case_id: str, mmap: bool = True) -> CachedCase:
@@ -371,8 +407,9 @@ def load_case(workdir: str | Path, dataset: str, case_id: str, mmap: bool = True
     folder = _cache_dir(workdir, dataset)
     meta_path = folder / f"{case_id}.json"
     if not meta_path.is_file():
-        raise MosaicSegError(f"{meta_path}: case '{case_id}' of {dataset} is not preprocessed. Fix: run "
-                             f"mosaicseg preprocess {workdir}.")
+        raise MosaicSegError(
+            f"{meta_path}: case '{case_id}' of {dataset} is not preprocessed. Fix: run mosaicseg preprocess {workdir}."
+        )
     meta = _read_meta(meta_path)
     mode = "r" if mmap else None
     try:
@@ -381,8 +418,10 @@ def load_case(workdir: str | Path, dataset: str, case_id: str, mmap: bool = True
         with np.load(folder / f"{case_id}_fg.npz", allow_pickle=False) as npz:
             fg = {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as exc:
-        raise MosaicSegError(f"{folder}: cached files of case '{case_id}' are missing or damaged ({exc}). Fix: "
-                             f"delete {meta_path.name} and re-run mosaicseg preprocess {workdir}.") from exc
+        raise MosaicSegError(
+            f"{folder}: cached files of case '{case_id}' are missing or damaged ({exc}). Fix: "
+            f"delete {meta_path.name} and re-run mosaicseg preprocess {workdir}."
+        ) from exc
     return CachedCase(image=image, seg=seg, meta=meta, fg_locations=fg)
 
 
@@ -411,8 +450,13 @@ def restore_labels(seg: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     """A label map ``(*shape_resampled)`` back on the canonical original grid ``(*shape_original)``:
     resampled to the cropped shape (label-wise linear, as :func:`resample_labels`), then uncropped.
     Write the result with :func:`mosaicseg.data.io.write_image` and ``Geometry.from_dict(meta["geometry"])``."""
-    cropped = resample_labels(seg, meta["spacing_target"], meta["spacing_original"], meta.get("separate_axis"),
-                              new_shape=meta["shape_cropped"])
+    cropped = resample_labels(
+        seg,
+        meta["spacing_target"],
+        meta["spacing_original"],
+        meta.get("separate_axis"),
+        new_shape=meta["shape_cropped"],
+    )
     out = np.zeros(meta["shape_original"], dtype=seg.dtype)
     out[tuple(slice(lo, hi) for lo, hi in meta["bbox"])] = cropped
     return out

@@ -38,13 +38,15 @@ class CaseSampler:
     probabilities: np.ndarray  # (N,) float64, sums to 1
 
     @classmethod
-    def build(cls, cases: Sequence[tuple[str, str]], scheme: str = "inv_sqrt",
-              weights: dict[str, float] | None = None) -> CaseSampler:
+    def build(
+        cls, cases: Sequence[tuple[str, str]], scheme: str = "inv_sqrt", weights: dict[str, float] | None = None
+    ) -> CaseSampler:
         if scheme not in SAMPLING_SCHEMES:
             raise MosaicSegError(f"unknown sampling scheme '{scheme}'. Fix: use one of {', '.join(SAMPLING_SCHEMES)}.")
         if not cases:
-            raise MosaicSegError("no training cases to sample from. Fix: check the fold split and that "
-                                 "`mosaicseg preprocess` finished.")
+            raise MosaicSegError(
+                "no training cases to sample from. Fix: check the fold split and that `mosaicseg preprocess` finished."
+            )
         cases = tuple(cases)
         counts: dict[str, int] = {}
         for d, _ in cases:
@@ -57,8 +59,10 @@ class CaseSampler:
             weights = weights or {}
             missing = sorted(set(counts) - set(weights))
             if missing:
-                raise MosaicSegError(f"sampling: weights has no weight for {missing}. Fix: give every dataset a "
-                                     "weight in the collection file.")
+                raise MosaicSegError(
+                    f"sampling: weights has no weight for {missing}. Fix: give every dataset a "
+                    "weight in the collection file."
+                )
             w = np.array([weights[d] / counts[d] for d, _ in cases])
         return cls(cases, w / w.sum())
 
@@ -102,9 +106,17 @@ class PatchDataset(Dataset):
     :func:`mosaicseg.data.preprocess.load_case` bound to a work folder.
     """
 
-    def __init__(self, load: Any, sampler: CaseSampler, vocabulary: Vocabulary, patch_size: Sequence[int],
-                 seed: int, length: int, augment: AugmentConfig | None = None,
-                 oversample_foreground: float = 1 / 3) -> None:
+    def __init__(
+        self,
+        load: Any,
+        sampler: CaseSampler,
+        vocabulary: Vocabulary,
+        patch_size: Sequence[int],
+        seed: int,
+        length: int,
+        augment: AugmentConfig | None = None,
+        oversample_foreground: float = 1 / 3,
+    ) -> None:
         self.load = load
         self.sampler = sampler
         self.vocabulary = vocabulary
@@ -123,15 +135,22 @@ class PatchDataset(Dataset):
         case = self.load(dataset, case_id)
         force_fg = bool(rng.random() < self.oversample_foreground)
         center = choose_center(tuple(case.seg.shape), self.patch_size, case.fg_locations, force_fg, rng)
-        image, seg = sample_patch(np.asarray(case.image), np.asarray(case.seg), center, self.patch_size,
-                                  self.augment, rng)
+        image, seg = sample_patch(
+            np.asarray(case.image), np.asarray(case.seg), center, self.patch_size, self.augment, rng
+        )
         image, seg = augment_intensity_and_mirror(image, seg, self.augment, rng)
-        return make_sample(self.vocabulary, dataset, image, seg,
-                           {"case_id": case_id, "dataset": dataset, "center": center.tolist(), "index": int(index)})
+        return make_sample(
+            self.vocabulary,
+            dataset,
+            image,
+            seg,
+            {"case_id": case_id, "dataset": dataset, "center": center.tolist(), "index": int(index)},
+        )
 
 
-def make_sample(vocabulary: Vocabulary, dataset: str, image: np.ndarray, seg: np.ndarray,
-                meta: dict[str, Any]) -> Sample:
+def make_sample(
+    vocabulary: Vocabulary, dataset: str, image: np.ndarray, seg: np.ndarray, meta: dict[str, Any]
+) -> Sample:
     """Local label map → the global :class:`Sample` (multi-hot target, label mask, ignore mask)."""
     return Sample(
         image=image.astype(np.float32, copy=False),

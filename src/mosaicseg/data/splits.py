@@ -72,8 +72,9 @@ def make_splits(case_ids: list[str], folds: int, seed: int, patient_regex: str |
     return splits
 
 
-def split_for_fold(case_ids: list[str], fold: int | str, folds: int, seed: int,
-                   patient_regex: str | None = None) -> Split:
+def split_for_fold(
+    case_ids: list[str], fold: int | str, folds: int, seed: int, patient_regex: str | None = None
+) -> Split:
     """The split of ``fold`` (``0..folds-1``) or ``"all"`` (train on everything, validate on nothing)."""
     if fold == "all":
         return Split(tuple(sorted(case_ids)), ())
@@ -97,8 +98,9 @@ def fold_cases(
         split = split_for_fold(ids, fold, config.folds, config.seed, entry.patient_regex)
         if fold != "all" and not split.val:
             n_patients = len({patient_of(c, entry.patient_regex) for c in ids})
-            notes.append(f"{entry.name}: {n_patients} patient(s) < {config.folds} folds, only trained on, "
-                         "never validated")
+            notes.append(
+                f"{entry.name}: {n_patients} patient(s) < {config.folds} folds, only trained on, never validated"
+            )
         train += [(entry.name, c) for c in split.train]
         val += [(entry.name, c) for c in split.val]
     return train, val, notes

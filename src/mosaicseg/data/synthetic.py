@@ -69,12 +69,18 @@ class _Spec:
 _CT_LABELS = {"background": 0, "Liver": [1, 2], "Tumor": [2]}
 _MR_LABELS = {"background": 0, "Liver": 1, "Kidney": 2, "ignore": 3}
 _MULTI_LABELS = {"background": 0, "Edema": 1, "Lesion": 2}
-_CT_WHAT = ("CT-like abdomen in HU: Liver (region of values 1 and 2) includes the Tumor (value 2); kidneys, "
-            "spine, bowel and striated muscle are visible but not annotated")
-_MR_WHAT = ("T1-like abdomen with bias field, two time points per patient: Liver excludes the lesion, Kidney; "
-            "lesions visible but not annotated; corrupted slices carry the ignore label")
-_MULTI_WHAT = ("two-channel brain-like FLAIR + T1c: enhancing Lesion and surrounding Edema; vessels, white-matter "
-               "hyperintensities and scalp are visible but not annotated")
+_CT_WHAT = (
+    "CT-like abdomen in HU: Liver (region of values 1 and 2) includes the Tumor (value 2); kidneys, "
+    "spine, bowel and striated muscle are visible but not annotated"
+)
+_MR_WHAT = (
+    "T1-like abdomen with bias field, two time points per patient: Liver excludes the lesion, Kidney; "
+    "lesions visible but not annotated; corrupted slices carry the ignore label"
+)
+_MULTI_WHAT = (
+    "two-channel brain-like FLAIR + T1c: enhancing Lesion and surrounding Edema; vessels, white-matter "
+    "hyperintensities and scalp are visible but not annotated"
+)
 _SPECS: dict[int, tuple[_Spec, ...]] = {
     3: (
         _Spec(901, "SynthCT", "ct", ("CT",), _CT_LABELS, ".nii.gz", "RAS", _CT_WHAT, (1, 2)),
@@ -82,13 +88,29 @@ _SPECS: dict[int, tuple[_Spec, ...]] = {
         _Spec(903, "SynthMulti", "multi", ("FLAIR", "T1c"), _MULTI_LABELS, ".nii.gz", "PIR", _MULTI_WHAT),
     ),
     2: (
-        _Spec(911, "SynthDerm", "derm", ("R", "G", "B"), {"background": 0, "Lesion": 1}, ".png", "",
-              "RGB dermoscopy-like: pigmented Lesion with reticular texture; hairs and the dark vignette of the "
-              "dermoscope are not lesion"),
+        _Spec(
+            911,
+            "SynthDerm",
+            "derm",
+            ("R", "G", "B"),
+            {"background": 0, "Lesion": 1},
+            ".png",
+            "",
+            "RGB dermoscopy-like: pigmented Lesion with reticular texture; hairs and the dark vignette of the "
+            "dermoscope are not lesion",
+        ),
         _Spec(912, "SynthCT", "ct", ("CT",), _CT_LABELS, ".nii.gz", "RAS", _CT_WHAT + " (single slices)", (1, 2)),
         _Spec(913, "SynthMR", "mr", ("T1",), _MR_LABELS, ".nii.gz", "LPS", _MR_WHAT + " (single slices)"),
-        _Spec(914, "SynthMulti", "multi", ("FLAIR", "T1c"), _MULTI_LABELS, ".nii.gz", "RAS",
-              _MULTI_WHAT + " (single slices)"),
+        _Spec(
+            914,
+            "SynthMulti",
+            "multi",
+            ("FLAIR", "T1c"),
+            _MULTI_LABELS,
+            ".nii.gz",
+            "RAS",
+            _MULTI_WHAT + " (single slices)",
+        ),
     ),
 }
 
@@ -108,8 +130,9 @@ class _Waves:
     amp: np.ndarray  # (n,)
 
     @classmethod
-    def draw(cls, rng: np.random.Generator, n: int, wavelength: float, amplitude: float,
-             planar: bool = False) -> _Waves:
+    def draw(
+        cls, rng: np.random.Generator, n: int, wavelength: float, amplitude: float, planar: bool = False
+    ) -> _Waves:
         d = rng.normal(size=(n, 3))
         if planar:  # in-plane waves, so that 2D slices show the same pattern as 3D volumes
             d[:, 2] *= 0.15
@@ -144,8 +167,11 @@ class _Blob:
 
 
 def _blob(rng: np.random.Generator, centre: Any, axes: Any, bumpiness: float, wavelength: float) -> _Blob:
-    return _Blob(tuple(float(v) for v in centre), tuple(float(v) for v in axes),  # type: ignore[arg-type]
-                 _Waves.draw(rng, 5, wavelength, bumpiness))
+    return _Blob(
+        tuple(float(v) for v in centre),
+        tuple(float(v) for v in axes),  # type: ignore[arg-type]
+        _Waves.draw(rng, 5, wavelength, bumpiness),
+    )
 
 
 def _tube(c: Coords, points: np.ndarray, radius: float) -> np.ndarray:
@@ -186,8 +212,14 @@ class _Grid:
         return axes[0], axes[1], axes[2]
 
 
-def _draw_grid(rng: np.random.Generator, dim: int, in_plane: tuple[float, float], slice_spacing: tuple[float, float],
-               fov: tuple[tuple[float, float], ...], slice_z: float) -> _Grid:
+def _draw_grid(
+    rng: np.random.Generator,
+    dim: int,
+    in_plane: tuple[float, float],
+    slice_spacing: tuple[float, float],
+    fov: tuple[tuple[float, float], ...],
+    slice_z: float,
+) -> _Grid:
     """Random spacing (in-plane and between slices) and field of view ``fov`` (mm, per axis); 2D grids are
     one slice at ``slice_z`` (``fov[2]`` is then unused)."""
     sp = [float(rng.uniform(*in_plane))] * 2
@@ -197,8 +229,11 @@ def _draw_grid(rng: np.random.Generator, dim: int, in_plane: tuple[float, float]
     shift = rng.normal(0, 1.5, 3)  # the patient is never exactly centred
     if dim == 2:
         shift[2] = 0.0
-    return _Grid((shape[0], shape[1], shape[2]), (sp[0], sp[1], sp[2]),
-                 (float(shift[0]), float(shift[1]), float(shift[2] + slice_z)))
+    return _Grid(
+        (shape[0], shape[1], shape[2]),
+        (sp[0], sp[1], sp[2]),
+        (float(shift[0]), float(shift[1]), float(shift[2] + slice_z)),
+    )
 
 
 # --------------------------------------------------------------------------------------------- renderers
@@ -253,12 +288,16 @@ def _draw_abdomen(rng: np.random.Generator) -> _Abdomen:
     kidneys = []
     for side in (-1, 1):
         c = (side * rng.uniform(10.5, 11.5), rng.uniform(2.5, 4.0), liver_c[2] + rng.uniform(-2.5, 2.5))
-        kidneys.append(_blob(rng, c, (rng.uniform(4.2, 4.8), rng.uniform(3.6, 4.0), rng.uniform(7.0, 9.0)),
-                             0.05, 12.0))
+        kidneys.append(_blob(rng, c, (rng.uniform(4.2, 4.8), rng.uniform(3.6, 4.0), rng.uniform(7.0, 9.0)), 0.05, 12.0))
     spine = (rng.uniform(-1, 1), b - rng.uniform(8.0, 9.0), rng.uniform(3.2, 3.8))
     paraspinal = tuple(
-        _blob(rng, (spine[0] + side * (spine[2] + rng.uniform(3.5, 4.5)), spine[1] + rng.uniform(0, 1), 0),
-              (rng.uniform(3.5, 4.5), rng.uniform(3.0, 3.6), 200.0), 0.04, 15.0)
+        _blob(
+            rng,
+            (spine[0] + side * (spine[2] + rng.uniform(3.5, 4.5)), spine[1] + rng.uniform(0, 1), 0),
+            (rng.uniform(3.5, 4.5), rng.uniform(3.0, 3.6), 200.0),
+            0.04,
+            15.0,
+        )
         for side in (-1, 1)
     )
     # bowel loops fill the left, anterior abdomen: soft-tissue walls like the liver's, but tubular and with
@@ -270,11 +309,18 @@ def _draw_abdomen(rng: np.random.Generator) -> _Abdomen:
     # one wave dominates the striation so muscle looks fibrous, not speckled
     stripe = _Waves.draw(rng, 1, rng.uniform(4.5, 5.5), 1.0, planar=True)
     return _Abdomen(
-        body=(a, b), body_deform=_Waves.draw(rng, 4, 45.0, 0.03, planar=True),
-        fat=rng.uniform(2.0, 3.0), muscle=rng.uniform(3.5, 4.5),
-        liver=_blob(rng, liver_c, liver_ax, 0.1, 20.0), liver_texture=_Waves.draw(rng, 4, 10.0, 1.0),
-        lesions=tuple(lesions), kidneys=(kidneys[0], kidneys[1]), spine=spine,
-        paraspinal=(paraspinal[0], paraspinal[1]), bowel=tuple(bowel), gas=_Waves.draw(rng, 4, 6.0, 1.0),
+        body=(a, b),
+        body_deform=_Waves.draw(rng, 4, 45.0, 0.03, planar=True),
+        fat=rng.uniform(2.0, 3.0),
+        muscle=rng.uniform(3.5, 4.5),
+        liver=_blob(rng, liver_c, liver_ax, 0.1, 20.0),
+        liver_texture=_Waves.draw(rng, 4, 10.0, 1.0),
+        lesions=tuple(lesions),
+        kidneys=(kidneys[0], kidneys[1]),
+        spine=spine,
+        paraspinal=(paraspinal[0], paraspinal[1]),
+        bowel=tuple(bowel),
+        gas=_Waves.draw(rng, 4, 6.0, 1.0),
         stripes=_Waves(stripe.k, stripe.phase, np.ones(1)),
     )
 
@@ -409,8 +455,13 @@ def _draw_head(rng: np.random.Generator, dim: int) -> _Head:
     axes = np.array([rng.uniform(19, 21), rng.uniform(21, 23.5), rng.uniform(18, 20)])
     brain_ax = axes - 7.0
     ventricles = tuple(
-        _blob(rng, (side * rng.uniform(3.0, 4.0), rng.uniform(-2, 0), rng.uniform(0, 3)),
-              (rng.uniform(1.8, 2.6), rng.uniform(6, 8), rng.uniform(3, 5)), 0.06, 10.0)
+        _blob(
+            rng,
+            (side * rng.uniform(3.0, 4.0), rng.uniform(-2, 0), rng.uniform(0, 3)),
+            (rng.uniform(1.8, 2.6), rng.uniform(6, 8), rng.uniform(3, 5)),
+            0.06,
+            10.0,
+        )
         for side in (-1, 1)
     )
     # the lesion sits lateral to the ventricles, well inside the brain; in 2D the slice passes through it
@@ -423,8 +474,9 @@ def _draw_head(rng: np.random.Generator, dim: int) -> _Head:
     z_span = 0.0 if dim == 2 else 6.0
     vessels = []
     for _ in range(int(rng.integers(3, 5))):
-        start = rng.uniform(-1, 1, 3) * brain_ax * np.array([0.7, 0.7, 0.0]) + np.array([0, 0, rng.uniform(
-            -z_span, z_span)])
+        start = rng.uniform(-1, 1, 3) * brain_ax * np.array([0.7, 0.7, 0.0]) + np.array(
+            [0, 0, rng.uniform(-z_span, z_span)]
+        )
         vessels.append((_curve(rng, start, rng.uniform(22, 34), 0.15 if dim == 3 else 0.0), rng.uniform(1.2, 1.7)))
     wmh = []
     for _ in range(int(rng.integers(3, 6))):
@@ -432,10 +484,17 @@ def _draw_head(rng: np.random.Generator, dim: int) -> _Head:
         wr = rng.uniform(1.8, 3.0)
         wmh.append(_blob(rng, wc, (wr, wr * rng.uniform(0.8, 1.3), wr), 0.08, 6.0))
     return _Head(
-        head=_blob(rng, (0, 0, 0), axes, 0.03, 40.0), scalp=rng.uniform(2.2, 2.8), skull=rng.uniform(2.2, 2.8),
-        csf=rng.uniform(1.2, 1.8), ventricles=(ventricles[0], ventricles[1]), lesion=lesion,
-        necrosis=rng.uniform(0.35, 0.5) if rng.random() < 0.5 else 0.0, edema=edema,
-        vessels=tuple(vessels), wmh=tuple(wmh), texture=_Waves.draw(rng, 5, 9.0, 1.0),
+        head=_blob(rng, (0, 0, 0), axes, 0.03, 40.0),
+        scalp=rng.uniform(2.2, 2.8),
+        skull=rng.uniform(2.2, 2.8),
+        csf=rng.uniform(1.2, 1.8),
+        ventricles=(ventricles[0], ventricles[1]),
+        lesion=lesion,
+        necrosis=rng.uniform(0.35, 0.5) if rng.random() < 0.5 else 0.0,
+        edema=edema,
+        vessels=tuple(vessels),
+        wmh=tuple(wmh),
+        texture=_Waves.draw(rng, 5, 9.0, 1.0),
     )
 
 
@@ -468,8 +527,14 @@ def _render_multi(h: _Head, grid: _Grid, rng: np.random.Generator) -> tuple[np.n
     tex = h.texture(c)
     #                 FLAIR, T1c
     values = {
-        "scalp": (520.0, 650.0), "skull": (40.0, 50.0), "csf": (80.0, 100.0), "ventricles": (90.0, 110.0),
-        "vessels": (300.0, 720.0), "wmh": (560.0, 340.0), "edema": (560.0, 270.0), "lesion": (430.0, 700.0),
+        "scalp": (520.0, 650.0),
+        "skull": (40.0, 50.0),
+        "csf": (80.0, 100.0),
+        "ventricles": (90.0, 110.0),
+        "vessels": (300.0, 720.0),
+        "wmh": (560.0, 340.0),
+        "edema": (560.0, 270.0),
+        "lesion": (430.0, 700.0),
         "necrosis": (470.0, 330.0),
     }
     channels = []
@@ -558,8 +623,9 @@ def _render_case(spec: _Spec, dim: int, seed: int, index: int) -> _Case:
         return _Case(case_id, image, label, grid.spacing, m)
     p = _draw_abdomen(anatomy)
     if tp == 2:  # follow-up: the lesions grew
-        grown = tuple(_Blob(b.centre, (b.axes[0] * 1.15, b.axes[1] * 1.15, b.axes[2] * 1.15), b.deform)
-                      for b in p.lesions)
+        grown = tuple(
+            _Blob(b.centre, (b.axes[0] * 1.15, b.axes[1] * 1.15, b.axes[2] * 1.15), b.deform) for b in p.lesions
+        )
         p = replace(p, lesions=grown)
     slice_z = p.lesions[0].centre[2] + float(acq.uniform(-1, 1))
     if spec.kind == "ct":
@@ -611,7 +677,7 @@ def _dataset_json(spec: _Spec, dim: int, seed: int, n: int) -> dict[str, Any]:
     data: dict[str, Any] = {
         "name": spec.short,
         "description": f"{spec.what}. Generated by mosaicseg.data.synthetic v{GENERATOR_VERSION} "
-                       f"(dim {dim}, seed {seed}); synthetic, CC0.",
+        f"(dim {dim}, seed {seed}); synthetic, CC0.",
         "licence": "CC0-1.0",
         "channel_names": {str(i): name for i, name in enumerate(spec.channel_names)},
         "labels": spec.labels,
@@ -662,8 +728,9 @@ def _write_dataset(root: Path, spec: _Spec, dim: int, seed: int, n: int) -> None
             _write_png(folder / "labelsTr" / f"{case.case_id}.png", case.label)
             continue
         for ch, channel in enumerate(case.image):
-            _write_nifti(folder / "imagesTr" / f"{case.case_id}_{ch:04d}.nii.gz", channel, case.spacing,
-                         spec.orientation)
+            _write_nifti(
+                folder / "imagesTr" / f"{case.case_id}_{ch:04d}.nii.gz", channel, case.spacing, spec.orientation
+            )
         _write_nifti(folder / "labelsTr" / f"{case.case_id}.nii.gz", case.label, case.spacing, spec.orientation)
     text = json.dumps(meta, indent=2) + "\n"
     _atomic_write(json_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -685,8 +752,13 @@ def _collection_yaml(dim: int, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generate_collection(out_dir: str | Path, dim: int = 3, seed: int = 0, write_collection: bool = True,
-                        cases_per_dataset: int | None = None) -> Path:
+def generate_collection(
+    out_dir: str | Path,
+    dim: int = 3,
+    seed: int = 0,
+    write_collection: bool = True,
+    cases_per_dataset: int | None = None,
+) -> Path:
     """Write the synthetic datasets (nnU-Net v2 raw format) into ``out_dir`` and, if ``write_collection``,
     ``out_dir/collection.yaml``.
 

@@ -124,8 +124,9 @@ class Vocabulary:
         dataset_modality = {d: self.dataset_modality[d] for d in self.datasets if d in datasets}
         return Vocabulary(
             datasets=tuple(d for d in self.datasets if d in datasets),
-            tasks=tuple(Task(new_index[t.index], t.name, tuple(m for m in t.members if m[0] in datasets))
-                        for t in keep),
+            tasks=tuple(
+                Task(new_index[t.index], t.name, tuple(m for m in t.members if m[0] in datasets)) for t in keep
+            ),
             modalities=tuple(dict.fromkeys(dataset_modality.values())),
             dataset_modality=dataset_modality,
             label_map={d: tuple((new_index[k], v) for k, v in self.label_map[d]) for d in datasets},
@@ -162,8 +163,9 @@ def build_vocabulary(collection: CollectionConfig, manifests: list[DatasetManife
                     f"'Dataset/label' with a label from that dataset.json (known: {sorted(known)[:8]}...)."
                 )
             if member in group_of:
-                raise MosaicSegError(f"{collection.source}: '{member}' appears in two shared_labels groups. "
-                                     "Fix: merge the groups.")
+                raise MosaicSegError(
+                    f"{collection.source}: '{member}' appears in two shared_labels groups. Fix: merge the groups."
+                )
             group_of[member] = gi
     tasks: list[list[tuple[str, str]]] = []
     group_task: dict[int, int] = {}

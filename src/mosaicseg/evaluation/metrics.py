@@ -67,8 +67,9 @@ def _crop_to_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.nd
     return pred[tuple(box)], ref[tuple(box)]
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-                 nsd_tolerance_mm: float = 2.0) -> dict[str, float | int | str]:
+def case_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], nsd_tolerance_mm: float = 2.0
+) -> dict[str, float | int | str]:
     """Metrics of one binary prediction against one binary reference.
 
     Args:
@@ -106,8 +107,13 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
         # MONAI passes one of its own deprecated arguments internally; the FutureWarning is not ours to fix
         warnings.simplefilter("ignore", FutureWarning)
         hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing_list)
-        nsd = compute_surface_dice(y_pred.float(), y.float(), class_thresholds=[float(nsd_tolerance_mm)],
-                                   include_background=True, spacing=spacing_list)
+        nsd = compute_surface_dice(
+            y_pred.float(),
+            y.float(),
+            class_thresholds=[float(nsd_tolerance_mm)],
+            include_background=True,
+            spacing=spacing_list,
+        )
     return {
         "dice": 2 * tp / (2 * tp + fp + fn),
         "iou": tp / (tp + fp + fn),

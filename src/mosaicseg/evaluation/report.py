@@ -90,15 +90,29 @@ def load_label_map(path: str | Path) -> LabelMap:
     if data is not None:
         for key in ("labels", "file_ending"):
             if key not in data:
-                problems.append(Problem("error", "json-missing-key", json_path, f"missing key '{key}'",
-                                        "add it as nnU-Net v2's dataset.json format describes"))
+                problems.append(
+                    Problem(
+                        "error",
+                        "json-missing-key",
+                        json_path,
+                        f"missing key '{key}'",
+                        "add it as nnU-Net v2's dataset.json format describes",
+                    )
+                )
     raise_if_errors(problems, str(json_path))
     assert data is not None  # no errors implies the JSON was parsed
     labels, ignore_value, _regions = _parse_labels(data["labels"], json_path, problems)
     ending = data["file_ending"]
     if not isinstance(ending, str) or file_ending("x" + ending) != ending.lower() or not ending:
-        problems.append(Problem("error", "json-file-ending", json_path, f"file_ending {ending!r} is not supported",
-                                f"use one of {', '.join(SUPPORTED_ENDINGS)}"))
+        problems.append(
+            Problem(
+                "error",
+                "json-file-ending",
+                json_path,
+                f"file_ending {ending!r} is not supported",
+                f"use one of {', '.join(SUPPORTED_ENDINGS)}",
+            )
+        )
     raise_if_errors(problems, str(json_path))
     return LabelMap(json_path.parent.name, json_path, labels, ignore_value, ending)
 
@@ -109,11 +123,15 @@ def parse_mapping(items: Iterable[str]) -> dict[str, str]:
     for item in items:
         pred, sep, ref = item.partition("=")
         if not sep or not pred.strip() or not ref.strip():
-            raise MosaicSegError(f"--map {item}: expected PRED_LABEL=REF_LABEL. Fix: write e.g. "
-                                 "--map Hippocampus=Hippocampus (names or integer values).")
+            raise MosaicSegError(
+                f"--map {item}: expected PRED_LABEL=REF_LABEL. Fix: write e.g. "
+                "--map Hippocampus=Hippocampus (names or integer values)."
+            )
         if pred.strip() in mapping:
-            raise MosaicSegError(f"--map {item}: prediction label '{pred.strip()}' is mapped twice. "
-                                 "Fix: give each prediction label one --map.")
+            raise MosaicSegError(
+                f"--map {item}: prediction label '{pred.strip()}' is mapped twice. "
+                "Fix: give each prediction label one --map."
+            )
         mapping[pred.strip()] = ref.strip()
     return mapping
 
@@ -132,12 +150,18 @@ def _resolve(spec: str, label_map: LabelMap) -> tuple[str, tuple[int, ...]]:
         return (named[0] if named else spec), (value,)
     close = difflib.get_close_matches(spec, list(label_map.labels), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    raise MosaicSegError(f"{label_map.path}: no label '{spec}' (labels: {', '.join(label_map.labels)}). "
-                         f"Fix: {hint}use one of these names or an integer value.")
+    raise MosaicSegError(
+        f"{label_map.path}: no label '{spec}' (labels: {', '.join(label_map.labels)}). "
+        f"Fix: {hint}use one of these names or an integer value."
+    )
 
 
-def label_pairs(ref_map: LabelMap, pred_map: LabelMap | None = None, labels: Sequence[str] | None = None,
-                mapping: dict[str, str] | None = None) -> list[LabelPair]:
+def label_pairs(
+    ref_map: LabelMap,
+    pred_map: LabelMap | None = None,
+    labels: Sequence[str] | None = None,
+    mapping: dict[str, str] | None = None,
+) -> list[LabelPair]:
     """Which prediction values are scored against which reference values.
 
     Without ``mapping`` every reference label is scored against the prediction label of the same name
@@ -151,8 +175,10 @@ def label_pairs(ref_map: LabelMap, pred_map: LabelMap | None = None, labels: Seq
             pred_name, pred_values = _resolve(pred_spec, pred_map)
             ref_name, ref_values = _resolve(ref_spec, ref_map)
             if any(p.label == ref_name for p in pairs):
-                raise MosaicSegError(f"{ref_map.path}: reference label '{ref_name}' is the target of two mappings. "
-                                     "Fix: map one prediction label onto each reference label.")
+                raise MosaicSegError(
+                    f"{ref_map.path}: reference label '{ref_name}' is the target of two mappings. "
+                    "Fix: map one prediction label onto each reference label."
+                )
             pairs.append(LabelPair(ref_name, ref_values, pred_name, pred_values))
     else:
         for ref_name, ref_values in ref_map.labels.items():
@@ -160,23 +186,30 @@ def label_pairs(ref_map: LabelMap, pred_map: LabelMap | None = None, labels: Seq
                 pairs.append(LabelPair(ref_name, ref_values, ref_name, ref_values))
                 continue
             if ref_name not in pred_map.labels:
-                raise MosaicSegError(f"{pred_map.path}: has no label '{ref_name}' of {ref_map.path}. Fix: pair "
-                                     "labels explicitly with mapping (--map PRED_LABEL=REF_LABEL).")
+                raise MosaicSegError(
+                    f"{pred_map.path}: has no label '{ref_name}' of {ref_map.path}. Fix: pair "
+                    "labels explicitly with mapping (--map PRED_LABEL=REF_LABEL)."
+                )
             pairs.append(LabelPair(ref_name, ref_values, ref_name, pred_map.labels[ref_name]))
     if labels:
         chosen = {_resolve(name, ref_map)[0] for name in labels}
         pairs = [p for p in pairs if p.label in chosen]
         if not pairs:
-            raise MosaicSegError(f"{ref_map.path}: none of the labels {list(labels)} is scored. Fix: choose labels "
-                                 "that the mapping covers.")
+            raise MosaicSegError(
+                f"{ref_map.path}: none of the labels {list(labels)} is scored. Fix: choose labels "
+                "that the mapping covers."
+            )
     return pairs
 
 
 def _case_files(folder: Path, ending: str, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise MosaicSegError(f"{folder}: {what} folder not found. Fix: check the path.")
-    return {p.name[: -len(ending)]: p for p in sorted(folder.iterdir())
-            if not p.name.startswith(".") and p.is_file() and p.name.endswith(ending)}
+    return {
+        p.name[: -len(ending)]: p
+        for p in sorted(folder.iterdir())
+        if not p.name.startswith(".") and p.is_file() and p.name.endswith(ending)
+    }
 
 
 @dataclass(frozen=True)
@@ -193,8 +226,10 @@ class _CaseJob:
 def _read_label_map(path: Path) -> tuple[np.ndarray, Geometry]:
     arr, geometry = read_image(path)
     if arr.shape[0] != 1:
-        raise MosaicSegError(f"{path}: a label map must have one channel, found {arr.shape[0]}. "
-                             "Fix: save label maps as single-channel integer images.")
+        raise MosaicSegError(
+            f"{path}: a label map must have one channel, found {arr.shape[0]}. "
+            "Fix: save label maps as single-channel integer images."
+        )
     return _as_labels(arr[0], path), geometry
 
 
@@ -211,7 +246,8 @@ def _score_case(job: _CaseJob) -> list[dict[str, Any]]:
         if pred.shape != ref.shape or not pred_geom.same_grid(ref_geom):
             raise MosaicSegError(
                 f"{job.pred_path}: grid ({_describe(pred_geom)}) differs from the reference {job.ref_path} "
-                f"({_describe(ref_geom)}). Fix: write predictions in the reference image's geometry.")
+                f"({_describe(ref_geom)}). Fix: write predictions in the reference image's geometry."
+            )
     # nnU-Net's ignore label marks unannotated voxels: they count neither for nor against a prediction
     valid = None if job.ignore_value is None else ref != job.ignore_value
     rows = []
@@ -220,10 +256,18 @@ def _score_case(job: _CaseJob) -> list[dict[str, Any]]:
         if valid is not None:
             p, r = p & valid, r & valid
         m = case_metrics(p, r, ref_geom.spacing, job.nsd_tolerance_mm)
-        rows.append({"dataset": job.dataset, "case": job.case_id, "label": pair.label,
-                     "prediction_label": pair.prediction_label,
-                     **{k: _json_float(m[k]) for k in METRICS},
-                     "n_ref": m["n_ref"], "n_pred": m["n_pred"], "status": m["status"]})
+        rows.append(
+            {
+                "dataset": job.dataset,
+                "case": job.case_id,
+                "label": pair.label,
+                "prediction_label": pair.prediction_label,
+                **{k: _json_float(m[k]) for k in METRICS},
+                "n_ref": m["n_ref"],
+                "n_pred": m["n_pred"],
+                "status": m["status"],
+            }
+        )
     return rows
 
 
@@ -275,8 +319,9 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return round(float(np.mean(finite)), _DIGITS) if finite else None
 
 
-def summarise(rows: Sequence[dict[str, Any]], *, dataset_of: Callable[[dict[str, Any]], str] | None = None
-              ) -> dict[str, Any]:
+def summarise(
+    rows: Sequence[dict[str, Any]], *, dataset_of: Callable[[dict[str, Any]], str] | None = None
+) -> dict[str, Any]:
     """Means per label, per dataset and overall from per-(case, label) rows of one or several datasets.
 
     Args:
@@ -310,8 +355,9 @@ def summarise(rows: Sequence[dict[str, Any]], *, dataset_of: Callable[[dict[str,
         }
     return {
         "datasets": datasets,
-        "mean_class_averaged": {m: _mean(e[m]["mean"] for d in datasets.values() for e in d["labels"].values())
-                                for m in METRICS},
+        "mean_class_averaged": {
+            m: _mean(e[m]["mean"] for d in datasets.values() for e in d["labels"].values()) for m in METRICS
+        },
         "mean_dataset_averaged": {m: _mean(d["mean"][m] for d in datasets.values()) for m in METRICS},
     }
 
@@ -373,28 +419,38 @@ def evaluate_folders(
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     out = Path(output_dir) if output_dir is not None else pred_dir
     if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
-        raise MosaicSegError(f"--nsd-tolerance {nsd_tolerance_mm}: must be a distance >= 0 in mm. "
-                             "Fix: pass e.g. --nsd-tolerance 2.")
+        raise MosaicSegError(
+            f"--nsd-tolerance {nsd_tolerance_mm}: must be a distance >= 0 in mm. Fix: pass e.g. --nsd-tolerance 2."
+        )
     existing = [out / name for name in (SUMMARY_NAME, CSV_NAME) if (out / name).exists()]
     if existing and not overwrite:
-        raise MosaicSegError(f"{existing[0]}: exists already. Fix: pass overwrite (--overwrite) or choose "
-                             "another output folder.")
+        raise MosaicSegError(
+            f"{existing[0]}: exists already. Fix: pass overwrite (--overwrite) or choose another output folder."
+        )
     ref_map = load_label_map(dataset_json)
     pred_map = load_label_map(pred_dataset_json) if pred_dataset_json is not None else None
     pairs = tuple(label_pairs(ref_map, pred_map, labels, mapping))
     ref_files = _case_files(gt_dir, ref_map.file_ending, "reference")
     if not ref_files:
-        raise MosaicSegError(f"{gt_dir}: no reference label file ending in {ref_map.file_ending}. Fix: pass the "
-                             "folder holding the reference label maps (e.g. labelsTr).")
+        raise MosaicSegError(
+            f"{gt_dir}: no reference label file ending in {ref_map.file_ending}. Fix: pass the "
+            "folder holding the reference label maps (e.g. labelsTr)."
+        )
     pred_files = _case_files(pred_dir, (pred_map or ref_map).file_ending, "prediction")
     missing = [c for c in ref_files if c not in pred_files]
     if missing and not missing_as_empty:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise MosaicSegError(f"{pred_dir}: no prediction for {len(missing)} of {len(ref_files)} reference case(s): "
-                             f"{shown}. Fix: predict them, or score them as empty (missing_as_empty, "
-                             "--missing-as-empty).")
-    jobs = [_CaseJob(ref_map.name, case, ref_path, pred_files.get(case), pairs, ref_map.ignore_value,
-                     float(nsd_tolerance_mm)) for case, ref_path in ref_files.items()]
+        raise MosaicSegError(
+            f"{pred_dir}: no prediction for {len(missing)} of {len(ref_files)} reference case(s): "
+            f"{shown}. Fix: predict them, or score them as empty (missing_as_empty, "
+            "--missing-as-empty)."
+        )
+    jobs = [
+        _CaseJob(
+            ref_map.name, case, ref_path, pred_files.get(case), pairs, ref_map.ignore_value, float(nsd_tolerance_mm)
+        )
+        for case, ref_path in ref_files.items()
+    ]
     rows = [row for case_rows in _run(jobs, workers, progress) for row in case_rows]
     summary = {
         "dataset": ref_map.name,
@@ -403,8 +459,14 @@ def evaluate_folders(
         "reference_folder": str(gt_dir),
         "dataset_json": str(ref_map.path),
         "nsd_tolerance_mm": float(nsd_tolerance_mm),
-        "labels": {p.label: {"reference_values": list(p.ref_values), "prediction_label": p.prediction_label,
-                             "prediction_values": list(p.pred_values)} for p in pairs},
+        "labels": {
+            p.label: {
+                "reference_values": list(p.ref_values),
+                "prediction_label": p.prediction_label,
+                "prediction_values": list(p.pred_values),
+            }
+            for p in pairs
+        },
         "n_cases": len(jobs),
         "missing_predictions": missing,
         "unmatched_predictions": [c for c in pred_files if c not in ref_files],
@@ -419,21 +481,33 @@ def evaluate_folders(
 def format_table(summary: dict[str, Any]) -> str:
     """Console table of a summary (from :func:`evaluate_folders` or :func:`summarise`): Dice, NSD and HD95
     means per dataset and label, NaN counts, dataset means and both overall means."""
+
     def num(v: float | None, digits: int = 4) -> str:
         return "nan" if v is None else f"{v:.{digits}f}"
 
     rows = [("dataset", "label", "Dice", "NSD", "HD95 mm", "cases", "NaN")]
     for dataset, d in summary["datasets"].items():
         for label, e in d["labels"].items():
-            rows.append((dataset, label, num(e["dice"]["mean"]), num(e["nsd"]["mean"]), num(e["hd95"]["mean"], 2),
-                         str(e["n_cases"]), str(e["dice"]["n_nan"])))
+            rows.append(
+                (
+                    dataset,
+                    label,
+                    num(e["dice"]["mean"]),
+                    num(e["nsd"]["mean"]),
+                    num(e["hd95"]["mean"], 2),
+                    str(e["n_cases"]),
+                    str(e["dice"]["n_nan"]),
+                )
+            )
         mean = d["mean"]
         rows.append((dataset, "(mean)", num(mean["dice"]), num(mean["nsd"]), num(mean["hd95"], 2), "", ""))
     for key, title in (("mean_dataset_averaged", "dataset-averaged"), ("mean_class_averaged", "class-averaged")):
         mean = summary[key]
         rows.append(("overall", title, num(mean["dice"]), num(mean["nsd"]), num(mean["hd95"], 2), "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             .rstrip() for r in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+        for r in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

@@ -20,8 +20,14 @@ from mosaicseg.data.preprocess import resample_image
 def restore_probabilities(prob: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     """``prob`` ``(K, *S_resampled)`` → ``(K, *S_original)`` on the canonical original grid: linear resampling
     to the cropped shape (in-plane only, nearest along nnU-Net's separate axis), zeros outside the crop box."""
-    cropped = resample_image(prob, meta["spacing_target"], meta["spacing_original"], order=1,
-                             separate_axis=meta.get("separate_axis"), new_shape=meta["shape_cropped"])
+    cropped = resample_image(
+        prob,
+        meta["spacing_target"],
+        meta["spacing_original"],
+        order=1,
+        separate_axis=meta.get("separate_axis"),
+        new_shape=meta["shape_cropped"],
+    )
     out = np.zeros((prob.shape[0], *meta["shape_original"]), dtype=np.float32)
     out[(slice(None), *(slice(lo, hi) for lo, hi in meta["bbox"]))] = np.clip(cropped, 0.0, 1.0)
     return out
@@ -35,9 +41,12 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     return cc3d.largest_k(mask.astype(np.uint8), k=1, connectivity=connectivity) > 0
 
 
-def labels_from_probabilities(prob: np.ndarray, values: Sequence[Sequence[int]],
-                              regions_class_order: Sequence[int] | None = None,
-                              largest_component: bool = False) -> np.ndarray:
+def labels_from_probabilities(
+    prob: np.ndarray,
+    values: Sequence[Sequence[int]],
+    regions_class_order: Sequence[int] | None = None,
+    largest_component: bool = False,
+) -> np.ndarray:
     """A dataset's label map ``(*S)`` uint8/int16 from its tasks' probabilities ``(T, *S)``.
 
     ``values[t]`` are the dataset's label values of task ``t`` (a region has several). Without regions:

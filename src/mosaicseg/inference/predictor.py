@@ -46,12 +46,16 @@ def find_checkpoints(run: str | Path, folds: Sequence[str] | None = None, name: 
     if folds:
         fold_dirs = [run / f"fold_{f}" for f in folds]
     if not fold_dirs:
-        raise MosaicSegError(f"{run}: holds neither checkpoint_{name}.pt nor fold_* folders. Fix: pass a run folder "
-                             "written by mosaicseg train (training may not have finished: try --checkpoint latest).")
+        raise MosaicSegError(
+            f"{run}: holds neither checkpoint_{name}.pt nor fold_* folders. Fix: pass a run folder "
+            "written by mosaicseg train (training may not have finished: try --checkpoint latest)."
+        )
     missing = [str(d) for d in fold_dirs if not (d / f"checkpoint_{name}.pt").is_file()]
     if missing:
-        raise MosaicSegError(f"checkpoint_{name}.pt is missing in {missing}. Fix: finish training those folds, "
-                             "choose --folds, or use --checkpoint latest.")
+        raise MosaicSegError(
+            f"checkpoint_{name}.pt is missing in {missing}. Fix: finish training those folds, "
+            "choose --folds, or use --checkpoint latest."
+        )
     return [d / f"checkpoint_{name}.pt" for d in fold_dirs]
 
 
@@ -85,15 +89,19 @@ def group_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
         groups.setdefault(case, []).append((channel, f))
         endings[case] = ending
     if not groups:
-        raise MosaicSegError(f"no image files in {[str(i) for i in inputs]}. Fix: pass files or folders holding "
-                             f"{', '.join(SUPPORTED_ENDINGS)} images.")
+        raise MosaicSegError(
+            f"no image files in {[str(i) for i in inputs]}. Fix: pass files or folders holding "
+            f"{', '.join(SUPPORTED_ENDINGS)} images."
+        )
     out = []
     for case, chans in sorted(groups.items()):
         chans.sort()
         numbers = [c for c, _ in chans]
         if numbers != list(range(len(numbers))):
-            raise MosaicSegError(f"{chans[0][1].parent}: case '{case}' has channel files {numbers}, expected 0.."
-                                 f"{len(numbers) - 1}. Fix: name channels CASE_0000, CASE_0001, ... without gaps.")
+            raise MosaicSegError(
+                f"{chans[0][1].parent}: case '{case}' has channel files {numbers}, expected 0.."
+                f"{len(numbers) - 1}. Fix: name channels CASE_0000, CASE_0001, ... without gaps."
+            )
         out.append(InputCase(case, tuple(f for _, f in chans), endings[case]))
     return out
 
@@ -101,8 +109,15 @@ def group_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
 class Predictor:
     """One or several models (folds) of one run, sharing its plans and vocabulary."""
 
-    def __init__(self, models: list[torch.nn.Module], vocabulary: Vocabulary, plans: dict[str, Any],
-                 patch_size: Sequence[int], device: torch.device, amp: bool = False) -> None:
+    def __init__(
+        self,
+        models: list[torch.nn.Module],
+        vocabulary: Vocabulary,
+        plans: dict[str, Any],
+        patch_size: Sequence[int],
+        device: torch.device,
+        amp: bool = False,
+    ) -> None:
         self.models = models
         self.vocabulary = vocabulary
         self.plans = plans
@@ -111,8 +126,9 @@ class Predictor:
         self.amp = amp
 
     @classmethod
-    def from_run(cls, run: str | Path, folds: Sequence[str] | None = None, checkpoint: str = "final",
-                 device: str = "cpu") -> Predictor:
+    def from_run(
+        cls, run: str | Path, folds: Sequence[str] | None = None, checkpoint: str = "final", device: str = "cpu"
+    ) -> Predictor:
         dev = resolve_device(device)
         models: list[torch.nn.Module] = []
         first: dict[str, Any] | None = None
@@ -121,14 +137,22 @@ class Predictor:
             if first is None:
                 first = ckpt
             elif ckpt["vocabulary"] != first["vocabulary"] or ckpt["plans"] != first["plans"]:
-                raise MosaicSegError(f"{path}: this fold was trained with other plans or tasks than the first fold. "
-                                     "Fix: ensemble only folds of one run (--folds).")
+                raise MosaicSegError(
+                    f"{path}: this fold was trained with other plans or tasks than the first fold. "
+                    "Fix: ensemble only folds of one run (--folds)."
+                )
             model = UniversalNet.from_config(ckpt["model_config"])
             model.load_state_dict(ckpt["model"])
             models.append(model.to(dev).eval())
         assert first is not None  # find_checkpoints returns at least one path or raises
-        return cls(models, Vocabulary.from_dict(first["vocabulary"]), first["plans"], first["patch_size"], dev,
-                   amp=dev.type == "cuda")
+        return cls(
+            models,
+            Vocabulary.from_dict(first["vocabulary"]),
+            first["plans"],
+            first["patch_size"],
+            dev,
+            amp=dev.type == "cuda",
+        )
 
     # ----------------------------------------------------------------------------------------- choices
     def resolve_tasks(self, dataset: str | None, tasks: Sequence[str] | None) -> list[int]:
@@ -147,8 +171,10 @@ class Predictor:
 
     def _check_dataset(self, dataset: str) -> str:
         if dataset not in self.vocabulary.datasets:
-            raise MosaicSegError(f"dataset '{dataset}' is not one the model was trained on. Fix: use one of "
-                                 f"{list(self.vocabulary.datasets)}.")
+            raise MosaicSegError(
+                f"dataset '{dataset}' is not one the model was trained on. Fix: use one of "
+                f"{list(self.vocabulary.datasets)}."
+            )
         return dataset
 
     def preprocessing_dataset(self, dataset: str | None, task_ids: Sequence[int]) -> str:
@@ -160,13 +186,22 @@ class Predictor:
             return self.vocabulary.datasets[0]
         if len(owners) == 1:
             return owners.pop()
-        raise MosaicSegError(f"the model knows {len(self.vocabulary.datasets)} datasets; say which one the input "
-                             f"images are like (spacing, normalisation, modality). Fix: pass --dataset with one of "
-                             f"{list(self.vocabulary.datasets)}.")
+        raise MosaicSegError(
+            f"the model knows {len(self.vocabulary.datasets)} datasets; say which one the input "
+            f"images are like (spacing, normalisation, modality). Fix: pass --dataset with one of "
+            f"{list(self.vocabulary.datasets)}."
+        )
 
     # ----------------------------------------------------------------------------------------- predict
-    def predict_probabilities(self, image: np.ndarray, geometry: Geometry, dataset: str, task_ids: Sequence[int],
-                              tta: bool = False, source: str | Path = "image") -> np.ndarray:
+    def predict_probabilities(
+        self,
+        image: np.ndarray,
+        geometry: Geometry,
+        dataset: str,
+        task_ids: Sequence[int],
+        tta: bool = False,
+        source: str | Path = "image",
+    ) -> np.ndarray:
         """Probabilities ``(T, *S_original)`` (canonical orientation) of ``task_ids`` for one raw image
         ``(C, *S_original)``: preprocessed with ``dataset``'s plan, averaged over TTA (logits) and folds
         (probabilities), resampled back and uncropped."""
@@ -177,8 +212,16 @@ class Predictor:
         modality = self.vocabulary.modality_index(dataset)
         prob = None
         for model in self.models:
-            logits = predict_logits(model, x, modality, self.patch_size, tasks=list(task_ids), mirror_axes=mirror,
-                                    device=self.device, amp=self.amp)
+            logits = predict_logits(
+                model,
+                x,
+                modality,
+                self.patch_size,
+                tasks=list(task_ids),
+                mirror_axes=mirror,
+                device=self.device,
+                amp=self.amp,
+            )
             p = torch.sigmoid(logits).numpy()
             prob = p if prob is None else prob + p
         assert prob is not None
@@ -190,16 +233,28 @@ class Predictor:
         pos = {k: i for i, k in enumerate(task_ids)}
         out: dict[str, list[tuple[int, int, str, tuple[int, ...]]]] = {}
         for d in self.vocabulary.datasets:
-            rows = [(pos[k], j, label, values)
-                    for j, (k, label, values) in enumerate(self.vocabulary.dataset_tasks(d)) if k in pos]
+            rows = [
+                (pos[k], j, label, values)
+                for j, (k, label, values) in enumerate(self.vocabulary.dataset_tasks(d))
+                if k in pos
+            ]
             if rows:
                 out[d] = rows
         return out
 
-    def predict_files(self, inputs: Sequence[str | Path], output: str | Path, *, dataset: str | None = None,
-                      tasks: Sequence[str] | None = None, tta: bool = False, save_probabilities: bool = False,
-                      largest_component: bool = False, overwrite: bool = False,
-                      progress: bool = True) -> dict[str, Any]:
+    def predict_files(
+        self,
+        inputs: Sequence[str | Path],
+        output: str | Path,
+        *,
+        dataset: str | None = None,
+        tasks: Sequence[str] | None = None,
+        tta: bool = False,
+        save_probabilities: bool = False,
+        largest_component: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> dict[str, Any]:
         """Predict every case of ``inputs`` into ``output``; returns per-case seconds and what was written."""
         output = Path(output)
         if output.exists() and not output.is_dir():
@@ -210,8 +265,12 @@ class Predictor:
         flat = len(groups) == 1
         n_channels = len(self.plans["datasets"][source]["normalization"])
         cases = group_inputs(inputs)
-        report: dict[str, Any] = {"cases": [], "skipped": [], "dataset": source,
-                                  "tasks": [self.vocabulary.tasks[k].name for k in task_ids]}
+        report: dict[str, Any] = {
+            "cases": [],
+            "skipped": [],
+            "dataset": source,
+            "tasks": [self.vocabulary.tasks[k].name for k in task_ids],
+        }
         output.mkdir(parents=True, exist_ok=True)
         for case in tqdm(cases, desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
             targets = {d: (output if flat else output / d) / f"{case.case_id}{case.ending}" for d in groups}
@@ -231,7 +290,7 @@ class Predictor:
                 if save_probabilities:
                     for (_, _, label, _), p in zip(rows, sub, strict=True):
                         path = targets[d].with_name(f"{case.case_id}_prob_{label}{case.ending}")
-                        arr = (np.round(p * 255).astype(np.uint8) if case.ending == ".png" else p.astype(np.float32))
+                        arr = np.round(p * 255).astype(np.uint8) if case.ending == ".png" else p.astype(np.float32)
                         written.append(str(write_image(path, arr, geometry, overwrite=True)))
             report["cases"].append({"case_id": case.case_id, "seconds": time.perf_counter() - t0, "files": written})
         return report
@@ -243,13 +302,17 @@ class Predictor:
             if geometry is None:
                 geometry = geo
             elif arr.shape[1:] != geometry.shape:
-                raise MosaicSegError(f"{f}: shape {arr.shape[1:]} differs from {case.files[0].name} "
-                                     f"{geometry.shape}. Fix: give every channel of a case the same grid.")
+                raise MosaicSegError(
+                    f"{f}: shape {arr.shape[1:]} differs from {case.files[0].name} "
+                    f"{geometry.shape}. Fix: give every channel of a case the same grid."
+                )
             arrays.append(arr)
         image = np.concatenate(arrays, axis=0).astype(np.float32, copy=False)
         if image.shape[0] != n_channels:
-            raise MosaicSegError(f"{case.files[0]}: case '{case.case_id}' has {image.shape[0]} channel(s), the model "
-                                 f"expects {n_channels} for this dataset. Fix: provide CASE_0000..CASE_"
-                                 f"{n_channels - 1:04d} files or choose the right --dataset.")
+            raise MosaicSegError(
+                f"{case.files[0]}: case '{case.case_id}' has {image.shape[0]} channel(s), the model "
+                f"expects {n_channels} for this dataset. Fix: provide CASE_0000..CASE_"
+                f"{n_channels - 1:04d} files or choose the right --dataset."
+            )
         assert geometry is not None
         return image, geometry

@@ -22,10 +22,20 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, image: torch.Tensor, modality: int, patch_size: Sequence[int], *,
-                   overlap: float = 0.5, tile_batch: int = 1, mirror_axes: Sequence[int] = (),
-                   tasks: Sequence[int] | None = None, device: torch.device | str = "cpu",
-                   amp: bool = False, progress: bool = False) -> torch.Tensor:
+def predict_logits(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    modality: int,
+    patch_size: Sequence[int],
+    *,
+    overlap: float = 0.5,
+    tile_batch: int = 1,
+    mirror_axes: Sequence[int] = (),
+    tasks: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
     """Sliding-window logits of one image.
 
     Args:
@@ -39,8 +49,10 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, modality: int, p
     Returns ``(len(tasks) or K, *S)`` float32 logits on the CPU.
     """
     if image.ndim != len(patch_size) + 1:
-        raise MosaicSegError(f"a {image.ndim - 1}D image for a {len(patch_size)}D model. Fix: predict with a model "
-                             "of the image's dimensionality.")
+        raise MosaicSegError(
+            f"a {image.ndim - 1}D image for a {len(patch_size)}D model. Fix: predict with a model "
+            "of the image's dimensionality."
+        )
     device = torch.device(device)
     keep = torch.as_tensor(list(tasks), dtype=torch.long, device=device) if tasks is not None else None
 
@@ -58,9 +70,18 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, modality: int, p
         dims = [a + 2 for a in flip]
         xin = torch.flip(x, dims) if dims else x
         out = sliding_window_inference(
-            xin, roi_size=tuple(int(p) for p in patch_size), sw_batch_size=tile_batch, predictor=tiles,
-            overlap=overlap, mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=0.0,
-            sw_device=device, device=torch.device("cpu"), progress=progress,
+            xin,
+            roi_size=tuple(int(p) for p in patch_size),
+            sw_batch_size=tile_batch,
+            predictor=tiles,
+            overlap=overlap,
+            mode="gaussian",
+            sigma_scale=0.125,
+            padding_mode="constant",
+            cval=0.0,
+            sw_device=device,
+            device=torch.device("cpu"),
+            progress=progress,
         )
         out = torch.flip(out, dims) if dims else out
         total = out if total is None else total.add_(out)

@@ -167,8 +167,14 @@ class _ConvDecoder(nn.Module):
         f, k, s = topology.features, topology.kernel_sizes, topology.strides
         self.ups = nn.ModuleList(
             UnetUpBlock(
-                topology.spatial_dims, f[i + 1], f[i], kernel_size=k[i], stride=1, upsample_kernel_size=s[i + 1],
-                norm_name=NORM, act_name=ACT,
+                topology.spatial_dims,
+                f[i + 1],
+                f[i],
+                kernel_size=k[i],
+                stride=1,
+                upsample_kernel_size=s[i + 1],
+                norm_name=NORM,
+                act_name=ACT,
             )
             for i in range(topology.num_stages - 1)
         )

@@ -150,6 +150,11 @@ def build_model(
     - ``options``: architecture options (e.g. ``blocks_per_stage``, ``feature_size``); unknown names raise.
     """
     return UniversalNet(
-        network_plan, modality_channels, num_tasks, architecture=architecture, deep_supervision=deep_supervision,
-        deep_supervision_levels=deep_supervision_levels, options=options,
+        network_plan,
+        modality_channels,
+        num_tasks,
+        architecture=architecture,
+        deep_supervision=deep_supervision,
+        deep_supervision_levels=deep_supervision_levels,
+        options=options,
     )

@@ -50,8 +50,15 @@ class ModalityStems(nn.Module):
         # ModuleList (not ModuleDict) because names like "FLAIR+T1c" are not valid attribute names
         self.stems = nn.ModuleList(
             get_conv_layer(
-                spatial_dims, c, out_channels, kernel_size=kernel_size, stride=1, act=ACT, norm=NORM,
-                conv_only=False, bias=True,
+                spatial_dims,
+                c,
+                out_channels,
+                kernel_size=kernel_size,
+                stride=1,
+                act=ACT,
+                norm=NORM,
+                conv_only=False,
+                bias=True,
             )
             for c in self.channels
         )

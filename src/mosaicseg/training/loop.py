@@ -73,12 +73,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle refusals and corrupt files surface as many types
-        raise MosaicSegError(f"{path}: not a loadable MosaicSeg checkpoint ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200]}). Fix: use a checkpoint written by mosaicseg "
-                             "train; files from untrusted sources are refused.") from exc
+        raise MosaicSegError(
+            f"{path}: not a loadable MosaicSeg checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}). Fix: use a checkpoint written by mosaicseg "
+            "train; files from untrusted sources are refused."
+        ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise MosaicSegError(f"{path}: not a MosaicSeg checkpoint. Fix: pass a run folder or a checkpoint_*.pt "
-                             "written by mosaicseg train.")
+        raise MosaicSegError(
+            f"{path}: not a MosaicSeg checkpoint. Fix: pass a run folder or a checkpoint_*.pt "
+            "written by mosaicseg train."
+        )
     return ckpt
 
 
@@ -95,8 +99,16 @@ class Trainer:
     holds a run. Without either, an existing run is never touched.
     """
 
-    def __init__(self, workdir: str | Path, config: TrainConfig, run_dir: str | Path | None = None, *,
-                 resume: bool = False, overwrite: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: str | Path,
+        config: TrainConfig,
+        run_dir: str | Path | None = None,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
         self.workdir = Path(workdir)
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else run_folder_for(workdir, config)
@@ -113,9 +125,13 @@ class Trainer:
         self.collection = self._load_collection()
         full_vocab = Vocabulary.from_dict(json.loads((self.workdir / "vocabulary.json").read_text(encoding="utf-8")))
         torch.manual_seed(config.seed)  # model initialisation is part of the seeded run
-        ctx = RecipeContext(config=config, plans=self.plans, vocabulary=full_vocab,
-                            sampling=self.collection.sampling,
-                            weights={d.name: d.weight for d in self.collection.datasets})
+        ctx = RecipeContext(
+            config=config,
+            plans=self.plans,
+            vocabulary=full_vocab,
+            sampling=self.collection.sampling,
+            weights={d.name: d.weight for d in self.collection.datasets},
+        )
         self.parts: RecipeParts = RECIPES.get(config.recipe)(ctx)
         self.vocabulary = self.parts.vocabulary
         self.model = self.parts.model.to(self.device)
@@ -154,14 +170,22 @@ class Trainer:
     def _check_run_folder(self, resume: bool, overwrite: bool) -> None:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise MosaicSegError(f"{self.run_dir}: is a file, not a folder. Fix: choose another run folder (-o).")
-        has_run = any((self.run_dir / n).exists() for n in ("checkpoint_latest.pt", "checkpoint_final.pt",
-                                                             "metrics.jsonl"))
+        has_run = any(
+            (self.run_dir / n).exists() for n in ("checkpoint_latest.pt", "checkpoint_final.pt", "metrics.jsonl")
+        )
         if has_run and not resume and not overwrite:
-            raise MosaicSegError(f"{self.run_dir}: holds a run already. Fix: --resume to continue it, --overwrite "
-                                 "to start again, or -o for another folder.")
+            raise MosaicSegError(
+                f"{self.run_dir}: holds a run already. Fix: --resume to continue it, --overwrite "
+                "to start again, or -o for another folder."
+            )
         if has_run and overwrite and not resume and self.is_main:
-            for n in ("checkpoint_latest.pt", "checkpoint_final.pt", "checkpoint_best.pt", "metrics.jsonl",
-                      "progress.png"):
+            for n in (
+                "checkpoint_latest.pt",
+                "checkpoint_final.pt",
+                "checkpoint_best.pt",
+                "metrics.jsonl",
+                "progress.png",
+            ):
                 (self.run_dir / n).unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -178,8 +202,9 @@ class Trainer:
         wanted = set(self.parts.datasets)
         missing = sorted(d for d in wanted if not cases.get(d))
         if missing:
-            raise MosaicSegError(f"{self.workdir}: no preprocessed cases for {missing}. Fix: run mosaicseg "
-                                 f"preprocess {self.workdir}.")
+            raise MosaicSegError(
+                f"{self.workdir}: no preprocessed cases for {missing}. Fix: run mosaicseg preprocess {self.workdir}."
+            )
         cases = {d: ids for d, ids in cases.items() if d in wanted}
         train, val, notes = fold_cases(self.collection, cases, self.config.fold)
         return train, val, notes
@@ -213,13 +238,17 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("vocabulary") != self.vocabulary.to_dict():
-            raise MosaicSegError(f"{self.run_dir}: the checkpoint was trained with another task vocabulary. Fix: "
-                                 "resume with the work folder it was trained on, or start a new run folder.")
+            raise MosaicSegError(
+                f"{self.run_dir}: the checkpoint was trained with another task vocabulary. Fix: "
+                "resume with the work folder it was trained on, or start a new run folder."
+            )
         saved = TrainConfig.from_dict(ckpt["train_config"])
         if saved.to_dict() != self.config.to_dict():
             diff = sorted(k for k, v in saved.to_dict().items() if self.config.to_dict().get(k) != v)
-            raise MosaicSegError(f"{self.run_dir}: --resume with settings that differ from the run's ({diff}). Fix: "
-                                 "resume with the same settings (see config.json) or start a new run folder.")
+            raise MosaicSegError(
+                f"{self.run_dir}: --resume with settings that differ from the run's ({diff}). Fix: "
+                "resume with the same settings (see config.json) or start a new run folder."
+            )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.amp and ckpt.get("scaler"):
@@ -234,9 +263,14 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- budget
     @property
     def total_iterations(self) -> int | None:
-        totals = [t for t in (self.config.iterations,
-                              self.config.epochs * self.config.iterations_per_epoch if self.config.epochs else None)
-                  if t is not None]
+        totals = [
+            t
+            for t in (
+                self.config.iterations,
+                self.config.epochs * self.config.iterations_per_epoch if self.config.epochs else None,
+            )
+            if t is not None
+        ]
         return min(totals) if totals else None
 
     def progress_fraction(self) -> float:
@@ -260,25 +294,40 @@ class Trainer:
         sampler = CaseSampler.build(self.train_cases, self.parts.sampling, self.parts.weights)
         augment = AugmentConfig() if cfg.augment else AugmentConfig.off()
         global_batch = self.batch_size * self.world_size
-        dataset = PatchDataset(cached_loader(self.workdir), sampler, self.vocabulary, self.patch_size,
-                               seed=cfg.seed, length=2**62, augment=augment,
-                               oversample_foreground=cfg.oversample_foreground)
+        dataset = PatchDataset(
+            cached_loader(self.workdir),
+            sampler,
+            self.vocabulary,
+            self.patch_size,
+            seed=cfg.seed,
+            length=2**62,
+            augment=augment,
+            oversample_foreground=cfg.oversample_foreground,
+        )
         end = (self.total_iterations or 2**40) * global_batch
         # Rank r takes samples [it*G + r*B, it*G + (r+1)*B) of iteration it: the union over ranks is the same
         # sample stream whatever the number of processes.
         indices = _RankIndices(self.iteration * global_batch, end, self.batch_size, self.rank, self.world_size)
         channels = max(len(d["normalization"]) for n, d in self.plans["datasets"].items() if n in self.parts.datasets)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=indices, num_workers=cfg.num_workers,
-                          collate_fn=_Collate(channels), persistent_workers=cfg.num_workers > 0,
-                          prefetch_factor=2 if cfg.num_workers > 0 else None, pin_memory=self.device.type == "cuda")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=indices,
+            num_workers=cfg.num_workers,
+            collate_fn=_Collate(channels),
+            persistent_workers=cfg.num_workers > 0,
+            prefetch_factor=2 if cfg.num_workers > 0 else None,
+            pin_memory=self.device.type == "cuda",
+        )
 
     # ----------------------------------------------------------------------------------------- steps
     def train_step(self, batch: dict[str, Any]) -> float:
         self.model.train()
         image = batch["image"].to(self.device, non_blocking=True)
         modality = batch["modality"].to(self.device)
-        on_device = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                     for k, v in batch.items()}
+        on_device = {
+            k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+        }
         lr = learning_rate(self.config, self.progress_fraction())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -287,8 +336,10 @@ class Trainer:
             outputs = self.ddp_model(image, modality)
             loss = self.parts.loss(outputs, on_device)
         if not torch.isfinite(loss):
-            raise MosaicSegError(f"training diverged at iteration {self.iteration}: the loss is {loss.item()}. Fix: "
-                                 "lower the learning rate (--lr) or check the data with mosaicseg check.")
+            raise MosaicSegError(
+                f"training diverged at iteration {self.iteration}: the loss is {loss.item()}. Fix: "
+                "lower the learning rate (--lr) or check the data with mosaicseg check."
+            )
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -316,9 +367,16 @@ class Trainer:
             for _, case_id in cases:
                 case = load_case(self.workdir, d, case_id, mmap=True)
                 image = torch.from_numpy(np.array(case.image, dtype=np.float32))  # mmap is read-only
-                logits = predict_logits(self.model, image, self.vocabulary.modality_index(d), self.patch_size,
-                                        tile_batch=self.batch_size, tasks=[k for k, _, _ in tasks],
-                                        device=self.device, amp=self.amp)
+                logits = predict_logits(
+                    self.model,
+                    image,
+                    self.vocabulary.modality_index(d),
+                    self.patch_size,
+                    tile_batch=self.batch_size,
+                    tasks=[k for k, _, _ in tasks],
+                    device=self.device,
+                    amp=self.amp,
+                )
                 seg = np.asarray(case.seg)
                 valid = ~self.vocabulary.ignore_mask(d, seg)
                 for j, (k, _, values) in enumerate(tasks):
@@ -339,19 +397,31 @@ class Trainer:
             finite = [v for v in values if not math.isnan(v)]
             dataset_dice[d] = float(np.mean(finite)) if finite else math.nan
         finite = [v for v in dataset_dice.values() if not math.isnan(v)]
-        return {"val_dice": dataset_dice, "val_dice_tasks": task_dice,
-                "val_mean": float(np.mean(finite)) if finite else math.nan}
+        return {
+            "val_dice": dataset_dice,
+            "val_dice_tasks": task_dice,
+            "val_mean": float(np.mean(finite)) if finite else math.nan,
+        }
 
     # ----------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
         """Train until the budget is spent or a stop is requested; returns the last epoch record."""
         cfg = self.config
         if self.is_main:
-            write_json_atomic(self.run_dir / "config.json", {
-                "train_config": cfg.to_dict(), "datasets": list(self.parts.datasets),
-                "tasks": [t.name for t in self.vocabulary.tasks], "patch_size": list(self.patch_size),
-                "batch_size": self.batch_size, "world_size": self.world_size, "notes": self.notes,
-                "train_cases": len(self.train_cases), "val_cases": len(self.val_cases)})
+            write_json_atomic(
+                self.run_dir / "config.json",
+                {
+                    "train_config": cfg.to_dict(),
+                    "datasets": list(self.parts.datasets),
+                    "tasks": [t.name for t in self.vocabulary.tasks],
+                    "patch_size": list(self.patch_size),
+                    "batch_size": self.batch_size,
+                    "world_size": self.world_size,
+                    "notes": self.notes,
+                    "train_cases": len(self.train_cases),
+                    "val_cases": len(self.val_cases),
+                },
+            )
         for hook in self.parts.hooks:
             getattr(hook, "on_train_start", lambda t: None)(self)
         record: dict[str, Any] = {}
@@ -360,8 +430,14 @@ class Trainer:
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
             signal.signal(s, lambda *_: self.request_stop())
-        bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=not (self.progress and self.is_main),
-                   desc=f"train {cfg.recipe}", unit="it", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_iterations,
+            initial=self.iteration,
+            disable=not (self.progress and self.is_main),
+            desc=f"train {cfg.recipe}",
+            unit="it",
+            dynamic_ncols=True,
+        )
         losses: list[float] = []
         epoch_start = time.perf_counter()
         tick = time.perf_counter()
@@ -399,11 +475,14 @@ class Trainer:
         cfg = self.config
         self.epoch = self.iteration // cfg.iterations_per_epoch
         # a final partial epoch is logged under its own number
-        record: dict[str, Any] = {"epoch": math.ceil(self.iteration / cfg.iterations_per_epoch),
-                                  "iteration": self.iteration,
-                                  "train_loss": float(np.mean(losses)) if losses else math.nan,
-                                  "lr": learning_rate(cfg, self.progress_fraction()), "epoch_time_s": seconds,
-                                  "elapsed_s": self.elapsed_s}
+        record: dict[str, Any] = {
+            "epoch": math.ceil(self.iteration / cfg.iterations_per_epoch),
+            "iteration": self.iteration,
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "lr": learning_rate(cfg, self.progress_fraction()),
+            "epoch_time_s": seconds,
+            "elapsed_s": self.elapsed_s,
+        }
         do_val = validate and self.val_cases and (self.finished() or record["epoch"] % cfg.val_every == 0)
         if do_val and self.is_main:
             t0 = time.perf_counter()
@@ -419,8 +498,10 @@ class Trainer:
             plot_progress(read_records(self.run_dir / "metrics.jsonl"), self.run_dir / "progress.png")
             if self.progress:
                 dice = " ".join(f"{d.split('_', 1)[-1]}={v:.3f}" for d, v in record.get("val_dice", {}).items())
-                tqdm.write(f"epoch {self.epoch} it {self.iteration}: loss {record['train_loss']:.4f} "
-                           f"lr {record['lr']:.2e} {record['epoch_time_s']:.1f}s {dice}")
+                tqdm.write(
+                    f"epoch {self.epoch} it {self.iteration}: loss {record['train_loss']:.4f} "
+                    f"lr {record['lr']:.2e} {record['epoch_time_s']:.1f}s {dice}"
+                )
         self.save("latest")
         return record
 

@@ -16,8 +16,13 @@ import torch.nn.functional as F
 DICE_SMOOTH = 1e-5  # nnU-Net's smoothing: an absent structure predicted absent costs ~0
 
 
-def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, label_mask: torch.Tensor,
-                       ignore: torch.Tensor | None = None, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+def partial_label_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    label_mask: torch.Tensor,
+    ignore: torch.Tensor | None = None,
+    smooth: float = DICE_SMOOTH,
+) -> torch.Tensor:
     """MultiTalent's loss for one resolution.
 
     Args:
@@ -65,7 +70,7 @@ def deep_supervision_weights(levels: int) -> list[float]:
 def downsample_like(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Nearest-neighbour downsampling of a mask ``(B, [K,] *S)`` to spatial ``shape`` (as nnU-Net does for
     deep-supervision targets), keeping the dtype."""
-    if tuple(x.shape[-len(shape):]) == tuple(shape):
+    if tuple(x.shape[-len(shape) :]) == tuple(shape):
         return x
     squeeze = x.ndim == len(shape) + 1  # (B, *S) masks get a channel axis for interpolate
     y = x.unsqueeze(1) if squeeze else x
@@ -74,8 +79,12 @@ def downsample_like(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def deep_supervision_loss(outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
-                          label_mask: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+def deep_supervision_loss(
+    outputs: torch.Tensor | Sequence[torch.Tensor],
+    target: torch.Tensor,
+    label_mask: torch.Tensor,
+    ignore: torch.Tensor | None = None,
+) -> torch.Tensor:
     """:func:`partial_label_loss` over deep-supervision outputs ``[(B, K, *S_0), (B, K, *S_1), ...]`` (full
     resolution first; a single tensor is one level), targets and ignore masks downsampled to each level."""
     if isinstance(outputs, torch.Tensor):

@@ -18,8 +18,14 @@ from mosaicseg.config import TrainConfig
 class Lamb(torch.optim.Optimizer):
     """LAMB: Adam moments, decoupled weight decay, update scaled per tensor by ``‖w‖ / ‖update‖``."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 2e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()

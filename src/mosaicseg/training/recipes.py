@@ -62,8 +62,10 @@ def modality_channels(plans: dict[str, Any], vocabulary: Vocabulary) -> dict[str
         m = vocabulary.dataset_modality[d]
         n = len(plans["datasets"][d]["normalization"])
         if out.setdefault(m, n) != n:
-            raise MosaicSegError(f"modality '{m}' has {out[m]} channels in one dataset and {n} in {d}. Fix: give "
-                                 "one of them another modality name in the collection file.")
+            raise MosaicSegError(
+                f"modality '{m}' has {out[m]} channels in one dataset and {n} in {d}. Fix: give "
+                "one of them another modality name in the collection file."
+            )
     return {m: out[m] for m in vocabulary.modalities}
 
 
@@ -85,9 +87,14 @@ def _network(ctx: RecipeContext, vocabulary: Vocabulary) -> torch.nn.Module:
     network = dict(ctx.plans["network"])
     if ctx.config.patch_size is not None:
         network["patch_size"] = list(ctx.config.patch_size)
-    return build_model(network, modality_channels(ctx.plans, vocabulary), vocabulary.num_tasks,
-                       architecture=ctx.config.architecture, deep_supervision=ctx.config.deep_supervision,
-                       **ctx.config.model_options)
+    return build_model(
+        network,
+        modality_channels(ctx.plans, vocabulary),
+        vocabulary.num_tasks,
+        architecture=ctx.config.architecture,
+        deep_supervision=ctx.config.deep_supervision,
+        **ctx.config.model_options,
+    )
 
 
 @RECIPES.register("universal")
@@ -96,9 +103,14 @@ def universal(ctx: RecipeContext) -> RecipeParts:
     vocabulary = ctx.vocabulary
     if ctx.config.datasets:
         vocabulary = vocabulary.restrict(list(ctx.config.datasets))
-    return RecipeParts(model=_network(ctx, vocabulary), loss=_objective(ctx.config), vocabulary=vocabulary,
-                       datasets=vocabulary.datasets, sampling=ctx.config.sampling or ctx.sampling,
-                       weights=ctx.weights)
+    return RecipeParts(
+        model=_network(ctx, vocabulary),
+        loss=_objective(ctx.config),
+        vocabulary=vocabulary,
+        datasets=vocabulary.datasets,
+        sampling=ctx.config.sampling or ctx.sampling,
+        weights=ctx.weights,
+    )
 
 
 @RECIPES.register("single")
@@ -107,10 +119,17 @@ def single(ctx: RecipeContext) -> RecipeParts:
     dataset = ctx.config.dataset
     if dataset is None:
         if len(ctx.vocabulary.datasets) != 1:
-            raise MosaicSegError(f"the single recipe trains on one dataset, the collection has "
-                                 f"{len(ctx.vocabulary.datasets)}. Fix: pass --dataset with one of "
-                                 f"{list(ctx.vocabulary.datasets)}.")
+            raise MosaicSegError(
+                f"the single recipe trains on one dataset, the collection has "
+                f"{len(ctx.vocabulary.datasets)}. Fix: pass --dataset with one of "
+                f"{list(ctx.vocabulary.datasets)}."
+            )
         dataset = ctx.vocabulary.datasets[0]
     vocabulary = ctx.vocabulary.restrict([dataset])
-    return RecipeParts(model=_network(ctx, vocabulary), loss=partial_label_objective, vocabulary=vocabulary,
-                       datasets=(dataset,), sampling="uniform")
+    return RecipeParts(
+        model=_network(ctx, vocabulary),
+        loss=partial_label_objective,
+        vocabulary=vocabulary,
+        datasets=(dataset,),
+        sampling="uniform",
+    )
