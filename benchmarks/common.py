@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -44,9 +44,14 @@ def machine() -> dict[str, Any]:
     }
 
 
-def peak_rss_mb(children: bool = False) -> float:
-    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
-    return resource.getrusage(who).ru_maxrss / 1024
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class CliRun(NamedTuple):
+    seconds: float
+    peak_rss_mb: float
 
 
 def run_study(name: str, fn: Callable[[], dict[str, Any]], force: bool = False) -> dict[str, Any]:
@@ -64,12 +69,19 @@ def run_study(name: str, fn: Callable[[], dict[str, Any]], force: bool = False) 
     return result
 
 
-def run_cli(args: list[str], log: Path) -> float:
-    """Run ``mosaicseg ARGS`` in a subprocess (its own peak memory, like a user would), return wall seconds."""
+def run_cli(args: list[str], log: Path) -> CliRun:
+    """Run ``mosaicseg ARGS`` in its own process, like a user would; return its wall seconds and peak RSS.
+
+    ``os.wait4`` gives the rusage of that one child (``RUSAGE_CHILDREN`` would be the maximum over every child
+    so far, hiding a smaller run behind a larger earlier one)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.run([sys.executable, "-m", "mosaicseg.cli", *args], stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"mosaicseg {' '.join(args)} failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - t0
+        proc = subprocess.Popen([sys.executable, "-m", "mosaicseg.cli", *args], stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code != 0:
+        raise SystemExit(f"mosaicseg {' '.join(args)} failed (exit {code}); see {log}")
+    return CliRun(seconds, usage.ru_maxrss / 1024)

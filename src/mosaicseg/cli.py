@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from mosaicseg.atomic import write_json_atomic
-from mosaicseg.errors import MosaicSegError
+from mosaicseg.errors import MosaicSegError, printable
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -37,7 +37,7 @@ def _user_errors(fn: F) -> F:
         except MosaicSegError as exc:
             if _state["debug"]:
                 raise
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {printable(str(exc))}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             typer.secho("interrupted", err=True)
@@ -61,12 +61,12 @@ def check(
     workers: Annotated[int, typer.Option(help="Parallel readers")] = 2,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the problems as JSON here")] = None,
 ) -> None:
-    """Verify every dataset of a collection and list all problems at once (exit 1 on errors)."""
+    """Verify every dataset of a collection and list all problems at once (exit 2 on errors)."""
     from mosaicseg.data.checks import check_collection, render_report
 
     t0 = time.perf_counter()
     report = check_collection(collection, folds=folds, workers=workers, progress=sys.stderr.isatty())
-    typer.echo(render_report(report))
+    typer.echo(printable(render_report(report)))
     typer.echo(f"checked in {time.perf_counter() - t0:.1f} s")
     if json_out:
         write_json_atomic(
@@ -79,7 +79,7 @@ def check(
             },
         )
     if not report.ok:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=2)
 
 
 @app.command()
@@ -96,8 +96,11 @@ def plan(
     workers: Annotated[int, typer.Option(help="Parallel workers")] = 2,
     preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", help="Also preprocess")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace existing plans that differ")] = False,
+    verify: Annotated[
+        bool, typer.Option("--check/--no-check", help="Run mosaicseg check first and stop on errors")
+    ] = True,
 ) -> None:
-    """Fingerprint the datasets, write editable plans (JSON) and, unless told not to, preprocess."""
+    """Check the datasets, fingerprint them, write editable plans (JSON) and, unless told not to, preprocess."""
     from mosaicseg.data.fingerprint import plan as make_plan
     from mosaicseg.data.preprocess import preprocess as run_preprocess
     from mosaicseg.data.vocabulary import Vocabulary
@@ -107,6 +110,13 @@ def plan(
     if device not in ("cpu", "cuda"):
         raise MosaicSegError(f"--device {device!r} is unknown. Fix: use cpu or cuda.")
     t0 = time.perf_counter()
+    if verify:
+        from mosaicseg.data.checks import check_collection
+        from mosaicseg.errors import raise_if_errors
+
+        report = check_collection(collection, workers=workers, progress=sys.stderr.isatty())
+        raise_if_errors(report.problems, f"{collection}: mosaicseg check")
+        typer.echo(f"checked in {time.perf_counter() - t0:.1f} s: no errors")
     plans = make_plan(
         collection,
         output,

@@ -190,7 +190,17 @@ def parse_collection(data: Any, source: Path | None = None, base: Path | None = 
         problems.append(_err(where, f"dataset(s) listed twice: {dupes}", "list each dataset once"))
 
     shared: list[tuple[str, ...]] = []
-    for group in data.get("shared_labels") or []:
+    raw_shared = data.get("shared_labels") or []
+    if not isinstance(raw_shared, list):
+        problems.append(
+            _err(
+                where,
+                "'shared_labels' must be a list of lists",
+                "write shared_labels: [[DatasetA/Liver, DatasetB/liver]]",
+            )
+        )
+        raw_shared = []
+    for group in raw_shared:
         if not isinstance(group, list) or len(group) < 2 or not all(isinstance(s, str) and "/" in s for s in group):
             problems.append(
                 _err(

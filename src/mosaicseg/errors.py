@@ -25,7 +25,12 @@ class Problem:
 
     def format(self) -> str:
         fix = f" Fix: {self.fix}" if self.fix else ""
-        return f"[{self.severity}] {self.code}: {self.path}: {self.message}.{fix}"
+        return printable(f"[{self.severity}] {self.code}: {self.path}: {self.message}.{fix}")
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable file-name bytes (surrogate escapes) shown as ``\\xNN``, so it can be printed."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class MosaicSegError(Exception):

@@ -567,6 +567,10 @@ def _dataset_checks(
 # ---------------------------------------------------------------------------------------- per collection
 
 
+# channel_names values that nnU-Net reads as normalisation schemes rather than modalities
+NNUNET_SCHEMES = {"nonorm", "zscore", "rescale_to_0_1", "rgb_to_0_1"}
+
+
 def _collection_checks(
     config: CollectionConfig,
     manifests: list[DatasetManifest],
@@ -601,6 +605,22 @@ def _collection_checks(
                     f"modality '{modality}' is given to datasets with different channel counts: {listing}",
                     "give them different 'modality' names; each modality has one input stem with "
                     "a fixed number of channels",
+                )
+            )
+    overridden = {e.name for e in config.datasets if e.modality}
+    for m in manifests:
+        schemes = [c for c in m.channel_names if c.strip().lower() in NNUNET_SCHEMES]
+        if schemes and m.name not in overridden:
+            problems.append(
+                Problem(
+                    "error",
+                    "unknown-modality",
+                    m.folder / "dataset.json",
+                    f"channel name(s) {schemes} are nnU-Net normalisation schemes, not modalities: MosaicSeg "
+                    "gives each modality its own input stem and normalisation, so it cannot tell what the "
+                    "images are",
+                    f"set 'modality:' for {m.name} in the collection file (e.g. modality: T1, CT, RGB) or "
+                    "name the channels by modality in dataset.json",
                 )
             )
 

@@ -259,12 +259,12 @@ class Predictor:
         output = Path(output)
         if output.exists() and not output.is_dir():
             raise MosaicSegError(f"{output}: is a file, not a folder. Fix: choose an output folder (-o).")
+        cases = group_inputs(inputs)  # the input's own problems first: they are the likeliest
         task_ids = self.resolve_tasks(dataset, tasks)
         source = self.preprocessing_dataset(dataset, task_ids)
         groups = self.outputs_by_dataset(task_ids)
         flat = len(groups) == 1
         n_channels = len(self.plans["datasets"][source]["normalization"])
-        cases = group_inputs(inputs)
         report: dict[str, Any] = {
             "cases": [],
             "skipped": [],
@@ -308,6 +308,12 @@ class Predictor:
                 )
             arrays.append(arr)
         image = np.concatenate(arrays, axis=0).astype(np.float32, copy=False)
+        dim = len(self.patch_size)
+        if image.ndim - 1 != dim:
+            raise MosaicSegError(
+                f"{case.files[0]}: a {image.ndim - 1}D image, but the model is {dim}D. Fix: predict it with a "
+                f"{image.ndim - 1}D model (trained on a {image.ndim - 1}D collection)."
+            )
         if image.shape[0] != n_channels:
             raise MosaicSegError(
                 f"{case.files[0]}: case '{case.case_id}' has {image.shape[0]} channel(s), the model "

@@ -140,9 +140,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), config)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.train_cases, self.val_cases, self.notes = self._split()
+        self._check_patch_fits()
         self.iteration = 0
         self.epoch = 0
         self.elapsed_s = 0.0
+        self.epoch_losses: list[float] = []
         self.best: dict[str, Any] = {"val_mean": -math.inf, "iteration": None}
         if resume and (self.run_dir / "checkpoint_latest.pt").is_file():
             self._restore(load_checkpoint(self.run_dir / "checkpoint_latest.pt", self.device))
@@ -188,6 +190,10 @@ class Trainer:
             ):
                 (self.run_dir / n).unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            # temporary files of writes that a killed run never renamed; the files they were to replace are intact
+            for stale in self.run_dir.glob(".*.tmp*"):
+                stale.unlink(missing_ok=True)
 
     def _load_collection(self) -> CollectionConfig:
         path = self.workdir / "collection.json"
@@ -209,6 +215,28 @@ class Trainer:
         train, val, notes = fold_cases(self.collection, cases, self.config.fold)
         return train, val, notes
 
+    def _check_patch_fits(self) -> None:
+        """Refuse a patch larger than every training image: it would be mostly padding (a mis-edited plan)."""
+        largest = np.zeros(len(self.patch_size), dtype=int)
+        for dataset, case_id in self.train_cases:
+            meta_path = self.workdir / "preprocessed" / dataset / f"{case_id}.json"
+            try:
+                shape = json.loads(meta_path.read_text(encoding="utf-8"))["shape_resampled"]
+            except (OSError, ValueError, KeyError):
+                return  # load_case reports a damaged cache with its own message
+            largest = np.maximum(largest, shape[-len(self.patch_size) :])
+        strides = np.asarray(self.plans["network"]["strides"]).reshape(-1, len(self.patch_size))
+        divisor = np.prod(strides, axis=0)
+        cover = (np.ceil(largest / divisor) * divisor).astype(int)
+        patch = np.asarray(self.patch_size)
+        if (patch >= cover).all() and (patch > cover).any():
+            where = "--patch-size" if self.config.patch_size else str(self.workdir / "plans.json")
+            raise MosaicSegError(
+                f"{where}: patch size {list(patch)} is larger than every training image (largest "
+                f"{largest.tolist()} voxels after preprocessing), so most of each patch would be padding. Fix: "
+                f"use a patch of at most {cover.tolist()} (re-run mosaicseg plan, or edit network.patch_size)."
+            )
+
     # ----------------------------------------------------------------------------------------- state
     def checkpoint(self) -> dict[str, Any]:
         return {
@@ -221,6 +249,7 @@ class Trainer:
             "iteration": self.iteration,
             "epoch": self.epoch,
             "elapsed_s": self.elapsed_s,
+            "epoch_losses": list(self.epoch_losses),  # a resumed epoch logs the mean over all its iterations
             "train_config": self.config.to_dict(),
             "plans": self.plans,
             "vocabulary": self.vocabulary.to_dict(),
@@ -256,6 +285,7 @@ class Trainer:
         self.iteration = int(ckpt["iteration"])
         self.epoch = int(ckpt["epoch"])
         self.elapsed_s = float(ckpt["elapsed_s"])
+        self.epoch_losses = [float(v) for v in ckpt.get("epoch_losses", [])]
         self.best = dict(ckpt.get("best") or self.best)
         if self.is_main:
             truncate_records(self.run_dir / "metrics.jsonl", self.iteration)
@@ -438,7 +468,7 @@ class Trainer:
             unit="it",
             dynamic_ncols=True,
         )
-        losses: list[float] = []
+        losses = self.epoch_losses
         epoch_start = time.perf_counter()
         tick = time.perf_counter()
         try:
@@ -456,7 +486,7 @@ class Trainer:
                 epoch_end = self.iteration % cfg.iterations_per_epoch == 0
                 if epoch_end or done:
                     record = self._end_epoch(losses, time.perf_counter() - epoch_start, validate=epoch_end or done)
-                    losses, epoch_start = [], time.perf_counter()
+                    epoch_start = time.perf_counter()
                 elif cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                     self.save("latest")
                 if done:
@@ -483,6 +513,7 @@ class Trainer:
             "epoch_time_s": seconds,
             "elapsed_s": self.elapsed_s,
         }
+        losses.clear()  # before this epoch's checkpoint: a run resumed from it starts a fresh epoch
         do_val = validate and self.val_cases and (self.finished() or record["epoch"] % cfg.val_every == 0)
         if do_val and self.is_main:
             t0 = time.perf_counter()
