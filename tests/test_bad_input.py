@@ -403,7 +403,7 @@ def crafted_pickle_checkpoint(ctx: Ctx) -> Case:
             return (os.system, ("touch pwned",))
 
     f = ctx.tmp / "checkpoint_final.pt"
-    f.write_bytes(pickle.dumps({"format": "mosaicseg/checkpoint", "x": Evil()}))
+    f.write_bytes(pickle.dumps({"format": "mosaicseg/checkpoint", "x": Evil()}, protocol=2))
     return ["predict", "-m", str(f), "-i", str(ctx.tmp), "-o", str(ctx.tmp / "p")], ["checkpoint_final.pt", "refused"]
 
 

@@ -85,7 +85,7 @@ def test_checkpoint_holds_everything_to_rebuild_and_loads_without_pickle(tiny_wo
             return (print, ("executed",))
 
     bad = tmp_path / "evil.pt"
-    bad.write_bytes(pickle.dumps({"format": "mosaicseg/checkpoint", "x": Evil()}))
+    bad.write_bytes(pickle.dumps({"format": "mosaicseg/checkpoint", "x": Evil()}, protocol=2))
     with pytest.raises(MosaicSegError, match="not a loadable MosaicSeg checkpoint"):
         load_checkpoint(bad)
 
