@@ -31,6 +31,12 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoint_final.pt")["model"]
 
 
+def _metrics(run) -> list[dict]:
+    """``metrics.jsonl`` without the wall-clock fields (the only ones a seeded CPU run may change)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -53,6 +59,7 @@ def test_seeded_runs_are_identical_and_resume_mid_epoch_is_exact(tiny_workdir_2d
     b = Trainer(tiny_workdir_2d, cfg, tmp_path / "b", progress=False)
     b.fit()
     _assert_same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")  # losses, LR and validation Dice too
 
     c = Trainer(tiny_workdir_2d, cfg, tmp_path / "c", progress=False)
     c.parts.hooks.append(_StopAt(3))  # mid-epoch (5 iterations per epoch)
