@@ -125,20 +125,20 @@ def undeclared_label(ctx: Ctx) -> Case:
     return _check(folder), ["case0.nii.gz", "7"]
 
 
-def nan_image(ctx: Ctx) -> Case:
+def _nonfinite(ctx: Ctx, value: float) -> Path:
     folder = _ds(ctx, channels=("T1",))
     arr = np.ones((8, 8, 8), np.float32)
-    arr[2, 2, 2] = np.nan
+    arr[2, 2, 2] = value
     ctx.make_dataset.write(_img(folder), arr)
-    return _check(folder), ["case0_0000.nii.gz", "NaN"]
+    return folder
+
+
+def nan_image(ctx: Ctx) -> Case:
+    return _check(_nonfinite(ctx, np.nan)), ["case0_0000.nii.gz", "NaN"]
 
 
 def inf_image(ctx: Ctx) -> Case:
-    folder = _ds(ctx, channels=("T1",))
-    arr = np.ones((8, 8, 8), np.float32)
-    arr[2, 2, 2] = np.inf
-    ctx.make_dataset.write(_img(folder), arr)
-    return _check(folder), ["case0_0000.nii.gz", "inf"]
+    return _check(_nonfinite(ctx, np.inf)), ["case0_0000.nii.gz", "inf"]
 
 
 def all_zero_image(ctx: Ctx) -> Case:
