@@ -116,7 +116,11 @@ def plan(
 
         report = check_collection(collection, workers=workers, progress=sys.stderr.isatty())
         raise_if_errors(report.problems, f"{collection}: mosaicseg check")
-        typer.echo(f"checked in {time.perf_counter() - t0:.1f} s: no errors")
+        warnings = sum(p.severity == "warning" for p in report.problems)
+        typer.echo(
+            f"checked in {time.perf_counter() - t0:.1f} s: no errors, {warnings} warning(s)"
+            + (f" (mosaicseg check {collection} lists them)" if warnings else "")
+        )
     plans = make_plan(
         collection,
         output,
