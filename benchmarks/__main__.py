@@ -153,41 +153,69 @@ def _only(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def study_predict() -> dict[str, Any]:
-    """Prediction cost per case (own process: its peak RSS is the prediction's) with the hippocampus run."""
-    run = WORK / "hippo" / "runs" / "single_adamw" / "fold_0"
-    if not (run / "checkpoint_final.pt").is_file():
+    """Prediction cost per case (own process: its peak RSS is the prediction's).
+
+    Rows: the hippocampus run on hippocampus cases (with and without TTA) and, as a cost-only stress case, on
+    IXI heads resampled to its 1 mm plan; and the brain4 universal model (2 mm plan for IXI) on IXI heads with
+    all 19 tasks, if that study has trained it. Rows measured before are reused (``work/bench/predict_rows.json``)
+    so a long study can span sittings; ``--force`` only recomputes the summary from them."""
+    hippo = WORK / "hippo" / "runs" / "single_adamw" / "fold_0"
+    if not (hippo / "checkpoint_final.pt").is_file():
         raise SystemExit("run the hippocampus study first (python -m benchmarks hippocampus)")
-    out: dict[str, Any] = {}
-    # an IXI head resampled to the hippocampus plan's 1 mm is ~650 tiles: TTA (8 mirrors) would take ~25 min/case
-    for dataset, n, ttas in (("Dataset001_Hippocampus", 10, (False, True)), ("Dataset003_IXILimbic", 2, (False,))):
-        images = sorted((SHARED / dataset / "imagesTr").glob("*_0000.nii.gz"))[:n]
-        folder = _link_all(images, WORK / f"predict_{dataset}" / "images")
-        for tta in ttas:
-            pred = WORK / f"predict_{dataset}" / ("pred_tta" if tta else "pred")
-            done = run_cli(
-                [
-                    "predict",
-                    "-m",
-                    str(run),
-                    "-i",
-                    str(folder),
-                    "-o",
-                    str(pred),
-                    "--overwrite",
-                    "--dataset",
-                    "Dataset001_Hippocampus",
-                    *(["--tta"] if tta else []),
-                ],
-                WORK / "logs" / f"predict_{dataset}_{tta}.log",
-            )
-            out[f"{dataset}{' +TTA' if tta else ''}"] = {
-                "cases": n,
-                "s_per_case_incl_startup": done.seconds / n,
-                "peak_rss_mb": done.peak_rss_mb,
-            }
+    universal = WORK / "brain4" / "runs" / "universal_s0"
+    # (row, run, dataset of the plan, images of, cases, tta); an IXI head at the hippocampus plan's 1 mm is
+    # ~650 tiles: TTA (8 mirrors) would take ~25 min per case
+    rows = [
+        ("Dataset001_Hippocampus", hippo, "Dataset001_Hippocampus", "Dataset001_Hippocampus", 10, False),
+        ("Dataset001_Hippocampus +TTA", hippo, "Dataset001_Hippocampus", "Dataset001_Hippocampus", 10, True),
+        (
+            "Dataset003_IXILimbic (hippocampus 1 mm plan)",
+            hippo,
+            "Dataset001_Hippocampus",
+            "Dataset003_IXILimbic",
+            2,
+            False,
+        ),
+    ]
+    if (universal / "checkpoint_final.pt").is_file():
+        rows += [
+            (
+                "Dataset003_IXILimbic (brain4 universal, 2 mm, 19 tasks)",
+                universal,
+                "Dataset003_IXILimbic",
+                "Dataset003_IXILimbic",
+                4,
+                False,
+            ),
+            (
+                "Dataset003_IXILimbic (brain4 universal, 2 mm, 19 tasks) +TTA",
+                universal,
+                "Dataset003_IXILimbic",
+                "Dataset003_IXILimbic",
+                4,
+                True,
+            ),
+        ]
+    cache = WORK / "predict_rows.json"
+    out: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
+    for name, run, plan_dataset, images_of, n, tta in rows:
+        if name in out:
+            continue
+        images = sorted((SHARED / images_of / "imagesTr").glob("*_0000.nii.gz"))[:n]
+        folder = _link_all(images, WORK / f"predict_{images_of}" / "images")
+        pred = WORK / f"predict_{images_of}" / f"pred_{len(out)}"
+        args = ["predict", "-m", str(run), "-i", str(folder), "-o", str(pred), "--overwrite"]
+        args += ["--dataset", plan_dataset] + (["--tta"] if tta else [])
+        if run == universal:
+            args += ["--tasks", "all"]
+        done = run_cli(args, WORK / "logs" / f"predict_{len(out)}.log")
+        out[name] = {"cases": n, "s_per_case_incl_startup": done.seconds / n, "peak_rss_mb": done.peak_rss_mb}
+        from mosaicseg.atomic import write_json_atomic
+
+        write_json_atomic(cache, out)
     return {
-        "setting": "mosaicseg predict in its own process (start-up included), CPU, the hippocampus run's "
-        "final checkpoint; IXI cases are predicted with the hippocampus plan (cost only, not quality)",
+        "setting": "mosaicseg predict in its own process (start-up included), CPU, final checkpoints; the "
+        "hippocampus plan on IXI heads measures cost only, not quality",
         "results": out,
     }
 

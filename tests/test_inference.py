@@ -172,6 +172,7 @@ def test_predict_png_and_2d_nifti_and_fold_ensemble(tiny_workdir_2d, tmp_path):
     )
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["Dataset912_SynthCT", "Dataset913_SynthMR"]
     assert everything["tasks"] == ["Dataset912_SynthCT/Tumor", "Dataset913_SynthMR/Kidney"]
+    assert predictor.resolve_tasks("Dataset912_SynthCT", ["all"]) == list(range(predictor.vocabulary.num_tasks))
     with pytest.raises(MosaicSegError, match="unknown task"):
         predictor.predict_files(ct, tmp_path / "x", dataset="Dataset912_SynthCT", tasks=["Spleen"], progress=False)
     with pytest.raises(MosaicSegError, match="--dataset"):

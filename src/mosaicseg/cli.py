@@ -276,7 +276,7 @@ def predict(
     inputs: Annotated[list[Path], typer.Option("-i", "--input", help="Image files or folders (repeat)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")],
     dataset: Annotated[str | None, typer.Option(help="Dataset whose preprocessing and tasks apply")] = None,
-    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Tasks to predict (repeat)")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Tasks (repeat; all: every task)")] = None,
     folds: Annotated[list[str] | None, typer.Option("--folds", help="Folds to ensemble (repeat)")] = None,
     checkpoint: Annotated[str, typer.Option(help="final, latest or best")] = "final",
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation")] = False,

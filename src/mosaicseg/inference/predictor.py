@@ -156,9 +156,11 @@ class Predictor:
 
     # ----------------------------------------------------------------------------------------- choices
     def resolve_tasks(self, dataset: str | None, tasks: Sequence[str] | None) -> list[int]:
-        """Task indices: ``tasks`` (names ``Dataset/label``, or ``label`` within ``dataset``), else all tasks of
-        ``dataset``, else every task."""
+        """Task indices: ``tasks`` (names ``Dataset/label``, or ``label`` within ``dataset``; ``["all"]``: every
+        task), else all tasks of ``dataset``, else every task."""
         v = self.vocabulary
+        if tasks and [t.lower() for t in tasks] == ["all"]:
+            return list(range(v.num_tasks))
         if tasks:
             out = []
             for name in tasks:
