@@ -264,9 +264,9 @@ def study_brain4(iterations: int) -> dict[str, Any]:
         "--optimizer",
         "adamw",
         "--iterations-per-epoch",
-        str(max(1, iterations // 2)),
+        str(min(100, iterations)),  # a checkpoint every 100 iterations: a study killed mid-run loses little
         "--val-every",
-        "1000",
+        "100000",
         "--val-max-cases",
         "0",
         "--device",
@@ -327,7 +327,7 @@ def main() -> None:
     )
     parser.add_argument("study", choices=[*STUDIES, "report"])
     parser.add_argument("--force", action="store_true", help="recompute a finished study")
-    parser.add_argument("--iterations", type=int, default=500, help="brain4: iterations of each single run")
+    parser.add_argument("--iterations", type=int, default=600, help="brain4: iterations of each single run")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.study != "report":

@@ -9,7 +9,12 @@ import torch
 
 from mosaicseg.config import TrainConfig
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.inference.postprocess import keep_largest_component, labels_from_probabilities
+from mosaicseg.inference.postprocess import (
+    keep_largest_component,
+    labels_from_probabilities,
+    labels_from_resampled,
+    restore_probabilities,
+)
 from mosaicseg.inference.predictor import Predictor, group_inputs
 from mosaicseg.inference.sliding_window import predict_logits
 from mosaicseg.models import build_model
@@ -62,6 +67,48 @@ def test_sliding_window_and_mirroring_equal_the_whole_image_on_larger_inputs(sha
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     mirrored = predict_logits(model, image, 2, patch, mirror_axes=tuple(range(len(shape))))
     torch.testing.assert_close(mirrored, want, rtol=1e-5, atol=1e-5)
+    half = predict_logits(model, image, 2, patch, accumulate=torch.float16)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=5e-3)  # float16 blending: within 1 %
+
+
+def test_large_outputs_are_blended_in_half_precision(monkeypatch):
+    import mosaicseg.inference.sliding_window as sw
+
+    model = _Pointwise(2).eval()
+    image = torch.randn(2, 20, 20)
+    assert predict_logits(model, image, 0, (16, 16), tasks=[0, 2]).dtype == torch.float32
+    monkeypatch.setattr(sw, "HALF_ABOVE_BYTES", 2 * 20 * 20 * 4 - 1)  # just below the float32 output size
+    assert predict_logits(model, image, 0, (16, 16), tasks=[0, 2]).dtype == torch.float16
+
+
+@pytest.mark.parametrize("regions", [False, True])
+@pytest.mark.parametrize("largest", [False, True])
+def test_streaming_export_equals_restoring_every_task_at_once(regions, largest):
+    rng = np.random.default_rng(0)
+    prob = rng.uniform(0, 1, size=(3, 9, 11, 6)).astype(np.float32)
+    prob[1, 2:5] = prob[0, 2:5]  # ties: the earlier task must win, as with np.argmax
+    meta = {
+        "spacing_target": [2.0, 2.0, 3.0],
+        "spacing_original": [1.0, 1.0, 1.5],
+        "shape_cropped": [18, 22, 12],
+        "shape_original": [20, 25, 14],
+        "bbox": [[1, 19], [2, 24], [0, 12]],
+        "separate_axis": None,
+    }
+    values = [(1, 2), (2,), (3,)] if regions else [(4,), (7,), (9,)]
+    order = (1, 2, 3) if regions else None
+    want = labels_from_probabilities(restore_probabilities(prob, meta), values, order, largest)
+    seen = {}
+    got = labels_from_resampled(
+        prob.astype(np.float16), meta, values, order, largest, on_probability=lambda t, p: seen.setdefault(t, p)
+    )
+    half = labels_from_probabilities(
+        restore_probabilities(prob.astype(np.float16).astype(np.float32), meta), values, order, largest
+    )
+    np.testing.assert_array_equal(got, half)
+    assert (got != want).mean() < 0.01  # float16 storage moves only voxels within ~1e-3 of 0.5 or of a tie
+    assert sorted(seen) == [0, 1, 2] and seen[0].shape == (20, 25, 14)
 
 
 def test_label_rule_highest_probability_above_half_else_background():
@@ -162,6 +209,16 @@ def test_predict_png_and_2d_nifti_and_fold_ensemble(tiny_workdir_2d, tmp_path):
     predictor.predict_files(ct, tmp_path / "ct", dataset="Dataset912_SynthCT", progress=False)
     case_id = ct[0].name[: -len("_0000.nii.gz")]
     _same_geometry(tmp_path / "ct" / f"{case_id}.nii.gz", ct[0])
+    # the half-precision path of large volumes (forced here) gives the same label map up to threshold ties
+    import mosaicseg.inference.sliding_window as sw
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sw, "HALF_ABOVE_BYTES", 0)
+        predictor.predict_files(ct, tmp_path / "ct16", dataset="Dataset912_SynthCT", progress=False)
+    full, half = (
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / f"{case_id}.nii.gz"))) for d in ("ct", "ct16")
+    )
+    assert (full != half).mean() < 0.001
     # every task: one output folder per source dataset, each in its own numbering
     everything = predictor.predict_files(
         ct,

@@ -10,6 +10,7 @@ RGB PNG is one file). Output layout: ``OUT/CASE.ext`` when the chosen tasks come
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from mosaicseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_ima
 from mosaicseg.data.preprocess import preprocess_arrays
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.inference.postprocess import labels_from_probabilities, restore_probabilities
+from mosaicseg.inference.postprocess import labels_from_resampled
 from mosaicseg.inference.sliding_window import predict_logits
 from mosaicseg.models import UniversalNet
 from mosaicseg.training.loop import load_checkpoint, resolve_device
@@ -104,6 +105,12 @@ def group_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
             )
         out.append(InputCase(case, tuple(f for _, f in chans), endings[case]))
     return out
+
+
+def _save_probability(t: int, p: np.ndarray, *, paths: list[Path], geometry: Geometry, written: list[str]) -> None:
+    """Write task ``t``'s probability map ``(*S)``: float32, or 0–255 for PNG."""
+    arr = np.round(p * 255).astype(np.uint8) if paths[t].name.endswith(".png") else p
+    written.append(str(write_image(paths[t], arr, geometry, overwrite=True)))
 
 
 class Predictor:
@@ -195,7 +202,7 @@ class Predictor:
         )
 
     # ----------------------------------------------------------------------------------------- predict
-    def predict_probabilities(
+    def predict_resampled(
         self,
         image: np.ndarray,
         geometry: Geometry,
@@ -203,10 +210,11 @@ class Predictor:
         task_ids: Sequence[int],
         tta: bool = False,
         source: str | Path = "image",
-    ) -> np.ndarray:
-        """Probabilities ``(T, *S_original)`` (canonical orientation) of ``task_ids`` for one raw image
-        ``(C, *S_original)``: preprocessed with ``dataset``'s plan, averaged over TTA (logits) and folds
-        (probabilities), resampled back and uncropped."""
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Probabilities ``(T, *S_resampled)`` of ``task_ids`` on the preprocessed grid for one raw image
+        ``(C, *S_original)`` (preprocessed with ``dataset``'s plan; TTA averaged in logits, folds in
+        probabilities), and the meta that maps them back (:func:`labels_from_resampled`). Large outputs are
+        float16 (see :func:`predict_logits`)."""
         plan = self.plans["datasets"][dataset]
         pre, _, meta = preprocess_arrays(image, None, geometry, plan, source=source)
         x = torch.from_numpy(pre)
@@ -227,7 +235,9 @@ class Predictor:
             p = torch.sigmoid(logits).numpy()
             prob = p if prob is None else prob + p
         assert prob is not None
-        return restore_probabilities(prob / len(self.models), meta)
+        if len(self.models) > 1:
+            prob /= len(self.models)
+        return prob, meta
 
     def outputs_by_dataset(self, task_ids: Sequence[int]) -> dict[str, list[tuple[int, int, str, tuple[int, ...]]]]:
         """Source dataset → ``(position in task_ids, position among the dataset's labels, label name, label
@@ -281,19 +291,24 @@ class Predictor:
                 continue
             t0 = time.perf_counter()
             image, geometry = self._read(case, n_channels)
-            prob = self.predict_probabilities(image, geometry, source, task_ids, tta=tta, source=case.files[0])
-            written = []
+            prob, meta = self.predict_resampled(image, geometry, source, task_ids, tta=tta, source=case.files[0])
+            del image
+            written: list[str] = []
             for d, rows in groups.items():
-                sub = prob[[r[0] for r in rows]]
                 order = self.vocabulary.regions_class_order.get(d)
                 order = [order[r[1]] for r in rows] if order else None
-                seg = labels_from_probabilities(sub, [r[3] for r in rows], order, largest_component)
-                written.append(str(write_image(targets[d], seg, geometry, overwrite=True)))
-                if save_probabilities:
-                    for (_, _, label, _), p in zip(rows, sub, strict=True):
-                        path = targets[d].with_name(f"{case.case_id}_prob_{label}{case.ending}")
-                        arr = np.round(p * 255).astype(np.uint8) if case.ending == ".png" else p.astype(np.float32)
-                        written.append(str(write_image(path, arr, geometry, overwrite=True)))
+
+                paths = [targets[d].with_name(f"{case.case_id}_prob_{r[2]}{case.ending}") for r in rows]
+                save = functools.partial(_save_probability, paths=paths, geometry=geometry, written=written)
+                seg = labels_from_resampled(
+                    prob[[r[0] for r in rows]],
+                    meta,
+                    [r[3] for r in rows],
+                    order,
+                    largest_component,
+                    on_probability=save if save_probabilities else None,
+                )
+                written.insert(0, str(write_image(targets[d], seg, geometry, overwrite=True)))
             report["cases"].append({"case_id": case.case_id, "seconds": time.perf_counter() - t0, "files": written})
         return report
 
