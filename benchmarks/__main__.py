@@ -5,6 +5,7 @@ Studies:
   partial-labels  synthetic 2D: MultiTalent's partial-label loss vs. treating missing labels as background
   hippocampus     single recipe on Dataset001_Hippocampus fold 0, 3D, 30-minute wall-clock budget (CPU)
   predict         predict seconds per case and peak memory on hippocampus and IXI cases
+  memory          peak RSS of predicting a 512x512x400 CT with a 24-task model (target < 4 GiB)
   brain4          universal on Dataset001-004 vs single on each, equal total iterations, 2 seeds
                   (--iterations N per single run; the universal run gets 4 N)
   report          only regenerate BENCHMARKS.md
@@ -313,11 +314,85 @@ def study_brain4(iterations: int) -> dict[str, Any]:
     }
 
 
+def _big_ct(folder: Path, shape_zyx: tuple[int, int, int], tasks: int) -> Path:
+    """A one-case CT dataset: HU noise in a body ellipse, ``tasks`` small labelled cubes (so every task has
+    foreground), spacing 0.8 x 0.8 x 1.0 mm. Returns the image file."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from mosaicseg.atomic import write_json_atomic
+
+    image_path = folder / "imagesTr" / "big_0000.nii.gz"
+    if image_path.is_file():
+        return image_path
+    rng = np.random.default_rng(0)
+    z, y, x = shape_zyx
+    yy, xx = np.ogrid[:y, :x]
+    body = ((yy - y / 2) / (0.45 * y)) ** 2 + ((xx - x / 2) / (0.4 * x)) ** 2 < 1
+    ct = np.full(shape_zyx, -1000, np.int16)
+    ct[:, body] = rng.normal(40, 30, size=(z, int(body.sum()))).astype(np.int16)
+    label = np.zeros(shape_zyx, np.uint8)
+    for t in range(tasks):
+        cz, cy, cx = z // 2 + (t % 4 - 2) * 20, y // 2 + (t // 4 - 3) * 20, x // 2
+        label[cz : cz + 12, cy : cy + 12, cx : cx + 12] = t + 1
+    for arr, path in ((ct, image_path), (label, folder / "labelsTr" / "big.nii.gz")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((0.8, 0.8, 1.0))
+        sitk.WriteImage(img, str(path), useCompression=True)
+    write_json_atomic(
+        folder / "dataset.json",
+        {
+            "channel_names": {"0": "CT"},
+            "labels": {"background": 0, **{f"organ{t + 1:02d}": t + 1 for t in range(tasks)}},
+            "numTraining": 1,
+            "file_ending": ".nii.gz",
+        },
+    )
+    return image_path
+
+
+def study_memory() -> dict[str, Any]:
+    """Peak RSS of ``mosaicseg predict`` on a 512 x 512 x 400 CT with a 24-task model (1.5 mm plan, small
+    network): cost only, the model is trained for one iteration."""
+    root = WORK / "memory"
+    image = _big_ct(root / "Dataset990_BigCT", (400, 512, 512), 24)
+    workdir, run = root / "work", root / "work" / "runs" / "single_1it"
+    if not (run / "checkpoint_final.pt").is_file():
+        run_cli(
+            ["plan", str(image.parents[1]), "-o", str(workdir), "--common-spacing", "1.5", "--overwrite"],
+            WORK / "logs" / "memory_plan.log",
+        )
+        _set_network(workdir / "plans.json", MEMORY_NETWORK)
+        run_cli(
+            ["train", str(workdir), "--recipe", "single", "--fold", "all", "--iterations", "1", "-o", str(run)],
+            WORK / "logs" / "memory_train.log",
+        )
+    args = ["predict", "-m", str(run), "-i", str(image), "-o", str(root / "pred"), "--overwrite", "--tasks", "all"]
+    done = run_cli(args, WORK / "logs" / "memory_predict.log")
+    plans = json.loads((workdir / "plans.json").read_text())
+    return {
+        "setting": {
+            "image": "512 x 512 x 400 CT, 0.8 x 0.8 x 1.0 mm, one case",
+            "tasks": 24,
+            "target_spacing": next(iter(plans["datasets"].values()))["target_spacing"],
+            **{k: plans["network"][k] for k in ("patch_size", "features", "batch_size")},
+        },
+        "target_peak_rss_mb": 4096,
+        "predict": {"seconds": done.seconds, "peak_rss_mb": done.peak_rss_mb},
+    }
+
+
+# a small network: the memory study measures the pipeline around it, not the network
+MEMORY_NETWORK = {"patch_size": [64, 64, 64], "features": [8, 16, 32, 64], "batch_size": 2}
+
+
 STUDIES = {
     "partial-labels": study_partial_labels,
     "hippocampus": study_hippocampus,
     "predict": study_predict,
     "brain4": study_brain4,
+    "memory": study_memory,
 }
 
 

@@ -111,7 +111,30 @@ def _brain4(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-SECTIONS = {"partial-labels": _partial_labels, "hippocampus": _hippocampus, "predict": _predict, "brain4": _brain4}
+def _memory(r: dict[str, Any]) -> list[str]:
+    s, p = r["setting"], r["predict"]
+    verdict = "meets" if p["peak_rss_mb"] < r["target_peak_rss_mb"] else "misses"
+    return [
+        "## Prediction memory on a large CT",
+        "",
+        f"`python -m benchmarks memory` — `mosaicseg predict --tasks all` in its own process on a {s['image']}, "
+        f"a {s['tasks']}-task model planned at {s['target_spacing']} mm with patch {s['patch_size']} and features "
+        f"{s['features']} (trained one iteration: cost only). Peak RSS from `wait4` of that process.",
+        "",
+        "| seconds | peak RSS MB | target |",
+        "|---|---|---|",
+        f"| {p['seconds']:.0f} | {p['peak_rss_mb']:.0f} | < {r['target_peak_rss_mb']} ({verdict}) |",
+        "",
+    ]
+
+
+SECTIONS = {
+    "partial-labels": _partial_labels,
+    "hippocampus": _hippocampus,
+    "predict": _predict,
+    "brain4": _brain4,
+    "memory": _memory,
+}
 
 
 def write_report() -> Path:

@@ -28,8 +28,13 @@ def restore_probabilities(prob: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
         separate_axis=meta.get("separate_axis"),
         new_shape=meta["shape_cropped"],
     )
+    if cropped is prob:  # nothing to resample: resample_image handed back the caller's array
+        cropped = cropped.copy()
+    np.clip(cropped, 0.0, 1.0, out=cropped)
+    if list(cropped.shape[1:]) == list(meta["shape_original"]):  # nothing was cropped: no second full-size copy
+        return cropped
     out = np.zeros((prob.shape[0], *meta["shape_original"]), dtype=np.float32)
-    out[(slice(None), *(slice(lo, hi) for lo, hi in meta["bbox"]))] = np.clip(cropped, 0.0, 1.0)
+    out[(slice(None), *(slice(lo, hi) for lo, hi in meta["bbox"]))] = cropped
     return out
 
 
@@ -78,10 +83,12 @@ def labels_from_resampled(
     regions_class_order: Sequence[int] | None = None,
     largest_component: bool = False,
     on_probability: Callable[[int, np.ndarray], None] | None = None,
+    channels: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """``labels_from_probabilities(restore_probabilities(prob, meta), ...)`` one task at a time.
+    """``labels_from_probabilities(restore_probabilities(prob[channels], meta), ...)`` one task at a time.
 
-    ``prob`` ``(T, *S_resampled)`` (float16 or float32) → label map ``(*S_original)``. Only one task's map
+    ``prob`` ``(K, *S_resampled)`` (float16 or float32; ``channels[t]`` is task ``t``'s channel, default
+    ``t``) → label map ``(*S_original)``. Only one task's map
     exists at the original resolution at any time (plus the running best probability), so a 24-task model on
     a 512×512×400 CT needs ~1 GB here instead of ~10 GB. ``on_probability(t, p)`` receives each task's
     restored map ``(*S_original)`` (to save it) before it is dropped.
@@ -91,7 +98,8 @@ def labels_from_resampled(
     seg = np.zeros(shape, dtype=dtype)
     best = np.full(shape, -1.0, dtype=np.float32) if regions_class_order is None and len(values) else None
     for t in range(len(values)):
-        p = restore_probabilities(prob[t : t + 1].astype(np.float32), meta)[0]
+        c = channels[t] if channels is not None else t
+        p = restore_probabilities(prob[c : c + 1].astype(np.float32), meta)[0]
         if on_probability is not None:
             on_probability(t, p)
         mask = p > 0.5

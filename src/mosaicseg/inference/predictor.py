@@ -204,7 +204,7 @@ class Predictor:
     # ----------------------------------------------------------------------------------------- predict
     def predict_resampled(
         self,
-        image: np.ndarray,
+        images: list[np.ndarray],
         geometry: Geometry,
         dataset: str,
         task_ids: Sequence[int],
@@ -214,13 +214,16 @@ class Predictor:
         """Probabilities ``(T, *S_resampled)`` of ``task_ids`` on the preprocessed grid for one raw image
         ``(C, *S_original)`` (preprocessed with ``dataset``'s plan; TTA averaged in logits, folds in
         probabilities), and the meta that maps them back (:func:`labels_from_resampled`). Large outputs are
-        float16 (see :func:`predict_logits`)."""
+        float16 (see :func:`predict_logits`).
+
+        ``images`` is a one-element list that this method empties: the raw image is released once it is
+        preprocessed, before the sliding window allocates its output (a 512×512×400 CT is 0.4 GB)."""
         plan = self.plans["datasets"][dataset]
-        pre, _, meta = preprocess_arrays(image, None, geometry, plan, source=source)
+        pre, _, meta = preprocess_arrays(images.pop(), None, geometry, plan, source=source)
         x = torch.from_numpy(pre)
         mirror = tuple(range(pre.ndim - 1)) if tta else ()
         modality = self.vocabulary.modality_index(dataset)
-        prob = None
+        prob: np.ndarray | None = None
         for model in self.models:
             logits = predict_logits(
                 model,
@@ -232,8 +235,12 @@ class Predictor:
                 device=self.device,
                 amp=self.amp,
             )
-            p = torch.sigmoid(logits).numpy()
-            prob = p if prob is None else prob + p
+            p = logits.sigmoid_().numpy()  # in place: the logits are not needed again
+            if prob is None:
+                prob = p
+            else:
+                prob += p
+            del logits, p
         assert prob is not None
         if len(self.models) > 1:
             prob /= len(self.models)
@@ -291,8 +298,9 @@ class Predictor:
                 continue
             t0 = time.perf_counter()
             image, geometry = self._read(case, n_channels)
-            prob, meta = self.predict_resampled(image, geometry, source, task_ids, tta=tta, source=case.files[0])
+            holder = [image]
             del image
+            prob, meta = self.predict_resampled(holder, geometry, source, task_ids, tta=tta, source=case.files[0])
             written: list[str] = []
             for d, rows in groups.items():
                 order = self.vocabulary.regions_class_order.get(d)
@@ -301,12 +309,13 @@ class Predictor:
                 paths = [targets[d].with_name(f"{case.case_id}_prob_{r[2]}{case.ending}") for r in rows]
                 save = functools.partial(_save_probability, paths=paths, geometry=geometry, written=written)
                 seg = labels_from_resampled(
-                    prob[[r[0] for r in rows]],
+                    prob,
                     meta,
                     [r[3] for r in rows],
                     order,
                     largest_component,
                     on_probability=save if save_probabilities else None,
+                    channels=[r[0] for r in rows],
                 )
                 written.insert(0, str(write_image(targets[d], seg, geometry, overwrite=True)))
             report["cases"].append({"case_id": case.case_id, "seconds": time.perf_counter() - t0, "files": written})

@@ -97,4 +97,6 @@ def predict_logits(
         out = torch.flip(out, dims) if dims else out
         total = out if total is None else total.add_(out)
     assert total is not None  # at least the identity flip
-    return (total / len(flips))[0]
+    if len(flips) > 1:
+        total /= len(flips)
+    return total[0]
