@@ -343,6 +343,16 @@ def _explicit_cases(data: dict[str, Any], folder: Path, n_channels: int, problem
     return cases
 
 
+def _unexpected_file(path: Path, ending: str) -> Problem:
+    return _problem(
+        "unexpected-file",
+        path,
+        f"does not end with the dataset's file_ending '{ending}'",
+        "remove it, or fix file_ending in dataset.json",
+        "warning",
+    )
+
+
 def _folder_cases(folder: Path, ending: str, n_channels: int, problems: list[Problem]) -> list[CaseFiles]:
     images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
     for d in (images_dir, labels_dir):
@@ -360,15 +370,7 @@ def _folder_cases(folder: Path, ending: str, n_channels: int, problems: list[Pro
             problems.append(_problem("bad-filename", p, "file name is not valid UTF-8", "rename it (ASCII is safest)"))
             continue
         if not p.name.endswith(ending):
-            problems.append(
-                _problem(
-                    "unexpected-file",
-                    p,
-                    f"does not end with the dataset's file_ending '{ending}'",
-                    "remove it, or fix file_ending in dataset.json",
-                    "warning",
-                )
-            )
+            problems.append(_unexpected_file(p, ending))
             continue
         m = _CHANNEL_SUFFIX.match(p.name[: -len(ending)])
         if not m:
@@ -383,15 +385,7 @@ def _folder_cases(folder: Path, ending: str, n_channels: int, problems: list[Pro
         if p.name.startswith("."):
             continue
         if not p.name.endswith(ending):
-            problems.append(
-                _problem(
-                    "unexpected-file",
-                    p,
-                    f"does not end with the dataset's file_ending '{ending}'",
-                    "remove it, or fix file_ending in dataset.json",
-                    "warning",
-                )
-            )
+            problems.append(_unexpected_file(p, ending))
             continue
         label_files[p.name[: -len(ending)]] = p
     for case_id in sorted(set(channels) | set(label_files)):
