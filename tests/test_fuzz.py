@@ -119,7 +119,7 @@ collections = st.one_of(
 
 @FUZZ
 @given(data=collections)
-def test_collection_fuzz(data, tmp_path_factory) -> None:
+def test_collection_fuzz(data) -> None:
     try:
         parse_collection(data, source=Path("collection.yaml"), base=Path("/nonexistent"))
     except MosaicSegError as exc:
