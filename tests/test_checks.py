@@ -362,3 +362,17 @@ def test_real_2d_collection():
     assert {s.dim for s in report.datasets} == {2}
     text = render_report(report)
     assert "3 tasks" in text and "RGB, CT" in text
+
+
+def test_lateral_labels_are_reported(make_dataset, tmp_path):
+    shape = (8, 8, 8)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[1:3, 2:6, 2:6], label[5:7, 2:6, 2:6] = 1, 2
+    maps = {"case0": label, "case1": label}
+    paired = make_dataset("Dataset001_Pair", labels={"background": 0, "Caudate_R": 1, "Caudate_L": 2}, label_maps=maps)
+    report = check_collection(paired, folds=2)
+    (hit,) = found(report, "lateral-pairs", "info")
+    assert "Caudate_R/Caudate_L" in hit.message and not found(report, "lateral-unpaired")
+    single = make_dataset("Dataset002_Single", labels={"background": 0, "kidney_left": 1, "Liver": 2}, label_maps=maps)
+    report = check_collection(single, folds=2)
+    fires(report, "lateral-unpaired", single / "dataset.json", "warning")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from mosaicseg.data.laterality import LATERAL_AXIS
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -132,11 +134,17 @@ def _crop(image: np.ndarray, seg: np.ndarray, center: np.ndarray, patch_size: tu
 
 
 def augment_intensity_and_mirror(
-    image: np.ndarray, seg: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
+    image: np.ndarray,
+    seg: np.ndarray,
+    cfg: AugmentConfig,
+    rng: np.random.Generator,
+    lateral_lut: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mirroring (image and labels) then per-sample brightness, contrast, gamma and Gaussian noise (image only).
 
-    ``image`` ``(C, *P)``, ``seg`` ``(*P)``; returns new arrays.
+    ``image`` ``(C, *P)``, ``seg`` ``(*P)``; returns new arrays. ``lateral_lut`` (label value → value,
+    :meth:`~mosaicseg.data.vocabulary.Vocabulary.lateral_lut`) relabels left/right pairs when the
+    left-right axis (:data:`~mosaicseg.data.laterality.LATERAL_AXIS`) is mirrored.
     """
     ndim = seg.ndim
     axes = range(ndim) if cfg.mirror_axes is None else cfg.mirror_axes
@@ -144,6 +152,8 @@ def augment_intensity_and_mirror(
         if rng.random() < cfg.p_mirror:
             image = np.flip(image, axis=axis + 1)
             seg = np.flip(seg, axis=axis)
+            if axis == LATERAL_AXIS and lateral_lut is not None:
+                seg = lateral_lut[seg].astype(seg.dtype, copy=False)
     image = np.ascontiguousarray(image, dtype=np.float32)
     seg = np.ascontiguousarray(seg)
     if rng.random() < cfg.p_noise:

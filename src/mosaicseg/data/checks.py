@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mosaicseg.config import CollectionConfig, load_collection
 from mosaicseg.data.collection import open_collection
 from mosaicseg.data.io import Geometry, file_ending, read_header, read_image, scan_nifti
+from mosaicseg.data.laterality import lateral_pairs
 from mosaicseg.data.manifest import DatasetManifest, inside_folder
 from mosaicseg.data.splits import patient_of, suspected_grouping
 from mosaicseg.data.vocabulary import Vocabulary, build_vocabulary
@@ -481,6 +482,31 @@ def _dataset_checks(
                     "nothing to do; planning treats the coarse axis as thick slices",
                 )
             )
+
+    pairs, unswappable = lateral_pairs({k: v for k, v in manifest.labels.items() if k != "background"})
+    if unswappable:
+        problems.append(
+            Problem(
+                "warning",
+                "lateral-unpaired",
+                json_path,
+                f"label(s) {', '.join(unswappable)} name a body side but have no single-value partner of the "
+                "other side, so training and TTA will not mirror the left-right axis for this dataset",
+                "nothing to do if that is intended; to keep left-right mirroring, declare both sides "
+                "(e.g. 'Caudate_L' and 'Caudate_R') as plain labels",
+            )
+        )
+    elif pairs:
+        problems.append(
+            Problem(
+                "info",
+                "lateral-pairs",
+                json_path,
+                f"{len(pairs)} left/right label pair(s) ({', '.join('/'.join(p) for p in pairs[:3])}"
+                f"{', ...' if len(pairs) > 3 else ''}): mirroring the left-right axis swaps them",
+                "",
+            )
+        )
 
     images_dirs = [folder / "imagesTr", folder / "labelsTr"]
     for d in images_dirs:

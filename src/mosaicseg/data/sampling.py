@@ -11,7 +11,7 @@ exactly the samples the uninterrupted run would have drawn.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from mosaicseg.config import SAMPLING_SCHEMES
 from mosaicseg.data.augment import AugmentConfig, augment_intensity_and_mirror, sample_patch
+from mosaicseg.data.laterality import LATERAL_AXIS
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.types import Batch, Sample
@@ -125,9 +126,25 @@ class PatchDataset(Dataset):
         self.length = int(length)
         self.augment = augment or AugmentConfig()
         self.oversample_foreground = oversample_foreground
+        self._mirror_cache: dict[str, tuple[AugmentConfig, np.ndarray | None]] = {}
 
     def __len__(self) -> int:
         return self.length
+
+    def _mirroring(self, dataset: str) -> tuple[AugmentConfig, np.ndarray | None]:
+        """The augmentation for ``dataset`` and its left/right label swap: a dataset whose lateral labels
+        cannot be swapped is never mirrored along the left-right axis."""
+        if dataset not in self._mirror_cache:
+            lut = self.vocabulary.lateral_lut(dataset)
+            augment = self.augment
+            if lut is None:
+                ndim = len(self.patch_size)
+                axes = range(ndim) if augment.mirror_axes is None else augment.mirror_axes
+                augment = replace(augment, mirror_axes=tuple(a for a in axes if a != LATERAL_AXIS))
+            elif np.array_equal(lut, np.arange(len(lut))):
+                lut = None
+            self._mirror_cache[dataset] = (augment, lut)
+        return self._mirror_cache[dataset]
 
     def __getitem__(self, index: int) -> Sample:
         rng = np.random.default_rng((self.seed, int(index)))
@@ -138,7 +155,8 @@ class PatchDataset(Dataset):
         image, seg = sample_patch(
             np.asarray(case.image), np.asarray(case.seg), center, self.patch_size, self.augment, rng
         )
-        image, seg = augment_intensity_and_mirror(image, seg, self.augment, rng)
+        augment, lut = self._mirroring(dataset)
+        image, seg = augment_intensity_and_mirror(image, seg, augment, rng, lateral_lut=lut)
         return make_sample(
             self.vocabulary,
             dataset,

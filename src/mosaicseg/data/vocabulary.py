@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from mosaicseg.config import CollectionConfig
+from mosaicseg.data.laterality import lateral_pairs, lateral_partner
 from mosaicseg.data.manifest import DatasetManifest
 from mosaicseg.errors import MosaicSegError
 
@@ -91,6 +92,42 @@ class Vocabulary:
         if value is None:
             return np.zeros(labels.shape, dtype=bool)
         return labels == value
+
+    def lateral_lut(self, dataset: str) -> np.ndarray | None:
+        """Label value → its value after mirroring along the left-right axis (``(V,)`` int, identity for
+        labels without a side), or None when ``dataset`` has a lateral label that cannot be swapped (no
+        partner of the other side, or a multi-value region label): that axis must then not be mirrored.
+        See :mod:`mosaicseg.data.laterality`."""
+        rows = self.dataset_tasks(dataset)
+        values_of = {label: values for _, label, values in rows}
+        pairs, unswappable = lateral_pairs(values_of)
+        if unswappable:
+            return None
+        top = max([v for _, _, vs in rows for v in vs] + [self.ignore_value.get(dataset) or 0, 0])
+        lut = np.arange(top + 1, dtype=np.int64)
+        for a, b in pairs:
+            lut[values_of[a][0]], lut[values_of[b][0]] = values_of[b][0], values_of[a][0]
+        return lut
+
+    def lateral_permutation(self) -> np.ndarray:
+        """``(K,)`` int: the task each task becomes when the image is mirrored along the left-right axis
+        (itself for tasks without a side, -1 for a lateral task whose partner is missing or ambiguous)."""
+        perm = np.arange(self.num_tasks, dtype=np.int64)
+        task_of = {m: t.index for t in self.tasks for m in t.members}
+        for t in self.tasks:
+            partners, plain = set(), False
+            for d, label in t.members:
+                partner = lateral_partner(label)
+                if partner is None:
+                    plain = True
+                else:
+                    partners.add(task_of.get((d, partner), -1))
+            # members that disagree (two partners, or a side-less label shared with a sided one)
+            if len(partners) > 1 or (partners and (plain or -1 in partners)):
+                perm[t.index] = -1
+            elif partners:
+                perm[t.index] = partners.pop()
+        return perm
 
     def to_dict(self) -> dict[str, Any]:
         return {

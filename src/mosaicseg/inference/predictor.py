@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from mosaicseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_image, write_image
+from mosaicseg.data.laterality import LATERAL_AXIS
 from mosaicseg.data.preprocess import preprocess_arrays
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
@@ -221,7 +222,11 @@ class Predictor:
         plan = self.plans["datasets"][dataset]
         pre, _, meta = preprocess_arrays(images.pop(), None, geometry, plan, source=source)
         x = torch.from_numpy(pre)
-        mirror = tuple(range(pre.ndim - 1)) if tta else ()
+        mirror: tuple[int, ...] = tuple(range(pre.ndim - 1)) if tta else ()
+        perm = self.vocabulary.lateral_permutation()
+        if bool((perm[list(task_ids)] < 0).any()):
+            # a left or right task without its partner cannot be mirrored left-right and stay correct
+            mirror = tuple(a for a in mirror if a != LATERAL_AXIS)
         modality = self.vocabulary.modality_index(dataset)
         prob: np.ndarray | None = None
         for model in self.models:
@@ -232,6 +237,7 @@ class Predictor:
                 self.patch_size,
                 tasks=list(task_ids),
                 mirror_axes=mirror,
+                lateral_permutation=perm.tolist(),
                 device=self.device,
                 amp=self.amp,
             )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from monai.inferers import sliding_window_inference
 
+from mosaicseg.data.laterality import LATERAL_AXIS
 from mosaicseg.errors import MosaicSegError
 
 HALF_ABOVE_BYTES = 1 << 30
@@ -33,6 +34,7 @@ def predict_logits(
     overlap: float = 0.5,
     tile_batch: int = 1,
     mirror_axes: Sequence[int] = (),
+    lateral_permutation: Sequence[int] | None = None,
     tasks: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     amp: bool = False,
@@ -47,6 +49,9 @@ def predict_logits(
         modality: the image's modality index (selects the model's input stem).
         patch_size: tile size ``P``; images smaller than a tile are padded and cropped back by MONAI.
         mirror_axes: spatial axes (0-based, of ``S``) to mirror for test-time augmentation.
+        lateral_permutation: ``(K,)`` output each output becomes when the left-right axis is mirrored
+            (:meth:`~mosaicseg.data.vocabulary.Vocabulary.lateral_permutation`): a mirrored tile's
+            ``Caudate_L`` output is the unmirrored image's ``Caudate_R``. ``None``: no left/right outputs.
         tasks: global task indices to keep (``None``: all ``K``); the rest is dropped per tile to save memory.
         accumulate: dtype of the blended output. ``None``: float32, or float16 when a float32 output of the
             kept tasks would exceed 1 GiB (nnU-Net also blends large volumes in half precision; a logit is
@@ -62,15 +67,23 @@ def predict_logits(
         )
     device = torch.device(device)
     keep = torch.as_tensor(list(tasks), dtype=torch.long, device=device) if tasks is not None else None
+    swapped = keep
+    if lateral_permutation is not None and LATERAL_AXIS in mirror_axes:
+        perm = torch.as_tensor(list(lateral_permutation), dtype=torch.long, device=device)
+        swapped = perm if keep is None else perm[keep]
+        if bool((swapped < 0).any()):
+            raise ValueError("a kept output has no left/right partner: do not mirror the lateral axis")
     if accumulate is None:
         n_out = len(tasks) if tasks is not None else 1
         accumulate = torch.float16 if n_out * image[0].numel() * 4 > HALF_ABOVE_BYTES else torch.float32
+
+    select = keep  # outputs to keep, in order; the left/right partners while the lateral axis is mirrored
 
     def tiles(x: torch.Tensor) -> torch.Tensor:
         mod = torch.full((x.shape[0],), modality, dtype=torch.long, device=x.device)
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             out = model(x.float(), mod)
-        out = out.index_select(1, keep) if keep is not None else out
+        out = out.index_select(1, select) if select is not None else out
         return out.to(accumulate)
 
     # MONAI blends in the input's dtype: a half input gives half output buffers (tiles are cast back above)
@@ -79,6 +92,7 @@ def predict_logits(
     flips = mirror_combinations(tuple(mirror_axes))
     for flip in flips:
         dims = [a + 2 for a in flip]
+        select = swapped if LATERAL_AXIS in flip else keep
         xin = torch.flip(x, dims) if dims else x
         out = sliding_window_inference(
             xin,
