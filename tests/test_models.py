@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.models import MODELS, UniversalNet, build_model
+from mosaicseg.models import MODELS, UniversalNet, build_model, use_device_layout
 from mosaicseg.models.backbones import einops_available
 from mosaicseg.models.stems import ModalityStems
 
@@ -236,3 +236,52 @@ def test_stems_group_by_modality_and_keep_order() -> None:
             torch.testing.assert_close(out[i : i + 1], stems.stems[m](image[i : i + 1, :c]))
     with pytest.raises(MosaicSegError, match="channel count"):
         ModalityStems({"CT": 0}, 4, spatial_dims=2)
+
+
+def test_group_norm_replacing_instance_norm_is_the_same_function() -> None:
+    """GroupNorm(C, C) normalises each channel of each sample over space, exactly like InstanceNorm."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, 6, generator=g) * 7 + 3
+    inorm = torch.nn.InstanceNorm3d(3, affine=True)
+    with torch.no_grad():
+        inorm.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+        inorm.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    gnorm = torch.nn.GroupNorm(3, 3)
+    gnorm.load_state_dict(inorm.state_dict())
+    torch.testing.assert_close(gnorm(x), inorm(x))
+    # by hand for one channel of one sample
+    c = x[1, 2]
+    expected = -1.0 * (c - c.mean()) / torch.sqrt(c.var(unbiased=False) + 1e-5) + 0.3
+    torch.testing.assert_close(gnorm(x)[1, 2], expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_channels_last_layout_gives_the_same_outputs_and_gradients(arch: str) -> None:
+    dims = 3
+    model, patch = make(arch, dims)
+    assert not any(isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) for m in model.modules())
+    other = UniversalNet.from_config(model.config)
+    other.load_state_dict(model.state_dict())
+    other.set_channels_last(True)
+    fmt = torch.channels_last_3d
+    convs = [p for p in other.parameters() if p.ndim == dims + 2]
+    assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs)
+    image, modality = batch(patch, [0, 2])
+    outs = [model(image, modality), other(image, modality)]
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-3, atol=1e-4)
+    for out in outs:
+        sum(o.float().square().mean() for o in out).backward()
+    for (name, a), b in zip(model.named_parameters(), other.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
+    # an old contiguous checkpoint loads into the channels-last model and keeps its layout
+    other.load_state_dict(model.state_dict())
+    assert all(p.is_contiguous(memory_format=fmt) for p in other.parameters() if p.ndim == dims + 2)
+
+
+def test_channels_last_is_refused_for_2d_models() -> None:
+    model, _ = make("unet", 2)
+    with pytest.raises(ValueError, match="3D"):
+        model.set_channels_last(True)
+    use_device_layout(model, torch.device("cpu"))
+    assert not model.channels_last

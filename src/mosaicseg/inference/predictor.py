@@ -29,7 +29,7 @@ from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.postprocess import labels_from_resampled
 from mosaicseg.inference.sliding_window import predict_logits
-from mosaicseg.models import UniversalNet
+from mosaicseg.models import UniversalNet, use_device_layout
 from mosaicseg.training.loop import load_checkpoint, resolve_device
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -151,7 +151,9 @@ class Predictor:
                 )
             model = UniversalNet.from_config(ckpt["model_config"])
             model.load_state_dict(ckpt["model"])
-            models.append(model.to(dev).eval())
+            model = model.to(dev).eval()
+            use_device_layout(model, dev)
+            models.append(model)
         assert first is not None  # find_checkpoints returns at least one path or raises
         return cls(
             models,

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from mosaicseg.models.factory import MODELS, UniversalNet, build_model
+from mosaicseg.models.factory import MODELS, UniversalNet, build_model, use_device_layout
 
-__all__ = ["MODELS", "UniversalNet", "build_model"]
+__all__ = ["MODELS", "UniversalNet", "build_model", "use_device_layout"]

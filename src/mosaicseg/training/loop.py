@@ -45,6 +45,7 @@ from mosaicseg.data.splits import fold_cases
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.sliding_window import predict_logits
+from mosaicseg.models import use_device_layout
 from mosaicseg.training.logging import append_record, plot_progress, read_records, truncate_records
 from mosaicseg.training.optim import build_optimizer, learning_rate
 from mosaicseg.training.recipes import RECIPES, RecipeContext, RecipeParts
@@ -135,6 +136,7 @@ class Trainer:
         self.parts: RecipeParts = RECIPES.get(config.recipe)(ctx)
         self.vocabulary = self.parts.vocabulary
         self.model = self.parts.model.to(self.device)
+        use_device_layout(self.model, self.device)
         self.patch_size = tuple(int(p) for p in (config.patch_size or self.plans["network"]["patch_size"]))
         self.batch_size = int(config.batch_size or self.plans["network"]["batch_size"])
         self.optimizer = build_optimizer(self.model.parameters(), config)
