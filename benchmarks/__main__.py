@@ -8,6 +8,10 @@ Studies:
   memory          peak RSS of predicting a 512x512x400 CT with a 24-task model (target < 4 GiB)
   brain4          universal on Dataset001-004 vs single on each, equal total iterations, 2 seeds
                   (--iterations N per single run; the universal run gets 4 N)
+  nnunet          MosaicSeg vs nnU-Net v2 on Dataset001 and Dataset003: equal iterations with nnU-Net's plan,
+                  equal wall clock with each tool's CPU plan; Dice, iterations/s, predict s/case, peak RSS
+                  (--quick: 2 iterations, 1 minute, 2 cases, as results/nnunet-quick.json)
+  ensemble        universal vs. 4 single models: time to predict all tasks of Dataset001-004 (needs brain4)
   report          only regenerate BENCHMARKS.md
 """
 
@@ -359,6 +363,80 @@ def _big_ct(folder: Path, shape_zyx: tuple[int, int, int], tasks: int) -> Path:
     return image_path
 
 
+def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
+    """Universal vs. ensemble (MultiTalent's cost argument): predicting *all* tasks of Dataset001-004 on the
+    first held-out cases of each dataset, once with brain4's universal model (``--tasks all``, one pass per
+    case) and once with its four single models (four passes per case, each model in its own process as a user
+    would run them). Training time is the brain4 study's (seed 0): equal iterations, so about equal by design.
+    """
+    runs = WORK / "brain4" / "runs"
+    names = ["universal_s0"] + [f"single_{d}_s0" for d in BRAIN4]
+    missing = [n for n in names if not (runs / n / "checkpoint_final.pt").is_file()]
+    if missing:
+        raise SystemExit(f"run the brain4 study first (seed 0 runs missing: {', '.join(missing)})")
+    rows: dict[str, Any] = {"predict_s": {"universal": 0.0, "ensemble": 0.0}, "per_dataset": {}}
+    for dataset in BRAIN4:
+        cases = _fold_cases(WORK / "brain4", dataset)[:cases_per_dataset]
+        _, files = _held_out_files(dataset, cases)
+        images = _link_all([f for f in files if "imagesTr" in str(f)], WORK / "ensemble" / dataset / "images")
+        out = WORK / "ensemble" / dataset
+        uni = run_cli(
+            [
+                "predict",
+                "-m",
+                str(runs / "universal_s0"),
+                "-i",
+                str(images),
+                "-o",
+                str(out / "universal"),
+                "--dataset",
+                dataset,
+                "--tasks",
+                "all",
+                "--overwrite",
+            ],
+            WORK / "logs" / f"ensemble_{dataset}_universal.log",
+        )
+        ens = [
+            run_cli(
+                [
+                    "predict",
+                    "-m",
+                    str(runs / f"single_{d}_s0"),
+                    "-i",
+                    str(images),
+                    "-o",
+                    str(out / f"single_{d}"),
+                    "--overwrite",
+                ],
+                WORK / "logs" / f"ensemble_{dataset}_single_{d}.log",
+            )
+            for d in BRAIN4
+        ]
+        rows["per_dataset"][dataset] = {
+            "cases": len(cases),
+            "universal_s": uni.seconds,
+            "ensemble_s": sum(e.seconds for e in ens),
+            "universal_peak_rss_mb": uni.peak_rss_mb,
+            "ensemble_peak_rss_mb": max(e.peak_rss_mb for e in ens),
+        }
+        rows["predict_s"]["universal"] += uni.seconds
+        rows["predict_s"]["ensemble"] += sum(e.seconds for e in ens)
+    brain4 = json.loads((RESULTS / "brain4.json").read_text()) if (RESULTS / "brain4.json").is_file() else None
+    train = None
+    if brain4 is not None:
+        train = {
+            "universal": brain4["runs"]["universal_s0"]["train_s"],
+            "ensemble": sum(brain4["runs"][f"single_{d}_s0"]["train_s"] for d in BRAIN4),
+        }
+    return {
+        "setting": f"first {cases_per_dataset} held-out cases of each of {', '.join(BRAIN4)}; all tasks of all "
+        "four datasets per case; every predict call in its own process (start-up included), no TTA, CPU",
+        **rows,
+        "train_s": train,
+    }
+
+
 def study_memory() -> dict[str, Any]:
     """Peak RSS of ``mosaicseg predict`` on a 512 x 512 x 400 CT with a 24-task model (1.5 mm plan, small
     network): cost only, the model is trained for one iteration."""
@@ -400,6 +478,7 @@ STUDIES = {
     "predict": study_predict,
     "brain4": study_brain4,
     "memory": study_memory,
+    "ensemble": study_ensemble,
 }
 
 
@@ -407,19 +486,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("study", choices=[*STUDIES, "report"])
+    parser.add_argument("study", choices=[*STUDIES, "nnunet", "report"])
     parser.add_argument("--force", action="store_true", help="recompute a finished study")
     parser.add_argument("--iterations", type=int, default=600, help="brain4: iterations of each single run")
+    parser.add_argument("--quick", action="store_true", help="nnunet: the few-minute plumbing check")
+    parser.add_argument("--budget-min", type=float, default=30, help="nnunet: the equal wall-clock budget")
+    parser.add_argument("--subset", type=int, default=20, help="nnunet: held-out cases scored and timed")
+    parser.add_argument("--datasets", nargs="+", default=["Dataset001_Hippocampus", "Dataset003_IXILimbic"])
+    parser.add_argument("--nnunet-python", help="nnunet: a Python with nnunetv2 (default: this one)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.study != "report":
-        fn = STUDIES[args.study]
+        fn = STUDIES.get(args.study)
         if args.study == "brain4":
 
             def fn() -> dict[str, Any]:
                 return study_brain4(args.iterations)
 
-        run_study(args.study, fn, force=args.force)
+        name = args.study
+        if args.study == "nnunet":
+            from benchmarks.nnunet import default_nnunet_python, study_nnunet
+
+            python = args.nnunet_python or default_nnunet_python()
+            name = "nnunet-quick" if args.quick else "nnunet"
+
+            def fn() -> dict[str, Any]:
+                return study_nnunet(args.datasets, python, args.budget_min, args.subset, quick=args.quick)
+
+        run_study(name, fn, force=args.force)
     write_report()
     print(f"updated {RESULTS.parent.parent / 'BENCHMARKS.md'}")
 

@@ -128,12 +128,90 @@ def _memory(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _nnunet(r: dict[str, Any]) -> list[str]:
+    s = r["setting"]
+    quick = " --quick" if s.get("quick") else ""
+    lines = [
+        "## MosaicSeg vs. nnU-Net v2" + (" (quick plumbing check)" if s.get("quick") else ""),
+        "",
+        f"`python -m benchmarks nnunet{quick}` — fold 0 of MosaicSeg's split (also nnU-Net's splits_final.json); "
+        "(i) *equal iterations*: nnU-Net's stock 3d_fullres plan for "
+        f"{s['iterations']} iterations (a trainer subclass), MosaicSeg the same number with that plan's "
+        "network, patch, batch, spacing and SGD 1e-2; (ii) *equal wall clock* "
+        f"({s['budget_min']} min): each tool's own CPU plan (nnU-Net: its stock plan). Dice by `mosaicseg "
+        f"evaluate` on the first {s['subset_cases']} held-out cases; predict s/case includes process "
+        "start-up; peak RSS of the whole process.",
+        "",
+    ]
+    for dataset, d in r["datasets"].items():
+        st, nn = d["steps"], d["nnunet_network_in_mosaicseg_axes"]
+        lines += [
+            f"**{dataset}** — nnU-Net plan in MosaicSeg axes: patch {nn['patch_size']}, batch {nn['batch_size']}, "
+            f"features {nn['features']}, spacing {d['nnunet_spacing_in_mosaicseg_axes']}; "
+            f"MosaicSeg CPU plan: patch {d['mosaicseg_cpu_plan']['patch_size']}, batch "
+            f"{d['mosaicseg_cpu_plan']['batch_size']}, features {d['mosaicseg_cpu_plan']['features']}.",
+            "",
+            "| comparison | tool | iterations | s/iteration | Dice | Dice +TTA | predict s/case | +TTA s/case "
+            "| train peak RSS MB | predict peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for tag, label in (("iter", "(i) equal iterations"), ("time", "(ii) equal wall clock")):
+            for tool in ("nnunet", "mosaicseg"):
+                t, p, pt = st[f"{tool}_train_{tag}"], st[f"{tool}_predict_{tag}"], st[f"{tool}_predict_{tag}_tta"]
+                lines.append(
+                    f"| {label} | {'nnU-Net' if tool == 'nnunet' else 'MosaicSeg'} | {t['iterations']} | "
+                    f"{t['s_per_iteration']:.2f} | {p['dice_mean']:.4f} | {pt['dice_mean']:.4f} | "
+                    f"{p['s_per_case_incl_startup']:.2f} | {pt['s_per_case_incl_startup']:.2f} | "
+                    f"{t['peak_rss_mb']:.0f} | {max(p['peak_rss_mb'], pt['peak_rss_mb']):.0f} |"
+                )
+        it_nn, it_ms = st["nnunet_train_iter"], st["mosaicseg_train_iter"]
+        pr_nn, pr_ms = st["nnunet_predict_iter_tta"], st["mosaicseg_predict_iter_tta"]
+        lines += [
+            "",
+            f"Ratios MosaicSeg / nnU-Net, same network: training iterations/s "
+            f"{it_nn['s_per_iteration'] / it_ms['s_per_iteration']:.2f}× (target ≥ 1.0); inference s/case with TTA "
+            f"{pr_ms['s_per_case_incl_startup'] / pr_nn['s_per_case_incl_startup']:.2f}× (target ≤ 0.5 at equal "
+            f"Dice; Dice Δ {pr_ms['dice_mean'] - pr_nn['dice_mean']:+.4f}).",
+            "",
+        ]
+    return lines
+
+
+def _ensemble(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Universal vs. ensemble of single models (cost)",
+        "",
+        f"`python -m benchmarks ensemble` — {r['setting']}. Training time from the brain4 study (seed 0).",
+        "",
+        "| cases of | universal predict s | ensemble predict s | ratio |",
+        "|---|---|---|---|",
+    ]
+    for d, v in r["per_dataset"].items():
+        lines.append(
+            f"| {d} ({v['cases']}) | {v['universal_s']:.1f} | {v['ensemble_s']:.1f} | "
+            f"{v['ensemble_s'] / v['universal_s']:.1f}× |"
+        )
+    p = r["predict_s"]
+    lines.append(f"| all | {p['universal']:.1f} | {p['ensemble']:.1f} | {p['ensemble'] / p['universal']:.1f}× |")
+    if r.get("train_s"):
+        t = r["train_s"]
+        lines += [
+            "",
+            f"Training (equal total iterations): universal {t['universal']:.0f} s, four single models "
+            f"{t['ensemble']:.0f} s ({t['ensemble'] / t['universal']:.2f}×).",
+        ]
+    return [*lines, ""]
+
+
 SECTIONS = {
     "partial-labels": _partial_labels,
     "hippocampus": _hippocampus,
     "predict": _predict,
     "brain4": _brain4,
     "memory": _memory,
+    "ensemble": _ensemble,
+    "nnunet": _nnunet,
+    "nnunet-quick": _nnunet,
 }
 
 

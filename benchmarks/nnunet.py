@@ -1,0 +1,312 @@
+"""``python -m benchmarks nnunet``: MosaicSeg and nnU-Net v2 side by side on the same machine, fold and cases.
+
+Per dataset, on fold 0 of MosaicSeg's split (written into nnU-Net's ``splits_final.json``):
+
+- **equal iterations** (i): nnU-Net's stock 3d_fullres plan trained for ``iterations`` by a trainer subclass
+  (nnU-Net's extension mechanism), and MosaicSeg trained for as many iterations with *that* plan's network,
+  patch, batch and spacing, and nnU-Net's optimiser (SGD-Nesterov 1e-2, momentum 0.99, poly);
+- **equal wall clock** (ii): each tool with its own best CPU plan for ``budget`` minutes: nnU-Net's stock plan
+  (iterations = budget / its measured s per iteration), MosaicSeg's CPU plan with AdamW;
+- on the same fixed subset of held-out cases: Dice of every run by one evaluator (``mosaicseg evaluate``),
+  prediction s/case with and without mirroring TTA and each process's peak RSS.
+
+nnU-Net runs in the Python named by ``--nnunet-python`` (default: this one), through ``nnunet_runner.py``.
+Every finished step is cached in ``work/bench/nnunet*/steps.json``, so the study can span sittings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import ROOT, SHARED, WORK, CliRun, run_cli
+
+RUNNER = ROOT / "benchmarks" / "nnunet_runner.py"
+
+# per dataset: nnU-Net's numeric id, iterations of the equal-iteration comparison, MosaicSeg's CPU plan
+# for the equal-time comparison (None: the plan as `mosaicseg plan` makes it)
+SETTINGS: dict[str, dict[str, Any]] = {
+    "Dataset001_Hippocampus": {"id": 1, "iterations": 100, "cpu_network": None, "cpu_spacing": None},
+    "Dataset003_IXILimbic": {
+        "id": 3,
+        "iterations": 20,
+        "cpu_network": {"patch_size": [48, 48, 48], "features": [16, 32, 64, 128], "batch_size": 2},
+        "cpu_spacing": 2.0,
+    },
+}
+
+
+class Steps:
+    """Finished steps of the study, kept on disk (``steps.json``) so that a killed study resumes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def run(self, key: str, fn: Any) -> Any:
+        if key not in self.data:
+            print(f"nnunet study: {key}", flush=True)
+            self.data[key] = fn()
+            from mosaicseg.atomic import write_json_atomic
+
+            write_json_atomic(self.path, self.data)
+        return self.data[key]
+
+
+def _run(cmd: list[str], log: Path, env: dict[str, str]) -> CliRun:
+    """Run ``cmd`` with ``env``; wall seconds and the peak RSS of that process tree's largest process."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {code}); see {log}")
+    return CliRun(time.perf_counter() - t0, usage.ru_maxrss / 1024)
+
+
+def _raw_dataset(raw: Path, dataset: str) -> None:
+    """nnU-Net's raw folder as links to the shared data (never copies), with a dataset.json whose
+    ``numTraining`` counts the cases present."""
+    target = raw / dataset
+    target.mkdir(parents=True, exist_ok=True)
+    for sub in ("imagesTr", "labelsTr"):
+        if not (target / sub).exists():
+            (target / sub).symlink_to(SHARED / dataset / sub)
+    meta = json.loads((SHARED / dataset / "dataset.json").read_text())
+    meta["numTraining"] = len(list((SHARED / dataset / "labelsTr").glob(f"*{meta['file_ending']}")))
+    (target / "dataset.json").write_text(json.dumps(meta, indent=1))
+
+
+def _nnunet_network(plans: dict[str, Any]) -> tuple[dict[str, Any], list[float]]:
+    """nnU-Net's 3d_fullres network in MosaicSeg's plan terms, and its spacing, in MosaicSeg's axis order.
+
+    nnU-Net works on SimpleITK arrays ``(Z, Y, X)``; MosaicSeg on ``(X, Y, Z)``: every per-axis list is
+    reversed (the study's datasets have no axis transposition, ``transpose_forward`` = ``[0, 1, 2]``)."""
+    config = plans["configurations"]["3d_fullres"]
+    if plans.get("transpose_forward", [0, 1, 2]) != [0, 1, 2]:
+        raise SystemExit("nnU-Net transposes this dataset's axes; the study does not map that case")
+    arch = config["architecture"]["arch_kwargs"]
+    network = {
+        "patch_size": config["patch_size"][::-1],
+        "batch_size": config["batch_size"],
+        "features": list(arch["features_per_stage"]),
+        "kernel_sizes": [k[::-1] for k in arch["kernel_sizes"]],
+        "strides": [s[::-1] for s in arch["strides"]],
+        "num_stages": arch["n_stages"],
+    }
+    return network, list(config["spacing"])[::-1]
+
+
+def _mosaicseg_workdir(workdir: Path, dataset: str, network: dict[str, Any] | None, spacing: Any) -> None:
+    """``mosaicseg plan`` the dataset, then (optionally) replace the network and the target spacing and
+    preprocess with them."""
+    from mosaicseg.atomic import write_json_atomic
+
+    if (workdir / "plans.json").is_file():
+        return
+    run_cli(["plan", str(SHARED / dataset), "-o", str(workdir), "--no-preprocess"], WORK / "logs" / "nn_plan.log")
+    plans = json.loads((workdir / "plans.json").read_text())
+    if network is not None:
+        plans["network"].update(network)
+        if "kernel_sizes" not in network:  # a CPU plan given by size only: 3³ convs, stride 2 per stage
+            n, nd = len(network["features"]), len(network["patch_size"])
+            plans["network"].update(
+                {
+                    "num_stages": n,
+                    "kernel_sizes": [[3] * nd for _ in range(n)],
+                    "strides": [[1] * nd] + [[2] * nd for _ in range(n - 1)],
+                }
+            )
+    if spacing is not None:
+        plans["datasets"][dataset]["target_spacing"] = [float(s) for s in spacing]
+    write_json_atomic(workdir / "plans.json", plans)
+    run_cli(["preprocess", str(workdir)], WORK / "logs" / "nn_preprocess.log")
+
+
+def _subset(workdir: Path, dataset: str, cases: list[str], into: Path) -> tuple[Path, Path]:
+    from benchmarks.__main__ import _held_out_files, _link_all
+
+    _, files = _held_out_files(dataset, cases)
+    images = _link_all([f for f in files if "imagesTr" in str(f)], into / "images")
+    labels = _link_all([f for f in files if "labelsTr" in str(f)], into / "labels")
+    return images, labels
+
+
+def _evaluate(pred: Path, labels: Path, dataset: str) -> dict[str, Any]:
+    run_cli(
+        ["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"), "--overwrite"],
+        WORK / "logs" / "nn_eval.log",
+    )
+    summary = next(iter(json.loads((pred / "summary.json").read_text())["datasets"].values()))
+    return {
+        "dice_mean": summary["mean"]["dice"],
+        "dice_per_label": {k: v["dice"]["mean"] for k, v in summary["labels"].items()},
+    }
+
+
+def _one_dataset(
+    dataset: str,
+    root: Path,
+    env: dict[str, str],
+    steps: Steps,
+    nnunet_python: str,
+    budget_s: float,
+    quick: bool,
+    subset: int,
+) -> dict[str, Any]:
+    setting = SETTINGS[dataset]
+    iterations = 2 if quick else setting["iterations"]
+    budget_s = 60.0 if quick else budget_s
+    n_cases = 2 if quick else subset
+    did = setting["id"]
+    logs = WORK / "logs" / f"nnunet_{dataset}"
+    _raw_dataset(root / "raw", dataset)
+
+    def nn(*args: str, log: str) -> CliRun:
+        return _run([nnunet_python, str(RUNNER), *args], logs / f"{log}.log", env)
+
+    steps.run(f"{dataset}/nnunet_plan_s", lambda: nn("plan", str(did), log="plan").seconds)
+    nn_plans = json.loads((root / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
+    network, spacing = _nnunet_network(nn_plans)
+
+    same = root / f"ms_{dataset}_nnunet_plan"
+    _mosaicseg_workdir(same, dataset, network, spacing)
+    from benchmarks.__main__ import _fold_cases
+
+    held_out = _fold_cases(same, dataset)
+    all_cases = sorted(p.name.split(".")[0] for p in (SHARED / dataset / "labelsTr").iterdir())
+    splits = [{"train": [c for c in all_cases if c not in held_out], "val": held_out}]
+    (root / "preprocessed" / dataset / "splits_final.json").write_text(json.dumps(splits, indent=1))
+    cases = held_out[:n_cases]
+    images, labels = _subset(same, dataset, cases, root / f"subset_{dataset}")
+
+    def nn_train(its: int, tag: str) -> dict[str, Any]:
+        timing = root / f"timing_{dataset}_{tag}.json"
+        folder = root / "results" / dataset / "nnUNetTrainerBench__nnUNetPlans__3d_fullres" / "fold_0"
+        shutil.rmtree(folder, ignore_errors=True)  # one trainer folder: a fresh run per step
+        done = nn("train", str(did), str(its), str(min(its, 25)), str(timing), log=tag)
+        keep = root / f"nnunet_{dataset}_{tag}"
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(folder.parent, keep)  # the predictor reads the model folder by this fixed name
+        return {**json.loads(timing.read_text()), "peak_rss_mb": done.peak_rss_mb, "model": str(keep)}
+
+    def nn_predict(tag: str, tta: bool) -> dict[str, Any]:
+        model = Path(steps.data[f"{dataset}/nnunet_train_{tag}"]["model"])
+        folder = root / "results" / dataset / "nnUNetTrainerBench__nnUNetPlans__3d_fullres"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(model, folder)
+        pred = root / f"pred_{dataset}_nnunet_{tag}{'_tta' if tta else ''}"
+        shutil.rmtree(pred, ignore_errors=True)
+        done = nn("predict", str(did), str(images), str(pred), "tta" if tta else "notta", log=f"predict_{tag}")
+        return {
+            "s_per_case_incl_startup": done.seconds / len(cases),
+            "peak_rss_mb": done.peak_rss_mb,
+            **_evaluate(pred, labels, dataset),
+        }
+
+    def ms_train(workdir: Path, tag: str, extra: list[str]) -> dict[str, Any]:
+        run = workdir / "runs" / tag
+        args = ["train", str(workdir), "--recipe", "single", "--fold", "0", "--seed", "0", "--device", "cpu"]
+        args += ["--val-every", "1000000", "-o", str(run), *extra]
+        if (run / "checkpoint_latest.pt").is_file():
+            args.append("--resume")
+        done = run_cli(args, logs / f"ms_train_{tag}.log")
+        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        return {
+            "iterations": last["iteration"],
+            "train_s": last["elapsed_s"],
+            "s_per_iteration": last["elapsed_s"] / last["iteration"],
+            "peak_rss_mb": done.peak_rss_mb,
+            "run": str(run),
+        }
+
+    def ms_predict(tag: str, tta: bool) -> dict[str, Any]:
+        run = Path(steps.data[f"{dataset}/mosaicseg_train_{tag}"]["run"])
+        pred = root / f"pred_{dataset}_mosaicseg_{tag}{'_tta' if tta else ''}"
+        args = ["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--overwrite"]
+        done = run_cli(args + (["--tta"] if tta else []), logs / f"ms_predict_{tag}.log")
+        return {
+            "s_per_case_incl_startup": done.seconds / len(cases),
+            "peak_rss_mb": done.peak_rss_mb,
+            **_evaluate(pred, labels, dataset),
+        }
+
+    # (i) equal iterations, nnU-Net's network, patch, batch, spacing and optimiser
+    steps.run(f"{dataset}/nnunet_train_iter", lambda: nn_train(iterations, "iter"))
+    sgd = ["--optimizer", "sgd", "--lr", "0.01", "--iterations", str(iterations)]
+    sgd += ["--iterations-per-epoch", str(min(iterations, 250))]
+    steps.run(f"{dataset}/mosaicseg_train_iter", lambda: ms_train(same, "iter", sgd))
+    # (ii) equal wall clock, each with its own CPU plan
+    nn_its = max(2, int(budget_s / steps.data[f"{dataset}/nnunet_train_iter"]["s_per_iteration"]))
+    nn_its -= nn_its % min(nn_its, 25)
+    steps.run(f"{dataset}/nnunet_train_time", lambda: nn_train(nn_its, "time"))
+    own = root / f"ms_{dataset}_cpu_plan"
+    _mosaicseg_workdir(
+        own,
+        dataset,
+        setting["cpu_network"],
+        None if setting["cpu_spacing"] is None else [setting["cpu_spacing"]] * 3,
+    )
+    budget = ["--optimizer", "adamw", "--time-budget", f"{budget_s:.0f}s", "--iterations-per-epoch", "100"]
+    steps.run(f"{dataset}/mosaicseg_train_time", lambda: ms_train(own, "time", budget))
+    for tag in ("iter", "time"):
+        for tta in (False, True):
+            suffix = "_tta" if tta else ""
+            steps.run(f"{dataset}/nnunet_predict_{tag}{suffix}", lambda t=tag, a=tta: nn_predict(t, a))
+            steps.run(f"{dataset}/mosaicseg_predict_{tag}{suffix}", lambda t=tag, a=tta: ms_predict(t, a))
+    return {
+        "cases": cases,
+        "nnunet_network_in_mosaicseg_axes": network,
+        "nnunet_spacing_in_mosaicseg_axes": spacing,
+        "mosaicseg_cpu_plan": json.loads((own / "plans.json").read_text())["network"],
+        "steps": {k.split("/", 1)[1]: v for k, v in steps.data.items() if k.startswith(dataset + "/")},
+    }
+
+
+def study_nnunet(
+    datasets: list[str], nnunet_python: str, budget_min: float, subset: int, quick: bool = False
+) -> dict[str, Any]:
+    """See the module docstring. ``quick``: 2 iterations, a 1-minute budget, 2 cases (checks the plumbing)."""
+    root = WORK / ("nnunet_quick" if quick else "nnunet")
+    env = {
+        **os.environ,
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+    }
+    steps = Steps(root / "steps.json")
+    out: dict[str, Any] = {}
+    for dataset in datasets:
+        out[dataset] = _one_dataset(dataset, root, env, steps, nnunet_python, budget_min * 60, quick, subset)
+    return {
+        "setting": {
+            "iterations": {d: (2 if quick else SETTINGS[d]["iterations"]) for d in datasets},
+            "budget_min": 1 if quick else budget_min,
+            "subset_cases": 2 if quick else subset,
+            "nnunet_python": nnunet_python,
+            "quick": quick,
+        },
+        "datasets": out,
+    }
+
+
+def default_nnunet_python() -> str:
+    """This Python if it can import nnunetv2, else the one in ``$MOSAICSEG_NNUNET_PYTHON``."""
+    env = os.environ.get("MOSAICSEG_NNUNET_PYTHON")
+    if env:
+        return env
+    probe = subprocess.run([sys.executable, "-c", "import nnunetv2"], capture_output=True)
+    if probe.returncode != 0:
+        raise SystemExit(
+            "nnunetv2 is not importable here. Fix: `pip install -e .[bench]` (keeps the CPU torch), or point "
+            "MOSAICSEG_NNUNET_PYTHON / --nnunet-python at a Python that has it."
+        )
+    return sys.executable

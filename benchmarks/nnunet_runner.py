@@ -1,0 +1,141 @@
+"""nnU-Net v2 side of ``python -m benchmarks nnunet``; runs in the Python that has ``nnunetv2`` installed.
+
+It imports nothing from mosaicseg, so nnU-Net can live in its own environment. ``nnUNet_raw``,
+``nnUNet_preprocessed`` and ``nnUNet_results`` come from the environment, as for nnU-Net's own commands.
+
+    python nnunet_runner.py plan DATASET_ID
+    python nnunet_runner.py train DATASET_ID ITERATIONS ITERATIONS_PER_EPOCH TIMING_JSON
+    python nnunet_runner.py predict DATASET_ID IMAGES_FOLDER OUTPUT_FOLDER {tta,notta}
+
+``train`` uses nnU-Net's documented extension mechanism: a trainer subclass that only changes the number of
+iterations per epoch and of epochs (and runs a single validation batch per epoch instead of 50: the study
+scores both tools on the same held-out cases afterwards, with one evaluator).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_CPU = torch.device("cpu")
+
+
+def _dataset_name(dataset_id: int) -> str:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    return maybe_convert_to_dataset_name(dataset_id)
+
+
+def plan(dataset_id: int) -> None:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+        preprocess,
+    )
+
+    extract_fingerprints([dataset_id], num_processes=2, check_dataset_integrity=True)
+    plan_experiments([dataset_id])
+    preprocess([dataset_id], configurations=("3d_fullres",), num_processes=(2,))
+
+
+def _bench_trainer(iterations: int, per_epoch: int) -> type:
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    class nnUNetTrainerBench(nnUNetTrainer):
+        # nnU-Net records its init arguments by name: the signature must be the stock one
+        def __init__(
+            self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = _CPU
+        ) -> None:
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_iterations_per_epoch = per_epoch
+            self.num_epochs = max(1, iterations // per_epoch)
+            self.num_val_iterations_per_epoch = 1
+            self.save_every = 10**9
+
+    return nnUNetTrainerBench
+
+
+def train(dataset_id: int, iterations: int, per_epoch: int, timing_json: Path) -> None:
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+    torch.set_num_threads(multiprocessing.cpu_count())  # what nnUNetv2_train -device cpu does
+    name = _dataset_name(dataset_id)
+    folder = Path(nnUNet_preprocessed) / name
+    plans = load_json(str(folder / "nnUNetPlans.json"))
+    plans["continue_training"] = False  # as nnunetv2.run.run_training.get_trainer_from_args sets it
+    dataset_json = load_json(str(folder / "dataset.json"))
+    trainer = _bench_trainer(iterations, per_epoch)(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    t0 = time.perf_counter()
+    trainer.run_training()
+    wall = time.perf_counter() - t0
+    log = trainer.logger.local_logger.my_fantastic_logging
+    epochs = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"], strict=False)]
+    done = trainer.num_epochs * trainer.num_iterations_per_epoch
+    timing_json.write_text(
+        json.dumps(
+            {
+                "iterations": done,
+                "epoch_s": epochs,
+                "train_s": sum(epochs),
+                "s_per_iteration": sum(epochs) / done,
+                "wall_s_incl_setup": wall,
+                "n_proc_DA": get_allowed_n_proc_DA(),
+                "output_folder": str(trainer.output_folder),
+                "pseudo_dice_last_epoch": (log["dice_per_class_or_region"] or [None])[-1],
+            },
+            indent=1,
+            default=float,  # numpy scalars in nnU-Net's log
+        )
+    )
+
+
+def predict(dataset_id: int, images: Path, output: Path, tta: bool) -> None:
+    import nnunetv2.inference.predict_from_raw_data as inference
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    # nnU-Net looks trainers up by class name inside its own package; the bench trainer only changes the
+    # schedule, so the stock trainer rebuilds the identical network
+    inference.recursive_find_trainer_class_by_name = lambda name: nnUNetTrainer
+    torch.set_num_threads(multiprocessing.cpu_count())
+    model = Path(nnUNet_results) / _dataset_name(dataset_id) / "nnUNetTrainerBench__nnUNetPlans__3d_fullres"
+    predictor = inference.nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=tta,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(str(model), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+    predictor.predict_from_files(
+        str(images),
+        str(output),
+        save_probabilities=False,
+        overwrite=True,
+        num_processes_preprocessing=1,
+        num_processes_segmentation_export=1,
+    )
+
+
+def main(argv: list[str]) -> None:
+    command, dataset_id = argv[0], int(argv[1])
+    if command == "plan":
+        plan(dataset_id)
+    elif command == "train":
+        train(dataset_id, int(argv[2]), int(argv[3]), Path(argv[4]))
+    elif command == "predict":
+        predict(dataset_id, Path(argv[2]), Path(argv[3]), argv[4] == "tta")
+    else:
+        raise SystemExit(f"unknown command {command!r}; see the module docstring")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
