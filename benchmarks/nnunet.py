@@ -299,14 +299,18 @@ def study_nnunet(
 
 
 def default_nnunet_python() -> str:
-    """This Python if it can import nnunetv2, else the one in ``$MOSAICSEG_NNUNET_PYTHON``."""
+    """``$MOSAICSEG_NNUNET_PYTHON``, else ``.venv-nnunet`` (``scripts/setup_nnunet.sh``), else this Python if it
+    can import nnunetv2."""
     env = os.environ.get("MOSAICSEG_NNUNET_PYTHON")
     if env:
         return env
+    local = ROOT / ".venv-nnunet" / "bin" / "python"
+    if local.is_file():
+        return str(local)
     probe = subprocess.run([sys.executable, "-c", "import nnunetv2"], capture_output=True)
     if probe.returncode != 0:
         raise SystemExit(
-            "nnunetv2 is not importable here. Fix: `pip install -e .[bench]` (keeps the CPU torch), or point "
-            "MOSAICSEG_NNUNET_PYTHON / --nnunet-python at a Python that has it."
+            "nnunetv2 is not installed. Fix: `bash scripts/setup_nnunet.sh` (its own environment, CPU torch "
+            "kept), or point MOSAICSEG_NNUNET_PYTHON / --nnunet-python at a Python that has nnunetv2."
         )
     return sys.executable
