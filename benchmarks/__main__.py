@@ -12,6 +12,7 @@ Studies:
                   equal wall clock with each tool's CPU plan; Dice, iterations/s, predict s/case, peak RSS
                   (--quick: 2 iterations, 1 minute, 2 cases, as results/nnunet-quick.json)
   ensemble        universal vs. 4 single models: time to predict all tasks of Dataset001-004 (needs brain4)
+  speed           training-step FLOP/s vs. this CPU's convolution peak, before/after the layout work, profile
   report          only regenerate BENCHMARKS.md
 """
 
@@ -479,6 +480,7 @@ STUDIES = {
     "brain4": study_brain4,
     "memory": study_memory,
     "ensemble": study_ensemble,
+    "speed": lambda: __import__("benchmarks.speed", fromlist=["study_speed"]).study_speed(),
 }
 
 
@@ -491,7 +493,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=600, help="brain4: iterations of each single run")
     parser.add_argument("--quick", action="store_true", help="nnunet: the few-minute plumbing check")
     parser.add_argument("--budget-min", type=float, default=30, help="nnunet: the equal wall-clock budget")
-    parser.add_argument("--subset", type=int, default=20, help="nnunet: held-out cases scored and timed")
+    parser.add_argument("--subset", type=int, help="nnunet: held-out cases scored and timed (default per dataset)")
     parser.add_argument("--datasets", nargs="+", default=["Dataset001_Hippocampus", "Dataset003_IXILimbic"])
     parser.add_argument("--nnunet-python", help="nnunet: a Python with nnunetv2 (default: this one)")
     args = parser.parse_args()

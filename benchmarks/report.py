@@ -139,7 +139,7 @@ def _nnunet(r: dict[str, Any]) -> list[str]:
         f"{s['iterations']} iterations (a trainer subclass), MosaicSeg the same number with that plan's "
         "network, patch, batch, spacing and SGD 1e-2; (ii) *equal wall clock* "
         f"({s['budget_min']} min): each tool's own CPU plan (nnU-Net: its stock plan). Dice by `mosaicseg "
-        f"evaluate` on the first {s['subset_cases']} held-out cases; predict s/case includes process "
+        f"evaluate` on the first held-out cases ({s['subset_cases']}); predict s/case includes process "
         "start-up; peak RSS of the whole process.",
         "",
     ]
@@ -203,6 +203,31 @@ def _ensemble(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _speed(r: dict[str, Any]) -> list[str]:
+    peak = r["peak"]
+    lines = [
+        "## Training-step speed vs. the CPU's convolution peak",
+        "",
+        f"`python -m benchmarks speed` — {r['setting']}. Peak: best large 3D convolution, channels-last: "
+        f"{peak['peak_forward_gflop_per_s']:.1f} GFLOP/s forward, {peak['peak_forward_backward_gflop_per_s']:.1f} "
+        "forward+backward. *before*: instance norm, contiguous tensors; *now*: instance norm as GroupNorm(C, C) "
+        "and channels-last (what MosaicSeg uses on CPU). Target: a step at ≥ 50 % of the forward peak.",
+        "",
+        "| network | layout | GFLOP/step | s/step | GFLOP/s | share of peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, v in r["steps"].items():
+        name, layout = key.split(" / ")
+        lines.append(
+            f"| {name} | {layout} | {v['gflop']:.1f} | {v['seconds']:.3f} | {v['gflop_per_s']:.1f} | "
+            f"{100 * v['fraction_of_forward_peak']:.0f} % |"
+        )
+    for name, ops in r["profiles"].items():
+        lines += ["", f"Profile of the *now* step, {name} (self CPU time):", "", "| op | ms | share |", "|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['self_cpu_ms']:.0f} | {100 * o['share']:.0f} % |" for o in ops]
+    return [*lines, ""]
+
+
 SECTIONS = {
     "partial-labels": _partial_labels,
     "hippocampus": _hippocampus,
@@ -210,6 +235,7 @@ SECTIONS = {
     "brain4": _brain4,
     "memory": _memory,
     "ensemble": _ensemble,
+    "speed": _speed,
     "nnunet": _nnunet,
     "nnunet-quick": _nnunet,
 }

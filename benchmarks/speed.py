@@ -1,0 +1,165 @@
+"""``python -m benchmarks speed``: how close a training step comes to this CPU's convolution peak, and where the
+rest of the time goes.
+
+- **peak**: the best FLOP/s of large 3D convolutions (channels-last, 64-256 channels; forward, and forward +
+  backward), the ceiling a U-Net step can approach;
+- **step**: a full training step as the Trainer runs it (forward, MultiTalent loss with deep supervision,
+  backward, gradient clipping, optimiser step) on random data, FLOPs counted by
+  ``torch.utils.flop_counter``; for two networks (the brain4 CPU plan and nnU-Net's Dataset001 plan) and two
+  layouts: *before* (instance norm, contiguous tensors) and *now* (instance norm as ``GroupNorm(C, C)``,
+  channels-last, as :func:`mosaicseg.models.use_device_layout` sets on CPU);
+- **profile**: the operators that dominate the *now* step (torch profiler, self CPU time).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+# (name, network plan, tasks, optimizer); the nnU-Net plan is its Dataset001 3d_fullres in MosaicSeg axes
+NETWORKS: list[tuple[str, dict[str, Any], int, str]] = [
+    (
+        "brain4 CPU plan",
+        {"patch_size": [48, 48, 48], "features": [16, 32, 64, 128], "batch_size": 2},
+        21,
+        "adamw",
+    ),
+    (
+        "nnU-Net Dataset001 plan",
+        {"patch_size": [40, 56, 40], "features": [32, 64, 128, 256], "batch_size": 7},
+        2,
+        "sgd",
+    ),
+]
+
+
+def _plain_plan(network: dict[str, Any]) -> dict[str, Any]:
+    n, nd = len(network["features"]), len(network["patch_size"])
+    return {
+        **network,
+        "num_stages": n,
+        "kernel_sizes": [[3] * nd for _ in range(n)],
+        "strides": [[1] * nd] + [[2] * nd for _ in range(n - 1)],
+    }
+
+
+def _timed(fn: Any, repeats: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def peak_conv(repeats: int) -> dict[str, Any]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = []
+    for channels, size in ((64, 32), (128, 24), (256, 12)):
+        conv = torch.nn.Conv3d(channels, channels, 3, padding=1).to(memory_format=torch.channels_last_3d)
+        x = torch.randn(2, channels, size, size, size).to(memory_format=torch.channels_last_3d).requires_grad_()
+        for mode in ("forward", "forward+backward"):
+
+            def run(conv: torch.nn.Module = conv, x: torch.Tensor = x, mode: str = mode) -> None:
+                y = conv(x)
+                if mode != "forward":
+                    y.sum().backward()
+
+            with FlopCounterMode(display=False) as counter:
+                run()
+            seconds = _timed(run, repeats)
+            rows.append(
+                {
+                    "channels": channels,
+                    "size": size,
+                    "mode": mode,
+                    "gflop_per_s": counter.get_total_flops() / seconds / 1e9,
+                }
+            )
+    return {
+        "rows": rows,
+        "peak_forward_gflop_per_s": max(r["gflop_per_s"] for r in rows if r["mode"] == "forward"),
+        "peak_forward_backward_gflop_per_s": max(r["gflop_per_s"] for r in rows if r["mode"] != "forward"),
+    }
+
+
+def _as_instance_norm(model: torch.nn.Module) -> None:
+    """Undo the GroupNorm(C, C) swap (the *before* layout) — the same function, PyTorch's instance norm op."""
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.GroupNorm) and child.num_groups == child.num_channels:
+            norm = torch.nn.InstanceNorm3d(child.num_channels, eps=child.eps, affine=child.affine)
+            setattr(model, name, norm)
+        else:
+            _as_instance_norm(child)
+
+
+def training_step(network: dict[str, Any], tasks: int, optimizer: str, layout: str, repeats: int) -> dict[str, Any]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mosaicseg.models import build_model
+    from mosaicseg.training.losses import deep_supervision_loss
+
+    torch.manual_seed(0)
+    model = build_model(_plain_plan(network), {"T1": 1}, tasks)
+    if layout == "before":
+        _as_instance_norm(model)
+    else:
+        model.set_channels_last(True)
+    model.train()
+    b, patch = network["batch_size"], network["patch_size"]
+    image = torch.randn(b, 1, *patch)
+    modality = torch.zeros(b, dtype=torch.long)
+    target = (torch.rand(b, tasks, *patch) > 0.9).float()
+    label_mask = torch.ones(b, tasks, dtype=torch.bool)
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=1e-3)
+    )
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = deep_supervision_loss(model(image, modality), target, label_mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+        opt.step()
+
+    step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    seconds = _timed(step, repeats)
+    flops = counter.get_total_flops()
+    return {"seconds": seconds, "gflop": flops / 1e9, "gflop_per_s": flops / seconds / 1e9, "_step": step}
+
+
+def study_speed(repeats: int = 4) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    peak = peak_conv(repeats)
+    steps: dict[str, Any] = {}
+    profiles: dict[str, Any] = {}
+    for name, network, tasks, optimizer in NETWORKS:
+        for layout in ("before", "now"):
+            result = training_step(network, tasks, optimizer, layout, repeats)
+            step = result.pop("_step")
+            result["fraction_of_forward_peak"] = result["gflop_per_s"] / peak["peak_forward_gflop_per_s"]
+            steps[f"{name} / {layout}"] = result
+            if layout == "now":
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    step()
+                events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+                total = sum(e.self_cpu_time_total for e in events)
+                profiles[name] = [
+                    {"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total}
+                    for e in events[:10]
+                ]
+    return {
+        "setting": f"random data, torch threads {torch.get_num_threads()}, {repeats} timed steps after 2 warm-up "
+        "steps; FLOPs by torch.utils.flop_counter (convolutions and matmuls)",
+        "networks": {n: {**net, "tasks": t, "optimizer": o} for n, net, t, o in NETWORKS},
+        "peak": peak,
+        "steps": steps,
+        "profiles": profiles,
+    }
