@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, SHARED, WORK, run_cli, run_study
+from benchmarks.common import RESULTS, SHARED, WORK, plain_network, run_cli, run_study
 from benchmarks.report import write_report
 
 
@@ -239,15 +239,7 @@ def _set_network(plans_path: Path, network: dict[str, Any]) -> None:
     from mosaicseg.atomic import write_json_atomic
 
     plans = json.loads(plans_path.read_text())
-    n, nd = len(network["features"]), len(network["patch_size"])
-    plans["network"].update(
-        {
-            **network,
-            "num_stages": n,
-            "kernel_sizes": [[3] * nd for _ in range(n)],
-            "strides": [[1] * nd] + [[2] * nd for _ in range(n - 1)],
-        }
-    )
+    plans["network"].update(plain_network(network))
     write_json_atomic(plans_path, plans)
 
 

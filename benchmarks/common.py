@@ -19,6 +19,18 @@ WORK = ROOT / "work" / "bench"
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 
 
+def plain_network(network: dict[str, Any]) -> dict[str, Any]:
+    """A plan ``network`` given by size (``patch_size``, ``features``, ``batch_size``) completed with plain
+    3³ convolutions and stride 2 per stage after the first."""
+    n, nd = len(network["features"]), len(network["patch_size"])
+    return {
+        **network,
+        "num_stages": n,
+        "kernel_sizes": [[3] * nd for _ in range(n)],
+        "strides": [[1] * nd] + [[2] * nd for _ in range(n - 1)],
+    }
+
+
 def machine() -> dict[str, Any]:
     import torch
 

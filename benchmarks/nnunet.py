@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, SHARED, WORK, CliRun, run_cli
+from benchmarks.common import ROOT, SHARED, WORK, CliRun, plain_network, run_cli
 
 RUNNER = ROOT / "benchmarks" / "nnunet_runner.py"
 
@@ -117,16 +117,8 @@ def _mosaicseg_workdir(workdir: Path, dataset: str, network: dict[str, Any] | No
     run_cli(["plan", str(SHARED / dataset), "-o", str(workdir), "--no-preprocess"], WORK / "logs" / "nn_plan.log")
     plans = json.loads((workdir / "plans.json").read_text())
     if network is not None:
-        plans["network"].update(network)
-        if "kernel_sizes" not in network:  # a CPU plan given by size only: 3³ convs, stride 2 per stage
-            n, nd = len(network["features"]), len(network["patch_size"])
-            plans["network"].update(
-                {
-                    "num_stages": n,
-                    "kernel_sizes": [[3] * nd for _ in range(n)],
-                    "strides": [[1] * nd] + [[2] * nd for _ in range(n - 1)],
-                }
-            )
+        # a CPU plan given by size only gets plain convolutions; nnU-Net's plan brings its own kernels/strides
+        plans["network"].update(network if "kernel_sizes" in network else plain_network(network))
     if spacing is not None:
         plans["datasets"][dataset]["target_spacing"] = [float(s) for s in spacing]
     write_json_atomic(workdir / "plans.json", plans)

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import plain_network
+
 # (name, network plan, tasks, optimizer); the nnU-Net plan is its Dataset001 3d_fullres in MosaicSeg axes
 NETWORKS: list[tuple[str, dict[str, Any], int, str]] = [
     (
@@ -33,16 +35,6 @@ NETWORKS: list[tuple[str, dict[str, Any], int, str]] = [
         "sgd",
     ),
 ]
-
-
-def _plain_plan(network: dict[str, Any]) -> dict[str, Any]:
-    n, nd = len(network["features"]), len(network["patch_size"])
-    return {
-        **network,
-        "num_stages": n,
-        "kernel_sizes": [[3] * nd for _ in range(n)],
-        "strides": [[1] * nd] + [[2] * nd for _ in range(n - 1)],
-    }
 
 
 def _timed(fn: Any, repeats: int) -> float:
@@ -102,7 +94,7 @@ def training_step(network: dict[str, Any], tasks: int, optimizer: str, layout: s
     from mosaicseg.training.losses import deep_supervision_loss
 
     torch.manual_seed(0)
-    model = build_model(_plain_plan(network), {"T1": 1}, tasks)
+    model = build_model(plain_network(network), {"T1": 1}, tasks)
     if layout == "before":
         _as_instance_norm(model)
     else:
