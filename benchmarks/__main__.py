@@ -6,12 +6,13 @@ Studies:
   hippocampus     single recipe on Dataset001_Hippocampus fold 0, 3D, 30-minute wall-clock budget (CPU)
   predict         predict seconds per case and peak memory on hippocampus and IXI cases
   memory          peak RSS of predicting a 512x512x400 CT with a 24-task model (target < 4 GiB)
-  brain4          universal on Dataset001-004 vs single on each, equal total iterations, 2 seeds
-                  (--iterations N per single run; the universal run gets 4 N)
+  paradigms       single / universal / multidecoder / dodnet / hermes / ka2er on Dataset001-004 (recipes not
+                  registered yet are skipped and named), equal total iterations, 2 seeds (--iterations N per
+                  single run; a multi-dataset run gets 4 N)
   nnunet          MosaicSeg vs nnU-Net v2 on Dataset001 and Dataset003: equal iterations with nnU-Net's plan,
                   equal wall clock with each tool's CPU plan; Dice, iterations/s, predict s/case, peak RSS
                   (--quick: 2 iterations, 1 minute, 2 cases, as results/nnunet-quick.json)
-  ensemble        universal vs. 4 single models: time to predict all tasks of Dataset001-004 (needs brain4)
+  ensemble        universal vs. 4 single models: time to predict all tasks of Dataset001-004 (needs paradigms)
   speed           training-step FLOP/s vs. this CPU's convolution peak, before/after the layout work, profile
   report          only regenerate BENCHMARKS.md
 """
@@ -243,19 +244,12 @@ def _set_network(plans_path: Path, network: dict[str, Any]) -> None:
     write_json_atomic(plans_path, plans)
 
 
-def study_brain4(iterations: int) -> dict[str, Any]:
-    """Universal vs. single at an equal total budget in iterations (so a busy machine cannot bias it): every
-    single run gets ``iterations``, the universal run ``4 × iterations``; same plan (network, patch, batch),
-    optimiser and fold; validation pseudo-Dice on every held-out case of fold 0, final checkpoint."""
-    from benchmarks.common import ROOT
+# MultiTalent's paradigm comparison; the recipes of later issues join the table as they are registered
+PARADIGMS = ("single", "universal", "multidecoder", "dodnet", "hermes", "ka2er")
 
-    workdir = WORK / "brain4"
-    if not (workdir / "runs").is_dir():  # a resumed study keeps the plan its first runs were trained with
-        run_cli(
-            ["plan", str(ROOT / "collections" / "brain4.yaml"), "-o", str(workdir), "--overwrite"],
-            WORK / "logs" / "brain4_plan.log",
-        )
-        _set_network(workdir / "plans.json", BRAIN4_NETWORK)
+
+def _train_paradigm(workdir: Path, recipe: str, dataset: str | None, iterations: int, seed: int) -> dict[str, Any]:
+    """Train (or resume, or reuse when finished) one run of the paradigm study; its final metrics."""
     common = [
         "--fold",
         "0",
@@ -270,38 +264,56 @@ def study_brain4(iterations: int) -> dict[str, Any]:
         "--device",
         "cpu",
     ]
-    results: dict[str, Any] = {}
+    name = f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
+    run = workdir / "runs" / name
+    metrics = run / "metrics.jsonl"
+
+    def last() -> dict[str, Any]:
+        return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
+
+    if not ((run / "checkpoint_final.pt").is_file() and last().get("iteration") == iterations):
+        args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(iterations), "--seed", str(seed)]
+        args += ["-o", str(run), *common, *(["--dataset", dataset] if dataset else [])]
+        if (run / "checkpoint_latest.pt").is_file():
+            args.append("--resume")
+        run_cli(args, WORK / "logs" / f"brain4_{name}.log")
+    final = last()
+    # elapsed_s sums the training time of every resumed segment
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "train_s": final["elapsed_s"],
+        "iterations": iterations,
+        "val_dice": final.get("val_dice", {}),
+        "val_dice_tasks": final.get("val_dice_tasks", {}),
+    }
+
+
+def study_paradigms(iterations: int) -> dict[str, Any]:
+    """Every paradigm of :data:`PARADIGMS` whose recipe is registered, on Dataset001-004
+    (``collections/brain4.yaml``) at an equal total budget in iterations (so a busy machine cannot bias it):
+    ``single`` trains ``iterations`` on each dataset, every multi-dataset paradigm ``4 × iterations`` on all
+    four; same plan (network, patch, batch), optimiser and fold; seeds 0 and 1; validation pseudo-Dice on
+    every held-out case of fold 0, final checkpoint. A finished run is reused, a stopped one resumed."""
+    from benchmarks.common import ROOT
+    from mosaicseg.training.recipes import RECIPES
+
+    workdir = WORK / "brain4"
+    if not (workdir / "runs").is_dir():  # a resumed study keeps the plan its first runs were trained with
+        run_cli(
+            ["plan", str(ROOT / "collections" / "brain4.yaml"), "-o", str(workdir), "--overwrite"],
+            WORK / "logs" / "brain4_plan.log",
+        )
+        _set_network(workdir / "plans.json", BRAIN4_NETWORK)
+    landed = [p for p in PARADIGMS if p in RECIPES]
+    runs: dict[str, Any] = {}
     for seed in (0, 1):
-        jobs = [("universal", None, 4 * iterations)] + [("single", d, iterations) for d in BRAIN4]
-        for recipe, dataset, its in jobs:
-            name = f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
-            run = workdir / "runs" / name
-            args = [
-                "train",
-                str(workdir),
-                "--recipe",
-                recipe,
-                "--iterations",
-                str(its),
-                "--seed",
-                str(seed),
-                "-o",
-                str(run),
-                *common,
-                *(["--dataset", dataset] if dataset else []),
-            ]
-            if (run / "checkpoint_latest.pt").is_file():
-                args.append("--resume")
-            seconds = run_cli(args, WORK / "logs" / f"brain4_{name}.log").seconds
-            last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-            # elapsed_s sums every resumed segment's training time; the process wall time only the last one
-            results[name] = {
-                "train_s": last["elapsed_s"],
-                "last_process_s": seconds,
-                "iterations": its,
-                "val_dice": last.get("val_dice", {}),
-                "val_dice_tasks": last.get("val_dice_tasks", {}),
-            }
+        for recipe in landed:
+            if recipe == "single":
+                for d in BRAIN4:
+                    runs[f"single_{d}_s{seed}"] = _train_paradigm(workdir, recipe, d, iterations, seed)
+            else:
+                runs[f"{recipe}_s{seed}"] = _train_paradigm(workdir, recipe, None, 4 * iterations, seed)
     plans = json.loads((workdir / "plans.json").read_text())
     return {
         "setting": {
@@ -310,11 +322,14 @@ def study_brain4(iterations: int) -> dict[str, Any]:
             **{k: plans["network"][k] for k in ("patch_size", "batch_size", "features")},
             "optimizer": "AdamW 1e-3, poly",
             "iterations_single": iterations,
-            "iterations_universal": 4 * iterations,
+            "iterations_multi": 4 * iterations,
             "fold": 0,
+            "seeds": [0, 1],
             "spacing": {d: plans["datasets"][d]["target_spacing"] for d in BRAIN4},
         },
-        "runs": results,
+        "paradigms": landed,
+        "skipped": {p: "recipe not registered yet (its issue is open)" for p in PARADIGMS if p not in RECIPES},
+        "runs": runs,
     }
 
 
@@ -360,13 +375,13 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
     """Universal vs. ensemble (MultiTalent's cost argument): predicting *all* tasks of Dataset001-004 on the
     first held-out cases of each dataset, once with brain4's universal model (``--tasks all``, one pass per
     case) and once with its four single models (four passes per case, each model in its own process as a user
-    would run them). Training time is the brain4 study's (seed 0): equal iterations, so about equal by design.
+    would run them). Training time is the paradigms study's (seed 0): equal iterations, so about equal by design.
     """
     runs = WORK / "brain4" / "runs"
     names = ["universal_s0"] + [f"single_{d}_s0" for d in BRAIN4]
     missing = [n for n in names if not (runs / n / "checkpoint_final.pt").is_file()]
     if missing:
-        raise SystemExit(f"run the brain4 study first (seed 0 runs missing: {', '.join(missing)})")
+        raise SystemExit(f"run the paradigms study first (seed 0 runs missing: {', '.join(missing)})")
     rows: dict[str, Any] = {"predict_s": {"universal": 0.0, "ensemble": 0.0}, "per_dataset": {}}
     for dataset in BRAIN4:
         cases = _fold_cases(WORK / "brain4", dataset)[:cases_per_dataset]
@@ -415,12 +430,13 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
         }
         rows["predict_s"]["universal"] += uni.seconds
         rows["predict_s"]["ensemble"] += sum(e.seconds for e in ens)
-    brain4 = json.loads((RESULTS / "brain4.json").read_text()) if (RESULTS / "brain4.json").is_file() else None
+    paradigms = RESULTS / "paradigms.json"
     train = None
-    if brain4 is not None:
+    if paradigms.is_file():
+        runs_s0 = json.loads(paradigms.read_text())["runs"]
         train = {
-            "universal": brain4["runs"]["universal_s0"]["train_s"],
-            "ensemble": sum(brain4["runs"][f"single_{d}_s0"]["train_s"] for d in BRAIN4),
+            "universal": runs_s0["universal_s0"]["train_s"],
+            "ensemble": sum(runs_s0[f"single_{d}_s0"]["train_s"] for d in BRAIN4),
         }
     return {
         "setting": f"first {cases_per_dataset} held-out cases of each of {', '.join(BRAIN4)}; all tasks of all "
@@ -469,7 +485,6 @@ STUDIES = {
     "partial-labels": study_partial_labels,
     "hippocampus": study_hippocampus,
     "predict": study_predict,
-    "brain4": study_brain4,
     "memory": study_memory,
     "ensemble": study_ensemble,
     "speed": lambda: __import__("benchmarks.speed", fromlist=["study_speed"]).study_speed(),
@@ -480,9 +495,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("study", choices=[*STUDIES, "nnunet", "report"])
+    parser.add_argument("study", choices=[*STUDIES, "paradigms", "nnunet", "report"])
     parser.add_argument("--force", action="store_true", help="recompute a finished study")
-    parser.add_argument("--iterations", type=int, default=600, help="brain4: iterations of each single run")
+    parser.add_argument("--iterations", type=int, default=600, help="paradigms: iterations of each single run")
     parser.add_argument("--quick", action="store_true", help="nnunet: the few-minute plumbing check")
     parser.add_argument("--budget-min", type=float, default=30, help="nnunet: the equal wall-clock budget")
     parser.add_argument("--subset", type=int, help="nnunet: held-out cases scored and timed (default per dataset)")
@@ -492,10 +507,10 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.study != "report":
         fn = STUDIES.get(args.study)
-        if args.study == "brain4":
+        if args.study == "paradigms":
 
             def fn() -> dict[str, Any]:
-                return study_brain4(args.iterations)
+                return study_paradigms(args.iterations)
 
         name = args.study
         if args.study == "nnunet":

@@ -86,29 +86,49 @@ def _predict(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _brain4(r: dict[str, Any]) -> list[str]:
-    s = r["setting"]
+def _paradigms(r: dict[str, Any]) -> list[str]:
+    s, runs, names = r["setting"], r["runs"], r["paradigms"]
     lines = [
-        "## Universal vs. single on Dataset001–004 (equal total iterations)",
+        "## Paradigms on Dataset001–004 (equal total iterations, 2 seeds)",
         "",
-        "`python -m benchmarks brain4 --iterations N` — plans `collections/brain4.yaml` once; every single run "
-        f"trains {s['iterations_single']} iterations on its dataset, the universal run "
-        f"{s['iterations_universal']} on all four; {s['network']}, patch {s['patch_size']}, batch "
-        f"{s['batch_size']}, {s['optimizer']}, fold {s['fold']}, seeds 0 and 1; validation pseudo-Dice on "
-        "every held-out case, final checkpoint.",
+        "`python -m benchmarks paradigms --iterations N` — plans `collections/brain4.yaml` once (spacing "
+        f"{_spacings(s['spacing'])}); every single run trains {s['iterations_single']} iterations on its "
+        f"dataset, every multi-dataset paradigm {s['iterations_multi']} on all four; {s['network']}, patch "
+        f"{s['patch_size']}, features {s['features']}, batch {s['batch_size']}, {s['optimizer']}, fold "
+        f"{s['fold']}, seeds {s['seeds']}; validation pseudo-Dice (mean ± sd over seeds) on every held-out case, "
+        "final checkpoint.",
         "",
-        "| dataset | single | universal | Δ |",
-        "|---|---|---|---|",
     ]
-    runs = r["runs"]
+    if r["skipped"]:
+        lines += [f"Skipped (recipe not registered yet): {', '.join(r['skipped'])}.", ""]
+    delta = "single" in names and "universal" in names
+    lines += [
+        "| dataset | " + " | ".join(names) + (" | Δ universal − single |" if delta else " |"),
+        "|---|" + "---|" * (len(names) + delta),
+    ]
+
+    def dice(recipe: str, dataset: str) -> list[float | None]:
+        prefix = f"single_{dataset}_" if recipe == "single" else f"{recipe}_s"
+        return [v["val_dice"].get(dataset) for k, v in runs.items() if k.startswith(prefix)]
+
     for d in s["spacing"]:
-        single = [v["val_dice"].get(d) for k, v in runs.items() if k.startswith(f"single_{d}_")]
-        universal = [v["val_dice"].get(d) for k, v in runs.items() if k.startswith("universal_")]
-        delta = statistics.mean([x for x in universal if x is not None]) - statistics.mean(
-            [x for x in single if x is not None]
-        )
-        lines.append(f"| {d} | {_ms(single)} | {_ms(universal)} | {delta:+.3f} |")
+        row = [_ms(dice(n, d)) for n in names]
+        if delta:
+            uni, single = ([x for x in dice(n, d) if x is not None] for n in ("universal", "single"))
+            row.append(f"{statistics.mean(uni) - statistics.mean(single):+.3f}" if uni and single else "–")
+        lines.append(f"| {d} | " + " | ".join(row) + " |")
+    train = {n: [v["train_s"] for v in runs.values() if v["recipe"] == n] for n in names}
+    seeds = len(s["seeds"])
+    lines.append(
+        "| training minutes (all datasets, per seed) | "
+        + " | ".join(f"{sum(train[n]) / seeds / 60:.0f}" for n in names)
+        + (" | |" if delta else " |")
+    )
     return [*lines, ""]
+
+
+def _spacings(spacing: dict[str, list[float]]) -> str:
+    return ", ".join(f"{d.split('_', 1)[1]} {'×'.join(f'{x:g}' for x in v)} mm" for d, v in spacing.items())
 
 
 def _memory(r: dict[str, Any]) -> list[str]:
@@ -181,7 +201,7 @@ def _ensemble(r: dict[str, Any]) -> list[str]:
     lines = [
         "## Universal vs. ensemble of single models (cost)",
         "",
-        f"`python -m benchmarks ensemble` — {r['setting']}. Training time from the brain4 study (seed 0).",
+        f"`python -m benchmarks ensemble` — {r['setting']}. Training time from the paradigms study (seed 0).",
         "",
         "| cases of | universal predict s | ensemble predict s | ratio |",
         "|---|---|---|---|",
@@ -232,7 +252,7 @@ SECTIONS = {
     "partial-labels": _partial_labels,
     "hippocampus": _hippocampus,
     "predict": _predict,
-    "brain4": _brain4,
+    "paradigms": _paradigms,
     "memory": _memory,
     "ensemble": _ensemble,
     "speed": _speed,
