@@ -1,0 +1,54 @@
+"""BENCHMARKS.md tables are rendered from result JSON: hand-computed means, sds and differences."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+report = pytest.importorskip("benchmarks.report", reason="run from the repository root (python -m pytest)")
+
+
+def _run(recipe: str, seed: int, dice: dict[str, float], train_s: float) -> dict[str, Any]:
+    return {"recipe": recipe, "seed": seed, "train_s": train_s, "iterations": 1, "val_dice": dice}
+
+
+def test_mean_and_sd_over_seeds() -> None:
+    assert report._ms([0.5, 0.7]) == "0.600 ± 0.141"  # sd = sqrt(((0.1)^2 + (0.1)^2) / 1)
+    assert report._ms([0.25, None]) == "0.250"
+    assert report._ms([None]) == "–"
+
+
+def test_paradigm_table() -> None:
+    a, b = "Dataset001_A", "Dataset002_B"
+    result = {
+        "setting": {
+            "network": "unet",
+            "patch_size": [8, 8, 8],
+            "features": [4, 8],
+            "batch_size": 2,
+            "optimizer": "AdamW",
+            "iterations_single": 10,
+            "iterations_multi": 20,
+            "fold": 0,
+            "seeds": [0, 1],
+            "spacing": {a: [1.0, 1.0, 1.0], b: [2.0, 2.0, 1.5]},
+        },
+        "paradigms": ["single", "universal"],
+        "skipped": {"hermes": "recipe not registered yet"},
+        "runs": {
+            f"single_{a}_s0": _run("single", 0, {a: 0.5}, 60),
+            f"single_{b}_s0": _run("single", 0, {b: 0.2}, 60),
+            f"single_{a}_s1": _run("single", 1, {a: 0.7}, 60),
+            f"single_{b}_s1": _run("single", 1, {b: 0.4}, 60),
+            "universal_s0": _run("universal", 0, {a: 0.8, b: 0.3}, 120),
+            "universal_s1": _run("universal", 1, {a: 0.6, b: 0.1}, 240),
+        },
+    }
+    text = "\n".join(report._paradigms(result))
+    assert "Skipped (recipe not registered yet): hermes." in text
+    assert "B 2×2×1.5 mm" in text
+    assert f"| {a} | 0.600 ± 0.141 | 0.700 ± 0.141 | +0.100 |" in text
+    assert f"| {b} | 0.300 ± 0.141 | 0.200 ± 0.141 | -0.100 |" in text
+    # single: 4 runs x 60 s over 2 seeds = 2 min per seed; universal (120 + 240) / 2 s = 3 min
+    assert "| training minutes (all datasets, per seed) | 2 | 3 | |" in text
