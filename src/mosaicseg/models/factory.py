@@ -83,7 +83,9 @@ class UniversalNet(nn.Module):
         A layout choice, not architecture: it is not part of :attr:`config` and changes results only by float
         rounding. On CPU (oneDNN) a channels-last 3D training step ran ~20 % faster here (BENCHMARKS.md, speed
         study). 3D only: with torch 2.13 on CPU a 2D channels-last 1x1 strided convolution returned a wrong
-        weight gradient and a 2D 1x1 backward hung (found by tests/test_models.py), and 2D was never slow.
+        weight gradient and a 2D 1x1 backward hung (found by tests/test_models.py; oneDNN's AVX2 1x1
+        backward-weights kernel for nhwc with fewer input channels than its block, uxlfoundation/oneDNN#6035),
+        and 2D was never slow.
         """
         if enabled and self.spatial_dims != 3:
             raise ValueError("channels-last is only used for 3D models (see the docstring)")
