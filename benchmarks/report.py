@@ -245,6 +245,22 @@ def _speed(r: dict[str, Any]) -> list[str]:
     for name, ops in r["profiles"].items():
         lines += ["", f"Profile of the *now* step, {name} (self CPU time):", "", "| op | ms | share |", "|---|---|---|"]
         lines += [f"| `{o['op']}` | {o['self_cpu_ms']:.0f} | {100 * o['share']:.0f} % |" for o in ops]
+    data = r.get("data")
+    if data:
+        lines += [
+            "",
+            f"Data pipeline ({data['workdir']}; batch {data['batch_size']}, patch {data['patch_size']}, in the "
+            f"training process): {1e3 * data['seconds_per_batch']:.0f} ms per batch, "
+            f"{100 * data['share_of_step']:.0f} % of a brain4 step. Where it goes (cProfile):",
+            "",
+            "| function | cumulative ms/batch | own ms/batch |",
+            "|---|---|---|",
+        ]
+        own = {o["function"]: o["ms_per_batch"] for o in data["hot_spots_self"]}
+        cumulative = {o["function"]: o["ms_per_batch"] for o in data["stages_cumulative"]}
+        for f in [*cumulative, *(f for f in own if f not in cumulative)]:
+            c, o = cumulative.get(f), own.get(f)
+            lines.append(f"| `{f}` | {'' if c is None else f'{c:.1f}'} | {'' if o is None else f'{o:.1f}'} |")
     return [*lines, ""]
 
 

@@ -8,7 +8,10 @@ rest of the time goes.
   ``torch.utils.flop_counter``; for two networks (the brain4 CPU plan and nnU-Net's Dataset001 plan) and two
   layouts: *before* (instance norm, contiguous tensors) and *now* (instance norm as ``GroupNorm(C, C)``,
   channels-last, as :func:`mosaicseg.models.use_device_layout` sets on CPU);
-- **profile**: the operators that dominate the *now* step (torch profiler, self CPU time).
+- **profile**: the operators that dominate the *now* step (torch profiler, self CPU time);
+- **data**: the training data pipeline as a run uses it (the Trainer's loader on brain4's preprocessed real data:
+  case sampling, patch cropping, augmentation, targets, collate; in the training process, as ``--workers 0``),
+  seconds per batch against the step, and where its time goes (cProfile, cumulative).
 """
 
 from __future__ import annotations
@@ -126,6 +129,59 @@ def training_step(network: dict[str, Any], tasks: int, optimizer: str, layout: s
     return {"seconds": seconds, "gflop": flops / 1e9, "gflop_per_s": flops / seconds / 1e9, "_step": step}
 
 
+def data_pipeline(batches: int = 30) -> dict[str, Any] | None:
+    """Seconds per batch of the Trainer's loader on brain4's preprocessed data (``None`` before the paradigms
+    study has planned it), after ``batches`` warm-up batches; and its cProfile (top functions, cumulative)."""
+    import cProfile
+    import pstats
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.common import WORK
+    from mosaicseg.config import TrainConfig
+    from mosaicseg.training.loop import Trainer
+
+    workdir = WORK / "brain4"
+    if not (workdir / "plans.json").is_file():
+        return None
+    config = TrainConfig(recipe="universal", fold=0, iterations=3 * batches, device="cpu", seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(workdir, config, Path(tmp) / "run", progress=False)
+        batch_iter = iter(trainer._loader())
+        for _ in range(batches):  # warm-up: first reads of the memory-mapped cases
+            next(batch_iter)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(batch_iter)
+        seconds = (time.perf_counter() - t0) / batches
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(batches):
+            next(batch_iter)
+        prof.disable()
+    stats = pstats.Stats(prof)
+    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
+
+    def name(file: str, line: int, fn: str) -> str:
+        return fn if file == "~" else f"{Path(file).name}:{line} {fn}"
+
+    # stages: MosaicSeg's own functions by cumulative time; hot spots: any function by its own time
+    stages = sorted(((k, v) for k, v in stats.stats.items() if "mosaicseg" in k[0]), key=lambda kv: -kv[1][3])  # type: ignore[attr-defined]
+    hot = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])  # type: ignore[attr-defined]
+    top_stages = [
+        {"function": name(*k), "ms_per_batch": v[3] * 1e3 / batches, "share": v[3] / total} for k, v in stages[:10]
+    ]
+    top_self = [{"function": name(*k), "ms_per_batch": v[2] * 1e3 / batches, "share": v[2] / total} for k, v in hot[:8]]
+    return {
+        "workdir": "brain4 (Dataset001-004, universal recipe)",
+        "batch_size": trainer.batch_size,
+        "patch_size": list(trainer.patch_size),
+        "seconds_per_batch": seconds,
+        "stages_cumulative": top_stages,
+        "hot_spots_self": top_self,
+    }
+
+
 def study_speed(repeats: int = 4) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -147,7 +203,13 @@ def study_speed(repeats: int = 4) -> dict[str, Any]:
                     {"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total}
                     for e in events[:10]
                 ]
+    data = data_pipeline()
+    if data is not None:
+        data["share_of_step"] = data["seconds_per_batch"] / (
+            data["seconds_per_batch"] + steps[f"{NETWORKS[0][0]} / now"]["seconds"]
+        )
     return {
+        "data": data,
         "setting": f"random data, torch threads {torch.get_num_threads()}, {repeats} timed steps after 2 warm-up "
         "steps; FLOPs by torch.utils.flop_counter (convolutions and matmuls)",
         "networks": {n: {**net, "tasks": t, "optimizer": o} for n, net, t, o in NETWORKS},

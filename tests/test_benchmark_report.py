@@ -52,3 +52,29 @@ def test_paradigm_table() -> None:
     assert f"| {b} | 0.300 ± 0.141 | 0.200 ± 0.141 | -0.100 |" in text
     # single: 4 runs x 60 s over 2 seeds = 2 min per seed; universal (120 + 240) / 2 s = 3 min
     assert "| training minutes (all datasets, per seed) | 2 | 3 | |" in text
+
+
+def test_speed_table_with_data_pipeline() -> None:
+    result = {
+        "setting": "random data",
+        "peak": {"peak_forward_gflop_per_s": 200.0, "peak_forward_backward_gflop_per_s": 150.0},
+        "steps": {"net / now": {"gflop": 100.0, "seconds": 1.0, "gflop_per_s": 100.0, "fraction_of_forward_peak": 0.5}},
+        "profiles": {"net": [{"op": "aten::conv", "self_cpu_ms": 800.0, "share": 0.8}]},
+        "data": {
+            "workdir": "w",
+            "batch_size": 2,
+            "patch_size": [8, 8, 8],
+            "seconds_per_batch": 0.25,
+            "share_of_step": 0.2,
+            "stages_cumulative": [{"function": "a.py:1 sample", "ms_per_batch": 200.0, "share": 0.8}],
+            "hot_spots_self": [
+                {"function": "a.py:1 sample", "ms_per_batch": 5.0, "share": 0.02},
+                {"function": "spline_filter1d", "ms_per_batch": 120.0, "share": 0.48},
+            ],
+        },
+    }
+    text = "\n".join(report._speed(result))
+    assert "| net | now | 100.0 | 1.000 | 100.0 | 50 % |" in text
+    assert "250 ms per batch, 20 % of a brain4 step" in text
+    assert "| `a.py:1 sample` | 200.0 | 5.0 |" in text
+    assert "| `spline_filter1d` |  | 120.0 |" in text
