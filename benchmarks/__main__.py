@@ -248,6 +248,10 @@ def _set_network(plans_path: Path, network: dict[str, Any]) -> None:
 PARADIGMS = ("single", "universal", "multidecoder", "dodnet", "hermes", "ka2er")
 
 
+def _paradigm_run_name(recipe: str, dataset: str | None, seed: int) -> str:
+    return f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
+
+
 def _train_paradigm(workdir: Path, recipe: str, dataset: str | None, iterations: int, seed: int) -> dict[str, Any]:
     """Train (or resume, or reuse when finished) one run of the paradigm study; its final metrics."""
     common = [
@@ -264,7 +268,7 @@ def _train_paradigm(workdir: Path, recipe: str, dataset: str | None, iterations:
         "--device",
         "cpu",
     ]
-    name = f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
+    name = _paradigm_run_name(recipe, dataset, seed)
     run = workdir / "runs" / name
     metrics = run / "metrics.jsonl"
 
@@ -309,11 +313,10 @@ def study_paradigms(iterations: int) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for seed in (0, 1):
         for recipe in landed:
-            if recipe == "single":
-                for d in BRAIN4:
-                    runs[f"single_{d}_s{seed}"] = _train_paradigm(workdir, recipe, d, iterations, seed)
-            else:
-                runs[f"{recipe}_s{seed}"] = _train_paradigm(workdir, recipe, None, 4 * iterations, seed)
+            jobs = [(d, iterations) for d in BRAIN4] if recipe == "single" else [(None, 4 * iterations)]
+            for dataset, its in jobs:
+                name = _paradigm_run_name(recipe, dataset, seed)
+                runs[name] = _train_paradigm(workdir, recipe, dataset, its, seed)
     plans = json.loads((workdir / "plans.json").read_text())
     return {
         "setting": {

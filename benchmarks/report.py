@@ -108,8 +108,8 @@ def _paradigms(r: dict[str, Any]) -> list[str]:
     ]
 
     def dice(recipe: str, dataset: str) -> list[float | None]:
-        prefix = f"single_{dataset}_" if recipe == "single" else f"{recipe}_s"
-        return [v["val_dice"].get(dataset) for k, v in runs.items() if k.startswith(prefix)]
+        # a single run scores only its own dataset: the others are absent (None) and dropped by _ms
+        return [v["val_dice"].get(dataset) for v in runs.values() if v["recipe"] == recipe]
 
     for d in s["spacing"]:
         row = [_ms(dice(n, d)) for n in names]
