@@ -502,7 +502,7 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="recompute a finished study")
     parser.add_argument("--iterations", type=int, default=600, help="paradigms: iterations of each single run")
     parser.add_argument("--quick", action="store_true", help="nnunet: the few-minute plumbing check")
-    parser.add_argument("--budget-min", type=float, default=30, help="nnunet: the equal wall-clock budget")
+    parser.add_argument("--budget-min", type=float, default=20, help="nnunet: the equal wall-clock budget")
     parser.add_argument("--subset", type=int, help="nnunet: held-out cases scored and timed (default per dataset)")
     parser.add_argument("--datasets", nargs="+", default=["Dataset001_Hippocampus", "Dataset003_IXILimbic"])
     parser.add_argument("--nnunet-python", help="nnunet: a Python with nnunetv2 (default: this one)")

@@ -55,10 +55,13 @@ class Steps:
         if key not in self.data:
             print(f"nnunet study: {key}", flush=True)
             self.data[key] = fn()
-            from mosaicseg.atomic import write_json_atomic
-
-            write_json_atomic(self.path, self.data)
+            self.save()
         return self.data[key]
+
+    def save(self) -> None:
+        from mosaicseg.atomic import write_json_atomic
+
+        write_json_atomic(self.path, self.data)
 
 
 def _run(cmd: list[str], log: Path, env: dict[str, str]) -> CliRun:
@@ -277,6 +280,15 @@ def study_nnunet(
         "nnUNet_results": str(root / "results"),
     }
     steps = Steps(root / "steps.json")
+    # cached wall-clock steps hold for one budget only: mixing budgets would make the table lie
+    effective = 1.0 if quick else budget_min
+    recorded = steps.data.setdefault("budget_min", effective)
+    if recorded != effective:
+        raise SystemExit(
+            f"{steps.path} holds steps trained with --budget-min {recorded}, not {budget_min}. Fix: rerun with "
+            f"--budget-min {recorded}, or delete {root} to start the study afresh with the new budget."
+        )
+    steps.save()
     out: dict[str, Any] = {}
     for dataset in datasets:
         out[dataset] = _one_dataset(dataset, root, env, steps, nnunet_python, budget_min * 60, quick, subset)

@@ -78,3 +78,30 @@ def test_speed_table_with_data_pipeline() -> None:
     assert "250 ms per batch, 20 % of a brain4 step" in text
     assert "| `a.py:1 sample` | 200.0 | 5.0 |" in text
     assert "| `spline_filter1d` |  | 120.0 |" in text
+
+
+def _pred(seconds: float, dice: float) -> dict[str, Any]:
+    return {"s_per_case_incl_startup": seconds, "peak_rss_mb": 500.0, "dice_mean": dice}
+
+
+def test_nnunet_ratio_verdicts() -> None:
+    steps = {
+        "nnunet_train_iter": {"s_per_iteration": 9.0},
+        "mosaicseg_train_iter": {"s_per_iteration": 10.0},
+        "nnunet_predict_iter": _pred(4.0, 0.80),
+        "mosaicseg_predict_iter": _pred(2.0, 0.796),  # 0.4 points lower: equal within 0.5
+        "nnunet_predict_iter_tta": _pred(8.0, 0.80),
+        "mosaicseg_predict_iter_tta": _pred(6.0, 0.80),
+        "nnunet_predict_time": _pred(4.0, 0.70),
+        "mosaicseg_predict_time": _pred(1.0, 0.69),  # 1 point lower: the speed ratio does not count
+        "nnunet_predict_time_tta": _pred(10.0, 0.70),
+        "mosaicseg_predict_time_tta": _pred(2.0, 0.85),
+    }
+    text = "\n".join(report._nnunet_ratios(steps))
+    assert "| training iterations/s, same network and batch | 0.90× | | ≥ 1.0× | missed |" in text
+    assert "| inference s/case, same network, no TTA | 0.50× | -0.0040 |" in text
+    assert "same network, no TTA | 0.50× | -0.0040 | ≤ 0.5× at Dice Δ ≥ −0.5 points | met |" in text
+    assert "same network, mirroring TTA | 0.75× | +0.0000 | ≤ 0.5× at Dice Δ ≥ −0.5 points | missed |" in text
+    assert "CPU plan, no TTA | 0.25× | -0.0100 | ≤ 0.5× at Dice Δ ≥ −0.5 points | Dice lower: not comparable |" in text
+    assert "CPU plan, mirroring TTA | 0.20× | +0.1500 | ≤ 0.5× at Dice Δ ≥ −0.5 points | met |" in text
+    assert "| Dice at equal wall clock (+TTA) | 0.8500 vs 0.7000 | +0.1500 | | |" in text
