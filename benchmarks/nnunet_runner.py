@@ -9,7 +9,9 @@ It imports nothing from mosaicseg, so nnU-Net can live in its own environment. `
 
 ``train`` uses nnU-Net's documented extension mechanism: a trainer subclass that only changes the number of
 iterations per epoch and of epochs (and runs a single validation batch per epoch instead of 50: the study
-scores both tools on the same held-out cases afterwards, with one evaluator).
+scores both tools on the same held-out cases afterwards, with one evaluator). Its learning rate follows the
+stock schedule (poly over the stock 1000 epochs, stepped per epoch), so a bench run is the first ITERATIONS
+iterations of a stock run: in the first 250 the learning rate is the stock 1e-2 throughout.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def plan(dataset_id: int) -> None:
 
 
 def _bench_trainer(iterations: int, per_epoch: int) -> type:
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     class nnUNetTrainerBench(nnUNetTrainer):
@@ -52,10 +55,15 @@ def _bench_trainer(iterations: int, per_epoch: int) -> type:
             self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = _CPU
         ) -> None:
             super().__init__(plans, configuration, fold, dataset_json, device)
+            self.stock_epochs = self.num_epochs
             self.num_iterations_per_epoch = per_epoch
             self.num_epochs = max(1, iterations // per_epoch)
             self.num_val_iterations_per_epoch = 1
             self.save_every = 10**9
+
+        def configure_optimizers(self) -> tuple[torch.optim.Optimizer, PolyLRScheduler]:
+            optimizer, _ = super().configure_optimizers()
+            return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.stock_epochs)
 
     return nnUNetTrainerBench
 

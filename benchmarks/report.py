@@ -155,6 +155,10 @@ PREDICT_RATIO_TARGET = 0.5
 DICE_TOLERANCE = 0.005
 
 
+# what results written before the study recorded its schedule were trained with
+OLD_SCHEDULE = "SGD-Nesterov 1e-2, nnU-Net poly per epoch of 25 iterations, MosaicSeg poly per iteration"
+
+
 def _nnunet_ratios(st: dict[str, Any]) -> list[str]:
     """Ratio table MosaicSeg / nnU-Net of one dataset's steps, with each target's verdict."""
     it_nn, it_ms = st["nnunet_train_iter"], st["mosaicseg_train_iter"]
@@ -194,8 +198,8 @@ def _nnunet(r: dict[str, Any]) -> list[str]:
         "",
         f"`python -m benchmarks nnunet{quick}` — fold 0 of MosaicSeg's split (also nnU-Net's splits_final.json); "
         "(i) *equal iterations*: nnU-Net's stock 3d_fullres plan for "
-        f"{s['iterations']} iterations (a trainer subclass), MosaicSeg the same number with that plan's "
-        "network, patch, batch, spacing and SGD 1e-2; (ii) *equal wall clock* "
+        f"{s['iterations']} iterations (a trainer subclass), MosaicSeg the same number with that plan's network, "
+        f"patch, batch and spacing; learning rate: {s.get('schedule', OLD_SCHEDULE)}; (ii) *equal wall clock* "
         f"({s['budget_min']} min): each tool's own CPU plan (nnU-Net: its stock plan). Dice by `mosaicseg "
         f"evaluate` on the first held-out cases ({s['subset_cases']}); predict s/case includes process "
         "start-up; peak RSS of the whole process.",

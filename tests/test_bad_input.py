@@ -307,6 +307,10 @@ def unknown_network(ctx: Ctx) -> Case:
     return ["train", str(ctx.workdir()), "--network", "vgg", "--iterations", "1"], ["vgg"]
 
 
+def unknown_schedule(ctx: Ctx) -> Case:
+    return ["train", str(ctx.workdir()), "--schedule", "cosine", "--iterations", "1"], ["cosine", "poly"]
+
+
 def patch_larger_than_every_image(ctx: Ctx) -> Case:
     workdir = ctx.workdir()
     plans_path = workdir / "plans.json"
@@ -484,6 +488,7 @@ KINDS: dict[str, Callable[[Ctx], Case]] = {
         bad_time_budget,
         unknown_recipe,
         unknown_network,
+        unknown_schedule,
         patch_larger_than_every_image,
         resume_with_other_settings,
         checkpoint_from_other_vocabulary,

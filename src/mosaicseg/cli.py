@@ -210,6 +210,9 @@ def train(
     time_budget: Annotated[str | None, typer.Option(help="Wall-clock budget, e.g. 30m (not reproducible)")] = None,
     optimizer: Annotated[str, typer.Option(help="sgd (poly), adamw (poly) or lamb (exponential)")] = "sgd",
     lr: Annotated[float | None, typer.Option(help="Initial learning rate (default per optimiser)")] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="Learning-rate schedule: poly, exp or constant (default per optimiser)")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Override the plan's batch size")] = None,
     patch_size: Annotated[str | None, typer.Option(help="Override the plan's patch, e.g. 64,64,48")] = None,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
@@ -245,6 +248,7 @@ def train(
         time_budget_s=parse_duration(time_budget) if time_budget else None,
         optimizer=optimizer,
         lr=lr,
+        schedule=schedule,
         batch_size=batch_size,
         patch_size=patch,
         seed=seed,
