@@ -1,6 +1,9 @@
 """``python -m benchmarks STUDY [--force]``: run one study, write ``benchmarks/results/STUDY.json`` and
 regenerate ``BENCHMARKS.md`` from every result present. A finished study is not recomputed (``--force``).
 
+``python -m benchmarks quick`` runs every study at its smallest setting (a few minutes; ``STUDY --quick`` one of
+them) in ``work/bench-quick``, with results and report there: the check that the suite works.
+
 Studies:
   partial-labels  synthetic 2D: MultiTalent's partial-label loss vs. treating missing labels as background
   hippocampus     single recipe on Dataset001_Hippocampus fold 0, 3D, 30-minute wall-clock budget (CPU)
@@ -11,7 +14,7 @@ Studies:
                   single run; a multi-dataset run gets 4 N)
   nnunet          MosaicSeg vs nnU-Net v2 on Dataset001 and Dataset003: equal iterations with nnU-Net's plan,
                   equal wall clock with each tool's CPU plan; Dice, iterations/s, predict s/case, peak RSS
-                  (--quick: 2 iterations, 1 minute, 2 cases, as results/nnunet-quick.json)
+                  (--quick: Dataset001, 2 iterations, 15 s, 2 cases)
   ensemble        universal vs. 4 single models: time to predict all tasks of Dataset001-004 (needs paradigms)
   speed           training-step FLOP/s vs. this CPU's convolution peak, before/after the layout work, profile
   report          only regenerate BENCHMARKS.md
@@ -24,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, SHARED, WORK, plain_network, run_cli, run_study
+from benchmarks.common import QUICK, QUICK_ENV, RESULTS, SHARED, WORK, plain_network, run_cli, run_study
 from benchmarks.report import write_report
 
 
@@ -63,13 +66,14 @@ def study_partial_labels() -> dict[str, Any]:
     from mosaicseg.demo import run_demo
 
     runs: dict[str, dict[str, Any]] = {}
+    iterations, seeds = (10, (0,)) if QUICK else (400, (0, 1))
     for mode in ("ignore", "background"):
-        for seed in (0, 1):
+        for seed in seeds:
             summary = run_demo(
                 WORK / f"partial_{mode}_s{seed}",
                 dim=2,
                 seed=seed,
-                iterations=400,
+                iterations=iterations,
                 missing_labels=mode,
                 progress=False,
                 log=lambda *_: None,
@@ -79,8 +83,8 @@ def study_partial_labels() -> dict[str, Any]:
                 for d, v in summary["datasets"].items()
             }
     return {
-        "setting": "synthetic 2D collection, universal recipe, unet (plan), AdamW 1e-3 poly, 400 iterations, "
-        "batch 2, fold 0 held-out cases, seeds 0 and 1 (data and training)",
+        "setting": f"synthetic 2D collection, universal recipe, unet (plan), AdamW 1e-3 poly, {iterations} "
+        f"iterations, batch 2, fold 0 held-out cases, seeds {' and '.join(map(str, seeds))} (data and training)",
         "runs": runs,
     }
 
@@ -92,6 +96,8 @@ def study_hippocampus() -> dict[str, Any]:
         ["plan", str(SHARED / dataset), "-o", str(workdir), "--overwrite"], WORK / "logs" / "hippo_plan.log"
     ).seconds
     run = workdir / "runs" / "single_adamw" / "fold_0"
+    # quick: a short budget, validation on 4 cases after every epoch of 10 iterations, 4 cases predicted
+    budget, per_epoch, val_every, n_cases = ("20s", 10, 1, 4) if QUICK else ("30m", 100, 5, None)
     args = [
         "train",
         str(workdir),
@@ -102,13 +108,13 @@ def study_hippocampus() -> dict[str, Any]:
         "--optimizer",
         "adamw",
         "--time-budget",
-        "30m",
+        budget,
         "--iterations-per-epoch",
-        "100",
+        str(per_epoch),
         "--val-every",
-        "5",
+        str(val_every),
         "--val-max-cases",
-        "0",
+        str(n_cases or 0),
         "--seed",
         "0",
         "--device",
@@ -120,7 +126,7 @@ def study_hippocampus() -> dict[str, Any]:
         args.append("--resume")
     t_train = run_cli(args, WORK / "logs" / "hippo_train.log").seconds
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    cases = _fold_cases(workdir, dataset)
+    cases = _fold_cases(workdir, dataset)[:n_cases]
     _, files = _held_out_files(dataset, cases)
     images = _link_all([f for f in files if "imagesTr" in str(f)], WORK / "hippo_heldout" / "images")
     labels = _link_all([f for f in files if "labelsTr" in str(f)], WORK / "hippo_heldout" / "labels")
@@ -140,7 +146,7 @@ def study_hippocampus() -> dict[str, Any]:
             "network": "unet (plan)",
             **{k: plans["network"][k] for k in ("patch_size", "batch_size", "features", "strides")},
             "optimizer": "AdamW 1e-3, poly",
-            "budget": "30 min wall clock",
+            "budget": f"{budget} wall clock",
             "fold": 0,
             "held_out_cases": len(cases),
         },
@@ -175,16 +181,20 @@ def study_predict() -> dict[str, Any]:
     rows = [
         ("Dataset001_Hippocampus", hippo, "Dataset001_Hippocampus", "Dataset001_Hippocampus", 10, False),
         ("Dataset001_Hippocampus +TTA", hippo, "Dataset001_Hippocampus", "Dataset001_Hippocampus", 10, True),
-        (
-            "Dataset003_IXILimbic (hippocampus 1 mm plan)",
-            hippo,
-            "Dataset001_Hippocampus",
-            "Dataset003_IXILimbic",
-            2,
-            False,
-        ),
     ]
+    if not QUICK:  # ~3 minutes per case
+        rows.append(
+            (
+                "Dataset003_IXILimbic (hippocampus 1 mm plan)",
+                hippo,
+                "Dataset001_Hippocampus",
+                "Dataset003_IXILimbic",
+                2,
+                False,
+            )
+        )
     if (universal / "checkpoint_final.pt").is_file():
+        # quick: no TTA on IXI heads (8 passes of ~15 s)
         rows += [
             (
                 "Dataset003_IXILimbic (brain4 universal, 2 mm, 19 tasks)",
@@ -202,12 +212,13 @@ def study_predict() -> dict[str, Any]:
                 4,
                 True,
             ),
-        ]
+        ][: 1 if QUICK else 2]
     cache = WORK / "predict_rows.json"
     out: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
     for name, run, plan_dataset, images_of, n, tta in rows:
         if name in out:
             continue
+        n = 1 if QUICK else n
         images = sorted((SHARED / images_of / "imagesTr").glob("*_0000.nii.gz"))[:n]
         folder = _link_all(images, WORK / f"predict_{images_of}" / "images")
         pred = WORK / f"predict_{images_of}" / f"pred_{len(out)}"
@@ -311,7 +322,8 @@ def study_paradigms(iterations: int) -> dict[str, Any]:
         _set_network(workdir / "plans.json", BRAIN4_NETWORK)
     landed = [p for p in PARADIGMS if p in RECIPES]
     runs: dict[str, Any] = {}
-    for seed in (0, 1):
+    seeds = (0,) if QUICK else (0, 1)
+    for seed in seeds:
         for recipe in landed:
             jobs = [(d, iterations) for d in BRAIN4] if recipe == "single" else [(None, 4 * iterations)]
             for dataset, its in jobs:
@@ -327,7 +339,7 @@ def study_paradigms(iterations: int) -> dict[str, Any]:
             "iterations_single": iterations,
             "iterations_multi": 4 * iterations,
             "fold": 0,
-            "seeds": [0, 1],
+            "seeds": list(seeds),
             "spacing": {d: plans["datasets"][d]["target_spacing"] for d in BRAIN4},
         },
         "paradigms": landed,
@@ -386,7 +398,10 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
     if missing:
         raise SystemExit(f"run the paradigms study first (seed 0 runs missing: {', '.join(missing)})")
     rows: dict[str, Any] = {"predict_s": {"universal": 0.0, "ensemble": 0.0}, "per_dataset": {}}
-    for dataset in BRAIN4:
+    # quick: hippocampus cases only (the hippocampus model's 1 mm plan takes ~3 minutes per IXI head)
+    of = BRAIN4[:1] if QUICK else BRAIN4
+    cases_per_dataset = 1 if QUICK else cases_per_dataset
+    for dataset in of:
         cases = _fold_cases(WORK / "brain4", dataset)[:cases_per_dataset]
         _, files = _held_out_files(dataset, cases)
         images = _link_all([f for f in files if "imagesTr" in str(f)], WORK / "ensemble" / dataset / "images")
@@ -442,7 +457,7 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
             "ensemble": sum(runs_s0[f"single_{d}_s0"]["train_s"] for d in BRAIN4),
         }
     return {
-        "setting": f"first {cases_per_dataset} held-out cases of each of {', '.join(BRAIN4)}; all tasks of all "
+        "setting": f"first {cases_per_dataset} held-out cases of each of {', '.join(of)}; all tasks of all "
         "four datasets per case; every predict call in its own process (start-up included), no TTA, CPU",
         **rows,
         "train_s": train,
@@ -453,7 +468,8 @@ def study_memory() -> dict[str, Any]:
     """Peak RSS of ``mosaicseg predict`` on a 512 x 512 x 400 CT with a 24-task model (1.5 mm plan, small
     network): cost only, the model is trained for one iteration."""
     root = WORK / "memory"
-    image = _big_ct(root / "Dataset990_BigCT", (400, 512, 512), 24)
+    shape = (100, 128, 128) if QUICK else (400, 512, 512)
+    image = _big_ct(root / "Dataset990_BigCT", shape, 24)
     workdir, run = root / "work", root / "work" / "runs" / "single_1it"
     if not (run / "checkpoint_final.pt").is_file():
         run_cli(
@@ -470,7 +486,7 @@ def study_memory() -> dict[str, Any]:
     plans = json.loads((workdir / "plans.json").read_text())
     return {
         "setting": {
-            "image": "512 x 512 x 400 CT, 0.8 x 0.8 x 1.0 mm, one case",
+            "image": f"{shape[2]} x {shape[1]} x {shape[0]} CT, 0.8 x 0.8 x 1.0 mm, one case",
             "tasks": 24,
             "target_spacing": next(iter(plans["datasets"].values()))["target_spacing"],
             **{k: plans["network"][k] for k in ("patch_size", "features", "batch_size")},
@@ -494,40 +510,84 @@ STUDIES = {
 }
 
 
+# the order of `quick`: a study that needs another's runs comes after it
+QUICK_ORDER = ("partial-labels", "hippocampus", "paradigms", "predict", "ensemble", "memory", "speed", "nnunet")
+
+
+def _quick_all(study: Any) -> None:
+    """Every study at its smallest setting, from a clean scratch area; a table of what ran and how long."""
+    import shutil
+    import time
+
+    if not QUICK or WORK.name != "bench-quick":
+        raise RuntimeError("the quick check clears its scratch area only")  # never the measured runs
+    shutil.rmtree(WORK, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in QUICK_ORDER:
+        t0 = time.perf_counter()
+        try:
+            study(name)
+            status = "ok"
+        except SystemExit as exc:  # a study's own refusal (e.g. nnunetv2 not installed) names the fix
+            status = f"failed: {exc}"
+        rows.append((name, time.perf_counter() - t0, status))
+        print(f"quick: {name} {status} ({rows[-1][1]:.0f} s)", flush=True)
+    write_report()
+    print("\n".join(f"{n:15s} {sec:7.0f} s  {st}" for n, sec, st in rows))
+    print(f"total {sum(r[1] for r in rows):.0f} s; results in {RESULTS}, report {WORK / 'BENCHMARKS.md'}")
+    if any(st != "ok" for _, _, st in rows):
+        raise SystemExit(1)
+
+
 def main() -> None:
+    import os
+    import sys
+
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("study", choices=[*STUDIES, "paradigms", "nnunet", "report"])
+    parser.add_argument("study", choices=[*STUDIES, "paradigms", "nnunet", "quick", "report"])
     parser.add_argument("--force", action="store_true", help="recompute a finished study")
     parser.add_argument("--iterations", type=int, default=600, help="paradigms: iterations of each single run")
-    parser.add_argument("--quick", action="store_true", help="nnunet: the few-minute plumbing check")
+    parser.add_argument(
+        "--quick", action="store_true", help="the smallest setting, in work/bench-quick (results and report there)"
+    )
     parser.add_argument("--budget-min", type=float, default=20, help="nnunet: the equal wall-clock budget")
     parser.add_argument("--subset", type=int, help="nnunet: held-out cases scored and timed (default per dataset)")
-    parser.add_argument("--datasets", nargs="+", default=["Dataset001_Hippocampus", "Dataset003_IXILimbic"])
+    parser.add_argument("--datasets", nargs="+", help="nnunet: datasets (default Dataset001 and Dataset003)")
     parser.add_argument("--nnunet-python", help="nnunet: a Python with nnunetv2 (default: this one)")
     args = parser.parse_args()
+    if (args.quick or args.study == "quick") and not QUICK:
+        # the scratch area is fixed when benchmarks.common is imported: start again with it chosen
+        env = {**os.environ, QUICK_ENV: "1"}
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]], env)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.study != "report":
-        fn = STUDIES.get(args.study)
-        if args.study == "paradigms":
+
+    def study(name: str, force: bool = True) -> None:
+        fn = STUDIES.get(name)
+        if name == "paradigms":
 
             def fn() -> dict[str, Any]:
-                return study_paradigms(args.iterations)
+                return study_paradigms(2 if QUICK else args.iterations)
 
-        name = args.study
-        if args.study == "nnunet":
+        if name == "nnunet":
             from benchmarks.nnunet import default_nnunet_python, study_nnunet
 
             python = args.nnunet_python or default_nnunet_python()
-            name = "nnunet-quick" if args.quick else "nnunet"
+            default = ["Dataset001_Hippocampus"] if QUICK else ["Dataset001_Hippocampus", "Dataset003_IXILimbic"]
 
             def fn() -> dict[str, Any]:
-                return study_nnunet(args.datasets, python, args.budget_min, args.subset, quick=args.quick)
+                return study_nnunet(args.datasets or default, python, args.budget_min, args.subset, quick=QUICK)
 
-        run_study(name, fn, force=args.force)
-    write_report()
-    print(f"updated {RESULTS.parent.parent / 'BENCHMARKS.md'}")
+        run_study(name, fn, force=force)
+
+    if args.study == "quick":
+        _quick_all(study)
+        return
+    if args.study != "report":
+        study(args.study, force=args.force)
+    print(f"updated {write_report()}")
 
 
 if __name__ == "__main__":

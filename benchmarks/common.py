@@ -14,8 +14,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-WORK = ROOT / "work" / "bench"
+# `--quick` runs the studies at their smallest setting (a few minutes in all): the check that the suite works. It
+# runs in a scratch area of its own, so its figures never mix with measured ones or reach BENCHMARKS.md.
+QUICK_ENV = "MOSAICSEG_BENCH_QUICK"
+QUICK = os.environ.get(QUICK_ENV) == "1"
+WORK = ROOT / "work" / ("bench-quick" if QUICK else "bench")
+RESULTS = WORK / "results" if QUICK else ROOT / "benchmarks" / "results"
+REPORT = WORK / "BENCHMARKS.md" if QUICK else ROOT / "BENCHMARKS.md"
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 
 

@@ -47,6 +47,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+QUICK_BUDGET_MIN = 0.25
 # nnU-Net's stock epoch; its stock learning rate is 1e-2 throughout the first one (poly over 1000 epochs)
 STOCK_EPOCH = 250
 # what the cached steps of a dataset were made with: a change recomputes them (the old ones are kept on record)
@@ -193,7 +194,7 @@ def _one_dataset(
 ) -> dict[str, Any]:
     setting = SETTINGS[dataset]
     iterations = 2 if quick else setting["iterations"]
-    budget_s = 60.0 if quick else budget_s
+    budget_s = QUICK_BUDGET_MIN * 60 if quick else budget_s
     n_cases = 2 if quick else (subset or setting["cases"])
     did = setting["id"]
     logs = WORK / "logs" / f"nnunet_{dataset}"
@@ -306,8 +307,8 @@ def _one_dataset(
 def study_nnunet(
     datasets: list[str], nnunet_python: str, budget_min: float, subset: int | None, quick: bool = False
 ) -> dict[str, Any]:
-    """See the module docstring. ``quick``: 2 iterations, a 1-minute budget, 2 cases (checks the plumbing)."""
-    root = WORK / ("nnunet_quick" if quick else "nnunet")
+    """See the module docstring. ``quick``: 2 iterations, a 15-second budget, 2 cases (checks the plumbing)."""
+    root = WORK / "nnunet"  # the quick check has a WORK of its own
     env = {
         **os.environ,
         "nnUNet_raw": str(root / "raw"),
@@ -316,7 +317,7 @@ def study_nnunet(
     }
     steps = Steps(root / "steps.json")
     # cached wall-clock steps hold for one budget only: mixing budgets would make the table lie
-    effective = 1.0 if quick else budget_min
+    effective = QUICK_BUDGET_MIN if quick else budget_min
     recorded = steps.data.setdefault("budget_min", effective)
     if recorded != effective:
         raise SystemExit(
@@ -330,7 +331,7 @@ def study_nnunet(
     return {
         "setting": {
             "iterations": {d: (2 if quick else SETTINGS[d]["iterations"]) for d in datasets},
-            "budget_min": 1 if quick else budget_min,
+            "budget_min": effective,
             "schedule": SCHEDULE,
             "subset_cases": {d: 2 if quick else (subset or SETTINGS[d]["cases"]) for d in datasets},
             "nnunet_python": nnunet_python,

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT
+from benchmarks.common import REPORT, RESULTS
 
 HEADER = """# Benchmarks
 
@@ -51,7 +51,7 @@ def _partial_labels(r: dict[str, Any]) -> list[str]:
 def _hippocampus(r: dict[str, Any]) -> list[str]:
     s = r["setting"]
     lines = [
-        "## Single recipe on Dataset001_Hippocampus (CPU, 30 minutes)",
+        f"## Single recipe on Dataset001_Hippocampus (CPU, {s['budget']})",
         "",
         "`python -m benchmarks hippocampus` — runs `mosaicseg plan ../shared/data/Dataset001_Hippocampus`, "
         "`mosaicseg train --recipe single --fold 0 --optimizer adamw --time-budget 30m --iterations-per-epoch "
@@ -306,7 +306,6 @@ SECTIONS = {
     "ensemble": _ensemble,
     "speed": _speed,
     "nnunet": _nnunet,
-    "nnunet-quick": _nnunet,
 }
 
 
@@ -326,6 +325,5 @@ def write_report() -> Path:
             )
             lines.append("")
     text = "\n".join(lines)
-    path = ROOT / "BENCHMARKS.md"
-    atomic_write(path, lambda f: f.write(text), mode="w")
-    return path
+    atomic_write(REPORT, lambda f: f.write(text), mode="w")
+    return REPORT

@@ -185,10 +185,14 @@ def data_pipeline(batches: int = 30) -> dict[str, Any] | None:
 def study_speed(repeats: int = 4) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
+    from benchmarks.common import QUICK
+
+    # quick: one timed repeat, the small network only (the nnU-Net plan's step takes ~10 s)
+    repeats, networks = (1, NETWORKS[:1]) if QUICK else (repeats, NETWORKS)
     peak = peak_conv(repeats)
     steps: dict[str, Any] = {}
     profiles: dict[str, Any] = {}
-    for name, network, tasks, optimizer in NETWORKS:
+    for name, network, tasks, optimizer in networks:
         for layout in ("before", "now"):
             result = training_step(network, tasks, optimizer, layout, repeats)
             step = result.pop("_step")
@@ -203,7 +207,7 @@ def study_speed(repeats: int = 4) -> dict[str, Any]:
                     {"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total}
                     for e in events[:10]
                 ]
-    data = data_pipeline()
+    data = data_pipeline(5 if QUICK else 30)
     if data is not None:
         data["share_of_step"] = data["seconds_per_batch"] / (
             data["seconds_per_batch"] + steps[f"{NETWORKS[0][0]} / now"]["seconds"]
@@ -212,7 +216,7 @@ def study_speed(repeats: int = 4) -> dict[str, Any]:
         "data": data,
         "setting": f"random data, torch threads {torch.get_num_threads()}, {repeats} timed steps after 2 warm-up "
         "steps; FLOPs by torch.utils.flop_counter (convolutions and matmuls)",
-        "networks": {n: {**net, "tasks": t, "optimizer": o} for n, net, t, o in NETWORKS},
+        "networks": {n: {**net, "tasks": t, "optimizer": o} for n, net, t, o in networks},
         "peak": peak,
         "steps": steps,
         "profiles": profiles,
