@@ -1,8 +1,9 @@
 """``python -m benchmarks STUDY [--force]``: run one study, write ``benchmarks/results/STUDY.json`` and
 regenerate ``BENCHMARKS.md`` from every result present. A finished study is not recomputed (``--force``).
 
-``python -m benchmarks quick`` runs every study at its smallest setting (a few minutes; ``STUDY --quick`` one of
-them) in ``work/bench-quick``, with results and report there: the check that the suite works.
+``python -m benchmarks quick`` runs every study at its smallest setting (13 minutes on 2 cores, most of it the
+nnU-Net comparison; ``STUDY --quick`` one of them) in ``work/bench-quick``, with results and report there: the
+check that the suite works.
 
 Studies:
   partial-labels  synthetic 2D: MultiTalent's partial-label loss vs. treating missing labels as background
@@ -533,9 +534,9 @@ def _quick_all(study: Any) -> None:
             status = f"failed: {exc}"
         rows.append((name, time.perf_counter() - t0, status))
         print(f"quick: {name} {status} ({rows[-1][1]:.0f} s)", flush=True)
-    write_report()
+    report = write_report()
     print("\n".join(f"{n:15s} {sec:7.0f} s  {st}" for n, sec, st in rows))
-    print(f"total {sum(r[1] for r in rows):.0f} s; results in {RESULTS}, report {WORK / 'BENCHMARKS.md'}")
+    print(f"total {sum(r[1] for r in rows):.0f} s; results in {RESULTS}, report {report}")
     if any(st != "ok" for _, _, st in rows):
         raise SystemExit(1)
 
