@@ -1,7 +1,7 @@
 """``python -m benchmarks STUDY [--force]``: run one study, write ``benchmarks/results/STUDY.json`` and
 regenerate ``BENCHMARKS.md`` from every result present. A finished study is not recomputed (``--force``).
 
-``python -m benchmarks quick`` runs every study at its smallest setting (13 minutes on 2 cores, most of it the
+``python -m benchmarks quick`` runs every study at its smallest setting (13 minutes on 2 cores, half of it the
 nnU-Net comparison; ``STUDY --quick`` one of them) in ``work/bench-quick``, with results and report there: the
 check that the suite works.
 
