@@ -6,6 +6,7 @@ It imports nothing from mosaicseg, so nnU-Net can live in its own environment. `
     python nnunet_runner.py plan DATASET_ID
     python nnunet_runner.py train DATASET_ID ITERATIONS ITERATIONS_PER_EPOCH TIMING_JSON
     python nnunet_runner.py predict DATASET_ID IMAGES_FOLDER OUTPUT_FOLDER {tta,notta}
+    python nnunet_runner.py forward FEATURES_JSON PATCH_JSON CLASSES REPEATS    (prints JSON: ms per tile forward)
 
 ``train`` uses nnU-Net's documented extension mechanism: a trainer subclass that only changes the number of
 iterations per epoch and of epochs (and runs a single validation batch per epoch instead of 50: the study
@@ -133,7 +134,45 @@ def predict(dataset_id: int, images: Path, output: Path, tta: bool) -> None:
     )
 
 
+def forward(features: list[int], patch: list[int], classes: int, repeats: int) -> None:
+    """Best-of-``repeats`` forward of one tile through nnU-Net's own 3d_fullres network (PlainConvUNet, instance
+    norm, contiguous, 2 convolutions per stage), in ``torch.inference_mode`` as its predictor runs it."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    n = len(features)
+    net = PlainConvUNet(
+        1,
+        n,
+        features,
+        torch.nn.Conv3d,
+        3,
+        [1] + [2] * (n - 1),
+        [2] * n,
+        classes,
+        [2] * (n - 1),
+        conv_bias=True,
+        norm_op=torch.nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+        deep_supervision=False,
+    ).eval()
+    x = torch.randn(1, 1, *patch)
+    times = []
+    with torch.inference_mode():
+        net(x)
+        net(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            net(x)
+            times.append(time.perf_counter() - t0)
+    print(json.dumps({"ms": 1e3 * min(times), "threads": torch.get_num_threads()}))
+
+
 def main(argv: list[str]) -> None:
+    if argv[0] == "forward":
+        forward(json.loads(argv[1]), json.loads(argv[2]), int(argv[3]), int(argv[4]))
+        return
     command, dataset_id = argv[0], int(argv[1])
     if command == "plan":
         plan(dataset_id)

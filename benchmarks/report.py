@@ -278,6 +278,34 @@ def _speed(r: dict[str, Any]) -> list[str]:
     for name, ops in r["profiles"].items():
         lines += ["", f"Profile of the *now* step, {name} (self CPU time):", "", "| op | ms | share |", "|---|---|---|"]
         lines += [f"| `{o['op']}` | {o['self_cpu_ms']:.0f} | {100 * o['share']:.0f} % |" for o in ops]
+    forward = r.get("inference_forward")
+    if forward:
+        lines += [
+            "",
+            "Inference: one tile's forward (best of 5, ms). nnU-Net: its own PlainConvUNet (instance norm, "
+            "contiguous, `inference_mode`, as its predictor runs it); MosaicSeg eager: channels-last, `no_grad`; "
+            "MosaicSeg frozen: the traced graph with oneDNN-prepacked weights (`torch.jit.optimize_for_inference`) "
+            "that `mosaicseg predict` runs on CPU, built once per process and tile shape and checked against the "
+            "eager model; mirrors: TTA's 8 flips of a tile in one batch, per tile; `torch.compile`: inductor, "
+            "default mode, its first call's seconds as compile s.",
+            "",
+            "| network | patch | nnU-Net | MosaicSeg eager | MosaicSeg frozen | frozen, 8 mirrors batched (per tile) "
+            "| frozen / nnU-Net | graph build s | torch.compile | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, v in forward.items():
+            nn = v["nnunet_ms"]
+            widths = f"{v['features'][0]}–{v['features'][-1]}"
+            nn_ms, ratio = ("–", "–") if nn is None else (f"{nn:.1f}", f"{v['frozen_ms'] / nn:.2f}×")
+            compiled = "–" if v.get("compiled_ms") is None else f"{v['compiled_ms']:.1f}"
+            compile_s = "–" if v.get("compile_s") is None else f"{v['compile_s']:.0f}"
+            if v.get("compile_error"):
+                compiled = f"failed ({v['compile_error']})"
+            lines.append(
+                f"| {name} ({widths}) | {v['patch_size']} | {nn_ms} | {v['eager_ms']:.1f} | {v['frozen_ms']:.1f} | "
+                f"{v['frozen_8_mirrors_ms_per_tile']:.1f} | {ratio} | {v['frozen_build_s']:.1f} | {compiled} | "
+                f"{compile_s} |"
+            )
     data = r.get("data")
     if data:
         lines += [

@@ -9,6 +9,11 @@ rest of the time goes.
   layouts: *before* (instance norm, contiguous tensors) and *now* (instance norm as ``GroupNorm(C, C)``,
   channels-last, as :func:`mosaicseg.models.use_device_layout` sets on CPU);
 - **profile**: the operators that dominate the *now* step (torch profiler, self CPU time);
+- **inference forward**: one tile's forward at prediction time, in milliseconds: nnU-Net's own network as its
+  predictor runs it (in nnU-Net's environment, if installed), MosaicSeg's eager model (channels-last,
+  ``no_grad``) and its frozen graph (:class:`mosaicseg.inference.frozen.FrozenForward`, what ``mosaicseg
+  predict`` runs on CPU), the frozen graph on the 8 mirrors of TTA in one batch (per tile), and ``torch.compile``
+  (inductor) with its compile time;
 - **data**: the training data pipeline as a run uses it (the Trainer's loader on brain4's preprocessed real data:
   case sampling, patch cropping, augmentation, targets, collate; in the training process, as ``--workers 0``),
   seconds per batch against the step, and where its time goes (cProfile, cumulative).
@@ -46,6 +51,89 @@ def _timed(fn: Any, repeats: int) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - t0) / repeats
+
+
+def _best(fn: Any, repeats: int) -> float:
+    """Fastest of ``repeats`` calls after two warm-up calls (a TorchScript graph specialises on its first runs)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def inference_forward(
+    networks: list[tuple[str, dict[str, Any], int, str]], repeats: int, compile_too: bool
+) -> dict[str, Any]:
+    """Per network: ms of one tile's forward (see the module docstring) and the seconds that building the
+    frozen graph costs once per prediction process and tile shape (trace, optimise, check against eager);
+    ``compile_too``: also ``torch.compile`` (inductor), the alternative PyTorch recommends, and its compile time."""
+    import json
+    import subprocess
+
+    from benchmarks.common import ROOT
+    from mosaicseg.inference.frozen import FrozenForward
+    from mosaicseg.models import build_model, use_device_layout
+
+    try:
+        from benchmarks.nnunet import default_nnunet_python
+
+        nnunet_python: str | None = default_nnunet_python()
+    except SystemExit:  # nnunetv2 is an optional extra: its column stays empty
+        nnunet_python = None
+    rows: dict[str, Any] = {}
+    for name, network, tasks, _ in networks:
+        torch.manual_seed(0)
+        model = build_model(plain_network(network), {"T1": 1}, tasks).eval()
+        use_device_layout(model, torch.device("cpu"))
+        patch = network["patch_size"]
+        x1, m1 = torch.randn(1, 1, *patch), torch.zeros(1, dtype=torch.long)
+        x8, m8 = torch.randn(8, 1, *patch), torch.zeros(8, dtype=torch.long)
+        with torch.no_grad():
+            eager = _best(lambda model=model, x1=x1, m1=m1: model(x1, m1), repeats)
+        frozen = FrozenForward(model)
+        t0 = time.perf_counter()
+        frozen(x1, m1)
+        build_s = time.perf_counter() - t0
+        frozen_ms = _best(lambda frozen=frozen, x1=x1, m1=m1: frozen(x1, m1), repeats)
+        mirrors = _best(lambda frozen=frozen, x8=x8, m8=m8: frozen(x8, m8), max(1, repeats // 2)) / 8
+        compiled_ms = compile_s = compile_error = None
+        if compile_too:
+            try:
+                compiled = torch.compile(model)
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    compiled(x1, m1)
+                    compile_s = time.perf_counter() - t0
+                    compiled_ms = 1e3 * _best(lambda compiled=compiled, x1=x1, m1=m1: compiled(x1, m1), repeats)
+            except Exception as err:  # a missing C++ compiler is a finding, not a crash of the study
+                compile_error = f"{type(err).__name__}: {str(err)[:200]}"
+        nnunet_ms = None
+        if nnunet_python is not None:
+            args = [json.dumps(network["features"]), json.dumps(patch), str(tasks + 1), str(repeats)]
+            out = subprocess.run(
+                [nnunet_python, str(ROOT / "benchmarks" / "nnunet_runner.py"), "forward", *args],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            nnunet_ms = json.loads(out.stdout.strip().splitlines()[-1])["ms"]
+        rows[name] = {
+            "patch_size": patch,
+            "features": network["features"],
+            "nnunet_ms": nnunet_ms,
+            "eager_ms": 1e3 * eager,
+            "frozen_ms": 1e3 * frozen_ms,
+            "frozen_8_mirrors_ms_per_tile": 1e3 * mirrors,
+            "frozen_build_s": build_s,
+            "compiled_ms": compiled_ms,
+            "compile_s": compile_s,
+            "compile_error": compile_error,
+        }
+    return rows
 
 
 def peak_conv(repeats: int) -> dict[str, Any]:
@@ -207,6 +295,7 @@ def study_speed(repeats: int = 4) -> dict[str, Any]:
                     {"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total}
                     for e in events[:10]
                 ]
+    forward = inference_forward(networks, 2 if QUICK else 5, compile_too=not QUICK)
     data = data_pipeline(5 if QUICK else 30)
     if data is not None:
         data["share_of_step"] = data["seconds_per_batch"] / (
@@ -220,4 +309,5 @@ def study_speed(repeats: int = 4) -> dict[str, Any]:
         "peak": peak,
         "steps": steps,
         "profiles": profiles,
+        "inference_forward": forward,
     }

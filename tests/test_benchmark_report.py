@@ -72,8 +72,37 @@ def test_speed_table_with_data_pipeline() -> None:
                 {"function": "spline_filter1d", "ms_per_batch": 120.0, "share": 0.48},
             ],
         },
+        "inference_forward": {
+            "net": {
+                "patch_size": [8, 8, 8],
+                "features": [16, 32, 64],
+                "nnunet_ms": 200.0,
+                "eager_ms": 210.0,
+                "frozen_ms": 100.0,
+                "frozen_8_mirrors_ms_per_tile": 90.0,
+                "frozen_build_s": 1.5,
+                "compiled_ms": 95.0,
+                "compile_s": 61.2,
+                "compile_error": None,
+            },
+            "other": {
+                "patch_size": [8, 8, 8],
+                "features": [8, 16],
+                "nnunet_ms": None,
+                "eager_ms": 20.0,
+                "frozen_ms": 10.0,
+                "frozen_8_mirrors_ms_per_tile": 9.0,
+                "frozen_build_s": 0.5,
+                "compiled_ms": None,
+                "compile_s": None,
+                "compile_error": "InvalidCxxCompiler: no compiler",
+            },
+        },
     }
     text = "\n".join(report._speed(result))
+    assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | 100.0 | 90.0 | 0.50× | 1.5 | 95.0 | 61 |" in text
+    failed = "failed (InvalidCxxCompiler: no compiler)"
+    assert f"| other (8–16) | [8, 8, 8] | – | 20.0 | 10.0 | 9.0 | – | 0.5 | {failed} | – |" in text
     assert "| net | now | 100.0 | 1.000 | 100.0 | 50 % |" in text
     assert "250 ms per batch, 20 % of a brain4 step" in text
     assert "| `a.py:1 sample` | 200.0 | 5.0 |" in text

@@ -9,6 +9,7 @@ import torch
 
 from mosaicseg.config import TrainConfig
 from mosaicseg.errors import MosaicSegError
+from mosaicseg.inference.frozen import FrozenForward
 from mosaicseg.inference.postprocess import (
     keep_largest_component,
     labels_from_probabilities,
@@ -17,7 +18,7 @@ from mosaicseg.inference.postprocess import (
 )
 from mosaicseg.inference.predictor import Predictor, group_inputs
 from mosaicseg.inference.sliding_window import predict_logits
-from mosaicseg.models import build_model
+from mosaicseg.models import build_model, use_device_layout
 from mosaicseg.training.loop import Trainer
 
 
@@ -70,6 +71,60 @@ def test_sliding_window_and_mirroring_equal_the_whole_image_on_larger_inputs(sha
     half = predict_logits(model, image, 2, patch, accumulate=torch.float16)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=5e-3)  # float16 blending: within 1 %
+
+
+def test_frozen_forward_equals_the_model_with_one_graph_per_tile_shape_and_modalities():
+    torch.manual_seed(0)
+    model = build_model(_plan([16, 16, 8]), {"CT": 1, "MR": 2}, num_tasks=3).eval()
+    use_device_layout(model, torch.device("cpu"))  # channels-last, as prediction runs it
+    frozen = FrozenForward(model)
+    x = torch.randn(2, 2, 16, 16, 8)
+    wanted = {}
+    for mods in ([0, 0], [1, 1], [0, 1]):
+        m = torch.tensor(mods)
+        with torch.no_grad():
+            wanted[tuple(mods)] = want = model(x, m)
+        torch.testing.assert_close(frozen(x, m), want)  # the key's first batch: the eager reference itself
+        torch.testing.assert_close(frozen(x, m), want, rtol=1e-4, atol=1e-4)  # then the graph
+    torch.testing.assert_close(frozen(x[:1], torch.tensor([1])), wanted[(1, 1)][:1], rtol=1e-4, atol=1e-4)
+    assert frozen.num_graphs == 4
+    # a known key is answered by its graph, which kept the weights it was built with
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("head"):
+                p.add_(1.0)
+        changed = model(x, torch.tensor([0, 0]))
+    assert not torch.allclose(changed, wanted[(0, 0)], atol=1e-2)
+    torch.testing.assert_close(frozen(x, torch.tensor([0, 0])), wanted[(0, 0)], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="eval mode"):
+        FrozenForward(model.train())
+
+
+class _Counting(torch.nn.Module):
+    """Multiplies by how often it has been called: Python state that a trace bakes in as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.conv(x) * self.calls
+
+
+def test_frozen_forward_falls_back_to_the_model_when_its_graph_differs():
+    torch.manual_seed(0)
+    model = _Counting().eval()
+    frozen = FrozenForward(model)
+    x, m = torch.randn(1, 1, 4, 4, 4), torch.zeros(1, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="differs from the eager model"):
+        first = frozen(x, m)  # eager: call 1; the trace recorded call 2 as a constant
+    with torch.no_grad():
+        conv = model.conv(x)
+    torch.testing.assert_close(first, conv)
+    assert frozen.num_graphs == 0
+    torch.testing.assert_close(frozen(x, m), conv * 3)  # eager again (call 3), no second warning or trace
 
 
 def test_large_outputs_are_blended_in_half_precision(monkeypatch):
@@ -189,6 +244,16 @@ def test_predicted_files_have_the_input_geometry_exactly_3d(tiny_workdir_3d, tmp
     # existing outputs are kept unless overwrite
     again = predictor.predict_files(images, out, dataset="Dataset903_SynthMulti", progress=False)
     assert len(again["skipped"]) == 3 and not again["cases"]
+    # the frozen graphs the CPU predictor ran give the eager model's probabilities
+    assert isinstance(predictor.forwards[0], FrozenForward) and predictor.forwards[0].num_graphs >= 1
+    eager = Predictor.from_run(run, jit=False)
+    assert eager.forwards[0] is eager.models[0]
+    multi = "Dataset903_SynthMulti"
+    image, geometry = predictor._read(group_inputs(images)[0], len(predictor.plans["datasets"][multi]["normalization"]))
+    tasks = predictor.resolve_tasks(multi, None)
+    got, _ = predictor.predict_resampled([image.copy()], geometry, multi, tasks, tta=True)
+    want, _ = eager.predict_resampled([image], geometry, multi, tasks, tta=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_predict_png_and_2d_nifti_and_fold_ensemble(tiny_workdir_2d, tmp_path):

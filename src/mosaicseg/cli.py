@@ -288,13 +288,16 @@ def predict(
     largest_component: Annotated[bool, typer.Option(help="Keep the largest connected component per task")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or mps")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
+    jit: Annotated[
+        bool, typer.Option("--jit/--no-jit", help="CPU: frozen TorchScript graphs, checked against the model")
+    ] = True,
 ) -> None:
     """Predict label maps (each source dataset's own numbering) in the input's exact geometry."""
     from mosaicseg.inference.predictor import Predictor
 
     if checkpoint not in ("final", "latest", "best"):
         raise MosaicSegError(f"--checkpoint {checkpoint!r} is unknown. Fix: use final, latest or best.")
-    predictor = Predictor.from_run(model, folds=folds, checkpoint=checkpoint, device=device)
+    predictor = Predictor.from_run(model, folds=folds, checkpoint=checkpoint, device=device, jit=jit)
     report = predictor.predict_files(
         inputs,
         output,

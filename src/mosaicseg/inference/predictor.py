@@ -27,6 +27,7 @@ from mosaicseg.data.laterality import LATERAL_AXIS
 from mosaicseg.data.preprocess import preprocess_arrays
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
+from mosaicseg.inference.frozen import FrozenForward
 from mosaicseg.inference.postprocess import labels_from_resampled
 from mosaicseg.inference.sliding_window import predict_logits
 from mosaicseg.models import UniversalNet, use_device_layout
@@ -115,7 +116,12 @@ def _save_probability(t: int, p: np.ndarray, *, paths: list[Path], geometry: Geo
 
 
 class Predictor:
-    """One or several models (folds) of one run, sharing its plans and vocabulary."""
+    """One or several models (folds) of one run, sharing its plans and vocabulary.
+
+    ``jit``: on the CPU, run the tiles through frozen TorchScript graphs (:class:`FrozenForward`: built on the
+    first tile of each shape and modality, checked against the eager model there; a 2× faster forward for
+    small networks). Ignored on other devices, where AMP already runs fused kernels.
+    """
 
     def __init__(
         self,
@@ -125,8 +131,12 @@ class Predictor:
         patch_size: Sequence[int],
         device: torch.device,
         amp: bool = False,
+        jit: bool = True,
     ) -> None:
         self.models = models
+        self.forwards: list[torch.nn.Module | FrozenForward] = [
+            FrozenForward(m) if jit and device.type == "cpu" and not amp else m for m in models
+        ]
         self.vocabulary = vocabulary
         self.plans = plans
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -135,7 +145,12 @@ class Predictor:
 
     @classmethod
     def from_run(
-        cls, run: str | Path, folds: Sequence[str] | None = None, checkpoint: str = "final", device: str = "cpu"
+        cls,
+        run: str | Path,
+        folds: Sequence[str] | None = None,
+        checkpoint: str = "final",
+        device: str = "cpu",
+        jit: bool = True,
     ) -> Predictor:
         dev = resolve_device(device)
         models: list[torch.nn.Module] = []
@@ -162,6 +177,7 @@ class Predictor:
             first["patch_size"],
             dev,
             amp=dev.type == "cuda",
+            jit=jit,
         )
 
     # ----------------------------------------------------------------------------------------- choices
@@ -231,9 +247,9 @@ class Predictor:
             mirror = tuple(a for a in mirror if a != LATERAL_AXIS)
         modality = self.vocabulary.modality_index(dataset)
         prob: np.ndarray | None = None
-        for model in self.models:
+        for forward in self.forwards:
             logits = predict_logits(
-                model,
+                forward,
                 x,
                 modality,
                 self.patch_size,

@@ -8,7 +8,7 @@ probabilities (every task is an independent sigmoid output, MultiTalent).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -26,7 +26,7 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 @torch.no_grad()
 def predict_logits(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     modality: int,
     patch_size: Sequence[int],
@@ -44,7 +44,8 @@ def predict_logits(
     """Sliding-window logits of one image.
 
     Args:
-        model: ``model(x (N, C, *P), modality (N,)) -> (N, K, *P)`` in eval mode.
+        model: ``model(x (N, C, *P), modality (N,)) -> (N, K, *P)`` in eval mode, or a
+            :class:`~mosaicseg.inference.frozen.FrozenForward` of one.
         image: ``(C, *S)`` float tensor (any device; tiles are moved to ``device``).
         modality: the image's modality index (selects the model's input stem).
         patch_size: tile size ``P``; images smaller than a tile are padded and cropped back by MONAI.
