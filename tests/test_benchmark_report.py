@@ -134,3 +134,19 @@ def test_nnunet_ratio_verdicts() -> None:
     assert "CPU plan, no TTA | 0.25× | -0.0100 | ≤ 0.5× at Dice Δ ≥ −0.5 points | Dice lower: not comparable |" in text
     assert "CPU plan, mirroring TTA | 0.20× | +0.1500 | ≤ 0.5× at Dice Δ ≥ −0.5 points | met |" in text
     assert "| Dice at equal wall clock (+TTA) | 0.8500 vs 0.7000 | +0.1500 | | |" in text
+    steps["nnunet_predict_iter"], steps["mosaicseg_predict_iter"] = _pred(4.0, 0.01), _pred(1.0, 0.02)
+    text = "\n".join(report._nnunet_ratios(steps))
+    assert "no TTA | 0.25× | +0.0100 | ≤ 0.5× at Dice Δ ≥ −0.5 points | met on speed only (Dice < 0.1 for both" in text
+
+
+def test_nnunet_why_states_whether_tta_forwards_alone_exceed_the_budget() -> None:
+    forward = {"patch_size": [40, 56, 40], "nnunet_ms": 360.0, "eager_ms": 370.0, "frozen_8_mirrors_ms_per_tile": 425.0}
+    nnunet = {"datasets": {"Dataset001_Hippocampus": {"steps": {"nnunet_predict_iter_tta": _pred(5.0, 0.82)}}}}
+    slow = {"inference_forward": {"nnU-Net Dataset001 plan": {**forward, "frozen_ms": 330.0}}}
+    text = "\n".join(report._nnunet_why(nnunet, slow))
+    assert "at least 8 forwards: 2.64 s at MosaicSeg's fastest forward, above the 0.5× budget of 2.50 s" in text
+    assert "out of reach" in text
+    fast = {"inference_forward": {"nnU-Net Dataset001 plan": {**forward, "frozen_ms": 200.0}}}
+    text = "\n".join(report._nnunet_why(nnunet, fast))
+    assert "1.60 s at MosaicSeg's fastest forward, below the 0.5× budget" in text and "out of reach" not in text
+    assert report._nnunet_why(nnunet, None) == []
