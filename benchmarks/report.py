@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPORT, RESULTS
+from mosaicseg.inference.frozen import BUILD_AFTER
 
 HEADER = """# Benchmarks
 
@@ -316,8 +317,10 @@ def _speed(r: dict[str, Any]) -> list[str]:
             "Inference: one tile's forward (best of 5, ms). nnU-Net: its own PlainConvUNet (instance norm, "
             "contiguous, `inference_mode`, as its predictor runs it); MosaicSeg eager: channels-last, `no_grad`; "
             "MosaicSeg frozen: the traced graph with oneDNN-prepacked weights (`torch.jit.optimize_for_inference`) "
-            "that `mosaicseg predict` runs on CPU, built once per process and tile shape and checked against the "
-            "eager model; mirrors: TTA's 8 flips of a tile in one batch, per tile; `torch.compile`: inductor, "
+            "that `mosaicseg predict` runs on CPU, built once per process and tile shape (after "
+            f"{BUILD_AFTER} eager calls of "
+            "that shape) and checked against the eager model on a later tile; graph build s: its cost beyond the "
+            "eager forwards; mirrors: TTA's 8 flips of a tile in one batch, per tile; `torch.compile`: inductor, "
             "default mode, its first call's seconds as compile s.",
             "",
             "| network | patch | nnU-Net | MosaicSeg eager | MosaicSeg frozen | frozen, 8 mirrors batched (per tile) "

@@ -73,22 +73,25 @@ def test_sliding_window_and_mirroring_equal_the_whole_image_on_larger_inputs(sha
     torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=5e-3)  # float16 blending: within 1 %
 
 
-def test_frozen_forward_equals_the_model_with_one_graph_per_tile_shape_and_modalities():
+def test_frozen_forward_equals_the_model_with_one_checked_graph_per_tile_shape_and_modalities():
     torch.manual_seed(0)
     model = build_model(_plan([16, 16, 8]), {"CT": 1, "MR": 2}, num_tasks=3).eval()
     use_device_layout(model, torch.device("cpu"))  # channels-last, as prediction runs it
-    frozen = FrozenForward(model)
+    frozen = FrozenForward(model, build_after=2, min_speedup=None)  # kept whatever its speed
     x = torch.randn(2, 2, 16, 16, 8)
     wanted = {}
     for mods in ([0, 0], [1, 1], [0, 1]):
         m = torch.tensor(mods)
         with torch.no_grad():
             wanted[tuple(mods)] = want = model(x, m)
-        torch.testing.assert_close(frozen(x, m), want)  # the key's first batch: the eager reference itself
-        torch.testing.assert_close(frozen(x, m), want, rtol=1e-4, atol=1e-4)  # then the graph
-    torch.testing.assert_close(frozen(x[:1], torch.tensor([1])), wanted[(1, 1)][:1], rtol=1e-4, atol=1e-4)
+        for call in range(4):  # eager, traced (its own eager result), checked against eager, graph alone
+            torch.testing.assert_close(frozen(x, m), want, rtol=1e-4, atol=1e-4)
+            assert frozen.num_graphs == len(wanted) - (call < 2)
+    frozen.build_after = 1  # a new key: traced on its first call, checked on its second
+    for _ in range(2):
+        torch.testing.assert_close(frozen(x[:1], torch.tensor([1])), wanted[(1, 1)][:1], rtol=1e-4, atol=1e-4)
     assert frozen.num_graphs == 4
-    # a known key is answered by its graph, which kept the weights it was built with
+    # a checked key is answered by its graph, which kept the weights it was built with
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("head"):
@@ -100,31 +103,43 @@ def test_frozen_forward_equals_the_model_with_one_graph_per_tile_shape_and_modal
         FrozenForward(model.train())
 
 
-class _Counting(torch.nn.Module):
-    """Multiplies by how often it has been called: Python state that a trace bakes in as a constant."""
+class _SignOfSum(torch.nn.Module):
+    """Branches in Python on the input's values: a trace records the branch of its own input only."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv3d(1, 1, 1)
-        self.calls = 0
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.conv(x) * self.calls
+        return self.conv(x) if float(x.sum()) > 0 else -self.conv(x)
 
 
-def test_frozen_forward_falls_back_to_the_model_when_its_graph_differs():
+def test_frozen_forward_drops_a_graph_that_differs_from_the_model_on_a_later_batch():
     torch.manual_seed(0)
-    model = _Counting().eval()
-    frozen = FrozenForward(model)
-    x, m = torch.randn(1, 1, 4, 4, 4), torch.zeros(1, dtype=torch.long)
-    with pytest.warns(RuntimeWarning, match="differs from the eager model"):
-        first = frozen(x, m)  # eager: call 1; the trace recorded call 2 as a constant
+    model = _SignOfSum().eval()
+    frozen = FrozenForward(model, build_after=1)
+    x, m = torch.rand(1, 1, 4, 4, 4) + 0.1, torch.zeros(1, dtype=torch.long)
     with torch.no_grad():
-        conv = model.conv(x)
-    torch.testing.assert_close(first, conv)
+        plus, minus = model.conv(x), -model.conv(-x)
+    torch.testing.assert_close(frozen(x, m), plus)  # traced on a positive input: the graph keeps that branch
+    with pytest.warns(RuntimeWarning, match="differs from the eager model"):
+        torch.testing.assert_close(frozen(-x, m), minus)  # checked on a negative one: caught, eager answer
     assert frozen.num_graphs == 0
-    torch.testing.assert_close(frozen(x, m), conv * 3)  # eager again (call 3), no second warning or trace
+    torch.testing.assert_close(frozen(-x, m), minus)  # eager from now on, without a second warning
+    torch.testing.assert_close(frozen(x, m), plus)
+
+
+def test_frozen_forward_drops_a_graph_that_is_not_faster_after_timing_it():
+    from mosaicseg.inference.frozen import PROBE
+
+    model = _SignOfSum().eval()
+    frozen = FrozenForward(model, build_after=1, min_speedup=1e6)  # no graph is a million times faster
+    x, m = torch.rand(1, 1, 4, 4, 4) + 0.1, torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        want = model.conv(x)
+    for call in range(2 + PROBE + 1):  # traced, checked, timed PROBE times, then eager
+        torch.testing.assert_close(frozen(x, m), want)
+        assert frozen.num_graphs == (1 <= call <= PROBE)
 
 
 def test_large_outputs_are_blended_in_half_precision(monkeypatch):

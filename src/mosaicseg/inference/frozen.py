@@ -2,28 +2,67 @@
 
 Why: ``torch.jit.optimize_for_inference`` freezes the weights into the graph and lets oneDNN keep them in its
 blocked layout, so a convolution no longer reorders its weights on every call. Measured on this project's 2-core
-CPU (BENCHMARKS.md, forward micro-benchmark, one 40×56×40 tile, 2 threads): the 16–128 CPU plan 208 → 97 ms
-per forward, nnU-Net's 32–256 plan 370 → 356 ms.
+CPU (BENCHMARKS.md, speed study, inference forward): a 2× faster forward for the small CPU networks, a few per
+cent for nnU-Net-sized ones.
 
-Tracing records one path through the model's Python: the input stem chosen for the modality, the tile shape.
-So :class:`FrozenForward` builds one graph per (tile shape, dtype, modalities of the batch) and compares it with
-the eager model on the batch that built it; a graph that differs is discarded with a warning and the eager model
-serves that key from then on. A frozen graph holds a copy of the weights of the moment it was built: freeze a
-trained model for prediction, never one that is still training.
+Tracing records one path through the model's Python: the input stem chosen for the modality, the tile shape,
+anything computed from tensor values. So :class:`FrozenForward` keeps one graph per (tile shape, dtype,
+modalities of the batch), and trusts a graph only after it reproduced the eager model on a later batch than
+the one it was traced on: a graph that differs is dropped with a warning and the eager model serves that key.
+Building costs about one forward plus the optimiser, so a key gets its graph only once it has been called
+``build_after`` times: a process that predicts a few tiles never pays for a graph it would hardly use. And a
+graph is kept only if it is faster: oneDNN's prepacked kernels win where reordering the weights dominates a
+forward (small networks, small tiles) and lose where converting large activations does (measured: a 96×128×128
+tile of nnU-Net's 6-stage IXI network, 7 s eager, 10.5 s frozen); after the check, ``PROBE`` graph calls are
+timed against the eager calls and a graph less than ``min_speedup`` times faster is dropped for the eager model.
+A frozen graph holds a copy of the weights of the moment it was built: freeze a trained model for prediction,
+never one that is still training.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 # largest |frozen - eager| allowed, relative to max(1, max |eager|): oneDNN's blocked kernels only reorder
-# float32 sums (measured ~1e-6 relative), a wrong graph is off by O(1)
+# float32 sums (~1e-6 relative), a wrong graph is off by O(1)
 TOLERANCE = 1e-3
+# calls of a key before its graph is built (the build, ~1 forward + optimisation, then pays off within a few calls)
+BUILD_AFTER = 4
+# graph calls timed after the check before the graph is kept or dropped, and the speed-up it must show
+PROBE = 2
+MIN_SPEEDUP = 1.1
 
 _Key = tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]
+
+
+@dataclass
+class _Entry:
+    calls: int = 0
+    graph: Callable[..., torch.Tensor] | None = None
+    verified: bool = False
+    failed: bool = False
+    eager_s: float = float("inf")  # fastest eager call of this key
+    graph_s: float = float("inf")  # fastest timed graph call
+    probes: int = 0  # graph calls timed so far
+
+
+class _Capture(torch.nn.Module):
+    """Keeps the output of the traced run: tracing computes the eager result anyway, so it is not recomputed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.output: torch.Tensor | None = None
+
+    def forward(self, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        out = self.model(image, modality)
+        self.output = out
+        return out
 
 
 class FrozenForward:
@@ -31,63 +70,113 @@ class FrozenForward:
 
     Args:
         model: ``model(image (N, C, *P), modality (N,) long) -> (N, K, *P)``, in eval mode, on the CPU.
+        build_after: calls of a key (tile shape, dtype, modalities) served eagerly before its graph is built;
+            the next call checks the graph against the eager model, later calls run the graph alone.
+        min_speedup: eager seconds / graph seconds (fastest of each) below which a checked graph is dropped
+            after ``PROBE`` timed calls; ``None`` keeps every checked graph.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(
+        self, model: torch.nn.Module, build_after: int = BUILD_AFTER, min_speedup: float | None = MIN_SPEEDUP
+    ) -> None:
         if model.training:
             raise ValueError("freeze a model in eval mode: a frozen graph keeps the weights of the moment")
+        if build_after < 1:
+            raise ValueError(f"build_after must be at least 1, got {build_after}")
         self.model = model
-        # None: the graph for this key failed its check (or could not be built) and the eager model serves it
-        self._graphs: dict[_Key, Callable[..., torch.Tensor] | None] = {}
+        self.build_after = int(build_after)
+        self.min_speedup = min_speedup
+        self._entries: dict[_Key, _Entry] = {}
 
     @property
     def num_graphs(self) -> int:
-        """How many keys run through a frozen graph (the others, if any, run eagerly)."""
-        return sum(g is not None for g in self._graphs.values())
+        """How many keys run through a checked frozen graph (kept, or still being timed)."""
+        return sum(e.verified for e in self._entries.values())
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """``(N, C, *P)``, ``(N,)`` → ``(N, K, *P)`` logits."""
         key = (tuple(image.shape), image.dtype, tuple(int(m) for m in modality.tolist()))
-        if key not in self._graphs:
-            return self._build(key, image, modality)
-        graph = self._graphs[key]
-        return graph(image, modality) if graph is not None else self.model(image, modality)
+        entry = self._entries.setdefault(key, _Entry())
+        if entry.verified:
+            assert entry.graph is not None
+            if self.min_speedup is None or entry.probes >= PROBE:
+                return entry.graph(image, modality)
+            return self._probe(entry, image, modality)
+        if entry.failed:
+            return self.model(image, modality)
+        if entry.graph is not None:
+            return self._check(entry, key, image, modality)
+        entry.calls += 1
+        if entry.calls < self.build_after:
+            return self._eager(entry, image, modality)
+        return self._trace(entry, key, image, modality)
 
-    def _build(self, key: _Key, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        reference = self.model(image, modality)
+    def _eager(self, entry: _Entry, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.model(image, modality)
+        entry.eager_s = min(entry.eager_s, time.perf_counter() - t0)
+        return out
+
+    def _probe(self, entry: _Entry, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        assert entry.graph is not None and self.min_speedup is not None
+        t0 = time.perf_counter()
+        out = entry.graph(image, modality)
+        entry.graph_s = min(entry.graph_s, time.perf_counter() - t0)
+        entry.probes += 1
+        if entry.probes >= PROBE and entry.eager_s < self.min_speedup * entry.graph_s:
+            # slower or barely faster: a speed decision, not a fault, so no warning
+            entry.verified, entry.failed, entry.graph = False, True, None
+        return out
+
+    def _warn(self, entry: _Entry, key: _Key, why: str) -> None:
+        entry.failed, entry.graph = True, None
+        warnings.warn(
+            f"{type(self.model).__name__}: {why} for tiles {list(key[0])}; predicting with the eager model "
+            "(slower, same result).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _trace(self, entry: _Entry, key: _Key, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        capture = _Capture(self.model)
         try:
             with warnings.catch_warnings():
-                # the tracer warns about every Python-side decision it records: per key these are constants.
-                # TorchScript is deprecated in favour of torch.compile, which on CPU needs a C++ compiler at run
-                # time and compiles for far longer than a prediction takes (BENCHMARKS.md, speed study); should
-                # a later torch drop TorchScript, the except below keeps prediction working, eagerly
+                # the tracer warns about every Python-side decision it records (per key these are constants,
+                # and the check on the next call catches those that are not). TorchScript is deprecated in
+                # favour of torch.compile, which on CPU needs a C++ compiler at run time and compiles for far
+                # longer than a prediction takes (BENCHMARKS.md, speed study); should a later torch drop
+                # TorchScript, the except below keeps prediction working, eagerly
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
-                traced = torch.jit.trace(self.model, (image, modality), check_trace=False)
-                graph = torch.jit.optimize_for_inference(traced)
-            got = graph(image, modality)
+                traced = torch.jit.trace(capture, (image, modality), check_trace=False)
+                output = capture.output
+                entry.graph = torch.jit.optimize_for_inference(traced)
         # any failure of tracing or of the optimiser only costs speed: the eager model is always right
         except Exception as err:
-            self._graphs[key] = None
-            warnings.warn(
-                f"{type(self.model).__name__}: could not freeze the forward for tiles {list(key[0])} "
-                f"({type(err).__name__}: {str(err)[:200]}); predicting with the eager model (slower, same result).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            self._warn(entry, key, f"could not freeze the forward ({type(err).__name__}: {str(err)[:200]})")
+            return self.model(image, modality)
+        assert output is not None  # the traced run went through _Capture.forward
+        return output
+
+    def _check(self, entry: _Entry, key: _Key, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        reference = self._eager(entry, image, modality)
+        assert entry.graph is not None
+        try:
+            got = entry.graph(image, modality)
+        except Exception as err:  # e.g. a shape check the trace baked in
+            self._warn(entry, key, f"the frozen graph failed ({type(err).__name__}: {str(err)[:200]})")
             return reference
-        error = float((got.float() - reference.float()).abs().max()) if got.shape == reference.shape else float("inf")
-        scale = max(1.0, float(reference.abs().max()))
-        if not error <= TOLERANCE * scale:  # also catches NaN
-            self._graphs[key] = None
-            warnings.warn(
-                f"{type(self.model).__name__}: the frozen graph for tiles {list(key[0])} differs from the eager "
-                f"model by {error:.3g} (allowed {TOLERANCE * scale:.3g}); predicting with the eager model "
-                "(slower, same result). The model's forward probably depends on something tracing cannot see.",
-                RuntimeWarning,
-                stacklevel=3,
+        same = got.shape == reference.shape
+        error = float((got.float() - reference.float()).abs().max()) if same else float("inf")
+        allowed = TOLERANCE * max(1.0, float(reference.abs().max()))
+        if not error <= allowed:  # also catches NaN
+            self._warn(
+                entry,
+                key,
+                f"the frozen graph differs from the eager model by {error:.3g} (allowed {allowed:.3g}): the "
+                "forward depends on something tracing cannot see",
             )
-            return reference
-        self._graphs[key] = graph
+        else:
+            entry.verified = True
         return reference
