@@ -123,24 +123,57 @@ def _raw_dataset(raw: Path, dataset: str) -> None:
     (target / "dataset.json").write_text(json.dumps(meta, indent=1))
 
 
-def _nnunet_network(plans: dict[str, Any]) -> tuple[dict[str, Any], list[float]]:
+def _canonical_axes(images: Path, file_ending: str) -> list[int]:
+    """For each axis of MosaicSeg's canonical grid, the axis of the stored image it comes from (in the file's
+    own ``(X, Y, Z)`` index order, which nnU-Net keeps, reversed). MosaicSeg reorients every image to
+    ``CANONICAL_ORIENTATION``; nnU-Net does not: e.g. IXI heads are stored PSR, 120×120×90, and are 90×120×120 in
+    MosaicSeg's LPS grid, so nnU-Net's patch must be permuted, not only reversed, to cover the same anatomy."""
+    import SimpleITK as sitk
+
+    from mosaicseg.data.io import CANONICAL_ORIENTATION
+
+    orientations = set()
+    for path in sorted(images.glob(f"*{file_ending}")):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header only
+        orientations.add(sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reader.GetDirection()))
+    if len(orientations) != 1:
+        raise SystemExit(
+            f"{images}: its images are stored in several orientations ({sorted(orientations)}); nnU-Net's one "
+            "patch then covers different anatomy per case and the study cannot map it to MosaicSeg's grid"
+        )
+    stored = orientations.pop()
+    pairs = ("LR", "PA", "SI")
+    axis_of = {next(p for p in pairs if letter in p): i for i, letter in enumerate(stored)}
+    return [axis_of[next(p for p in pairs if letter in p)] for letter in CANONICAL_ORIENTATION]
+
+
+def _nnunet_network(plans: dict[str, Any], axes: list[int]) -> tuple[dict[str, Any], list[float]]:
     """nnU-Net's 3d_fullres network in MosaicSeg's plan terms, and its spacing, in MosaicSeg's axis order.
 
-    nnU-Net works on SimpleITK arrays ``(Z, Y, X)``; MosaicSeg on ``(X, Y, Z)``: every per-axis list is
-    reversed (the study's datasets have no axis transposition, ``transpose_forward`` = ``[0, 1, 2]``)."""
+    nnU-Net works on SimpleITK arrays ``(Z, Y, X)`` of the stored image; MosaicSeg on ``(X, Y, Z)`` of the image
+    reoriented to its canonical grid: every per-axis list is reversed, then permuted by ``axes``
+    (:func:`_canonical_axes`). The study's datasets have no nnU-Net transposition (``transpose_forward`` =
+    ``[0, 1, 2]``)."""
     config = plans["configurations"]["3d_fullres"]
     if plans.get("transpose_forward", [0, 1, 2]) != [0, 1, 2]:
         raise SystemExit("nnU-Net transposes this dataset's axes; the study does not map that case")
+
+    def ours(zyx: list[Any]) -> list[Any]:
+        xyz = list(zyx)[::-1]
+        return [xyz[a] for a in axes]
+
     arch = config["architecture"]["arch_kwargs"]
     network = {
-        "patch_size": config["patch_size"][::-1],
+        "patch_size": ours(config["patch_size"]),
         "batch_size": config["batch_size"],
         "features": list(arch["features_per_stage"]),
-        "kernel_sizes": [k[::-1] for k in arch["kernel_sizes"]],
-        "strides": [s[::-1] for s in arch["strides"]],
+        "kernel_sizes": [ours(k) for k in arch["kernel_sizes"]],
+        "strides": [ours(s) for s in arch["strides"]],
         "num_stages": arch["n_stages"],
     }
-    return network, list(config["spacing"])[::-1]
+    return network, [float(s) for s in ours(config["spacing"])]
 
 
 def _mosaicseg_workdir(workdir: Path, dataset: str, network: dict[str, Any] | None, spacing: Any) -> None:
@@ -208,7 +241,10 @@ def _one_dataset(
             shutil.rmtree(folder)  # MosaicSeg runs of the superseded setting: they would be resumed
     steps.run(f"{dataset}/nnunet_plan_s", lambda: nn("plan", str(did), log="plan").seconds)
     nn_plans = json.loads((root / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
-    network, spacing = _nnunet_network(nn_plans)
+    axes = _canonical_axes(
+        SHARED / dataset / "imagesTr", json.loads((SHARED / dataset / "dataset.json").read_text())["file_ending"]
+    )
+    network, spacing = _nnunet_network(nn_plans, axes)
 
     same = root / f"ms_{dataset}_nnunet_plan"
     _mosaicseg_workdir(same, dataset, network, spacing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +31,47 @@ def test_steps_of_another_setting_are_superseded_not_reused(tmp_path, capsys):
     again = nnunet.Steps(path)
     assert again.require("A", {"iterations": 20, "schedule": "s"}) is True
     assert again.data["superseded"][-1] == {"A/nnunet_train_iter": {"iterations": 250}, "A/setting": setting}
+
+
+def test_nnunet_patch_is_mapped_onto_mosaicsegs_canonical_grid(tmp_path: Path) -> None:
+    """An image stored PSR (as IXI is) has its axes permuted by MosaicSeg's reader; nnU-Net's per-axis plan
+    (SimpleITK ``(Z, Y, X)`` of the stored array) must follow, or the patch covers other anatomy."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from mosaicseg.data.io import read_image
+
+    image = sitk.GetImageFromArray(np.zeros((9, 7, 5), np.float32))  # stored size (X, Y, Z) = (5, 7, 9)
+    # stored axis 0 runs posterior, axis 1 superior, axis 2 right (LPS-based direction cosines, columns)
+    image.SetDirection((0, 0, -1, 1, 0, 0, 0, 1, 0))  # IXI's own direction
+    assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()) == "PSR"
+    sitk.WriteImage(image, str(tmp_path / "a_0000.nii.gz"))
+    sitk.WriteImage(image, str(tmp_path / "b_0000.nii.gz"))
+    axes = nnunet._canonical_axes(tmp_path, ".nii.gz")
+    ours = read_image(tmp_path / "a_0000.nii.gz")[0].shape[1:]
+    assert [(5, 7, 9)[a] for a in axes] == list(ours) == [9, 5, 7]
+    plans = {
+        "configurations": {
+            "3d_fullres": {
+                "patch_size": [8, 6, 4],  # (Z, Y, X) of the stored array, as nnU-Net writes it
+                "batch_size": 2,
+                "spacing": [3.0, 2.0, 1.0],
+                "architecture": {
+                    "arch_kwargs": {
+                        "features_per_stage": [4, 8],
+                        "kernel_sizes": [[3, 3, 1], [3, 3, 3]],
+                        "strides": [[1, 1, 1], [1, 2, 2]],
+                        "n_stages": 2,
+                    }
+                },
+            }
+        }
+    }
+    network, spacing = nnunet._nnunet_network(plans, axes)
+    # stored (X, Y, Z) patch (4, 6, 8) → canonical (Z, X, Y) of the stored axes
+    assert network["patch_size"] == [8, 4, 6] and spacing == [3.0, 1.0, 2.0]
+    assert network["kernel_sizes"] == [[3, 1, 3], [3, 3, 3]] and network["strides"][1] == [1, 2, 2]
+    other = sitk.GetImageFromArray(np.zeros((9, 7, 5), np.float32))  # identity direction: LPS, unlike a and b
+    sitk.WriteImage(other, str(tmp_path / "c_0000.nii.gz"))
+    with pytest.raises(SystemExit, match="several orientations"):
+        nnunet._canonical_axes(tmp_path, ".nii.gz")

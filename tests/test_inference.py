@@ -142,6 +142,26 @@ def test_frozen_forward_drops_a_graph_that_is_not_faster_after_timing_it():
         assert frozen.num_graphs == (1 <= call <= PROBE)
 
 
+def test_frozen_forward_never_traces_a_key_whose_eager_call_is_too_slow_to_win_back_a_graph(monkeypatch, recwarn):
+    def no_trace(*args: object, **kwargs: object) -> None:
+        raise AssertionError("traced a key whose eager calls exceed max_eager_s")
+
+    model = _SignOfSum().eval()
+    frozen = FrozenForward(model, build_after=2, max_eager_s=0.0)  # every eager call is slower than 0 s
+    monkeypatch.setattr(torch.jit, "trace", no_trace)
+    x, m = torch.rand(1, 1, 4, 4, 4) + 0.1, torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        want = model.conv(x)
+    for _ in range(6):
+        torch.testing.assert_close(frozen(x, m), want)
+    assert frozen.num_graphs == 0 and not [w for w in recwarn if w.category is RuntimeWarning]
+    # the same model under a bound it meets is traced, which shows the bound alone stopped it above
+    fast = FrozenForward(model, build_after=2, max_eager_s=60.0)
+    fast(x, m)
+    with pytest.warns(RuntimeWarning, match="traced a key"):  # a failed trace falls back to eager, warning
+        torch.testing.assert_close(fast(x, m), want)
+
+
 def test_large_outputs_are_blended_in_half_precision(monkeypatch):
     import mosaicseg.inference.sliding_window as sw
 

@@ -15,6 +15,9 @@ graph is kept only if it is faster: oneDNN's prepacked kernels win where reorder
 forward (small networks, small tiles) and lose where converting large activations does (measured: a 96×128×128
 tile of nnU-Net's 6-stage IXI network, 7 s eager, 10.5 s frozen); after the check, ``PROBE`` graph calls are
 timed against the eager calls and a graph less than ``min_speedup`` times faster is dropped for the eager model.
+Building, checking and probing cost about five eager calls, which a large network never wins back: a key whose
+fastest eager call took longer than ``max_eager_s`` gets no graph at all (measured: 4.9 s per 96×128×128 tile of
+nnU-Net's IXI network eager; trace, check and probes added 18–30 s to a 4-case prediction, 2 tiles a case).
 A frozen graph holds a copy of the weights of the moment it was built: freeze a trained model for prediction,
 never one that is still training.
 """
@@ -36,6 +39,9 @@ BUILD_AFTER = 4
 # graph calls timed after the check before the graph is kept or dropped, and the speed-up it must show
 PROBE = 2
 MIN_SPEEDUP = 1.1
+# eager seconds per call above which a key is never frozen: measured gains were at ~0.19 s per call (16–128
+# network, 1.7x), none at ~0.4 s (32–256) and a loss at ~7 s (32–320); the probes bound the cost of a wrong guess
+MAX_EAGER_S = 0.3
 
 _Key = tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]
 
@@ -74,10 +80,16 @@ class FrozenForward:
             the next call checks the graph against the eager model, later calls run the graph alone.
         min_speedup: eager seconds / graph seconds (fastest of each) below which a checked graph is dropped
             after ``PROBE`` timed calls; ``None`` keeps every checked graph.
+        max_eager_s: a key whose fastest eager call took longer stays eager (no trace, no check); ``None``:
+            every key is frozen once called ``build_after`` times.
     """
 
     def __init__(
-        self, model: torch.nn.Module, build_after: int = BUILD_AFTER, min_speedup: float | None = MIN_SPEEDUP
+        self,
+        model: torch.nn.Module,
+        build_after: int = BUILD_AFTER,
+        min_speedup: float | None = MIN_SPEEDUP,
+        max_eager_s: float | None = MAX_EAGER_S,
     ) -> None:
         if model.training:
             raise ValueError("freeze a model in eval mode: a frozen graph keeps the weights of the moment")
@@ -86,6 +98,7 @@ class FrozenForward:
         self.model = model
         self.build_after = int(build_after)
         self.min_speedup = min_speedup
+        self.max_eager_s = max_eager_s
         self._entries: dict[_Key, _Entry] = {}
 
     @property
@@ -110,6 +123,9 @@ class FrozenForward:
         entry.calls += 1
         if entry.calls < self.build_after:
             return self._eager(entry, image, modality)
+        if self.max_eager_s is not None and self.max_eager_s < entry.eager_s < float("inf"):
+            entry.failed = True  # too large to gain: a speed decision, not a fault, so no warning
+            return self.model(image, modality)
         return self._trace(entry, key, image, modality)
 
     def _eager(self, entry: _Entry, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
@@ -175,7 +191,7 @@ class FrozenForward:
                 entry,
                 key,
                 f"the frozen graph differs from the eager model by {error:.3g} (allowed {allowed:.3g}): the "
-                "forward depends on something tracing cannot see",
+                "forward depends on something tracing cannot see, or a deep network amplifies the graph's rounding",
             )
         else:
             entry.verified = True
