@@ -36,6 +36,20 @@ def plain_network(network: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# the instruction sets that decide which convolution kernels oneDNN can use (float32 width, bf16, int8)
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`KERNEL_FLAGS` this CPU reports (``/proc/cpuinfo``; empty where that is unreadable)."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    have = set(line.split(":", 1)[1].split())
+    return [f for f in KERNEL_FLAGS if f in have]
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -51,6 +65,7 @@ def machine() -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     return {
         "cpu": cpu,
+        "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -45,6 +45,18 @@ NETWORKS: list[tuple[str, dict[str, Any], int, str]] = [
 ]
 
 
+# inference forward only: a training step of this network takes about a minute, a tile's forward ~5 s; nnU-Net's
+# Dataset003 (IXI, 2 mm) 3d_fullres network, whose one tile covers a whole head
+INFERENCE_ONLY: list[tuple[str, dict[str, Any], int, str]] = [
+    (
+        "nnU-Net Dataset003 plan",
+        {"patch_size": [96, 128, 128], "features": [32, 64, 128, 256, 320, 320], "batch_size": 2},
+        4,
+        "sgd",
+    ),
+]
+
+
 def _timed(fn: Any, repeats: int) -> float:
     fn()
     t0 = time.perf_counter()
@@ -66,17 +78,19 @@ def _best(fn: Any, repeats: int) -> float:
 
 
 def inference_forward(
-    networks: list[tuple[str, dict[str, Any], int, str]], repeats: int, compile_too: bool
+    networks: list[tuple[str, dict[str, Any], int, str]], repeats: int, compile_too: bool, mirrors_too: bool = True
 ) -> dict[str, Any]:
     """Per network: ms of one tile's forward (see the module docstring) and the seconds that building the
     frozen graph costs once per prediction process and tile shape beyond the eager forwards it replaces
-    (tracing, optimising, the graph's run when it is checked against eager);
-    ``compile_too``: also ``torch.compile`` (inductor), the alternative PyTorch recommends, and its compile time."""
+    (tracing, optimising, the graph's run when it is checked against eager), and which of the two ``mosaicseg
+    predict`` runs (:class:`FrozenForward`'s rules: eager beyond ``MAX_EAGER_S`` per call or when the graph is
+    less than ``MIN_SPEEDUP`` times faster); ``compile_too``: also ``torch.compile`` (inductor), the alternative
+    PyTorch recommends, and its compile time; ``mirrors_too``: also the 8 mirrors of TTA in one batch."""
     import json
     import subprocess
 
     from benchmarks.common import ROOT
-    from mosaicseg.inference.frozen import FrozenForward
+    from mosaicseg.inference.frozen import MAX_EAGER_S, MIN_SPEEDUP, FrozenForward
     from mosaicseg.models import build_model, use_device_layout
 
     try:
@@ -92,16 +106,20 @@ def inference_forward(
         use_device_layout(model, torch.device("cpu"))
         patch = network["patch_size"]
         x1, m1 = torch.randn(1, 1, *patch), torch.zeros(1, dtype=torch.long)
-        x8, m8 = torch.randn(8, 1, *patch), torch.zeros(8, dtype=torch.long)
         with torch.no_grad():
             eager = _best(lambda model=model, x1=x1, m1=m1: model(x1, m1), repeats)
-        frozen = FrozenForward(model, build_after=1)
+        # the graph is timed whatever its speed or the model's size (predict_runs below applies predict's rules)
+        frozen = FrozenForward(model, build_after=1, min_speedup=None, max_eager_s=None)
         t0 = time.perf_counter()
         frozen(x1, m1)  # traced (its eager result returned)
         frozen(x1, m1)  # checked against an eager forward
         build_s = time.perf_counter() - t0 - 2 * eager  # what the two calls cost beyond two eager forwards
-        frozen_ms = _best(lambda frozen=frozen, x1=x1, m1=m1: frozen(x1, m1), repeats)
-        mirrors = _best(lambda frozen=frozen, x8=x8, m8=m8: frozen(x8, m8), max(1, repeats // 2)) / 8
+        checked = frozen.num_graphs == 1  # else the graph differed from eager: the timings below are eager's
+        frozen_s = _best(lambda frozen=frozen, x1=x1, m1=m1: frozen(x1, m1), repeats)
+        mirrors = None
+        if mirrors_too:
+            x8, m8 = torch.randn(8, 1, *patch), torch.zeros(8, dtype=torch.long)
+            mirrors = _best(lambda frozen=frozen, x8=x8, m8=m8: frozen(x8, m8), max(1, repeats // 2)) / 8
         compiled_ms = compile_s = compile_error = None
         if compile_too:
             try:
@@ -128,8 +146,12 @@ def inference_forward(
             "features": network["features"],
             "nnunet_ms": nnunet_ms,
             "eager_ms": 1e3 * eager,
-            "frozen_ms": 1e3 * frozen_ms,
-            "frozen_8_mirrors_ms_per_tile": 1e3 * mirrors,
+            "frozen_ms": 1e3 * frozen_s,
+            "frozen_8_mirrors_ms_per_tile": None if mirrors is None else 1e3 * mirrors,
+            "frozen_checked": checked,
+            "predict_runs": (
+                "frozen" if checked and eager <= MAX_EAGER_S and eager >= MIN_SPEEDUP * frozen_s else "eager"
+            ),
             "frozen_build_s": build_s,
             "compiled_ms": compiled_ms,
             "compile_s": compile_s,
@@ -298,6 +320,8 @@ def study_speed(repeats: int = 4) -> dict[str, Any]:
                     for e in events[:10]
                 ]
     forward = inference_forward(networks, 2 if QUICK else 5, compile_too=not QUICK)
+    if not QUICK:
+        forward |= inference_forward(INFERENCE_ONLY, 2, compile_too=False, mirrors_too=False)
     data = data_pipeline(5 if QUICK else 30)
     if data is not None:
         data["share_of_step"] = data["seconds_per_batch"] / (

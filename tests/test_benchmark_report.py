@@ -100,9 +100,14 @@ def test_speed_table_with_data_pipeline() -> None:
         },
     }
     text = "\n".join(report._speed(result))
-    assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | 100.0 | 90.0 | 0.50× | 1.5 | 95.0 | 61 |" in text
+    assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | 100.0 | 90.0 | frozen | 0.50× | 1.5 | 95.0 | 61 |" in text
     failed = "failed (InvalidCxxCompiler: no compiler)"
-    assert f"| other (8–16) | [8, 8, 8] | – | 20.0 | 10.0 | 9.0 | – | 0.5 | {failed} | – |" in text
+    assert f"| other (8–16) | [8, 8, 8] | – | 20.0 | 10.0 | 9.0 | frozen | – | 0.5 | {failed} | – |" in text
+    # predict's own rules chose eager (e.g. a large network): the ratio is eager's; no mirrors, a graph that differed
+    result["inference_forward"]["net"] |= {"predict_runs": "eager", "frozen_checked": False}
+    result["inference_forward"]["net"]["frozen_8_mirrors_ms_per_tile"] = None
+    text = "\n".join(report._speed(result))
+    assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | differs from eager | – | eager | 1.05× | 1.5 |" in text
     assert "| net | now | 100.0 | 1.000 | 100.0 | 50 % |" in text
     assert "250 ms per batch, 20 % of a brain4 step" in text
     assert "| `a.py:1 sample` | 200.0 | 5.0 |" in text
@@ -139,14 +144,24 @@ def test_nnunet_ratio_verdicts() -> None:
     assert "no TTA | 0.25× | +0.0100 | ≤ 0.5× at Dice Δ ≥ −0.5 points | met on speed only (Dice < 0.1 for both" in text
 
 
-def test_nnunet_why_states_whether_tta_forwards_alone_exceed_the_budget() -> None:
+def test_nnunet_why_states_whether_the_forwards_alone_exceed_the_budget() -> None:
     forward = {"patch_size": [40, 56, 40], "nnunet_ms": 360.0, "eager_ms": 370.0, "frozen_8_mirrors_ms_per_tile": 425.0}
-    nnunet = {"datasets": {"Dataset001_Hippocampus": {"steps": {"nnunet_predict_iter_tta": _pred(5.0, 0.82)}}}}
-    slow = {"inference_forward": {"nnU-Net Dataset001 plan": {**forward, "frozen_ms": 330.0}}}
+    steps = {"nnunet_predict_iter": _pred(1.0, 0.82), "nnunet_predict_iter_tta": _pred(5.0, 0.82)}
+    nnunet = {"datasets": {"Dataset001_Hippocampus": {"steps": steps}, "Dataset009_None": {"steps": steps}}}
+    avx2 = {"cpu_flags": ["avx2"]}
+    slow = {"machine": avx2, "inference_forward": {"nnU-Net Dataset001 plan": {**forward, "frozen_ms": 330.0}}}
     text = "\n".join(report._nnunet_why(nnunet, slow))
-    assert "at least 8 forwards: 2.64 s at MosaicSeg's fastest forward, above the 0.5× budget of 2.50 s" in text
-    assert "out of reach" in text
-    fast = {"inference_forward": {"nnU-Net Dataset001 plan": {**forward, "frozen_ms": 200.0}}}
+    assert "runs the frozen one" in text  # older results without predict_runs: the faster of the two
+    assert "without TTA 1 × 0.33 = 0.33 s against a 0.5× budget of 0.50 s" in text
+    assert "with TTA 8 × 0.33 = 2.64 s against a 0.5× budget of 2.50 s" in text
+    assert "So with TTA the target is out of reach" in text and "avx2, no bf16 instructions" in text
+    assert "Dataset009" not in text  # no forward row for that dataset's network
+    eager = {**forward, "frozen_ms": 200.0, "predict_runs": "eager", "eager_ms": 700.0}
+    bf16 = {"machine": {"cpu_flags": ["avx2", "avx512_bf16"]}, "inference_forward": {"nnU-Net Dataset001 plan": eager}}
+    text = "\n".join(report._nnunet_why(nnunet, bf16))
+    assert "runs the eager one" in text and "So without TTA and with TTA the target is out of reach" in text
+    assert "avx2, avx512_bf16: bf16 convolutions are the untried candidate" in text
+    fast = {"machine": avx2, "inference_forward": {"nnU-Net Dataset001 plan": {**forward, "frozen_ms": 200.0}}}
     text = "\n".join(report._nnunet_why(nnunet, fast))
-    assert "1.60 s at MosaicSeg's fastest forward, below the 0.5× budget" in text and "out of reach" not in text
+    assert "with TTA 8 × 0.20 = 1.60 s against a 0.5× budget of 2.50 s" in text and "out of reach" not in text
     assert report._nnunet_why(nnunet, None) == []
