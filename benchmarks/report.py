@@ -314,6 +314,43 @@ def _ensemble(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+# a training step's FLOP/s against the forward peak of a large convolution
+STEP_PEAK_TARGET = 0.5
+
+
+def _speed_why(r: dict[str, Any]) -> list[str]:
+    """For each *now* step below :data:`STEP_PEAK_TARGET`: how its time splits between convolutions (which do the
+    counted FLOPs) and the rest, from the step's profile, and how much of the rest must go to meet the target."""
+    peak = r["peak"]
+    lines = []
+    for key, v in r["steps"].items():
+        name, layout = key.split(" / ")
+        ops = r["profiles"].get(name)
+        if layout != "now" or v["fraction_of_forward_peak"] >= STEP_PEAK_TARGET or not ops:
+            continue
+        fb_peak = peak["peak_forward_backward_gflop_per_s"]
+        conv_share = sum(o["share"] for o in ops if "convolution" in o["op"])
+        conv_s = v["seconds"] * conv_share
+        other_s = v["seconds"] - conv_s
+        needed_s = v["gflop"] / (STEP_PEAK_TARGET * peak["peak_forward_gflop_per_s"])
+        top = max((o for o in ops if "convolution" not in o["op"]), key=lambda o: o["share"], default=None)
+        largest = "" if top is None else f" (largest: `{top['op']}`, {100 * top['share']:.0f} %)"
+        lines += [
+            f"*{name} below the target.* Convolutions take {100 * conv_share:.0f} % of the profiled step and run at "
+            f"{v['gflop'] / conv_s:.0f} GFLOP/s, {100 * v['gflop'] / conv_s / fb_peak:.0f} % of the "
+            "forward+backward peak (a training step is mostly backward, whose peak here is "
+            f"{100 * fb_peak / peak['peak_forward_gflop_per_s']:.0f} % of the "
+            f"forward one); the other {1e3 * other_s:.0f} ms per step are normalisation, activation, loss and "
+            f"optimiser work without counted FLOPs{largest}. {100 * STEP_PEAK_TARGET:.0f} % of the forward peak is "
+            f"a step of {needed_s:.3f} s: {1e3 * (v['seconds'] - needed_s):.0f} ms less, "
+            f"{100 * (v['seconds'] - needed_s) / other_s:.0f} % of that other work. What would do it (not measured "
+            "yet): fusing each norm and activation with its backward (inductor on the training step), or wider "
+            "layers, whose convolutions dominate the step (nnU-Net's wider network is above the target).",
+            "",
+        ]
+    return lines
+
+
 def _speed(r: dict[str, Any]) -> list[str]:
     peak = r["peak"]
     lines = [
@@ -336,6 +373,9 @@ def _speed(r: dict[str, Any]) -> list[str]:
     for name, ops in r["profiles"].items():
         lines += ["", f"Profile of the *now* step, {name} (self CPU time):", "", "| op | ms | share |", "|---|---|---|"]
         lines += [f"| `{o['op']}` | {o['self_cpu_ms']:.0f} | {100 * o['share']:.0f} % |" for o in ops]
+    why = _speed_why(r)
+    if why:
+        lines += ["", *why[:-1]]  # each paragraph ends with a blank line; the next block brings its own
     forward = r.get("inference_forward")
     if forward:
         lines += [
