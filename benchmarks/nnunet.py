@@ -203,6 +203,22 @@ def _subset(workdir: Path, dataset: str, cases: list[str], into: Path) -> tuple[
     return images, labels
 
 
+def _stages(pred: Path, wall_s: float) -> dict[str, float] | None:
+    """Mean seconds per case of each stage ``mosaicseg predict`` timed (its ``predict.json`` in ``pred``), and the
+    process's start-up and shutdown (``wall_s`` less the cases' own seconds) per case; None without a record."""
+    from mosaicseg.cli import PREDICT_RECORD, PREDICT_STAGES
+
+    record = pred / PREDICT_RECORD
+    if not record.is_file():
+        return None
+    cases = json.loads(record.read_text())["cases"]
+    if not cases:
+        return None
+    out = {k[:-2]: sum(c[k] for c in cases) / len(cases) for k in PREDICT_STAGES}
+    out["startup"] = (wall_s - sum(c["seconds"] for c in cases)) / len(cases)
+    return out
+
+
 def _evaluate(pred: Path, labels: Path, dataset: str) -> dict[str, Any]:
     run_cli(
         ["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"), "--overwrite"],
@@ -305,6 +321,7 @@ def _one_dataset(
         return {
             "s_per_case_incl_startup": done.seconds / len(cases),
             "peak_rss_mb": done.peak_rss_mb,
+            "stages_s_per_case": _stages(pred, done.seconds),
             **_evaluate(pred, labels, dataset),
         }
 
@@ -331,6 +348,11 @@ def _one_dataset(
             suffix = "_tta" if tta else ""
             steps.run(f"{dataset}/nnunet_predict_{tag}{suffix}", lambda t=tag, a=tta: nn_predict(t, a))
             steps.run(f"{dataset}/mosaicseg_predict_{tag}{suffix}", lambda t=tag, a=tta: ms_predict(t, a))
+            step = steps.data[f"{dataset}/mosaicseg_predict_{tag}{suffix}"]
+            if step.get("stages_s_per_case") is None:  # measured before predict recorded its stages
+                pred = root / f"pred_{dataset}_mosaicseg_{tag}{suffix}"
+                step["stages_s_per_case"] = _stages(pred, step["s_per_case_incl_startup"] * len(cases))
+                steps.save()
     return {
         "cases": cases,
         "nnunet_network_in_mosaicseg_axes": network,

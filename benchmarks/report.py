@@ -231,8 +231,33 @@ def _nnunet(r: dict[str, Any]) -> list[str]:
                     f"{p['s_per_case_incl_startup']:.2f} | {pt['s_per_case_incl_startup']:.2f} | "
                     f"{t['peak_rss_mb']:.0f} | {max(p['peak_rss_mb'], pt['peak_rss_mb']):.0f} |"
                 )
-        lines += ["", *_nnunet_ratios(st), ""]
+        lines += ["", *_nnunet_ratios(st), "", *_predict_stages(st)]
     return lines
+
+
+def _predict_stages(st: dict[str, Any]) -> list[str]:
+    """Where MosaicSeg's prediction time went, per case (``mosaicseg predict``'s own stage timings)."""
+    rows = []
+    for tag, label in (("iter", "(i) same network"), ("time", "(ii) own CPU plan")):
+        for suffix, tta in (("", "no"), ("_tta", "yes")):
+            stages = st.get(f"mosaicseg_predict_{tag}{suffix}", {}).get("stages_s_per_case")
+            if stages:
+                total = st[f"mosaicseg_predict_{tag}{suffix}"]["s_per_case_incl_startup"]
+                rows.append(
+                    f"| {label} | {tta} | {stages['read']:.2f} | {stages['preprocess']:.2f} | "
+                    f"{stages['network']:.2f} | {stages['export']:.2f} | {stages['startup']:.2f} | {total:.2f} |"
+                )
+    if not rows:
+        return []
+    return [
+        "Where MosaicSeg's prediction time goes (s/case; start-up: the process's imports, model loading and exit, "
+        "spread over the cases; network: sliding window, TTA and sigmoid):",
+        "",
+        "| comparison | TTA | read | preprocess | network | export | start-up | total |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 # the speed study's per-tile forward row of each nnU-Net study dataset's network

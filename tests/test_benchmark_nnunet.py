@@ -75,3 +75,15 @@ def test_nnunet_patch_is_mapped_onto_mosaicsegs_canonical_grid(tmp_path: Path) -
     sitk.WriteImage(other, str(tmp_path / "c_0000.nii.gz"))
     with pytest.raises(SystemExit, match="several orientations"):
         nnunet._canonical_axes(tmp_path, ".nii.gz")
+
+
+def test_predict_stages_come_from_the_predict_record(tmp_path: Path) -> None:
+    cases = [
+        {"seconds": 2.0, "read_s": 0.1, "preprocess_s": 0.3, "network_s": 1.4, "export_s": 0.2},
+        {"seconds": 4.0, "read_s": 0.3, "preprocess_s": 0.5, "network_s": 3.0, "export_s": 0.2},
+    ]
+    assert nnunet._stages(tmp_path, 10.0) is None  # no record: a step measured before predict kept one
+    (tmp_path / "predict.json").write_text(json.dumps({"cases": cases}))
+    got = nnunet._stages(tmp_path, 10.0)
+    want = {"read": 0.2, "preprocess": 0.4, "network": 2.2, "export": 0.2, "startup": 2.0}  # (10 - 6) / 2
+    assert got == pytest.approx(want)

@@ -191,3 +191,15 @@ def test_nnunet_why_states_whether_the_forwards_alone_exceed_the_budget() -> Non
     text = "\n".join(report._nnunet_why(nnunet, fast))
     assert "with TTA 8 × 0.20 = 1.60 s against a 0.5× budget of 2.50 s" in text and "out of reach" not in text
     assert report._nnunet_why(nnunet, None) == []
+
+
+def test_predict_stage_table_lists_the_rows_that_have_stages() -> None:
+    stages = {"read": 0.1, "preprocess": 0.2, "network": 3.0, "export": 0.4, "startup": 1.3}
+    steps = {
+        "mosaicseg_predict_iter": {**_pred(5.0, 0.5), "stages_s_per_case": stages},
+        "mosaicseg_predict_iter_tta": {**_pred(9.0, 0.5), "stages_s_per_case": None},  # measured before stages
+    }
+    text = "\n".join(report._predict_stages(steps))
+    assert "| (i) same network | no | 0.10 | 0.20 | 3.00 | 0.40 | 1.30 | 5.00 |" in text
+    assert "| yes |" not in text
+    assert report._predict_stages({}) == []

@@ -337,3 +337,26 @@ def test_predict_png_and_2d_nifti_and_fold_ensemble(tiny_workdir_2d, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(MosaicSegError, match="is a file"):
         predictor.predict_files(ct, tmp_path / "file", dataset="Dataset912_SynthCT", progress=False)
+
+
+def test_predict_command_records_where_each_case_s_time_went(tiny_workdir_3d, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mosaicseg.cli import PREDICT_RECORD, PREDICT_STAGES, app
+
+    run = _train(tiny_workdir_3d, tmp_path / "run")
+    images = tiny_workdir_3d.parent / "data" / "Dataset901_SynthCT" / "imagesTr"
+    out = tmp_path / "pred"
+    args = ["predict", "-m", str(run), "-i", str(images), "-o", str(out), "--dataset", "Dataset901_SynthCT"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / PREDICT_RECORD).read_text())
+    assert len(record["cases"]) == 3 and record["tta"] is False and record["model"] == str(run)
+    for case in record["cases"]:
+        stages = [case[k] for k in PREDICT_STAGES]
+        assert all(s > 0 for s in stages)
+        # the stages tile the case: only bookkeeping between them is left out
+        assert 0.9 * case["seconds"] - 0.01 <= sum(stages) <= case["seconds"]
+    assert "s/case (read " in result.output and ", network " in result.output

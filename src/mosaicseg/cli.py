@@ -273,6 +273,11 @@ def train(
             typer.echo(f"  {d}: validation pseudo-Dice {v:.4f}")
 
 
+# the predict command's record in its output folder, and the per-case stages it times
+PREDICT_RECORD = "predict.json"
+PREDICT_STAGES = ("read_s", "preprocess_s", "network_s", "export_s")
+
+
 @app.command()
 @_user_errors
 def predict(
@@ -308,10 +313,23 @@ def predict(
         largest_component=largest_component,
         overwrite=overwrite,
     )
-    seconds = [c["seconds"] for c in report["cases"]]
+    from mosaicseg.atomic import write_json_atomic
+
+    # where the time went, kept beside the outputs (the evaluator reads only image files)
+    write_json_atomic(
+        output / PREDICT_RECORD, {**report, "model": str(model), "tta": tta, "jit": jit, "device": device}
+    )
+    cases = report["cases"]
+    mean = {k: sum(c[k] for c in cases) / len(cases) for k in ("seconds", *PREDICT_STAGES)} if cases else {}
     typer.echo(
-        f"predicted {len(seconds)} case(s) into {output}"
-        + (f", {sum(seconds) / len(seconds):.2f} s/case" if seconds else "")
+        f"predicted {len(cases)} case(s) into {output}"
+        + (
+            f", {mean['seconds']:.2f} s/case ("
+            + ", ".join(f"{k[:-2]} {mean[k]:.2f}" for k in PREDICT_STAGES)
+            + f"; per case in {PREDICT_RECORD})"
+            if cases
+            else ""
+        )
         + (f"; kept {len(report['skipped'])} existing (use --overwrite)" if report["skipped"] else "")
     )
 
