@@ -259,7 +259,7 @@ def _same_geometry(a, b) -> None:
 
 def test_predicted_files_have_the_input_geometry_exactly_3d(tiny_workdir_3d, tmp_path):
     run = _train(tiny_workdir_3d, tmp_path / "run")
-    predictor = Predictor.from_run(run)
+    predictor = Predictor.from_run(run, precision="fp32")  # float32 on the CPU: the frozen graphs
     data = tiny_workdir_3d.parent / "data"
     for dataset in ("Dataset901_SynthCT", "Dataset902_SynthMR", "Dataset903_SynthMulti"):
         images = sorted((data / dataset / "imagesTr").glob("*.nii.gz"))
@@ -281,20 +281,42 @@ def test_predicted_files_have_the_input_geometry_exactly_3d(tiny_workdir_3d, tmp
     assert len(again["skipped"]) == 3 and not again["cases"]
     # the frozen graphs the CPU predictor ran give the eager model's probabilities
     assert isinstance(predictor.forwards[0], FrozenForward) and predictor.forwards[0].num_graphs >= 1
-    eager = Predictor.from_run(run, jit=False)
+    eager = Predictor.from_run(run, jit=False, precision="fp32")
     assert eager.forwards[0] is eager.models[0]
     multi = "Dataset903_SynthMulti"
     image, geometry = predictor._read(group_inputs(images)[0], len(predictor.plans["datasets"][multi]["normalization"]))
     tasks = predictor.resolve_tasks(multi, None)
     got, _ = predictor.predict_resampled([image.copy()], geometry, multi, tasks, tta=True)
-    want, _ = eager.predict_resampled([image], geometry, multi, tasks, tta=True)
+    want, _ = eager.predict_resampled([image.copy()], geometry, multi, tasks, tta=True)
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # bf16 autocast (eager: no graph) moves probabilities by rounding only, and labels barely
+    mixed = Predictor.from_run(run, precision="mixed")
+    assert mixed.amp and mixed.forwards[0] is mixed.models[0]
+    bf16, _ = mixed.predict_resampled([image], geometry, multi, tasks, tta=True)
+    assert not np.array_equal(bf16, want)  # it really ran in another precision
+    np.testing.assert_allclose(bf16, want, atol=0.02)
+    flipped = (bf16 > 0.5) != (want > 0.5)
+    assert np.abs(want[flipped] - 0.5).max(initial=0.0) < 0.02  # only where float32 itself is on the threshold
+
+
+def test_precision_auto_is_mixed_on_cuda_and_on_cpus_with_native_bf16(monkeypatch):
+    import mosaicseg.inference.predictor as predictor
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert predictor.resolve_precision("fp32", cuda) is False and predictor.resolve_precision("mixed", cpu) is True
+    assert predictor.resolve_precision("auto", cuda) is True
+    assert predictor.resolve_precision("mixed", torch.device("mps")) is False  # no autocast path there
+    for native in (True, False):
+        monkeypatch.setattr(predictor, "native_bf16", lambda native=native: native)
+        assert predictor.resolve_precision("auto", cpu) is native
+    with pytest.raises(MosaicSegError, match="precision 'half' is unknown"):
+        predictor.resolve_precision("half", cpu)
 
 
 def test_predict_png_and_2d_nifti_and_fold_ensemble(tiny_workdir_2d, tmp_path):
     run = _train(tiny_workdir_2d, tmp_path / "run", fold=0)
     _train(tiny_workdir_2d, run, fold=1)
-    predictor = Predictor.from_run(run)
+    predictor = Predictor.from_run(run, precision="fp32")  # the blending comparison below is float32's
     assert len(predictor.models) == 2
     data = tiny_workdir_2d.parent / "data"
     pngs = sorted((data / "Dataset911_SynthDerm" / "imagesTr").glob("*.png"))[:2]

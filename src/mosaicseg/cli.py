@@ -296,13 +296,22 @@ def predict(
     jit: Annotated[
         bool, typer.Option("--jit/--no-jit", help="CPU: frozen TorchScript graphs, checked against the model")
     ] = True,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32; mixed: autocast (bf16 on CPU, fp16 on CUDA); auto: mixed on CUDA and on CPUs with native "
+            "bf16 (AVX512-BF16, AMX), else fp32"
+        ),
+    ] = "auto",
 ) -> None:
     """Predict label maps (each source dataset's own numbering) in the input's exact geometry."""
     from mosaicseg.inference.predictor import Predictor
 
     if checkpoint not in ("final", "latest", "best"):
         raise MosaicSegError(f"--checkpoint {checkpoint!r} is unknown. Fix: use final, latest or best.")
-    predictor = Predictor.from_run(model, folds=folds, checkpoint=checkpoint, device=device, jit=jit)
+    predictor = Predictor.from_run(
+        model, folds=folds, checkpoint=checkpoint, device=device, jit=jit, precision=precision
+    )
     report = predictor.predict_files(
         inputs,
         output,
@@ -317,7 +326,8 @@ def predict(
 
     # where the time went, kept beside the outputs (the evaluator reads only image files)
     write_json_atomic(
-        output / PREDICT_RECORD, {**report, "model": str(model), "tta": tta, "jit": jit, "device": device}
+        output / PREDICT_RECORD,
+        {**report, "model": str(model), "tta": tta, "jit": jit, "device": device, "mixed_precision": predictor.amp},
     )
     cases = report["cases"]
     mean = {k: sum(c[k] for c in cases) / len(cases) for k in ("seconds", *PREDICT_STAGES)} if cases else {}

@@ -115,12 +115,39 @@ def _save_probability(t: int, p: np.ndarray, *, paths: list[Path], geometry: Geo
     written.append(str(write_image(paths[t], arr, geometry, overwrite=True)))
 
 
+PRECISIONS = ("auto", "fp32", "mixed")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX, from ``/proc/cpuinfo``). Without it
+    oneDNN emulates bf16 convolutions, which is slower than float32; where the flags are unreadable: False."""
+    try:
+        flags = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split()))
+
+
+def resolve_precision(precision: str, device: torch.device) -> bool:
+    """Whether tiles run under autocast (bf16 on CPU, fp16 on CUDA) for ``precision``: ``fp32`` never, ``mixed``
+    always (CPU and CUDA), ``auto`` on CUDA and on CPUs with :func:`native_bf16` (measured on an AVX512-BF16 CPU:
+    a tile of a 16–128 network 146 → 41 ms, of nnU-Net's 6-stage IXI network 5.3 → 2.6 s)."""
+    if precision not in PRECISIONS:
+        raise MosaicSegError(f"precision {precision!r} is unknown. Fix: use one of {', '.join(PRECISIONS)}.")
+    if device.type not in ("cpu", "cuda"):
+        return False  # no autocast path measured elsewhere (e.g. MPS): float32
+    if precision == "auto":
+        return device.type == "cuda" or native_bf16()
+    return precision == "mixed"
+
+
 class Predictor:
     """One or several models (folds) of one run, sharing its plans and vocabulary.
 
-    ``jit``: on the CPU, run the tiles through frozen TorchScript graphs (:class:`FrozenForward`: built on the
-    first tile of each shape and modality, checked against the eager model there; a 2× faster forward for
-    small networks). Ignored on other devices, where AMP already runs fused kernels.
+    ``amp``: tiles under autocast (bf16 on the CPU, fp16 on CUDA; see :func:`resolve_precision`).
+    ``jit``: on the CPU in float32, run the tiles through frozen TorchScript graphs (:class:`FrozenForward`:
+    built after a few tiles of each shape and modality, checked against the eager model, kept where faster; a
+    1.7× faster forward for small networks). Ignored under autocast, which is faster still where it is chosen.
     """
 
     def __init__(
@@ -151,8 +178,10 @@ class Predictor:
         checkpoint: str = "final",
         device: str = "cpu",
         jit: bool = True,
+        precision: str = "auto",
     ) -> Predictor:
         dev = resolve_device(device)
+        amp = resolve_precision(precision, dev)
         models: list[torch.nn.Module] = []
         first: dict[str, Any] | None = None
         for path in find_checkpoints(run, folds, checkpoint):
@@ -176,7 +205,7 @@ class Predictor:
             first["plans"],
             first["patch_size"],
             dev,
-            amp=dev.type == "cuda",
+            amp=amp,
             jit=jit,
         )
 

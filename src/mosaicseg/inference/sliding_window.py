@@ -82,7 +82,8 @@ def predict_logits(
 
     def tiles(x: torch.Tensor) -> torch.Tensor:
         mod = torch.full((x.shape[0],), modality, dtype=torch.long, device=x.device)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        # autocast's own dtype per device: bfloat16 on the CPU, float16 on CUDA
+        with torch.autocast(device.type, enabled=amp and device.type in ("cpu", "cuda")):
             out = model(x.float(), mod)
         out = out.index_select(1, select) if select is not None else out
         return out.to(accumulate)
