@@ -270,6 +270,10 @@ def _runs_ms(forward: dict[str, Any]) -> tuple[str, float]:
     return runs, forward[f"{runs}_ms"]
 
 
+def _ms_or_dash(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
 def _nnunet_why(nnunet: dict[str, Any], speed: dict[str, Any] | None) -> list[str]:
     """Per dataset, whether the same-network inference target is reachable at all: a case costs at least one
     tile's forward (8 with TTA), which the speed study measures for both tools; if that alone exceeds half of
@@ -293,9 +297,16 @@ def _nnunet_why(nnunet: dict[str, Any], speed: dict[str, Any] | None) -> list[st
         line = (
             f"*Inference with the same network ({dataset}).* One {forward['patch_size']} tile's forward of nnU-Net's "
             f"network (speed study): nnU-Net {forward['nnunet_ms']:.0f} ms, MosaicSeg {forward['eager_ms']:.0f} ms "
-            f"eager, {forward['frozen_ms']:.0f} ms frozen; `mosaicseg predict` runs the {runs} one. Both tools run "
-            "the same float32 convolutions, so at equal network MosaicSeg gains only on the work around them "
-            f"(reading, preprocessing, export, start-up). A case needs at least one forward: {'; '.join(parts)}."
+            f"eager, {forward['frozen_ms']:.0f} ms frozen"
+            + ("" if forward.get("mixed_ms") is None else f", {forward['mixed_ms']:.0f} ms in bf16 autocast")
+            + f"; `mosaicseg predict` runs the {runs} one. "
+            + (
+                "In float32 both tools run the same convolutions, so at equal network MosaicSeg gains only on the "
+                "work around them (reading, preprocessing, export, start-up). "
+                if runs != "mixed"
+                else ""
+            )
+            + f"A case needs at least one forward: {'; '.join(parts)}."
         )
         if out_of_reach:
             if flags is None:
@@ -305,9 +316,13 @@ def _nnunet_why(nnunet: dict[str, Any], speed: dict[str, Any] | None) -> list[st
             else:
                 hardware = f"this CPU reports {', '.join(flags) or 'none of them'}, no bf16 instructions"
             line += (
-                f" So {' and '.join(out_of_reach)} the target is out of reach in float32 whatever the rest costs; "
-                f"it would take fewer or cheaper forwards (reduced precision — {hardware} — or fewer mirrors than "
-                "nnU-Net's 8)."
+                f" So {' and '.join(out_of_reach)} the target is out of reach at that forward whatever the rest "
+                "costs; it would take fewer or cheaper forwards ("
+                + (
+                    "fewer mirrors than nnU-Net's 8, or fewer tiles)"
+                    if runs == "mixed"
+                    else f"reduced precision — {hardware} — or fewer mirrors than nnU-Net's 8)."
+                )
             )
         lines += [line, ""]
     return lines
@@ -415,9 +430,10 @@ def _speed(r: dict[str, Any]) -> list[str]:
             "eager forwards; mirrors: TTA's 8 flips of a tile in one batch, per tile; `torch.compile`: inductor, "
             "default mode, its first call's seconds as compile s.",
             "",
-            "| network | patch | nnU-Net | MosaicSeg eager | MosaicSeg frozen | frozen, 8 mirrors batched (per tile) "
-            "| predict runs | predict / nnU-Net | graph build s | torch.compile | compile s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| network | patch | nnU-Net | MosaicSeg eager | MosaicSeg bf16 autocast | MosaicSeg frozen | frozen, 8 "
+            "mirrors batched (per tile) | predict runs | predict / nnU-Net | graph build s | torch.compile "
+            "| compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, v in forward.items():
             nn = v["nnunet_ms"]
@@ -431,8 +447,9 @@ def _speed(r: dict[str, Any]) -> list[str]:
             mirrors = v.get("frozen_8_mirrors_ms_per_tile")
             frozen = f"{v['frozen_ms']:.1f}" if v.get("frozen_checked", True) else "differs from eager"
             lines.append(
-                f"| {name} ({widths}) | {v['patch_size']} | {nn_ms} | {v['eager_ms']:.1f} | {frozen} | "
-                f"{'–' if mirrors is None else f'{mirrors:.1f}'} | {runs} | {ratio} | {v['frozen_build_s']:.1f} | "
+                f"| {name} ({widths}) | {v['patch_size']} | {nn_ms} | {v['eager_ms']:.1f} | "
+                f"{_ms_or_dash(v.get('mixed_ms'))} | {frozen} | {_ms_or_dash(mirrors)} | {runs} | {ratio} | "
+                f"{v['frozen_build_s']:.1f} | "
                 f"{compiled} | {compile_s} |"
             )
     data = r.get("data")

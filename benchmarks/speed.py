@@ -11,8 +11,9 @@ rest of the time goes.
 - **profile**: the operators that dominate the *now* step (torch profiler, self CPU time);
 - **inference forward**: one tile's forward at prediction time, in milliseconds: nnU-Net's own network as its
   predictor runs it (in nnU-Net's environment, if installed), MosaicSeg's eager model (channels-last,
-  ``no_grad``) and its frozen graph (:class:`mosaicseg.inference.frozen.FrozenForward`, what ``mosaicseg
-  predict`` runs on CPU), the frozen graph on the 8 mirrors of TTA in one batch (per tile), and ``torch.compile``
+  ``no_grad``), the same under bf16 autocast (``--precision mixed``, what ``mosaicseg predict`` runs on CPUs
+  with native bf16) and its frozen graph (:class:`mosaicseg.inference.frozen.FrozenForward`, what it runs in
+  float32 where faster), the frozen graph on the 8 mirrors of TTA in one batch (per tile), and ``torch.compile``
   (inductor) with its compile time;
 - **data**: the training data pipeline as a run uses it (the Trainer's loader on brain4's preprocessed real data:
   case sampling, patch cropping, augmentation, targets, collate; in the training process, as ``--workers 0``),
@@ -91,6 +92,7 @@ def inference_forward(
 
     from benchmarks.common import ROOT
     from mosaicseg.inference.frozen import MAX_EAGER_S, MIN_SPEEDUP, FrozenForward
+    from mosaicseg.inference.predictor import resolve_precision
     from mosaicseg.models import build_model, use_device_layout
 
     try:
@@ -108,6 +110,8 @@ def inference_forward(
         x1, m1 = torch.randn(1, 1, *patch), torch.zeros(1, dtype=torch.long)
         with torch.no_grad():
             eager = _best(lambda model=model, x1=x1, m1=m1: model(x1, m1), repeats)
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # predict's --precision mixed on CPU
+                mixed = _best(lambda model=model, x1=x1, m1=m1: model(x1, m1), repeats)
         # the graph is timed whatever its speed or the model's size (predict_runs below applies predict's rules)
         frozen = FrozenForward(model, build_after=1, min_speedup=None, max_eager_s=None)
         t0 = time.perf_counter()
@@ -148,9 +152,14 @@ def inference_forward(
             "eager_ms": 1e3 * eager,
             "frozen_ms": 1e3 * frozen_s,
             "frozen_8_mirrors_ms_per_tile": None if mirrors is None else 1e3 * mirrors,
+            "mixed_ms": 1e3 * mixed,
             "frozen_checked": checked,
             "predict_runs": (
-                "frozen" if checked and eager <= MAX_EAGER_S and eager >= MIN_SPEEDUP * frozen_s else "eager"
+                "mixed"
+                if resolve_precision("auto", torch.device("cpu"))
+                else "frozen"
+                if checked and eager <= MAX_EAGER_S and eager >= MIN_SPEEDUP * frozen_s
+                else "eager"
             ),
             "frozen_build_s": build_s,
             "compiled_ms": compiled_ms,

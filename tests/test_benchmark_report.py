@@ -100,14 +100,18 @@ def test_speed_table_with_data_pipeline() -> None:
         },
     }
     text = "\n".join(report._speed(result))
-    assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | 100.0 | 90.0 | frozen | 0.50× | 1.5 | 95.0 | 61 |" in text
+    assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | – | 100.0 | 90.0 | frozen | 0.50× | 1.5 | 95.0 | 61 |" in text
     failed = "failed (InvalidCxxCompiler: no compiler)"
-    assert f"| other (8–16) | [8, 8, 8] | – | 20.0 | 10.0 | 9.0 | frozen | – | 0.5 | {failed} | – |" in text
+    assert f"| other (8–16) | [8, 8, 8] | – | 20.0 | – | 10.0 | 9.0 | frozen | – | 0.5 | {failed} | – |" in text
     # predict's own rules chose eager (e.g. a large network): the ratio is eager's; no mirrors, a graph that differed
     result["inference_forward"]["net"] |= {"predict_runs": "eager", "frozen_checked": False}
     result["inference_forward"]["net"]["frozen_8_mirrors_ms_per_tile"] = None
     text = "\n".join(report._speed(result))
-    assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | differs from eager | – | eager | 1.05× | 1.5 |" in text
+    assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | – | differs from eager | – | eager | 1.05× | 1.5 |" in text
+    # predict runs bf16 autocast (a CPU with native bf16): its ms make the ratio
+    result["inference_forward"]["net"] |= {"predict_runs": "mixed", "mixed_ms": 80.0}
+    text = "\n".join(report._speed(result))
+    assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | 80.0 | differs from eager | – | mixed | 0.40× | 1.5 |" in text
     assert "| net | now | 100.0 | 1.000 | 100.0 | 50 % |" in text
     assert "below the target" not in text  # 50 % of the forward peak meets it
     assert "250 ms per batch, 20 % of a brain4 step" in text
@@ -187,6 +191,11 @@ def test_nnunet_why_states_whether_the_forwards_alone_exceed_the_budget() -> Non
     text = "\n".join(report._nnunet_why(nnunet, bf16))
     assert "runs the eager one" in text and "So without TTA and with TTA the target is out of reach" in text
     assert "avx2, avx512_bf16: bf16 convolutions are the untried candidate" in text
+    mixed = {**eager, "predict_runs": "mixed", "mixed_ms": 400.0}
+    bf16["inference_forward"]["nnU-Net Dataset001 plan"] = mixed
+    text = "\n".join(report._nnunet_why(nnunet, bf16))
+    assert ", 400 ms in bf16 autocast; `mosaicseg predict` runs the mixed one." in text
+    assert "In float32 both tools" not in text and "(fewer mirrors than nnU-Net's 8, or fewer tiles)" in text
     fast = {"machine": avx2, "inference_forward": {"nnU-Net Dataset001 plan": {**forward, "frozen_ms": 200.0}}}
     text = "\n".join(report._nnunet_why(nnunet, fast))
     assert "with TTA 8 × 0.20 = 1.60 s against a 0.5× budget of 2.50 s" in text and "out of reach" not in text
