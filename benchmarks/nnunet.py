@@ -203,19 +203,22 @@ def _subset(workdir: Path, dataset: str, cases: list[str], into: Path) -> tuple[
     return images, labels
 
 
-def _stages(pred: Path, wall_s: float) -> dict[str, float] | None:
-    """Mean seconds per case of each stage ``mosaicseg predict`` timed (its ``predict.json`` in ``pred``), and the
-    process's start-up and shutdown (``wall_s`` less the cases' own seconds) per case; None without a record."""
+def _stages(pred: Path, wall_s: float) -> dict[str, Any] | None:
+    """Mean seconds per case of each stage ``mosaicseg predict`` timed (its ``predict.json`` in ``pred``), the
+    process's start-up and shutdown (``wall_s`` less the cases' own seconds) per case, and whether the tiles ran
+    under autocast (``mixed_precision``); None without a record."""
     from mosaicseg.cli import PREDICT_RECORD, PREDICT_STAGES
 
     record = pred / PREDICT_RECORD
     if not record.is_file():
         return None
-    cases = json.loads(record.read_text())["cases"]
+    data = json.loads(record.read_text())
+    cases = data["cases"]
     if not cases:
         return None
-    out = {k[:-2]: sum(c[k] for c in cases) / len(cases) for k in PREDICT_STAGES}
+    out: dict[str, Any] = {k[:-2]: sum(c[k] for c in cases) / len(cases) for k in PREDICT_STAGES}
     out["startup"] = (wall_s - sum(c["seconds"] for c in cases)) / len(cases)
+    out["mixed_precision"] = data.get("mixed_precision", False)  # records before the option: float32
     return out
 
 
@@ -349,7 +352,7 @@ def _one_dataset(
             steps.run(f"{dataset}/nnunet_predict_{tag}{suffix}", lambda t=tag, a=tta: nn_predict(t, a))
             steps.run(f"{dataset}/mosaicseg_predict_{tag}{suffix}", lambda t=tag, a=tta: ms_predict(t, a))
             step = steps.data[f"{dataset}/mosaicseg_predict_{tag}{suffix}"]
-            if step.get("stages_s_per_case") is None:  # measured before predict recorded its stages
+            if "mixed_precision" not in (step.get("stages_s_per_case") or {}):  # measured before predict recorded it
                 pred = root / f"pred_{dataset}_mosaicseg_{tag}{suffix}"
                 step["stages_s_per_case"] = _stages(pred, step["s_per_case_incl_startup"] * len(cases))
                 steps.save()

@@ -207,7 +207,8 @@ def _nnunet(r: dict[str, Any]) -> list[str]:
         f"patch, batch and spacing; learning rate: {s.get('schedule', OLD_SCHEDULE)}; (ii) *equal wall clock* "
         f"({s['budget_min']} min): each tool's own CPU plan (nnU-Net: its stock plan). Dice by `mosaicseg "
         f"evaluate` on the first held-out cases ({s['subset_cases']}); predict s/case includes process "
-        "start-up; peak RSS of the whole process.",
+        "start-up; peak RSS of the whole process. Finished steps are cached (`work/bench/nnunet/steps.json`) and "
+        "reused across sittings, so the commit and seconds below are the last invocation's, not every step's.",
         "",
     ]
     for dataset, d in r["datasets"].items():
@@ -243,8 +244,9 @@ def _predict_stages(st: dict[str, Any]) -> list[str]:
             stages = st.get(f"mosaicseg_predict_{tag}{suffix}", {}).get("stages_s_per_case")
             if stages:
                 total = st[f"mosaicseg_predict_{tag}{suffix}"]["s_per_case_incl_startup"]
+                tiles = "bf16 autocast" if stages.get("mixed_precision") else "float32"
                 rows.append(
-                    f"| {label} | {tta} | {stages['read']:.2f} | {stages['preprocess']:.2f} | "
+                    f"| {label} | {tta} | {tiles} | {stages['read']:.2f} | {stages['preprocess']:.2f} | "
                     f"{stages['network']:.2f} | {stages['export']:.2f} | {stages['startup']:.2f} | {total:.2f} |"
                 )
     if not rows:
@@ -253,8 +255,8 @@ def _predict_stages(st: dict[str, Any]) -> list[str]:
         "Where MosaicSeg's prediction time goes (s/case; start-up: the process's imports, model loading and exit, "
         "spread over the cases; network: sliding window, TTA and sigmoid):",
         "",
-        "| comparison | TTA | read | preprocess | network | export | start-up | total |",
-        "|---|---|---|---|---|---|---|---|",
+        "| comparison | TTA | tiles | read | preprocess | network | export | start-up | total |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

@@ -86,4 +86,7 @@ def test_predict_stages_come_from_the_predict_record(tmp_path: Path) -> None:
     (tmp_path / "predict.json").write_text(json.dumps({"cases": cases}))
     got = nnunet._stages(tmp_path, 10.0)
     want = {"read": 0.2, "preprocess": 0.4, "network": 2.2, "export": 0.2, "startup": 2.0}  # (10 - 6) / 2
+    assert got.pop("mixed_precision") is False  # a record written before predict had --precision
     assert got == pytest.approx(want)
+    (tmp_path / "predict.json").write_text(json.dumps({"cases": cases, "mixed_precision": True}))
+    assert nnunet._stages(tmp_path, 10.0)["mixed_precision"] is True

@@ -209,6 +209,8 @@ def test_predict_stage_table_lists_the_rows_that_have_stages() -> None:
         "mosaicseg_predict_iter_tta": {**_pred(9.0, 0.5), "stages_s_per_case": None},  # measured before stages
     }
     text = "\n".join(report._predict_stages(steps))
-    assert "| (i) same network | no | 0.10 | 0.20 | 3.00 | 0.40 | 1.30 | 5.00 |" in text
+    assert "| (i) same network | no | float32 | 0.10 | 0.20 | 3.00 | 0.40 | 1.30 | 5.00 |" in text
+    stages["mixed_precision"] = True
+    assert "| no | bf16 autocast | 0.10 |" in "\n".join(report._predict_stages(steps))
     assert "| yes |" not in text
     assert report._predict_stages({}) == []
