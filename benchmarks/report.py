@@ -310,6 +310,11 @@ def _nnunet_why(nnunet: dict[str, Any], speed: dict[str, Any] | None) -> list[st
             )
             + f"A case needs at least one forward: {'; '.join(parts)}."
         )
+        if runs == "mixed" and not (steps.get("mosaicseg_predict_iter") or {}).get("stages_s_per_case"):
+            line += (
+                " This dataset's MosaicSeg predict rows were measured before predict recorded its stages and had "
+                "`--precision`, with float32 tiles: they do not include the bf16 speed-up."
+            )
         if out_of_reach:
             if flags is None:
                 hardware = "this CPU's instruction sets were not recorded"
@@ -360,6 +365,17 @@ def _ensemble(r: dict[str, Any]) -> list[str]:
 STEP_PEAK_TARGET = 0.5
 
 
+def _layout_note(before: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """A sentence if the *before* layout (instance norm, contiguous) ran the same step faster than *now*."""
+    if before is None or before["seconds"] >= now["seconds"]:
+        return ""
+    return (
+        f" On this machine the *before* layout ran this step faster ({before['seconds']:.3f} s, "
+        f"{100 * before['fraction_of_forward_peak']:.0f} % of the peak): the CPU layout MosaicSeg picks does not "
+        "pay off for this network here."
+    )
+
+
 def _speed_why(r: dict[str, Any]) -> list[str]:
     """For each *now* step below :data:`STEP_PEAK_TARGET`: how its time splits between convolutions (which do the
     counted FLOPs) and the rest, from the step's profile, and how much of the rest must go to meet the target."""
@@ -385,7 +401,9 @@ def _speed_why(r: dict[str, Any]) -> list[str]:
             f"forward one); the other {1e3 * other_s:.0f} ms per step are normalisation, activation, loss and "
             f"optimiser work without counted FLOPs{largest}. {100 * STEP_PEAK_TARGET:.0f} % of the forward peak is "
             f"a step of {needed_s:.3f} s: {1e3 * (v['seconds'] - needed_s):.0f} ms less, "
-            f"{100 * (v['seconds'] - needed_s) / other_s:.0f} % of that other work. What would do it (not measured "
+            f"{100 * (v['seconds'] - needed_s) / other_s:.0f} % of that other work."
+            + _layout_note(r["steps"].get(f"{name} / before"), v)
+            + " What would do it (not measured "
             "yet): fusing each norm and activation with its backward (inductor on the training step), or wider "
             "layers, whose convolutions dominate the step (nnU-Net's wider network is above the target).",
             "",
@@ -445,7 +463,8 @@ def _speed(r: dict[str, Any]) -> list[str]:
             compiled = "–" if v.get("compiled_ms") is None else f"{v['compiled_ms']:.1f}"
             compile_s = "–" if v.get("compile_s") is None else f"{v['compile_s']:.0f}"
             if v.get("compile_error"):
-                compiled = f"failed ({v['compile_error']})"
+                # one line of the error: a table cell cannot hold the compiler's multi-line report
+                compiled = f"failed ({' '.join(v['compile_error'].split())[:120]})"
             mirrors = v.get("frozen_8_mirrors_ms_per_tile")
             frozen = f"{v['frozen_ms']:.1f}" if v.get("frozen_checked", True) else "differs from eager"
             lines.append(

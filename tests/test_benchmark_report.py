@@ -140,7 +140,12 @@ def test_speed_why_splits_a_slow_step_into_convolutions_and_the_rest() -> None:
     assert "*net below the target.* Convolutions take 80 % of the profiled step and run at 100 GFLOP/s, 67 %" in text
     assert "peak here is 75 % of the forward one); the other 200 ms per step" in text
     assert "(largest: `aten::native_group_norm_backward`, 15 %)" in text
-    assert "a step of 0.800 s: 200 ms less, 100 % of that other work" in text
+    assert "a step of 0.800 s: 200 ms less, 100 % of that other work." in text
+    assert "before* layout ran this step faster" not in text  # before: 2.0 s, slower than now
+    result["steps"]["net / before"]["seconds"] = 0.9
+    assert "the *before* layout ran this step faster (0.900 s, 20 % of the peak)" in "\n".join(
+        report._speed_why(result)
+    )
     assert text.count("below the target") == 1  # the "before" layout is history, not a miss to explain
 
 
@@ -185,6 +190,7 @@ def test_nnunet_why_states_whether_the_forwards_alone_exceed_the_budget() -> Non
     assert "without TTA 1 × 0.33 = 0.33 s against a 0.5× budget of 0.50 s" in text
     assert "with TTA 8 × 0.33 = 2.64 s against a 0.5× budget of 2.50 s" in text
     assert "So with TTA the target is out of reach" in text and "avx2, no bf16 instructions" in text
+    assert "measured before predict recorded" not in text  # float32 is what predict runs on this CPU
     assert "Dataset009" not in text  # no forward row for that dataset's network
     eager = {**forward, "frozen_ms": 200.0, "predict_runs": "eager", "eager_ms": 700.0}
     bf16 = {"machine": {"cpu_flags": ["avx2", "avx512_bf16"]}, "inference_forward": {"nnU-Net Dataset001 plan": eager}}
@@ -196,6 +202,9 @@ def test_nnunet_why_states_whether_the_forwards_alone_exceed_the_budget() -> Non
     text = "\n".join(report._nnunet_why(nnunet, bf16))
     assert ", 400 ms in bf16 autocast; `mosaicseg predict` runs the mixed one." in text
     assert "In float32 both tools" not in text and "(fewer mirrors than nnU-Net's 8, or fewer tiles)" in text
+    assert "rows were measured before predict recorded its stages and had `--precision`, with float32" in text
+    steps["mosaicseg_predict_iter"] = {"stages_s_per_case": {"mixed_precision": True}}
+    assert "measured before predict recorded" not in "\n".join(report._nnunet_why(nnunet, bf16))
     fast = {"machine": avx2, "inference_forward": {"nnU-Net Dataset001 plan": {**forward, "frozen_ms": 200.0}}}
     text = "\n".join(report._nnunet_why(nnunet, fast))
     assert "with TTA 8 × 0.20 = 1.60 s against a 0.5× budget of 2.50 s" in text and "out of reach" not in text
