@@ -399,6 +399,8 @@ def study_nnunet(
             "quick": quick,
         },
         "datasets": out,
+        # figures of steps that were recomputed, with why: e.g. the float32 prediction before --precision
+        "superseded": steps.data.get("superseded", []),
     }
 
 
