@@ -40,13 +40,11 @@ def plain_network(network: dict[str, Any]) -> dict[str, Any]:
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 
 
-def cpu_flags() -> list[str]:
-    """Which of :data:`KERNEL_FLAGS` this CPU reports (``/proc/cpuinfo``; empty where that is unreadable)."""
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    have = set(line.split(":", 1)[1].split())
+def kernel_flags() -> list[str]:
+    """Which of :data:`KERNEL_FLAGS` this CPU reports (empty where ``/proc/cpuinfo`` is unreadable)."""
+    from mosaicseg.inference.predictor import cpu_flags
+
+    have = cpu_flags()
     return [f for f in KERNEL_FLAGS if f in have]
 
 
@@ -65,7 +63,7 @@ def machine() -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     return {
         "cpu": cpu,
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": kernel_flags(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -324,7 +324,6 @@ def _one_dataset(
         return {
             "s_per_case_incl_startup": done.seconds / len(cases),
             "peak_rss_mb": done.peak_rss_mb,
-            "stages_s_per_case": _stages(pred, done.seconds),
             **_evaluate(pred, labels, dataset),
         }
 
@@ -352,7 +351,8 @@ def _one_dataset(
             steps.run(f"{dataset}/nnunet_predict_{tag}{suffix}", lambda t=tag, a=tta: nn_predict(t, a))
             steps.run(f"{dataset}/mosaicseg_predict_{tag}{suffix}", lambda t=tag, a=tta: ms_predict(t, a))
             step = steps.data[f"{dataset}/mosaicseg_predict_{tag}{suffix}"]
-            if "mixed_precision" not in (step.get("stages_s_per_case") or {}):  # measured before predict recorded it
+            # from the predict record beside the step's outputs; steps cached before the record existed get it here
+            if "mixed_precision" not in (step.get("stages_s_per_case") or {}):
                 pred = root / f"pred_{dataset}_mosaicseg_{tag}{suffix}"
                 step["stages_s_per_case"] = _stages(pred, step["s_per_case_incl_startup"] * len(cases))
                 steps.save()

@@ -276,6 +276,15 @@ def _ms_or_dash(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
+def _bf16_hint(flags: list[str] | None) -> str:
+    """What the recorded CPU flags say about reduced-precision convolutions."""
+    if flags is None:
+        return "this CPU's instruction sets were not recorded"
+    if {"avx512_bf16", "amx_bf16"} & set(flags):
+        return f"this CPU reports {', '.join(flags)}: bf16 convolutions are the untried candidate"
+    return f"this CPU reports {', '.join(flags) or 'none of them'}, no bf16 instructions"
+
+
 def _nnunet_why(nnunet: dict[str, Any], speed: dict[str, Any] | None) -> list[str]:
     """Per dataset, whether the same-network inference target is reachable at all: a case costs at least one
     tile's forward (8 with TTA), which the speed study measures for both tools; if that alone exceeds half of
@@ -316,19 +325,13 @@ def _nnunet_why(nnunet: dict[str, Any], speed: dict[str, Any] | None) -> list[st
                 "`--precision`, with float32 tiles: they do not include the bf16 speed-up."
             )
         if out_of_reach:
-            if flags is None:
-                hardware = "this CPU's instruction sets were not recorded"
-            elif {"avx512_bf16", "amx_bf16"} & set(flags):
-                hardware = f"this CPU reports {', '.join(flags)}: bf16 convolutions are the untried candidate"
-            else:
-                hardware = f"this CPU reports {', '.join(flags) or 'none of them'}, no bf16 instructions"
             line += (
                 f" So {' and '.join(out_of_reach)} the target is out of reach at that forward whatever the rest "
                 "costs; it would take fewer or cheaper forwards ("
                 + (
-                    "fewer mirrors than nnU-Net's 8, or fewer tiles)"
+                    "fewer mirrors than nnU-Net's 8, or fewer tiles)."
                     if runs == "mixed"
-                    else f"reduced precision — {hardware} — or fewer mirrors than nnU-Net's 8)."
+                    else f"reduced precision — {_bf16_hint(flags)} — or fewer mirrors than nnU-Net's 8)."
                 )
             )
         lines += [line, ""]

@@ -2,8 +2,9 @@
 
 Why: ``torch.jit.optimize_for_inference`` freezes the weights into the graph and lets oneDNN keep them in its
 blocked layout, so a convolution no longer reorders its weights on every call. Measured on this project's 2-core
-CPU (ad hoc, one 40×56×40 tile, 2 threads; the speed study's table for it is not run yet): 16–128 network
-~190 ms eager, ~110 ms frozen; nnU-Net's 32–256 network ~400 ms either way.
+CPU (one tile, 2 threads; BENCHMARKS.md, speed study): 16–128 network on 48³ 128 ms eager, 84 ms frozen;
+nnU-Net's 32–256 network on 40×56×40 248 → 221 ms; its 32–320 IXI network on 96×128×128 4988 → 7064 ms (slower).
+Where the CPU computes bf16 in hardware, ``mosaicseg predict`` runs autocast instead, which is faster still.
 
 Tracing records one path through the model's Python: the input stem chosen for the modality, the tile shape,
 anything computed from tensor values. So :class:`FrozenForward` keeps one graph per (tile shape, dtype,
@@ -160,9 +161,10 @@ class FrozenForward:
             with warnings.catch_warnings():
                 # the tracer warns about every Python-side decision it records (per key these are constants,
                 # and the check on the next call catches those that are not). TorchScript is deprecated in
-                # favour of torch.compile, which on CPU needs a C++ compiler at run time (its compile time here is
-                # what the speed study measures, not yet run); should a later torch drop
-                # TorchScript, the except below keeps prediction working, eagerly
+                # favour of torch.compile, which on CPU needs a C++ compiler at run time and compiles for longer
+                # than a prediction takes (speed study: 28 s for the 16–128 network; nnU-Net's 32–256 network
+                # failed to lower); should a later torch drop TorchScript, the except below keeps prediction
+                # working, eagerly
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 traced = torch.jit.trace(capture, (image, modality), check_trace=False)

@@ -118,14 +118,19 @@ def _save_probability(t: int, p: np.ndarray, *, paths: list[Path], geometry: Geo
 PRECISIONS = ("auto", "fp32", "mixed")
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX, from ``/proc/cpuinfo``). Without it
-    oneDNN emulates bf16 convolutions, which is slower than float32; where the flags are unreadable: False."""
+def cpu_flags() -> set[str]:
+    """The instruction-set flags this CPU reports (``/proc/cpuinfo``); empty where that is unreadable."""
     try:
-        flags = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split()))
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Without it oneDNN emulates bf16
+    convolutions, which is slower than float32; where the flags are unreadable: False."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
