@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPORT, RESULTS
-from mosaicseg.inference.frozen import BUILD_AFTER, MAX_EAGER_S, MIN_SPEEDUP
+from mosaicseg.inference.sliding_window import BUILD_AFTER, MAX_EAGER_S, MIN_SPEEDUP
 
 HEADER = """# Benchmarks
 

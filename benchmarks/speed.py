@@ -12,7 +12,7 @@ rest of the time goes.
 - **inference forward**: one tile's forward at prediction time, in milliseconds: nnU-Net's own network as its
   predictor runs it (in nnU-Net's environment, if installed), MosaicSeg's eager model (channels-last,
   ``no_grad``), the same under bf16 autocast (``--precision mixed``, what ``mosaicseg predict`` runs on CPUs
-  with native bf16) and its frozen graph (:class:`mosaicseg.inference.frozen.FrozenForward`, what it runs in
+  with native bf16) and its frozen graph (:class:`mosaicseg.inference.sliding_window.FrozenForward`, what it runs in
   float32 where faster), the frozen graph on the 8 mirrors of TTA in one batch (per tile), and ``torch.compile``
   (inductor) with its compile time;
 - **data**: the training data pipeline as a run uses it (the Trainer's loader on brain4's preprocessed real data:
@@ -91,8 +91,8 @@ def inference_forward(
     import subprocess
 
     from benchmarks.common import ROOT
-    from mosaicseg.inference.frozen import MAX_EAGER_S, MIN_SPEEDUP, FrozenForward
     from mosaicseg.inference.predictor import resolve_precision
+    from mosaicseg.inference.sliding_window import MAX_EAGER_S, MIN_SPEEDUP, FrozenForward
     from mosaicseg.models import build_model, use_device_layout
 
     try:

@@ -182,7 +182,7 @@ def write_then_die(path, *args, **kwargs):
         die()
     return real(path, *args, **kwargs)
 predictor.write_image = write_then_die
-p = predictor.Predictor.from_run(run, device="cpu")
+p = predictor.Predictor.from_checkpoint(run, device="cpu")
 report = p.predict_files([images], out, dataset="Dataset912_SynthCT", progress=False)
 print(json.dumps({"done": [c["case_id"] for c in report["cases"]], "skipped": report["skipped"]}))
 """

@@ -9,7 +9,6 @@ import torch
 
 from mosaicseg.config import TrainConfig
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.inference.frozen import FrozenForward
 from mosaicseg.inference.postprocess import (
     keep_largest_component,
     labels_from_probabilities,
@@ -17,7 +16,7 @@ from mosaicseg.inference.postprocess import (
     restore_probabilities,
 )
 from mosaicseg.inference.predictor import Predictor, group_inputs
-from mosaicseg.inference.sliding_window import predict_logits
+from mosaicseg.inference.sliding_window import FrozenForward, predict_logits
 from mosaicseg.models import build_model, use_device_layout
 from mosaicseg.training.loop import Trainer
 
@@ -130,7 +129,7 @@ def test_frozen_forward_drops_a_graph_that_differs_from_the_model_on_a_later_bat
 
 
 def test_frozen_forward_drops_a_graph_that_is_not_faster_after_timing_it():
-    from mosaicseg.inference.frozen import PROBE
+    from mosaicseg.inference.sliding_window import PROBE
 
     model = _SignOfSum().eval()
     frozen = FrozenForward(model, build_after=1, min_speedup=1e6)  # no graph is a million times faster
@@ -259,7 +258,7 @@ def _same_geometry(a, b) -> None:
 
 def test_predicted_files_have_the_input_geometry_exactly_3d(tiny_workdir_3d, tmp_path):
     run = _train(tiny_workdir_3d, tmp_path / "run")
-    predictor = Predictor.from_run(run, precision="fp32")  # float32 on the CPU: the frozen graphs
+    predictor = Predictor.from_checkpoint(run, precision="fp32")  # float32 on the CPU: the frozen graphs
     data = tiny_workdir_3d.parent / "data"
     for dataset in ("Dataset901_SynthCT", "Dataset902_SynthMR", "Dataset903_SynthMulti"):
         images = sorted((data / dataset / "imagesTr").glob("*.nii.gz"))
@@ -281,7 +280,7 @@ def test_predicted_files_have_the_input_geometry_exactly_3d(tiny_workdir_3d, tmp
     assert len(again["skipped"]) == 3 and not again["cases"]
     # the frozen graphs the CPU predictor ran give the eager model's probabilities
     assert isinstance(predictor.forwards[0], FrozenForward) and predictor.forwards[0].num_graphs >= 1
-    eager = Predictor.from_run(run, jit=False, precision="fp32")
+    eager = Predictor.from_checkpoint(run, jit=False, precision="fp32")
     assert eager.forwards[0] is eager.models[0]
     multi = "Dataset903_SynthMulti"
     image, geometry = predictor._read(group_inputs(images)[0], len(predictor.plans["datasets"][multi]["normalization"]))
@@ -290,7 +289,7 @@ def test_predicted_files_have_the_input_geometry_exactly_3d(tiny_workdir_3d, tmp
     want, _ = eager.predict_resampled([image.copy()], geometry, multi, tasks, tta=True)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # bf16 autocast (eager: no graph) moves probabilities by rounding only, and labels barely
-    mixed = Predictor.from_run(run, precision="mixed")
+    mixed = Predictor.from_checkpoint(run, precision="mixed")
     assert mixed.amp and mixed.forwards[0] is mixed.models[0]
     bf16, _ = mixed.predict_resampled([image], geometry, multi, tasks, tta=True)
     assert not np.array_equal(bf16, want)  # it really ran in another precision
@@ -316,7 +315,7 @@ def test_precision_auto_is_mixed_on_cuda_and_on_cpus_with_native_bf16(monkeypatc
 def test_predict_png_and_2d_nifti_and_fold_ensemble(tiny_workdir_2d, tmp_path):
     run = _train(tiny_workdir_2d, tmp_path / "run", fold=0)
     _train(tiny_workdir_2d, run, fold=1)
-    predictor = Predictor.from_run(run, precision="fp32")  # the blending comparison below is float32's
+    predictor = Predictor.from_checkpoint(run, precision="fp32")  # the blending comparison below is float32's
     assert len(predictor.models) == 2
     data = tiny_workdir_2d.parent / "data"
     pngs = sorted((data / "Dataset911_SynthDerm" / "imagesTr").glob("*.png"))[:2]

@@ -309,7 +309,7 @@ def predict(
 
     if checkpoint not in ("final", "latest", "best"):
         raise MosaicSegError(f"--checkpoint {checkpoint!r} is unknown. Fix: use final, latest or best.")
-    predictor = Predictor.from_run(
+    predictor = Predictor.from_checkpoint(
         model, folds=folds, checkpoint=checkpoint, device=device, jit=jit, precision=precision
     )
     report = predictor.predict_files(

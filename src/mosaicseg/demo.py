@@ -86,7 +86,9 @@ def run_demo(
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    predictor = Predictor.from_run(run_dir, device=config.device if config.device != "auto" else trainer.device.type)
+    predictor = Predictor.from_checkpoint(
+        run_dir, device=config.device if config.device != "auto" else trainer.device.type
+    )
     rows: list[dict[str, Any]] = []
     per_case_s: list[float] = []
     held_out: dict[str, set[str]] = {}

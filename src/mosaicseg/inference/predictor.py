@@ -27,9 +27,8 @@ from mosaicseg.data.laterality import LATERAL_AXIS
 from mosaicseg.data.preprocess import preprocess_arrays
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.inference.frozen import FrozenForward
 from mosaicseg.inference.postprocess import labels_from_resampled
-from mosaicseg.inference.sliding_window import predict_logits
+from mosaicseg.inference.sliding_window import FrozenForward, predict_logits
 from mosaicseg.models import UniversalNet, use_device_layout
 from mosaicseg.training.loop import load_checkpoint, resolve_device
 
@@ -176,7 +175,7 @@ class Predictor:
         self.amp = amp
 
     @classmethod
-    def from_run(
+    def from_checkpoint(
         cls,
         run: str | Path,
         folds: Sequence[str] | None = None,
@@ -185,6 +184,9 @@ class Predictor:
         jit: bool = True,
         precision: str = "auto",
     ) -> Predictor:
+        """Load ``run``: a ``.pt`` checkpoint, a fold folder, or a run folder whose ``fold_*`` folders (or
+        ``folds``) are ensembled; ``checkpoint`` picks ``checkpoint_{final,best,latest}.pt`` in folders.
+        ``precision``: ``auto`` | ``fp32`` | ``mixed`` (:func:`resolve_precision`)."""
         dev = resolve_device(device)
         amp = resolve_precision(precision, dev)
         models: list[torch.nn.Module] = []
