@@ -113,7 +113,7 @@ def test_speed_table_with_data_pipeline() -> None:
     text = "\n".join(report._speed(result))
     assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | 80.0 | differs from eager | – | mixed | 0.40× | 1.5 |" in text
     assert "| net | now | 100.0 | 1.000 | 100.0 | 50 % |" in text
-    assert "below the target" not in text  # 50 % of the forward peak meets it
+    assert "below the target.*" not in text  # 50 % of the forward peak meets it: no paragraph
     assert "250 ms per batch, 20 % of a brain4 step" in text
     assert "| `a.py:1 sample` | 200.0 | 5.0 |" in text
     assert "| `spline_filter1d` |  | 120.0 |" in text
@@ -223,3 +223,38 @@ def test_predict_stage_table_lists_the_rows_that_have_stages() -> None:
     assert "| no | bf16 autocast | 0.10 |" in "\n".join(report._predict_stages(steps))
     assert "| yes |" not in text
     assert report._predict_stages({}) == []
+
+
+def test_speed_candidates_are_reported_beside_the_step_they_would_speed_up() -> None:
+    step = {"gflop": 80.0, "seconds": 1.0, "gflop_per_s": 80.0, "fraction_of_forward_peak": 0.4}
+    result = {
+        "peak": {"peak_forward_gflop_per_s": 200.0, "peak_forward_backward_gflop_per_s": 150.0},
+        "steps": {
+            "net / now": step,
+            "net / now+compile": {**step, "seconds": 0.5, "fraction_of_forward_peak": 0.8, "compile_s": 30.0},
+            "net / before+bf16": {**step, "seconds": 0.25, "gflop_per_s": 320.0, "fraction_of_forward_peak": 1.6},
+        },
+        "profiles": {"net": [{"op": "aten::convolution_backward", "self_cpu_ms": 500.0, "share": 0.5}]},
+    }
+    text = "\n".join(report._speed_why(result))
+    assert "*net below the target.*" in text
+    assert "runs the step in 0.500 s, 80 % of the peak (meets the target) after a first step of 30 s" in text
+    assert "takes 0.250 s a step (320 GFLOP/s in bf16, not comparable with the float32 peak), 4.00× the" in text
+    assert "not measured yet" not in text
+    step["fraction_of_forward_peak"] = 0.6  # at the target: the candidates still get their paragraph
+    text = "\n".join(report._speed_why(result))
+    assert "*net: at the target* (60 % of the peak). Candidates measured" in text and "below" not in text
+    del result["steps"]["net / now+compile"], result["steps"]["net / before+bf16"]
+    assert report._speed_why(result) == []  # at the target, nothing measured beside it: nothing to say
+    step["fraction_of_forward_peak"] = 0.4
+    assert "What would do it (not measured yet)" in "\n".join(report._speed_why(result))
+
+
+def test_run_to_run_lists_the_superseded_dice_of_the_same_steps() -> None:
+    steps = {f"{tool}_predict_{tag}": _pred(1.0, 0.5) for tool in ("nnunet", "mosaicseg") for tag in ("iter", "time")}
+    earlier = {"Dataset001_X/nnunet_predict_iter": _pred(2.0, 0.81), "reason": "another machine"}
+    other = {"Dataset001_X/nnunet_predict_iter": _pred(2.0, 0.79), "Dataset002_Y/mosaicseg_predict_time": _pred(1, 0.1)}
+    text = "\n".join(report._run_to_run("Dataset001_X", steps, {"superseded": [earlier, other]}))
+    assert "| (i) equal iterations | nnU-Net | 0.5000 | 0.8100, 0.7900 |" in text
+    assert "MosaicSeg" not in text.split("|---|")[-1]  # no earlier MosaicSeg run of this dataset
+    assert report._run_to_run("Dataset002_Y", steps, {"superseded": [earlier]}) == []
