@@ -499,6 +499,9 @@ def _speed(r: dict[str, Any]) -> list[str]:
             # a bf16 step's FLOP/s against the float32 peak would overstate it
             + (" (bf16: not comparable) |" if layout.endswith("bf16") else " |")
         )
+    failed = r.get("failed_candidates") or {}
+    if failed:
+        lines += ["", "Candidates that failed: " + "; ".join(f"{k}: `{v}`" for k, v in failed.items()) + "."]
     for name, ops in r["profiles"].items():
         lines += ["", f"Profile of the *now* step, {name} (self CPU time):", "", "| op | ms | share |", "|---|---|---|"]
         lines += [f"| `{o['op']}` | {o['self_cpu_ms']:.0f} | {100 * o['share']:.0f} % |" for o in ops]

@@ -339,6 +339,7 @@ def study_speed(repeats: int = 4) -> dict[str, Any]:
     repeats, networks = (1, NETWORKS[:1]) if QUICK else (repeats, NETWORKS)
     peak = peak_conv(repeats)
     steps: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     profiles: dict[str, Any] = {}
     for name, network, tasks, optimizer in networks:
         for layout in ("before", "now"):
@@ -362,7 +363,11 @@ def study_speed(repeats: int = 4) -> dict[str, Any]:
                     for candidate in CANDIDATES:
                         if candidate.endswith("bf16") and not native_bf16():
                             continue  # emulated bf16 is slower than float32: no candidate there
-                        cand = training_step(network, tasks, optimizer, candidate, repeats, gflop=result["gflop"])
+                        try:
+                            cand = training_step(network, tasks, optimizer, candidate, repeats, gflop=result["gflop"])
+                        except Exception as exc:  # e.g. an inductor lowering error: one failed row, not the study
+                            failed[f"{name} / {candidate}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                            continue
                         cand.pop("_step")
                         cand["fraction_of_forward_peak"] = cand["gflop_per_s"] / peak["peak_forward_gflop_per_s"]
                         steps[f"{name} / {candidate}"] = cand
@@ -381,6 +386,7 @@ def study_speed(repeats: int = 4) -> dict[str, Any]:
         "networks": {n: {**net, "tasks": t, "optimizer": o} for n, net, t, o in networks},
         "peak": peak,
         "steps": steps,
+        "failed_candidates": failed,
         "profiles": profiles,
         "inference_forward": forward,
     }

@@ -114,6 +114,9 @@ def test_speed_table_with_data_pipeline() -> None:
     assert "| net (16–64) | [8, 8, 8] | 200.0 | 210.0 | 80.0 | differs from eager | – | mixed | 0.40× | 1.5 |" in text
     assert "| net | now | 100.0 | 1.000 | 100.0 | 50 % |" in text
     assert "below the target.*" not in text  # 50 % of the forward peak meets it: no paragraph
+    assert "Candidates that failed" not in text
+    result["failed_candidates"] = {"net / now+compile": "LoweringException: x"}
+    assert "Candidates that failed: net / now+compile: `LoweringException: x`." in "\n".join(report._speed(result))
     assert "250 ms per batch, 20 % of a brain4 step" in text
     assert "| `a.py:1 sample` | 200.0 | 5.0 |" in text
     assert "| `spline_filter1d` |  | 120.0 |" in text
