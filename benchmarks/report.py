@@ -417,7 +417,7 @@ def _speed_why(r: dict[str, Any]) -> list[str]:
         if layout != "now" or not ops:
             continue
         if v["fraction_of_forward_peak"] >= STEP_PEAK_TARGET:
-            if f"{name} / now+compile" in r["steps"] or f"{name} / before+bf16" in r["steps"]:
+            if _candidates_note(name, r["steps"], measured_only=True):
                 lines += [
                     f"*{name}: at the target* ({100 * v['fraction_of_forward_peak']:.0f} % of the peak)."
                     + _candidates_note(name, r["steps"]),
@@ -447,14 +447,19 @@ def _speed_why(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _candidates_note(name: str, steps: dict[str, Any]) -> str:
-    """The candidate fixes the speed study measured for a step below the target, else the untried ones."""
+def _candidates_note(name: str, steps: dict[str, Any], measured_only: bool = False) -> str:
+    """The candidate fixes the speed study measured for ``name``'s step, else the untried ones (``""`` with
+    ``measured_only``)."""
     compiled, bf16 = steps.get(f"{name} / now+compile"), steps.get(f"{name} / before+bf16")
     if compiled is None and bf16 is None:
         return (
-            " What would do it (not measured yet): fusing each norm and activation with its backward (inductor on "
-            "the training step), or wider layers, whose convolutions dominate the step (nnU-Net's wider network is "
-            "above the target)."
+            ""
+            if measured_only
+            else (
+                " What would do it (not measured yet): fusing each norm and activation with its backward (inductor on "
+                "the training step), or wider layers, whose convolutions dominate the step (nnU-Net's wider network is "
+                "above the target)."
+            )
         )
     out = " Candidates measured (table above):"
     if compiled is not None:
