@@ -89,8 +89,9 @@ def _predict(r: dict[str, Any]) -> list[str]:
 
 def _paradigms(r: dict[str, Any]) -> list[str]:
     s, runs, names = r["setting"], r["runs"], r["paradigms"]
+    seeds = len(s["seeds"])
     lines = [
-        "## Paradigms on Dataset001–004 (equal total iterations, 2 seeds)",
+        f"## Paradigms on Dataset001–004 (equal total iterations, {seeds} seed{'s' if seeds > 1 else ''})",
         "",
         "`python -m benchmarks paradigms --iterations N` — plans `collections/brain4.yaml` once (spacing "
         f"{_spacings(s['spacing'])}); every single run trains {s['iterations_single']} iterations on its "
@@ -119,7 +120,6 @@ def _paradigms(r: dict[str, Any]) -> list[str]:
             row.append(f"{statistics.mean(uni) - statistics.mean(single):+.3f}" if uni and single else "–")
         lines.append(f"| {d} | " + " | ".join(row) + " |")
     train = {n: [v["train_s"] for v in runs.values() if v["recipe"] == n] for n in names}
-    seeds = len(s["seeds"])
     lines.append(
         "| training minutes (all datasets, per seed) | "
         + " | ".join(f"{sum(train[n]) / seeds / 60:.0f}" for n in names)

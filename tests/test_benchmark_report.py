@@ -52,6 +52,9 @@ def test_paradigm_table() -> None:
     assert f"| {b} | 0.300 ± 0.141 | 0.200 ± 0.141 | -0.100 |" in text
     # single: 4 runs x 60 s over 2 seeds = 2 min per seed; universal (120 + 240) / 2 s = 3 min
     assert "| training minutes (all datasets, per seed) | 2 | 3 | |" in text
+    assert "(equal total iterations, 2 seeds)" in text
+    result["setting"]["seeds"] = [0]  # the quick setting trains one seed
+    assert "(equal total iterations, 1 seed)" in report._paradigms(result)[0]
 
 
 def test_speed_table_with_data_pipeline() -> None:
