@@ -264,6 +264,13 @@ def _paradigm_run_name(recipe: str, dataset: str | None, seed: int) -> str:
     return f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
 
 
+def _last_metrics(run: Path) -> dict[str, Any]:
+    """The last line of a run's ``metrics.jsonl`` (empty before its first epoch): ``elapsed_s`` is the training
+    time of every resumed segment together."""
+    metrics = run / "metrics.jsonl"
+    return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
+
+
 def _train_paradigm(workdir: Path, recipe: str, dataset: str | None, iterations: int, seed: int) -> dict[str, Any]:
     """Train (or resume, or reuse when finished) one run of the paradigm study; its final metrics."""
     common = [
@@ -282,18 +289,13 @@ def _train_paradigm(workdir: Path, recipe: str, dataset: str | None, iterations:
     ]
     name = _paradigm_run_name(recipe, dataset, seed)
     run = workdir / "runs" / name
-    metrics = run / "metrics.jsonl"
-
-    def last() -> dict[str, Any]:
-        return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
-
-    if not ((run / "checkpoint_final.pt").is_file() and last().get("iteration") == iterations):
+    if not ((run / "checkpoint_final.pt").is_file() and _last_metrics(run).get("iteration") == iterations):
         args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(iterations), "--seed", str(seed)]
         args += ["-o", str(run), *common, *(["--dataset", dataset] if dataset else [])]
         if (run / "checkpoint_latest.pt").is_file():
             args.append("--resume")
         run_cli(args, WORK / "logs" / f"brain4_{name}.log")
-    final = last()
+    final = _last_metrics(run)
     # elapsed_s sums the training time of every resumed segment
     return {
         "recipe": recipe,
@@ -391,7 +393,8 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
     """Universal vs. ensemble (MultiTalent's cost argument): predicting *all* tasks of Dataset001-004 on the
     first held-out cases of each dataset, once with brain4's universal model (``--tasks all``, one pass per
     case) and once with its four single models (four passes per case, each model in its own process as a user
-    would run them). Training time is the paradigms study's (seed 0): equal iterations, so about equal by design.
+    would run them). Training time is that of the same seed-0 runs of the paradigms study: equal iterations, so
+    about equal by design.
     """
     runs = WORK / "brain4" / "runs"
     names = ["universal_s0"] + [f"single_{d}_s0" for d in BRAIN4]
@@ -449,14 +452,11 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
         }
         rows["predict_s"]["universal"] += uni.seconds
         rows["predict_s"]["ensemble"] += sum(e.seconds for e in ens)
-    paradigms = RESULTS / "paradigms.json"
-    train = None
-    if paradigms.is_file():
-        runs_s0 = json.loads(paradigms.read_text())["runs"]
-        train = {
-            "universal": runs_s0["universal_s0"]["train_s"],
-            "ensemble": sum(runs_s0[f"single_{d}_s0"]["train_s"] for d in BRAIN4),
-        }
+    # from the very runs timed above (not paradigms.json, which may hold an earlier study's runs)
+    train = {
+        "universal": _last_metrics(runs / "universal_s0")["elapsed_s"],
+        "ensemble": sum(_last_metrics(runs / f"single_{d}_s0")["elapsed_s"] for d in BRAIN4),
+    }
     return {
         "setting": f"first {cases_per_dataset} held-out cases of each of {', '.join(of)}; all tasks of all "
         "four datasets per case; every predict call in its own process (start-up included), no TTA, CPU",
