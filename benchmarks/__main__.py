@@ -16,6 +16,8 @@ Studies:
   nnunet          MosaicSeg vs nnU-Net v2 on Dataset001 and Dataset003: equal iterations with nnU-Net's plan,
                   equal wall clock with each tool's CPU plan; Dice, iterations/s, predict s/case, peak RSS
                   (--quick: Dataset001, 2 iterations, 15 s, 2 cases)
+  precision       bf16 training on the CPU (--precision mixed) vs float32: the paradigms study's single runs on
+                  Dataset001, 2 seeds (--iterations N); training time and validation pseudo-Dice
   ensemble        universal vs. 4 single models: time to predict all tasks of Dataset001-004 (needs paradigms)
   speed           training-step FLOP/s vs. this CPU's convolution peak, before/after the layout work, profile
   report          only regenerate BENCHMARKS.md
@@ -260,8 +262,8 @@ def _set_network(plans_path: Path, network: dict[str, Any]) -> None:
 PARADIGMS = ("single", "universal", "multidecoder", "dodnet", "hermes", "ka2er")
 
 
-def _paradigm_run_name(recipe: str, dataset: str | None, seed: int) -> str:
-    return f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
+def _paradigm_run_name(recipe: str, dataset: str | None, seed: int, precision: str = "auto") -> str:
+    return f"{recipe}{'_' + dataset if dataset else ''}_s{seed}{'' if precision == 'auto' else '_' + precision}"
 
 
 def _last_metrics(run: Path) -> dict[str, Any]:
@@ -271,8 +273,11 @@ def _last_metrics(run: Path) -> dict[str, Any]:
     return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
 
 
-def _train_paradigm(workdir: Path, recipe: str, dataset: str | None, iterations: int, seed: int) -> dict[str, Any]:
-    """Train (or resume, or reuse when finished) one run of the paradigm study; its final metrics."""
+def _train_paradigm(
+    workdir: Path, recipe: str, dataset: str | None, iterations: int, seed: int, precision: str = "auto"
+) -> dict[str, Any]:
+    """Train (or resume, or reuse when finished) one run of the paradigm study; its final metrics.
+    ``precision``: ``mosaicseg train --precision`` (``auto`` is float32 on the CPU)."""
     common = [
         "--fold",
         "0",
@@ -286,8 +291,10 @@ def _train_paradigm(workdir: Path, recipe: str, dataset: str | None, iterations:
         "2" if QUICK else "0",  # quick: the final validation of every held-out case takes minutes
         "--device",
         "cpu",
+        "--precision",
+        precision,
     ]
-    name = _paradigm_run_name(recipe, dataset, seed)
+    name = _paradigm_run_name(recipe, dataset, seed, precision)
     run = workdir / "runs" / name
     if not ((run / "checkpoint_final.pt").is_file() and _last_metrics(run).get("iteration") == iterations):
         args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(iterations), "--seed", str(seed)]
@@ -300,6 +307,7 @@ def _train_paradigm(workdir: Path, recipe: str, dataset: str | None, iterations:
     return {
         "recipe": recipe,
         "seed": seed,
+        "precision": precision,
         "train_s": final["elapsed_s"],
         "iterations": iterations,
         "val_dice": final.get("val_dice", {}),
@@ -307,14 +315,9 @@ def _train_paradigm(workdir: Path, recipe: str, dataset: str | None, iterations:
     }
 
 
-def study_paradigms(iterations: int) -> dict[str, Any]:
-    """Every paradigm of :data:`PARADIGMS` whose recipe is registered, on Dataset001-004
-    (``collections/brain4.yaml``) at an equal total budget in iterations (so a busy machine cannot bias it):
-    ``single`` trains ``iterations`` on each dataset, every multi-dataset paradigm ``4 × iterations`` on all
-    four; same plan (network, patch, batch), optimiser and fold; seeds 0 and 1; validation pseudo-Dice on
-    every held-out case of fold 0, final checkpoint. A finished run is reused, a stopped one resumed."""
+def _brain4_workdir() -> Path:
+    """``collections/brain4.yaml`` planned and preprocessed once, with :data:`BRAIN4_NETWORK` set in its plan."""
     from benchmarks.common import ROOT
-    from mosaicseg.training.recipes import RECIPES
 
     workdir = WORK / "brain4"
     if not (workdir / "runs").is_dir():  # a resumed study keeps the plan its first runs were trained with
@@ -323,6 +326,18 @@ def study_paradigms(iterations: int) -> dict[str, Any]:
             WORK / "logs" / "brain4_plan.log",
         )
         _set_network(workdir / "plans.json", BRAIN4_NETWORK)
+    return workdir
+
+
+def study_paradigms(iterations: int) -> dict[str, Any]:
+    """Every paradigm of :data:`PARADIGMS` whose recipe is registered, on Dataset001-004
+    (``collections/brain4.yaml``) at an equal total budget in iterations (so a busy machine cannot bias it):
+    ``single`` trains ``iterations`` on each dataset, every multi-dataset paradigm ``4 × iterations`` on all
+    four; same plan (network, patch, batch), optimiser and fold; seeds 0 and 1; validation pseudo-Dice on
+    every held-out case of fold 0, final checkpoint. A finished run is reused, a stopped one resumed."""
+    from mosaicseg.training.recipes import RECIPES
+
+    workdir = _brain4_workdir()
     landed = [p for p in PARADIGMS if p in RECIPES]
     runs: dict[str, Any] = {}
     seeds = (0,) if QUICK else (0, 1)
@@ -347,6 +362,31 @@ def study_paradigms(iterations: int) -> dict[str, Any]:
         },
         "paradigms": landed,
         "skipped": {p: "recipe not registered yet (its issue is open)" for p in PARADIGMS if p not in RECIPES},
+        "runs": runs,
+    }
+
+
+def study_precision(iterations: int) -> dict[str, Any]:
+    """Training in bf16 on the CPU (``mosaicseg train --precision mixed``) against float32: the paradigms
+    study's single runs on Dataset001 (same plan, iterations, seeds; its float32 runs are reused when present)
+    repeated under bf16 autocast. Training seconds and validation pseudo-Dice on every held-out case."""
+    from mosaicseg.training.loop import native_bf16
+
+    workdir = _brain4_workdir()
+    dataset = BRAIN4[0]  # the one dataset this budget learns (the IXI heads stay near Dice 0 at 600 iterations)
+    runs = {}
+    for seed in (0,) if QUICK else (0, 1):
+        for precision in ("auto", "mixed"):
+            name = _paradigm_run_name("single", dataset, seed, precision)
+            runs[name] = _train_paradigm(workdir, "single", dataset, iterations, seed, precision)
+    return {
+        "setting": {
+            "dataset": dataset,
+            "iterations": iterations,
+            "network": BRAIN4_NETWORK,
+            "optimizer": "AdamW 1e-3, poly",
+            "native_bf16": native_bf16(),
+        },
         "runs": runs,
     }
 
@@ -512,7 +552,17 @@ STUDIES = {
 
 
 # the order of `quick`: a study that needs another's runs comes after it
-QUICK_ORDER = ("partial-labels", "hippocampus", "paradigms", "predict", "ensemble", "memory", "speed", "nnunet")
+QUICK_ORDER = (
+    "partial-labels",
+    "hippocampus",
+    "paradigms",
+    "precision",
+    "predict",
+    "ensemble",
+    "memory",
+    "speed",
+    "nnunet",
+)
 
 
 def _quick_all(study: Any) -> None:
@@ -548,9 +598,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("study", choices=[*STUDIES, "paradigms", "nnunet", "quick", "report"])
+    parser.add_argument("study", choices=[*STUDIES, "paradigms", "precision", "nnunet", "quick", "report"])
     parser.add_argument("--force", action="store_true", help="recompute a finished study")
-    parser.add_argument("--iterations", type=int, default=600, help="paradigms: iterations of each single run")
+    parser.add_argument(
+        "--iterations", type=int, default=600, help="paradigms, precision: iterations of each single run"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="the smallest setting, in work/bench-quick (results and report there)"
     )
@@ -567,10 +619,11 @@ def main() -> None:
 
     def study(name: str, force: bool = True) -> None:
         fn = STUDIES.get(name)
-        if name == "paradigms":
+        if name in ("paradigms", "precision"):
+            of = study_paradigms if name == "paradigms" else study_precision
 
             def fn() -> dict[str, Any]:
-                return study_paradigms(2 if QUICK else args.iterations)
+                return of(2 if QUICK else args.iterations)
 
         if name == "nnunet":
             from benchmarks.nnunet import default_nnunet_python, study_nnunet

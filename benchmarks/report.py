@@ -569,6 +569,40 @@ def _speed(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _precision(r: dict[str, Any]) -> list[str]:
+    s, runs = r["setting"], r["runs"]
+    net = s["network"]
+    lines = [
+        "## Training precision on the CPU: bf16 autocast vs. float32",
+        "",
+        f"`python -m benchmarks precision` — `mosaicseg train --recipe single --dataset {s['dataset']}` on the "
+        f"paradigms study's plan (patch {net['patch_size']}, features {net['features']}, batch "
+        f"{net['batch_size']}, {s['optimizer']}), {s['iterations']} iterations, float32 (`--precision auto`, the "
+        "CPU default: channels-last) against `--precision mixed` (bf16 autocast, contiguous layout), same seeds; "
+        "validation pseudo-Dice on every held-out case, final checkpoint. This CPU computes bf16 "
+        f"{'in hardware' if s['native_bf16'] else 'in emulation (no AVX512-BF16/AMX)'}.",
+        "",
+        "| precision | seeds | training s (mean) | validation pseudo-Dice |",
+        "|---|---|---|---|",
+    ]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for v in runs.values():
+        by.setdefault(v["precision"], []).append(v)
+    for precision, rs in by.items():
+        label = "float32" if precision == "auto" else "bf16 (mixed)"
+        train = statistics.mean(v["train_s"] for v in rs)
+        dice = _ms([v["val_dice"].get(s["dataset"]) for v in rs])
+        lines.append(f"| {label} | {len(rs)} | {train:.0f} | {dice} |")
+    if {"auto", "mixed"} <= by.keys():
+        t = {p: statistics.mean(v["train_s"] for v in rs) for p, rs in by.items()}
+        d = {p: statistics.mean(v["val_dice"][s["dataset"]] for v in rs) for p, rs in by.items()}
+        lines += [
+            "",
+            f"bf16 trains in {t['mixed'] / t['auto']:.2f}× the float32 time, Dice {d['mixed'] - d['auto']:+.3f}.",
+        ]
+    return [*lines, ""]
+
+
 SECTIONS = {
     "partial-labels": _partial_labels,
     "hippocampus": _hippocampus,
@@ -576,6 +610,7 @@ SECTIONS = {
     "paradigms": _paradigms,
     "memory": _memory,
     "ensemble": _ensemble,
+    "precision": _precision,
     "speed": _speed,
     "nnunet": _nnunet,
 }

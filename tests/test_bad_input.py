@@ -311,6 +311,10 @@ def unknown_schedule(ctx: Ctx) -> Case:
     return ["train", str(ctx.workdir()), "--schedule", "cosine", "--iterations", "1"], ["cosine", "poly"]
 
 
+def unknown_training_precision(ctx: Ctx) -> Case:
+    return ["train", str(ctx.tmp), "--precision", "half", "--iterations", "1"], ["--precision", "half", "mixed"]
+
+
 def patch_larger_than_every_image(ctx: Ctx) -> Case:
     workdir = ctx.workdir()
     plans_path = workdir / "plans.json"
@@ -489,6 +493,7 @@ KINDS: dict[str, Callable[[Ctx], Case]] = {
         unknown_recipe,
         unknown_network,
         unknown_schedule,
+        unknown_training_precision,
         patch_larger_than_every_image,
         resume_with_other_settings,
         checkpoint_from_other_vocabulary,

@@ -57,6 +57,34 @@ def test_paradigm_table() -> None:
     assert "(equal total iterations, 1 seed)" in report._paradigms(result)[0]
 
 
+def test_precision_table_means_over_seeds_and_ratio() -> None:
+    d = "Dataset001_Hippocampus"
+
+    def run(precision: str, seed: int, train_s: float, dice: float) -> dict[str, Any]:
+        return {**_run("single", seed, {d: dice}, train_s), "precision": precision}
+
+    result = {
+        "setting": {
+            "dataset": d,
+            "iterations": 600,
+            "network": {"patch_size": [48, 48, 48], "features": [16, 32], "batch_size": 2},
+            "optimizer": "AdamW 1e-3, poly",
+            "native_bf16": True,
+        },
+        "runs": {
+            "a": run("auto", 0, 300.0, 0.80),
+            "b": run("auto", 1, 340.0, 0.82),
+            "c": run("mixed", 0, 200.0, 0.78),
+            "d": run("mixed", 1, 200.0, 0.80),
+        },
+    }
+    text = "\n".join(report._precision(result))
+    assert "| float32 | 2 | 320 | 0.810 ± 0.014 |" in text
+    assert "| bf16 (mixed) | 2 | 200 | 0.790 ± 0.014 |" in text
+    assert "bf16 trains in 0.62× the float32 time, Dice -0.020." in text  # 200 / 320 = 0.625
+    assert "in hardware" in text
+
+
 def test_speed_table_with_data_pipeline() -> None:
     result = {
         "setting": "random data",

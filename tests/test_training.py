@@ -127,6 +127,28 @@ def test_universal_3d_trains_and_the_unannotated_stem_sees_every_modality(tiny_w
     assert load_checkpoint(tmp_path / "r" / "checkpoint_final.pt")["iteration"] == 3
 
 
+def test_cpu_mixed_precision_trains_bf16_contiguous_without_loss_scaling(tiny_workdir_3d, tmp_path, monkeypatch):
+    fp32 = Trainer(tiny_workdir_3d, _cfg(iterations=1), tmp_path / "f", progress=False)
+    assert not fp32.amp and fp32.model.channels_last  # CPU default: float32, channels-last
+    t = Trainer(tiny_workdir_3d, _cfg(iterations=2, iterations_per_epoch=2, amp=True), tmp_path / "r", progress=False)
+    assert t.amp and t.amp_dtype == torch.bfloat16 and not t.scaler.is_enabled()
+    assert not t.model.channels_last
+    conv = next(m for m in t.model.modules() if isinstance(m, torch.nn.Conv3d))
+    seen: list[tuple[bool, torch.dtype]] = []
+    conv.register_forward_hook(lambda m, i, out: seen.append((m.training, out.dtype)))
+    t.fit()
+    assert (True, torch.bfloat16) in seen and (False, torch.bfloat16) in seen  # training and validation
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # float32 master weights
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint_final.pt")
+    assert ckpt["scaler"] is None and ckpt["train_config"]["amp"] is True
+    import mosaicseg.training.loop as loop
+
+    monkeypatch.setattr(loop, "native_bf16", lambda: False)
+    emulated = Trainer(tiny_workdir_3d, _cfg(iterations=1, amp=True), tmp_path / "e", progress=False)
+    assert any("emulated" in note for note in emulated.notes)
+    assert not any("emulated" in note for note in fp32.notes)
+
+
 def test_bad_settings_are_reported_together():
     with pytest.raises(MosaicSegError) as info:
         TrainConfig(optimizer="adam", iterations=0)

@@ -220,6 +220,13 @@ def train(
     val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     workers: Annotated[int, typer.Option(help="Data-loader worker processes")] = 0,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto: mixed on CUDA, fp32 elsewhere; mixed: autocast (fp16 with loss scaling on CUDA, bf16 on "
+            "CPU: faster only with native bf16, AVX512-BF16 or AMX); fp32"
+        ),
+    ] = "auto",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Run folder (default WORKDIR/runs/...)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in the run folder")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start the run folder again")] = False,
@@ -228,6 +235,10 @@ def train(
     from mosaicseg.config import TrainConfig
     from mosaicseg.training.loop import Trainer
 
+    from mosaicseg.inference.predictor import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise MosaicSegError(f"--precision {precision!r} is unknown. Fix: use one of {', '.join(PRECISIONS)}.")
     patch = None
     if patch_size:
         try:
@@ -256,6 +267,7 @@ def train(
         val_max_cases=val_max_cases or None,
         device=device,
         num_workers=workers,
+        amp={"auto": None, "fp32": False, "mixed": True}[precision],
     )
     trainer = Trainer(workdir, cfg, output, resume=resume, overwrite=overwrite)
     for note in trainer.notes:

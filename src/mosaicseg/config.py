@@ -289,7 +289,7 @@ class TrainConfig:
     val_max_cases: int | None = 8  # per dataset; None: every held-out case
     deep_supervision: bool = True
     grad_clip: float = 12.0
-    amp: bool | None = None  # None: on for CUDA
+    amp: bool | None = None  # mixed precision (fp16 on CUDA, bf16 on CPU); None: on for CUDA
     device: str = "auto"
     num_workers: int = 0
     checkpoint_every: int | None = None  # iterations; None: at every epoch end

@@ -30,7 +30,7 @@ from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.postprocess import labels_from_resampled
 from mosaicseg.inference.sliding_window import FrozenForward, predict_logits
 from mosaicseg.models import UniversalNet, use_device_layout
-from mosaicseg.training.loop import load_checkpoint, resolve_device
+from mosaicseg.training.loop import load_checkpoint, native_bf16, resolve_device
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -115,21 +115,6 @@ def _save_probability(t: int, p: np.ndarray, *, paths: list[Path], geometry: Geo
 
 
 PRECISIONS = ("auto", "fp32", "mixed")
-
-
-def cpu_flags() -> set[str]:
-    """The instruction-set flags this CPU reports (``/proc/cpuinfo``); empty where that is unreadable."""
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Without it oneDNN emulates bf16
-    convolutions, which is slower than float32; where the flags are unreadable: False."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:

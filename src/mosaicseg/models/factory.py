@@ -155,12 +155,14 @@ class UniversalNet(nn.Module):
         return self.head(feats, levels=1)[0]
 
 
-def use_device_layout(model: nn.Module, device: torch.device) -> None:
-    """Channels-last for every 3D :class:`UniversalNet` in ``model`` on CPU, contiguous otherwise (measured
-    on CPU only; see :meth:`UniversalNet.set_channels_last`)."""
+def use_device_layout(model: nn.Module, device: torch.device, *, mixed_precision: bool = False) -> None:
+    """Channels-last for every 3D :class:`UniversalNet` in ``model`` on CPU in float32, contiguous otherwise
+    (measured on CPU only; see :meth:`UniversalNet.set_channels_last`). ``mixed_precision``: the model trains
+    under bf16 autocast, whose CPU training step is faster contiguous (measured with native bf16, brain4's CPU plan:
+    0.397 s contiguous, 0.634 s channels-last, 0.646 s in float32 channels-last)."""
     for module in model.modules():
         if isinstance(module, UniversalNet):
-            module.set_channels_last(device.type == "cpu" and module.spatial_dims == 3)
+            module.set_channels_last(device.type == "cpu" and module.spatial_dims == 3 and not mixed_precision)
 
 
 def _instance_norm_as_group_norm(module: nn.Module) -> None:

@@ -66,6 +66,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags this CPU reports (``/proc/cpuinfo``); empty where that is unreadable."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Without it oneDNN emulates bf16
+    convolutions, which is slower than float32; where the flags are unreadable: False."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A MosaicSeg checkpoint, loaded without executing code (``weights_only=True``)."""
     path = Path(path)
@@ -117,9 +132,14 @@ class Trainer:
         self.stop_requested = False
         self._prepare_distributed()
         self.device = resolve_device(config.device)
+        # mixed precision: fp16 with loss scaling on CUDA; bf16 on the CPU, whose float32 exponent range needs none
         self.amp = bool(config.amp if config.amp is not None else self.device.type == "cuda")
-        if self.amp and self.device.type != "cuda":
-            raise MosaicSegError("AMP was requested on a device without CUDA. Fix: drop --amp or use --device cuda.")
+        if self.amp and self.device.type not in ("cuda", "cpu"):
+            raise MosaicSegError(
+                f"mixed precision was requested on device '{self.device.type}', which has no autocast path here. "
+                "Fix: use --precision fp32."
+            )
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self._check_run_folder(resume, overwrite)
 
         self.plans = load_plans(self.workdir)
@@ -136,12 +156,17 @@ class Trainer:
         self.parts: RecipeParts = RECIPES.get(config.recipe)(ctx)
         self.vocabulary = self.parts.vocabulary
         self.model = self.parts.model.to(self.device)
-        use_device_layout(self.model, self.device)
+        use_device_layout(self.model, self.device, mixed_precision=self.amp)
         self.patch_size = tuple(int(p) for p in (config.patch_size or self.plans["network"]["patch_size"]))
         self.batch_size = int(config.batch_size or self.plans["network"]["batch_size"])
         self.optimizer = build_optimizer(self.model.parameters(), config)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.train_cases, self.val_cases, self.notes = self._split()
+        if self.amp and self.device.type == "cpu" and not native_bf16():
+            self.notes.append(
+                "this CPU has no native bf16 (AVX512-BF16 or AMX): mixed precision is emulated, slower than "
+                "--precision fp32"
+            )
         self._check_patch_fits()
         self.iteration = 0
         self.epoch = 0
@@ -247,7 +272,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "model_config": self.model.config,
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.amp else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "iteration": self.iteration,
             "epoch": self.epoch,
             "elapsed_s": self.elapsed_s,
@@ -282,7 +307,7 @@ class Trainer:
             )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.amp and ckpt.get("scaler"):
+        if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
         self.epoch = int(ckpt["epoch"])
@@ -364,7 +389,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             outputs = self.ddp_model(image, modality)
             loss = self.parts.loss(outputs, on_device)
         if not torch.isfinite(loss):
