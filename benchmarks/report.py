@@ -598,7 +598,7 @@ def _precision(r: dict[str, Any]) -> list[str]:
         d = {p: statistics.mean(v["val_dice"][s["dataset"]] for v in rs) for p, rs in by.items()}
         lines += [
             "",
-            f"bf16 trains in {t['mixed'] / t['auto']:.2f}× the float32 time, Dice {d['mixed'] - d['auto']:+.3f}.",
+            f"bf16 trains in {t['mixed'] / t['auto']:.2f}× the float32 time, Dice {d['mixed'] - d['auto']:+.4f}.",
         ]
     return [*lines, ""]
 

@@ -81,7 +81,7 @@ def test_precision_table_means_over_seeds_and_ratio() -> None:
     text = "\n".join(report._precision(result))
     assert "| float32 | 2 | 320 | 0.810 ± 0.014 |" in text
     assert "| bf16 (mixed) | 2 | 200 | 0.790 ± 0.014 |" in text
-    assert "bf16 trains in 0.62× the float32 time, Dice -0.020." in text  # 200 / 320 = 0.625
+    assert "bf16 trains in 0.62× the float32 time, Dice -0.0200." in text  # 200 / 320 = 0.625
     assert "in hardware" in text
 
 

@@ -233,9 +233,8 @@ def train(
 ) -> None:
     """Train one model on the preprocessed collection (Ctrl-C saves checkpoint_latest.pt; --resume continues)."""
     from mosaicseg.config import TrainConfig
-    from mosaicseg.training.loop import Trainer
-
     from mosaicseg.inference.predictor import PRECISIONS
+    from mosaicseg.training.loop import Trainer
 
     if precision not in PRECISIONS:
         raise MosaicSegError(f"--precision {precision!r} is unknown. Fix: use one of {', '.join(PRECISIONS)}.")
