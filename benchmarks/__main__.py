@@ -370,7 +370,7 @@ def study_precision(iterations: int) -> dict[str, Any]:
     """Training in bf16 on the CPU (``mosaicseg train --precision mixed``) against float32: the paradigms
     study's single runs on Dataset001 (same plan, iterations, seeds; its float32 runs are reused when present)
     repeated under bf16 autocast. Training seconds and validation pseudo-Dice on every held-out case."""
-    from mosaicseg.training.loop import native_bf16
+    from mosaicseg.runtime import native_bf16
 
     workdir = _brain4_workdir()
     dataset = BRAIN4[0]  # the one dataset this budget learns (the IXI heads stay near Dice 0 at 600 iterations)

@@ -42,7 +42,7 @@ KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "am
 
 def kernel_flags() -> list[str]:
     """Which of :data:`KERNEL_FLAGS` this CPU reports (empty where ``/proc/cpuinfo`` is unreadable)."""
-    from mosaicseg.training.loop import cpu_flags
+    from mosaicseg.runtime import cpu_flags
 
     have = cpu_flags()
     return [f for f in KERNEL_FLAGS if f in have]

@@ -333,7 +333,7 @@ def study_speed(repeats: int = 4) -> dict[str, Any]:
 
     from benchmarks.common import QUICK
     from benchmarks.report import STEP_PEAK_TARGET
-    from mosaicseg.training.loop import native_bf16
+    from mosaicseg.runtime import native_bf16
 
     # quick: one timed repeat, the small network only (the nnU-Net plan's step takes ~10 s)
     repeats, networks = (1, NETWORKS[:1]) if QUICK else (repeats, NETWORKS)

@@ -22,7 +22,8 @@ import torch
 import mosaicseg.atomic
 from mosaicseg.config import TrainConfig
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.training.loop import Trainer, load_checkpoint
+from mosaicseg.runtime import load_checkpoint
+from mosaicseg.training.loop import Trainer
 
 CONFIG = dict(
     recipe="universal",
@@ -58,13 +59,14 @@ if point == "mid-epoch":
                 die()
     trainer.parts.hooks.append(Kill())
 elif point == "checkpoint":
-    real = loop.atomic_write
+    import mosaicseg.runtime as runtime
+    real = runtime.atomic_write
     def torn(path, write, mode="wb"):
         # the second epoch-end save: half a checkpoint is on disk when the process dies
         if Path(path).name == "checkpoint_latest.pt" and trainer.iteration == 8:
             return real(path, lambda f: (f.write(b"PK" + b"x" * 5000), f.flush(), die()), mode)
         return real(path, write, mode)
-    loop.atomic_write = torn
+    runtime.atomic_write = torn
 elif point == "validation":
     real_validate = trainer.validate
     def validate():

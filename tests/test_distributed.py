@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from mosaicseg.training.loop import load_checkpoint
+from mosaicseg.runtime import load_checkpoint
 
 
 def test_torchrun_two_processes_gloo(tiny_workdir_2d, tmp_path):

@@ -10,7 +10,8 @@ import torch
 
 from mosaicseg.config import TrainConfig
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.training.loop import Trainer, load_checkpoint
+from mosaicseg.runtime import load_checkpoint
+from mosaicseg.training.loop import Trainer
 
 
 def _cfg(**kw) -> TrainConfig:

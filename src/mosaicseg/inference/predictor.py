@@ -30,7 +30,7 @@ from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.postprocess import labels_from_resampled
 from mosaicseg.inference.sliding_window import FrozenForward, predict_logits
 from mosaicseg.models import UniversalNet, use_device_layout
-from mosaicseg.training.loop import load_checkpoint, native_bf16, resolve_device
+from mosaicseg.runtime import load_checkpoint, native_bf16, resolve_device
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 

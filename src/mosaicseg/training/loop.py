@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from mosaicseg.atomic import atomic_write, write_json_atomic
+from mosaicseg.atomic import write_json_atomic
 from mosaicseg.config import CollectionConfig, TrainConfig, parse_collection
 from mosaicseg.data.augment import AugmentConfig
 from mosaicseg.data.fingerprint import load_plans
@@ -46,61 +46,10 @@ from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.sliding_window import predict_logits
 from mosaicseg.models import use_device_layout
+from mosaicseg.runtime import load_checkpoint, native_bf16, resolve_device, save_checkpoint
 from mosaicseg.training.logging import append_record, plot_progress, read_records, truncate_records
 from mosaicseg.training.optim import build_optimizer, learning_rate
 from mosaicseg.training.recipes import RECIPES, RecipeContext, RecipeParts
-
-CHECKPOINT_FORMAT = "mosaicseg/checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MosaicSegError(f"device '{name}' requested but CUDA is not available. Fix: use --device cpu.")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise MosaicSegError("device 'mps' requested but MPS is not available. Fix: use --device cpu.")
-    return torch.device(name)
-
-
-def cpu_flags() -> set[str]:
-    """The instruction-set flags this CPU reports (``/proc/cpuinfo``); empty where that is unreadable."""
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Without it oneDNN emulates bf16
-    convolutions, which is slower than float32; where the flags are unreadable: False."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A MosaicSeg checkpoint, loaded without executing code (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MosaicSegError(f"{path}: checkpoint not found. Fix: check the run folder (train first).")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle refusals and corrupt files surface as many types
-        raise MosaicSegError(
-            f"{path}: not a loadable MosaicSeg checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Fix: use a checkpoint written by mosaicseg "
-            "train; files from untrusted sources are refused."
-        ) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise MosaicSegError(
-            f"{path}: not a MosaicSeg checkpoint. Fix: pass a run folder or a checkpoint_*.pt "
-            "written by mosaicseg train."
-        )
-    return ckpt
-
 
 def run_folder_for(workdir: str | Path, config: TrainConfig) -> Path:
     """Default run folder: ``WORKDIR/runs/RECIPE_ARCH[_DATASET]/fold_F``."""
@@ -267,8 +216,6 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- state
     def checkpoint(self) -> dict[str, Any]:
         return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
             "model": self.model.state_dict(),
             "model_config": self.model.config,
             "optimizer": self.optimizer.state_dict(),
@@ -289,7 +236,7 @@ class Trainer:
         path = self.run_dir / f"checkpoint_{name}.pt"
         if self.is_main:
             state = self.checkpoint()
-            atomic_write(path, lambda f: torch.save(state, f))
+            save_checkpoint(path, state)
         return path
 
     def _restore(self, ckpt: dict[str, Any]) -> None:

@@ -1,0 +1,80 @@
+"""Runtime plumbing shared by every pipeline stage: device, CPU flags, precision, checkpoint read/write.
+
+Lives outside the stages (data → models → training → inference → evaluation) so that prediction can load a
+checkpoint without importing the training loop.
+
+Checkpoints are plain dicts of tensors and primitives written atomically with :func:`torch.save` and read with
+``weights_only=True``: loading never executes code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mosaicseg.atomic import atomic_write
+from mosaicseg.errors import MosaicSegError
+
+CHECKPOINT_FORMAT = "mosaicseg/checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → this rank's CUDA device where CUDA is available, else the CPU; other names are checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MosaicSegError(f"device '{name}' requested but CUDA is not available. Fix: use --device cpu.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise MosaicSegError("device 'mps' requested but MPS is not available. Fix: use --device cpu.")
+    return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags this CPU reports (``/proc/cpuinfo``); empty where that is unreadable."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Without it oneDNN emulates bf16
+    convolutions, which is slower than float32; where the flags are unreadable: False."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (tensors and primitives) atomically, tagged with the checkpoint format and version."""
+    path = Path(path)
+    state = {**state, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}
+    atomic_write(path, lambda f: torch.save(state, f))
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A MosaicSeg checkpoint, loaded without executing code (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MosaicSegError(f"{path}: checkpoint not found. Fix: check the run folder (train first).")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle refusals and corrupt files surface as many types
+        first = next((line for line in str(exc).splitlines() if line.strip()), "no message")
+        raise MosaicSegError(
+            f"{path}: not a loadable MosaicSeg checkpoint ({type(exc).__name__}: {first[:200]}). Fix: use a "
+            "checkpoint written by mosaicseg train (a truncated file needs the run's checkpoint_latest.pt or a "
+            "new training run); files from untrusted sources are refused."
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MosaicSegError(
+            f"{path}: not a MosaicSeg checkpoint. Fix: pass a run folder or a checkpoint_*.pt "
+            "written by mosaicseg train."
+        )
+    return ckpt
