@@ -54,10 +54,10 @@ resume = (run / "checkpoint_latest.pt").exists() or (run / "config.json").exists
 trainer = loop.Trainer(workdir, cfg, run, resume=resume, progress=False)
 if point == "mid-epoch":
     class Kill:
-        def on_step_end(self, t, loss):
+        def on_step_end(self, t, batch, outputs, losses):
             if t.iteration == 3:
                 die()
-    trainer.parts.hooks.append(Kill())
+    trainer.recipe.hooks.append(Kill())
 elif point == "checkpoint":
     import mosaicseg.runtime as runtime
     real = runtime.atomic_write

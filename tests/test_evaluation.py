@@ -17,14 +17,13 @@ import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.evaluation import (
-    case_metrics,
+from mosaicseg.evaluation.metrics import case_metrics, dice_from_counts, region_mask
+from mosaicseg.evaluation.report import (
     evaluate_folders,
     format_table,
     label_pairs,
     load_label_map,
     parse_mapping,
-    region_mask,
     summarise,
 )
 
@@ -312,3 +311,9 @@ def test_workers_give_the_same_rows(organ_task: dict[str, Path], tmp_path: Path)
         workers=2,
     )
     assert parallel["cases"] == serial["cases"]
+
+
+def test_dice_from_counts_by_hand():
+    assert dice_from_counts(3, 1, 2) == 6 / 9
+    assert dice_from_counts(0, 4, 0) == 0.0
+    assert math.isnan(dice_from_counts(0, 0, 0))  # both empty: nnU-Net's NaN, excluded from means

@@ -16,13 +16,13 @@ from mosaicseg.data.fingerprint import (
     PRESETS,
     compute_fingerprint,
     hounsfield_like,
-    load_plans,
     make_plans,
     plan,
     plan_network,
     target_spacing,
     topology,
 )
+from mosaicseg.data.workdir import load_plans
 from mosaicseg.errors import MosaicSegError
 
 
@@ -165,7 +165,8 @@ def test_ct_in_hu_and_not_hu_and_fixed_window(tmp_path: Path) -> None:
     assert plans["network"]["kernel_sizes"][0] == [3, 3, 1]
     fixed = make_plans(fp, opened, ct_normalization="fixed")["datasets"]["Dataset001_HU"]["normalization"][0]
     assert fixed["scheme"] == "ct_fixed" and fixed["clip"] == [-990.0, 500.0]
-    assert fixed["mean"] == pytest.approx(stats["fixed_window"]["mean"]) and fixed["mean"] > ct["mean"] - 60
+    # Hermes z-scores each clipped image with its own statistics: the plan holds no dataset mean/std
+    assert fixed["mean"] is None and fixed["std"] is None and "each image" in fixed["reason"]
     common = make_plans(fp, opened, common_spacing=1.5)
     assert common["common_spacing"] == [1.5, 1.5, 1.5]
     assert all(d["target_spacing"] == [1.5, 1.5, 1.5] for d in common["datasets"].values())
@@ -188,8 +189,16 @@ def test_rgb_and_mr_schemes_and_mixed_dims(tmp_path: Path) -> None:
     with pytest.raises(MosaicSegError, match="mixes 2D and 3D"):
         make_plans(fp, both)
     one = open_collection(mr)
-    entry = make_plans(compute_fingerprint(one, workers=1, progress=False), one)["datasets"]["Dataset004_Mr"]
-    assert entry["normalization"][0]["scheme"] == "mr" and entry["normalization"][0]["percentiles"] == [2.0, 98.0]
+    one_fp = compute_fingerprint(one, workers=1, progress=False)
+    mr_default = make_plans(one_fp, one)["datasets"]["Dataset004_Mr"]["normalization"][0]
+    # nnU-Net's default for grey-level channels: a plain per-image z-score, no percentile clip
+    assert mr_default["scheme"] == "mr" and mr_default["percentiles"] is None
+    assert "without clipping" in mr_default["reason"]
+    clipped = make_plans(one_fp, one, mr_clip_percentiles=(2, 98))["datasets"]["Dataset004_Mr"]["normalization"][0]
+    assert clipped["scheme"] == "mr" and clipped["percentiles"] == [2.0, 98.0] and "2–98" in clipped["reason"]
+    for bad in ((98, 2), (-1, 50), (5, 101), (50, 50)):
+        with pytest.raises(MosaicSegError, match="0 <= lo < hi <= 100"):
+            make_plans(one_fp, one, mr_clip_percentiles=bad)
 
 
 def test_plan_writes_files_reuses_fingerprint_and_guards_overwrite(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from mosaicseg.inference.postprocess import (
     restore_probabilities,
 )
 from mosaicseg.inference.predictor import Predictor, group_inputs
-from mosaicseg.inference.sliding_window import FrozenForward, predict_logits
+from mosaicseg.inference.sliding_window import FrozenForward, TileModel, bind_modality, predict_logits
 from mosaicseg.models import build_model, use_device_layout
 from mosaicseg.training.loop import Trainer
 
@@ -38,9 +38,9 @@ def test_sliding_window_on_a_patch_sized_image_equals_the_whole_image_forward(pa
     torch.manual_seed(0)
     model = build_model(_plan(patch), {"CT": 1, "RGB": 3}, num_tasks=3).eval()
     image = torch.randn(3, *patch)
-    got = predict_logits(model, image, 1, patch)
+    got = predict_logits(bind_modality(TileModel(model, torch.ones(3, dtype=torch.bool), 0), 1), image, patch)
     with torch.no_grad():
-        want = model(image[None], torch.tensor([1]))[0]
+        want = model(image[None], torch.tensor([1])).logits[0][0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -63,11 +63,11 @@ def test_sliding_window_and_mirroring_equal_the_whole_image_on_larger_inputs(sha
     image = torch.randn(2, *shape)
     with torch.no_grad():
         want = model(image[None], torch.tensor([2]))[0]
-    got = predict_logits(model, image, 2, patch, overlap=0.5, tile_batch=3)
+    got = predict_logits(bind_modality(model, 2), image, patch, overlap=0.5, tile_batch=3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    mirrored = predict_logits(model, image, 2, patch, mirror_axes=tuple(range(len(shape))))
+    mirrored = predict_logits(bind_modality(model, 2), image, patch, mirror_axes=tuple(range(len(shape))))
     torch.testing.assert_close(mirrored, want, rtol=1e-5, atol=1e-5)
-    half = predict_logits(model, image, 2, patch, accumulate=torch.float16)
+    half = predict_logits(bind_modality(model, 2), image, patch, accumulate=torch.float16)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=5e-3)  # float16 blending: within 1 %
 
@@ -76,6 +76,7 @@ def test_frozen_forward_equals_the_model_with_one_checked_graph_per_tile_shape_a
     torch.manual_seed(0)
     model = build_model(_plan([16, 16, 8]), {"CT": 1, "MR": 2}, num_tasks=3).eval()
     use_device_layout(model, torch.device("cpu"))  # channels-last, as prediction runs it
+    model = TileModel(model, torch.ones(3, dtype=torch.bool), 0).eval()  # what the predictor freezes
     frozen = FrozenForward(model, build_after=2, min_speedup=None)  # kept whatever its speed
     x = torch.randn(2, 2, 16, 16, 8)
     wanted = {}
@@ -93,7 +94,7 @@ def test_frozen_forward_equals_the_model_with_one_checked_graph_per_tile_shape_a
     # a checked key is answered by its graph, which kept the weights it was built with
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.startswith("head"):
+            if name.startswith("model.head"):
                 p.add_(1.0)
         changed = model(x, torch.tensor([0, 0]))
     assert not torch.allclose(changed, wanted[(0, 0)], atol=1e-2)
@@ -166,9 +167,9 @@ def test_large_outputs_are_blended_in_half_precision(monkeypatch):
 
     model = _Pointwise(2).eval()
     image = torch.randn(2, 20, 20)
-    assert predict_logits(model, image, 0, (16, 16), tasks=[0, 2]).dtype == torch.float32
+    assert predict_logits(bind_modality(model, 0), image, (16, 16), tasks=[0, 2]).dtype == torch.float32
     monkeypatch.setattr(sw, "HALF_ABOVE_BYTES", 2 * 20 * 20 * 4 - 1)  # just below the float32 output size
-    assert predict_logits(model, image, 0, (16, 16), tasks=[0, 2]).dtype == torch.float16
+    assert predict_logits(bind_modality(model, 0), image, (16, 16), tasks=[0, 2]).dtype == torch.float16
 
 
 @pytest.mark.parametrize("regions", [False, True])
@@ -279,19 +280,20 @@ def test_predicted_files_have_the_input_geometry_exactly_3d(tiny_workdir_3d, tmp
     again = predictor.predict_files(images, out, dataset="Dataset903_SynthMulti", progress=False)
     assert len(again["skipped"]) == 3 and not again["cases"]
     # the frozen graphs the CPU predictor ran give the eager model's probabilities
-    assert isinstance(predictor.forwards[0], FrozenForward) and predictor.forwards[0].num_graphs >= 1
+    frozen = list(predictor._tiles.values())
+    assert frozen and all(isinstance(f, FrozenForward) for f in frozen) and frozen[0].num_graphs >= 1
     eager = Predictor.from_checkpoint(run, jit=False, precision="fp32")
-    assert eager.forwards[0] is eager.models[0]
     multi = "Dataset903_SynthMulti"
     image, geometry = predictor._read(group_inputs(images)[0], len(predictor.plans["datasets"][multi]["normalization"]))
     tasks = predictor.resolve_tasks(multi, None)
     got, _ = predictor.predict_resampled([image.copy()], geometry, multi, tasks, tta=True)
     want, _ = eager.predict_resampled([image.copy()], geometry, multi, tasks, tta=True)
+    assert all(isinstance(f, TileModel) for f in eager._tiles.values())
     np.testing.assert_allclose(got, want, atol=1e-5)
     # bf16 autocast (eager: no graph) moves probabilities by rounding only, and labels barely
     mixed = Predictor.from_checkpoint(run, precision="mixed")
-    assert mixed.amp and mixed.forwards[0] is mixed.models[0]
     bf16, _ = mixed.predict_resampled([image], geometry, multi, tasks, tta=True)
+    assert mixed.amp and all(isinstance(f, TileModel) for f in mixed._tiles.values())
     assert not np.array_equal(bf16, want)  # it really ran in another precision
     np.testing.assert_allclose(bf16, want, atol=0.02)
     flipped = (bf16 > 0.5) != (want > 0.5)
@@ -381,3 +383,30 @@ def test_predict_command_records_where_each_case_s_time_went(tiny_workdir_3d, tm
         # the stages tile the case: only bookkeeping between them is left out
         assert 0.9 * case["seconds"] - 0.01 <= sum(stages) <= case["seconds"]
     assert "s/case (read " in result.output and ", network " in result.output
+
+
+def test_predict_warns_about_nan_and_inf_voxels_and_reads_them_as_the_channel_minimum(tiny_workdir_3d, tmp_path):
+    import nibabel as nib
+
+    run = _train(tiny_workdir_3d, tmp_path / "run")
+    predictor = Predictor.from_checkpoint(run, precision="fp32", jit=False)
+    source = sorted((tiny_workdir_3d.parent / "data" / "Dataset901_SynthCT" / "imagesTr").glob("*.nii.gz"))[0]
+    nii = nib.load(source)
+    values = np.asarray(nii.dataobj, dtype=np.float32)
+    bad, filled = values.copy(), values.copy()
+    for (i, j, k), v in zip([(3, 4, 5), (6, 7, 8), (1, 9, 2)], [np.nan, np.inf, -np.inf], strict=True):
+        bad[i, j, k] = v
+        filled[i, j, k] = np.nan  # placeholder: the finite minimum is taken over the other voxels
+    filled[np.isnan(filled)] = np.nanmin(filled)
+    for folder, array in (("bad", bad), ("filled", filled)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(array, nii.affine), tmp_path / folder / "case_0000.nii.gz")  # float32
+    with pytest.warns(UserWarning, match=r"bad/case_0000\.nii\.gz.*\b3\b"):
+        predictor.predict_files([tmp_path / "bad"], tmp_path / "p_bad", dataset="Dataset901_SynthCT",
+                                save_probabilities=True, progress=False)  # fmt: skip
+    predictor.predict_files([tmp_path / "filled"], tmp_path / "p_filled", dataset="Dataset901_SynthCT",
+                            save_probabilities=True, progress=False)  # fmt: skip
+    for got in sorted((tmp_path / "p_bad").iterdir()):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(got)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "p_filled" / got.name)))
+        np.testing.assert_array_equal(a, b)

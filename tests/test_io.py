@@ -142,3 +142,24 @@ def test_grey_alpha_png_drops_alpha(tmp_path):
     data, _ = read_image(tmp_path / "g.png")
     assert data.shape == (1, 6, 5)
     np.testing.assert_array_equal(data[0], la[..., 0])
+
+
+def test_nifti_nan_and_inf_voxels_are_read_where_they_are(tmp_path):
+    """ITK's NIfTI reader makes NaN/inf 0; read_image puts them back, at their place after reorientation."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    values = rng.random((5, 6, 7)).astype(np.float32)
+    marked = values.copy()
+    affine = np.diag([-1.0, 1.0, 2.0, 1.0])  # a flipped axis: reorientation moves the voxels
+    for (i, j, k), bad, marker in (((1, 2, 3), np.nan, -7.0), ((4, 5, 6), -np.inf, -9.0), ((0, 0, 1), np.inf, -5.0)):
+        values[i, j, k], marked[i, j, k] = bad, marker
+    nib.save(nib.Nifti1Image(values, affine), tmp_path / "bad.nii.gz")
+    nib.save(nib.Nifti1Image(marked, affine), tmp_path / "marked.nii.gz")
+    got, _ = read_image(tmp_path / "bad.nii.gz")
+    where, _ = read_image(tmp_path / "marked.nii.gz")
+    np.testing.assert_array_equal(np.isnan(got), where == -7.0)
+    np.testing.assert_array_equal(np.isneginf(got), where == -9.0)
+    np.testing.assert_array_equal(np.isposinf(got), where == -5.0)
+    finite = np.isfinite(got)
+    np.testing.assert_array_equal(got[finite], where[finite])

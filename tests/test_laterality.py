@@ -10,7 +10,7 @@ from mosaicseg.data.augment import AugmentConfig, augment_intensity_and_mirror
 from mosaicseg.data.laterality import lateral_partner
 from mosaicseg.data.sampling import CaseSampler, PatchDataset
 from mosaicseg.data.vocabulary import Task, Vocabulary
-from mosaicseg.inference.sliding_window import predict_logits
+from mosaicseg.inference.sliding_window import bind_modality, predict_logits
 
 
 @pytest.mark.parametrize(
@@ -151,14 +151,15 @@ class _SideModel(torch.nn.Module):
 def test_tta_swaps_left_right_outputs():
     image = torch.rand(1, 6, 4, 4, generator=torch.Generator().manual_seed(0))
     model = _SideModel()
-    plain = predict_logits(model, image, 0, (6, 4, 4))
-    tta = predict_logits(model, image, 0, (6, 4, 4), mirror_axes=(0, 1, 2), lateral_permutation=[1, 0, 2])
+    side = bind_modality(model, 0)
+    plain = predict_logits(side, image, (6, 4, 4))
+    tta = predict_logits(side, image, (6, 4, 4), mirror_axes=(0, 1, 2), lateral_permutation=[1, 0, 2])
     torch.testing.assert_close(tta, plain)
     # without the swap, mirroring smears each side's output onto the other
-    naive = predict_logits(model, image, 0, (6, 4, 4), mirror_axes=(0,))
+    naive = predict_logits(side, image, (6, 4, 4), mirror_axes=(0,))
     assert not torch.allclose(naive[0], plain[0])
     # a kept subset is swapped through the full permutation
-    sub = predict_logits(model, image, 0, (6, 4, 4), mirror_axes=(0,), lateral_permutation=[1, 0, 2], tasks=[1])
+    sub = predict_logits(side, image, (6, 4, 4), mirror_axes=(0,), lateral_permutation=[1, 0, 2], tasks=[1])
     torch.testing.assert_close(sub[0], plain[1])
     with pytest.raises(ValueError, match="partner"):
-        predict_logits(model, image, 0, (6, 4, 4), mirror_axes=(0,), lateral_permutation=[-1, 0, 2], tasks=[0])
+        predict_logits(side, image, (6, 4, 4), mirror_axes=(0,), lateral_permutation=[-1, 0, 2], tasks=[0])

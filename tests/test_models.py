@@ -10,9 +10,18 @@ import pytest
 import torch
 
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.models import MODELS, UniversalNet, build_model, use_device_layout
+from mosaicseg.models import (
+    MODEL_KINDS,
+    MODELS,
+    UniversalNet,
+    build_from_config,
+    build_model,
+    task_parameter_names,
+    use_device_layout,
+)
 from mosaicseg.models.backbones import einops_available
 from mosaicseg.models.stems import ModalityStems
+from mosaicseg.types import ModelOutput
 
 MODALITIES = {"CT": 1, "FLAIR+T1c": 2, "RGB": 3, "T2": 1}
 C_MAX = max(MODALITIES.values())
@@ -75,15 +84,17 @@ def test_output_shapes_train_list_and_eval_tensor(arch: str, dims: int) -> None:
     assert model.ds_scales[0] == (1,) * dims
 
     model.train()
-    outs = model(image, modality)
+    output = model(image, modality)
+    assert isinstance(output, ModelOutput) and output.extras == {}
+    outs = output.logits
     assert isinstance(outs, list) and len(outs) == len(model.ds_scales)
     for out, scale in zip(outs, model.ds_scales, strict=True):
         assert out.shape == (2, K, *(p // s for p, s in zip(patch, scale, strict=True)))
 
     model.eval()
     with torch.no_grad():
-        out = model(image, modality)
-    assert isinstance(out, torch.Tensor) and out.shape == (2, K, *patch)
+        out = model(image, modality).logits
+    assert len(out) == 1 and out[0].shape == (2, K, *patch)
 
     feats = model.features(image, modality)
     assert [f.shape[1] for f in feats] == model.backbone.out_channels
@@ -91,12 +102,49 @@ def test_output_shapes_train_list_and_eval_tensor(arch: str, dims: int) -> None:
         assert tuple(f.shape[2:]) == tuple(p // s for p, s in zip(patch, scale, strict=True))
 
 
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encode_gives_skips_bottleneck_last_and_decode_of_them_is_the_forward(arch: str, dims: int) -> None:
+    model, patch = make(arch, dims)
+    model.eval()
+    image, modality = batch(patch, [0, 2])
+    with torch.no_grad():
+        skips = model.encode(image, modality)
+        assert [s.shape[1] for s in skips] == model.backbone.skip_channels
+        for s, scale in zip(skips, model.backbone.skip_scales, strict=True):
+            assert tuple(s.shape[2:]) == tuple(p // f for p, f in zip(patch, scale, strict=True))
+        # the bottleneck is the coarsest skip
+        assert max(model.backbone.skip_scales) == model.backbone.skip_scales[-1]
+        maps = model.decode(skips)
+        want = model(image, modality).logits[0]
+        torch.testing.assert_close(model.head(maps, levels=1)[0], want)
+        # the extra arguments every model kind accepts leave the universal model unchanged
+        tasks = torch.zeros(2, K, dtype=torch.bool)
+        got = model(image, modality, tasks=tasks, dataset=torch.tensor([1, 0]), prompts=None).logits[0]
+        torch.testing.assert_close(got, want)
+
+
+def test_build_from_config_rebuilds_the_universal_kind_from_new_and_version_1_configs() -> None:
+    assert "universal" in MODEL_KINDS
+    model, _ = make("unet", 2)
+    config = json.loads(json.dumps(model.config))
+    assert config["kind"] == "universal"
+    rebuilt = build_from_config(config)
+    assert type(rebuilt) is type(model) and rebuilt.config == model.config
+    # a version-1 config (no kind, no head) from an earlier checkpoint still loads as the universal model
+    old = {k: v for k, v in config.items() if k not in ("kind", "head")} | {"version": 1}
+    assert isinstance(build_from_config(old), UniversalNet)
+    assert task_parameter_names(model) == {"head.convs.0.conv.conv.weight", "head.convs.0.conv.conv.bias"} | {
+        f"head.convs.{i}.conv.conv.{p}" for i in range(1, len(model.ds_scales)) for p in ("weight", "bias")
+    }
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_without_deep_supervision_train_mode_gives_one_tensor(arch: str) -> None:
     model, patch = make(arch, 2, deep_supervision=False)
     image, modality = batch(patch, [1])
-    out = model.train()(image, modality)
-    assert isinstance(out, torch.Tensor) and out.shape == (1, K, *patch)
+    out = model.train()(image, modality).logits
+    assert len(out) == 1 and out[0].shape == (1, K, *patch)
     assert model.ds_scales == [(1, 1)] and len(model.head.convs) == 1
 
 
@@ -111,9 +159,9 @@ def test_mixed_modality_batch_matches_each_sample_alone(arch: str, dims: int) ->
     noisy[1, 1:] = 7.0
     noisy[2, 2:] = -3.0
     with torch.no_grad():
-        together = model(noisy, modality)
+        together = model(noisy, modality).logits[0]
         for i in range(3):
-            alone = model(image[i : i + 1], modality[i : i + 1])
+            alone = model(image[i : i + 1], modality[i : i + 1]).logits[0]
             torch.testing.assert_close(together[i : i + 1], alone, atol=1e-4, rtol=1e-4)
 
 
@@ -123,7 +171,7 @@ def test_gradients_reach_used_stems_only(arch: str, dims: int) -> None:
     model, patch = make(arch, dims)
     model.train()
     image, modality = batch(patch, [0, 2, 2])  # CT and RGB used; FLAIR+T1c and T2 not
-    outs = model(image, modality)
+    outs = model(image, modality).logits
     sum(o.square().mean() for o in outs).backward()
     for m, stem in enumerate(model.stems.stems):
         grads = [p.grad for p in stem.parameters()]
@@ -150,7 +198,7 @@ def test_from_config_rebuilds_identical_model(arch: str, dims: int) -> None:
     model.eval()
     rebuilt.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(image, modality), rebuilt(image, modality))
+        torch.testing.assert_close(model(image, modality).logits, rebuilt(image, modality).logits)
 
 
 @pytest.mark.parametrize("arch", ["unet", "resenc_unet"])
@@ -161,9 +209,9 @@ def test_anisotropic_strides(arch: str) -> None:
     assert model.backbone.scales == [(1, 1, 1), (2, 2, 1), (4, 4, 2)]
     assert model.ds_scales == [(1, 1, 1), (2, 2, 1)]
     image, modality = batch([16, 16, 4], [0, 1])
-    outs = model.train()(image, modality)
+    outs = model.train()(image, modality).logits
     assert [tuple(o.shape[2:]) for o in outs] == [(16, 16, 4), (8, 8, 4)]
-    assert model.eval()(image, modality).shape == (2, K, 16, 16, 4)
+    assert model.eval()(image, modality).logits[0].shape == (2, K, 16, 16, 4)
 
 
 @pytest.mark.parametrize("arch", MODELS.names())
@@ -267,7 +315,7 @@ def test_channels_last_layout_gives_the_same_outputs_and_gradients(arch: str) ->
     convs = [p for p in other.parameters() if p.ndim == dims + 2]
     assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs)
     image, modality = batch(patch, [0, 2])
-    outs = [model(image, modality), other(image, modality)]
+    outs = [model(image, modality).logits, other(image, modality).logits]
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-3, atol=1e-4)
     for out in outs:
         sum(o.float().square().mean() for o in out).backward()

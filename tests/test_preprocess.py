@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +11,19 @@ import pytest
 import SimpleITK as sitk
 
 from mosaicseg.data.fingerprint import plan
-from mosaicseg.data.io import write_image
+from mosaicseg.data.io import Geometry, write_image
 from mosaicseg.data.manifest import load_dataset, read_case
 from mosaicseg.data.preprocess import (
     crop_to_nonzero,
-    list_cases,
     load_case,
     normalize,
     preprocess,
+    preprocess_arrays,
     resample_image,
     resample_labels,
     restore_labels,
 )
+from mosaicseg.data.workdir import list_cases
 from mosaicseg.errors import MosaicSegError
 
 
@@ -222,3 +224,66 @@ def test_meta_restores_original_labels_and_geometry(tmp_path: Path) -> None:
     raw_written = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     raw_label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "c0.nii.gz")))
     np.testing.assert_array_equal(raw_written, raw_label)
+
+
+# --------------------------------------------------------------------------------------------- non-finite voxels
+def _geometry(shape: tuple[int, ...]) -> Geometry:
+    return Geometry(3, shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), "LPS", shape, (1.0,) * 3)
+
+
+NAN_PLAN = {
+    "target_spacing": [0.5, 1.0, 1.0],  # cubic upsampling would spread a NaN over its neighbours
+    "separate_axis": None,
+    "image_order": 3,
+    "normalization": [{"channel": "T1", "scheme": "mr", "percentiles": None}, {"channel": "T2", "scheme": "zscore"}],
+}
+
+
+def test_nonfinite_voxels_become_the_channel_minimum_with_a_warning() -> None:
+    rng = np.random.default_rng(3)
+    clean = rng.uniform(10, 100, size=(2, 8, 8, 8)).astype(np.float32)
+    dirty = clean.copy()
+    dirty[0, 1, 2, 3], dirty[0, 4, 4, 4], dirty[0, 7, 0, 1] = np.nan, np.nan, np.inf
+    dirty[1, 2, 2, 2] = -np.inf
+    fixed = dirty.copy()
+    for c in range(2):
+        bad = ~np.isfinite(fixed[c])
+        fixed[c][bad] = fixed[c][~bad].min()
+    seg = np.zeros((8, 8, 8), dtype=np.int16)
+    seg[2:5, 2:5, 2:5] = 1
+    geometry = _geometry((8, 8, 8))
+    with pytest.warns(UserWarning, match=r"scan_0000\.nii\.gz: 4 of 1024 voxels are NaN or infinite") as caught:
+        out, out_seg, meta = preprocess_arrays(dirty, seg, geometry, NAN_PLAN, source="scan_0000.nii.gz")
+    assert "3 in channel 0" in str(caught[0].message) and "1 in channel 1" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an image without non-finite voxels passes silently
+        ref, ref_seg, ref_meta = preprocess_arrays(fixed, seg, geometry, NAN_PLAN, source="scan_0000.nii.gz")
+    assert out.shape == (2, 16, 8, 8) and np.isfinite(out).all()
+    np.testing.assert_array_equal(out, ref)
+    assert out_seg is not None and ref_seg is not None and np.array_equal(out_seg, ref_seg) and meta == ref_meta
+    assert np.isnan(dirty[0, 1, 2, 3])  # the caller's array is left as it was
+
+
+def test_a_channel_without_finite_voxels_is_an_error() -> None:
+    image = np.ones((2, 4, 4, 4), dtype=np.float32)
+    image[1] = np.nan
+    with pytest.raises(MosaicSegError, match=r"bad\.nii\.gz: channel 1 has no finite voxel"):
+        preprocess_arrays(image, None, _geometry((4, 4, 4)), NAN_PLAN, source="bad.nii.gz")
+
+
+def test_training_preprocessing_replaces_nonfinite_voxels_too(make_dataset, tmp_path: Path) -> None:
+    """plan (fingerprint) and preprocess share the replacement. MHA keeps NaN; ITK's NIfTI reader turns it into 0
+    before MosaicSeg sees the array."""
+    image = np.random.default_rng(4).uniform(10, 100, size=(8, 8, 8)).astype(np.float32)
+    image[5, 5, 5] = np.nan
+    folder = make_dataset("Dataset003_Nan", ["c0"], channels=("T1",), ending=".mha", images={"c0": [image]})
+    work = tmp_path / "work"
+    with pytest.warns(UserWarning, match=r"c0_0000\.mha: 1 of 512 voxels"):
+        plan(folder, work, workers=1, progress=False)
+    fp = json.loads((work / "fingerprint.json").read_text())["datasets"]["Dataset003_Nan"]["intensity"][0]
+    assert all(np.isfinite(fp[k]) for k in ("mean", "std", "min", "percentile_00_5", "percentile_99_5"))
+    with pytest.warns(UserWarning, match=r"c0_0000\.mha: 1 of 512 voxels"):
+        preprocess(work, workers=1, progress=False)
+    cached = np.asarray(load_case(work, "Dataset003_Nan", "c0").image)
+    finite = np.where(np.isfinite(image), image, np.nanmin(image)).T  # files hold (Z, Y, X); the cache (X, Y, Z)
+    np.testing.assert_allclose(cached[0], (finite - finite.mean()) / finite.std(), rtol=1e-5, atol=1e-5)

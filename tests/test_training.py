@@ -12,6 +12,7 @@ from mosaicseg.config import TrainConfig
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.runtime import load_checkpoint
 from mosaicseg.training.loop import Trainer
+from mosaicseg.types import ModelOutput
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -48,7 +49,7 @@ class _StopAt:
     def __init__(self, iteration: int) -> None:
         self.iteration = iteration
 
-    def on_step_end(self, trainer, loss) -> None:
+    def on_step_end(self, trainer, batch, outputs, losses) -> None:
         if trainer.iteration == self.iteration:
             trainer.request_stop()
 
@@ -63,7 +64,7 @@ def test_seeded_runs_are_identical_and_resume_mid_epoch_is_exact(tiny_workdir_2d
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")  # losses, LR and validation Dice too
 
     c = Trainer(tiny_workdir_2d, cfg, tmp_path / "c", progress=False)
-    c.parts.hooks.append(_StopAt(3))  # mid-epoch (5 iterations per epoch)
+    c.recipe.hooks.append(_StopAt(3))  # mid-epoch (5 iterations per epoch)
     c.fit()
     assert c.stop_requested and not (tmp_path / "c" / "checkpoint_final.pt").exists()
     assert load_checkpoint(tmp_path / "c" / "checkpoint_latest.pt")["iteration"] == 3
@@ -166,8 +167,8 @@ def test_missing_labels_as_background_supervises_unannotated_tasks():
         "label_mask": torch.tensor([[True, False]]),
         "ignore": torch.zeros(1, 4, dtype=torch.bool),
     }
-    partial_label_objective(logits, batch).backward()
+    partial_label_objective()(ModelOutput([logits], {}), batch).backward()
     assert torch.all(logits.grad[:, 1] == 0)
     logits.grad = None
-    missing_as_background_objective(logits, batch).backward()
+    missing_as_background_objective()(ModelOutput([logits], {}), batch).backward()
     assert torch.all(logits.grad[:, 1] > 0)  # pushed towards "absent"

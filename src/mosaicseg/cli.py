@@ -90,9 +90,21 @@ def plan(
     device: Annotated[str, typer.Option(help="cpu or cuda: picks the network/patch/batch preset")] = "cpu",
     memory_budget_gb: Annotated[float | None, typer.Option(help="Override the preset's memory budget")] = None,
     common_spacing: Annotated[float | None, typer.Option(help="Resample every dataset to this spacing (mm)")] = None,
-    ct_normalization: Annotated[str, typer.Option(help="percentile (nnU-Net) or fixed ([-990, 500] HU, Hermes)")] = (
-        "percentile"
-    ),
+    ct_normalization: Annotated[
+        str,
+        typer.Option(
+            help="CT in HU: percentile (nnU-Net: clip to the dataset's 0.5-99.5 percentiles, z-score with its "
+            "statistics) or fixed (Hermes: clip to [-990, 500] HU, then z-score each image)"
+        ),
+    ] = "percentile",
+    mr_clip_percentiles: Annotated[
+        tuple[float, float] | None,
+        typer.Option(
+            metavar="LO HI",
+            help="Grey-level (MR) channels: clip each image to its LO-th and HI-th percentiles before the z-score "
+            "(e.g. 2 98, as Hermes; 0 <= LO < HI <= 100). Default: plain per-image z-score (nnU-Net)",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Parallel workers")] = 2,
     preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", help="Also preprocess")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace existing plans that differ")] = False,
@@ -102,13 +114,17 @@ def plan(
 ) -> None:
     """Check the datasets, fingerprint them, write editable plans (JSON) and, unless told not to, preprocess."""
     from mosaicseg.data.fingerprint import plan as make_plan
+    from mosaicseg.data.preprocess import check_percentiles
     from mosaicseg.data.preprocess import preprocess as run_preprocess
-    from mosaicseg.data.vocabulary import Vocabulary
+    from mosaicseg.data.workdir import load_vocabulary
 
+    # the options are checked before the (slow) dataset check and fingerprint
     if ct_normalization not in ("percentile", "fixed"):
         raise MosaicSegError(f"--ct-normalization {ct_normalization!r} is unknown. Fix: use percentile or fixed.")
     if device not in ("cpu", "cuda"):
         raise MosaicSegError(f"--device {device!r} is unknown. Fix: use cpu or cuda.")
+    if mr_clip_percentiles is not None:
+        check_percentiles(mr_clip_percentiles, "--mr-clip-percentiles")
     t0 = time.perf_counter()
     if verify:
         from mosaicseg.data.checks import check_collection
@@ -128,12 +144,12 @@ def plan(
         memory_budget_gb=memory_budget_gb,
         common_spacing=common_spacing,
         ct_normalization=ct_normalization,
+        mr_clip_percentiles=mr_clip_percentiles,
         workers=workers,
         overwrite=overwrite,
         progress=True,
     )
-    vocab = Vocabulary.from_dict(json.loads((output / "vocabulary.json").read_text()))
-    typer.echo(vocab.describe())
+    typer.echo(load_vocabulary(output).describe())
     typer.echo(_describe_plans(plans))
     typer.echo(f"planned in {time.perf_counter() - t0:.1f} s → {output / 'plans.json'}")
     if preprocess:
@@ -186,6 +202,22 @@ def parse_duration(text: str) -> float:
     return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
 
 
+def parse_options(items: list[str], flag: str) -> dict[str, Any]:
+    """``["name=VALUE", ...]`` → ``{name: value}``; a value is read as JSON when it parses (numbers, true,
+    lists), else kept as text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise MosaicSegError(f"{flag} {item!r} is not NAME=VALUE. Fix: write e.g. {flag} lr_scale=0.1.")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out[name.strip()] = value
+    return out
+
+
 def _parse_fold(fold: str) -> int | str:
     if fold == "all":
         return fold
@@ -199,7 +231,15 @@ def _parse_fold(fold: str) -> int | str:
 @_user_errors
 def train(
     workdir: Annotated[Path, typer.Argument(help="Work folder written by `mosaicseg plan`")],
-    recipe: Annotated[str, typer.Option(help="universal (MultiTalent) or single")] = "universal",
+    recipe: Annotated[str, typer.Option(help="A registered recipe: universal (MultiTalent) or single")] = "universal",
+    recipe_option: Annotated[
+        list[str] | None,
+        typer.Option("--recipe-option", help="A recipe option as NAME=VALUE (JSON value; repeat)"),
+    ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(help="Start from this run/fold folder or checkpoint: matching weights, tasks matched by name"),
+    ] = None,
     dataset: Annotated[str | None, typer.Option(help="The dataset of the single recipe")] = None,
     only: Annotated[list[str] | None, typer.Option("--datasets", help="Train on these datasets only (repeat)")] = None,
     fold: Annotated[str, typer.Option(help="Fold number or all")] = "0",
@@ -267,6 +307,8 @@ def train(
         device=device,
         num_workers=workers,
         amp={"auto": None, "fp32": False, "mixed": True}[precision],
+        recipe_options=parse_options(recipe_option or [], "--recipe-option"),
+        init_from=str(init_from) if init_from is not None else None,
     )
     trainer = Trainer(workdir, cfg, output, resume=resume, overwrite=overwrite)
     for note in trainer.notes:
@@ -371,7 +413,7 @@ def evaluate(
     missing_as_empty: Annotated[bool, typer.Option(help="Score missing predictions as empty")] = False,
 ) -> None:
     """Dice, IoU, HD95 and NSD per case and label; summary.json and metrics.csv."""
-    from mosaicseg.evaluation import evaluate_folders, format_table, parse_mapping
+    from mosaicseg.evaluation.report import evaluate_folders, format_table, parse_mapping
 
     summary = evaluate_folders(
         pred,
@@ -424,7 +466,10 @@ def _describe_plans(plans: dict[str, Any]) -> str:
         f"{net['memory_estimate_gb']:.2f} GB of {net['memory_budget_gb']:.2f} GB"
     ]
     for name, d in plans["datasets"].items():
-        norm = ", ".join(f"{n['channel']}:{n['scheme']}" for n in d["normalization"])
+        norm = ", ".join(
+            f"{n['channel']}:{n['scheme']}" + ("({:g}-{:g}%)".format(*n["percentiles"]) if n.get("percentiles") else "")
+            for n in d["normalization"]
+        )
         sep = f", separate axis {d['separate_axis']}" if d.get("separate_axis") is not None else ""
         lines.append(
             f"  {name}: spacing {[round(s, 3) for s in d['target_spacing']]}, median shape "

@@ -300,6 +300,11 @@ class TrainConfig:
     # baseline that trains every un-annotated task as absent; for ablations, it hurts overlapping tasks)
     missing_labels: str = "ignore"
     model_options: dict[str, Any] = field(default_factory=dict)
+    # the recipe's own options (validated against the options the recipe declares; unknown names are an error)
+    recipe_options: dict[str, Any] = field(default_factory=dict)
+    # a checkpoint (.pt), fold folder or run folder whose matching weights start this run (tasks matched by
+    # name: new tasks get new head rows; init_report.json lists what was loaded, new and dropped)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -341,6 +346,10 @@ class TrainConfig:
             bad("oversample_foreground must be in [0, 1]", "use e.g. 0.33")
         if self.patch_size is not None and any(int(p) < 1 for p in self.patch_size):
             bad(f"patch_size {self.patch_size} has a non-positive size", "give positive sizes")
+        for name in ("model_options", "recipe_options"):
+            v = getattr(self, name)
+            if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+                bad(f"{name} must map option names to values, got {v!r}", f"give {name} as a JSON object")
         raise_if_errors(problems, "invalid training settings")
 
     @property
@@ -366,6 +375,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
+        d.setdefault("recipe_options", {})  # runs written before recipes had options
+        d.setdefault("init_from", None)
         for key in ("datasets", "patch_size"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])

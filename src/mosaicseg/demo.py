@@ -39,7 +39,7 @@ def run_demo(
 
     The default budget is 400 iterations for 2D (about a minute on 2 CPU cores) and 1500 for 3D.
     """
-    from mosaicseg.evaluation import evaluate_folders, format_table, summarise
+    from mosaicseg.evaluation.report import evaluate_folders, format_table, summarise
     from mosaicseg.inference.predictor import Predictor
     from mosaicseg.training.loop import Trainer
 

@@ -10,6 +10,7 @@ Checkpoints are plain dicts of tensors and primitives written atomically with :f
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,18 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A MosaicSeg checkpoint, loaded without executing code (``weights_only=True``)."""
     path = Path(path)
+    if path.is_dir():
+        raise MosaicSegError(
+            f"{path}: is a folder, not a checkpoint file. Fix: pass a checkpoint_*.pt file inside it (mosaicseg "
+            "predict -m also takes the run folder)."
+        )
     if not path.is_file():
         raise MosaicSegError(f"{path}: checkpoint not found. Fix: check the run folder (train first).")
+    if path.stat().st_size == 0:  # torch.load's EOFError for this has an empty message
+        raise MosaicSegError(
+            f"{path}: is empty (0 bytes), e.g. a copy that was interrupted. Fix: copy the checkpoint again or use "
+            "the run's checkpoint_latest.pt."
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle refusals and corrupt files surface as many types
@@ -78,3 +89,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "written by mosaicseg train."
         )
     return ckpt
+
+
+def find_checkpoints(run: str | Path, folds: Sequence[str] | None = None, name: str = "final") -> list[Path]:
+    """Checkpoint files of a run: a ``.pt`` file, a fold folder, or a run folder with ``fold_*`` folders."""
+    run = Path(run)
+    if run.is_file():
+        return [run]
+    if not run.is_dir():
+        raise MosaicSegError(f"{run}: no such run folder or checkpoint. Fix: pass the folder mosaicseg train wrote.")
+    if (run / f"checkpoint_{name}.pt").is_file():
+        return [run / f"checkpoint_{name}.pt"]
+    fold_dirs = sorted(p for p in run.glob("fold_*") if p.is_dir())
+    if folds:
+        fold_dirs = [run / f"fold_{f}" for f in folds]
+    if not fold_dirs:
+        raise MosaicSegError(
+            f"{run}: holds neither checkpoint_{name}.pt nor fold_* folders. Fix: pass a run folder "
+            "written by mosaicseg train (training may not have finished: try --checkpoint latest)."
+        )
+    missing = [str(d) for d in fold_dirs if not (d / f"checkpoint_{name}.pt").is_file()]
+    if missing:
+        raise MosaicSegError(
+            f"checkpoint_{name}.pt is missing in {missing}. Fix: finish training those folds, "
+            "choose --folds, or use --checkpoint latest."
+        )
+    return [d / f"checkpoint_{name}.pt" for d in fold_dirs]

@@ -6,7 +6,7 @@ Shapes use ``C`` channels, ``K`` global tasks (the collection's task vocabulary)
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
 import torch
@@ -44,3 +44,18 @@ class Batch(TypedDict):
     modality: torch.Tensor  # (B,) long
     dataset: torch.Tensor  # (B,) long
     meta: list[dict[str, Any]]
+
+
+class ModelOutput(NamedTuple):
+    """What every model's ``forward(image, modality, tasks=None, dataset=None, prompts=None)`` returns.
+
+    - ``logits``: one ``(B, K, *S_i)`` tensor per deep-supervision level, full resolution first; a single
+      element in eval mode or without deep supervision. ``K`` is the model's task vocabulary.
+    - ``extras``: named auxiliary tensors a recipe's loss may use (e.g. ``modality_logits`` ``(B, M)``,
+      ``features`` ``(B, c, *S')``); empty for the plain universal model.
+
+    A NamedTuple (a tuple) so that DDP finds the tensors in it.
+    """
+
+    logits: list[torch.Tensor]
+    extras: dict[str, torch.Tensor]

@@ -2,7 +2,8 @@
 
 ``plan(collection, workdir)`` writes four JSON files into ``workdir``: ``collection.json`` (the validated
 collection), ``vocabulary.json`` (tasks and modalities), ``fingerprint.json`` (statistics read from every
-case) and ``plans.json`` (derived settings, meant to be read and edited)::
+case) and ``plans.json`` (derived settings, meant to be read and edited). They are read back through
+:mod:`mosaicseg.data.workdir` (:func:`~mosaicseg.data.workdir.load_plans` and friends)::
 
     {"version": 1,
      "collection": {...},                  # CollectionConfig.to_dict(): which datasets, where
@@ -16,8 +17,8 @@ case) and ``plans.json`` (derived settings, meant to be read and edited)::
          "normalization": [{               # one entry per channel, in channel order
              "channel": "T1", "scheme": "ct" | "ct_fixed" | "mr" | "zscore" | "rgb",
              "clip": [lo, hi] | null,      # fixed clip window (ct, ct_fixed)
-             "mean": float | null, "std": float | null,   # dataset statistics (ct, ct_fixed)
-             "percentiles": [2, 98],       # only "mr": per-image clip percentiles
+             "mean": float | null, "std": float | null,   # dataset statistics (ct only; ct_fixed is per image)
+             "percentiles": [lo, hi] | null,  # only "mr": per-image clip percentiles (null: plain z-score)
              "reason": "why this scheme"}],
          "image_order": 3,                 # spline order for images (1 is faster and smoother)
          "seg_order": 1}},                 # labels: per-label linear interpolation, threshold 0.5
@@ -57,14 +58,16 @@ from mosaicseg.data.manifest import CaseFiles, DatasetManifest, read_case
 from mosaicseg.data.preprocess import (
     ANISOTROPY_THRESHOLD,
     case_rng,
+    check_percentiles,
     crop_to_nonzero,
     new_shape_for,
+    replace_nonfinite,
 )
 from mosaicseg.data.vocabulary import channel_signature
+from mosaicseg.data.workdir import PLANS_VERSION, read_json
 from mosaicseg.errors import MosaicSegError
 
-FINGERPRINT_VERSION = 1
-PLANS_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: non-finite voxels replaced before sampling; no fixed-window statistics
 SAMPLES_PER_CASE = 10_000
 CT_FIXED_WINDOW = (-990.0, 500.0)  # Hermes' fixed CT window (HU)
 DEVICES = ("cpu", "cuda")
@@ -85,6 +88,8 @@ def _fingerprint_case(job: _CaseJob) -> dict[str, Any]:
     """Spacing, shapes and sampled intensities of one case (intensities: ``(C, N)`` float32 arrays)."""
     image, seg, geometry = read_case(job.case)
     shape_original = image.shape[1:]
+    # as preprocess_arrays does, so that the statistics describe the images the network is trained on
+    image = replace_nonfinite(image, job.case.images[0])
     image, seg, _ = crop_to_nonzero(image, seg)
     assert seg is not None  # crop_to_nonzero returns the label map it was given
     rng = case_rng(job.seed, job.dataset, job.case.case_id)
@@ -122,7 +127,6 @@ def _channel_stats(fg: np.ndarray, whole: np.ndarray) -> dict[str, Any]:
     p = np.percentile(values, [0.5, 2, 50, 98, 99.5]) if values.size else np.zeros(5)
     wp = np.percentile(whole, [0.5, 99.5]) if whole.size else np.zeros(2)
     hu, why = hounsfield_like(float(wp[0]), float(wp[1]))
-    window = np.clip(values, *CT_FIXED_WINDOW)
     return {
         "foreground_found": bool(found),  # false: the statistics below describe whole images instead
         "n_samples": int(values.size),
@@ -139,11 +143,6 @@ def _channel_stats(fg: np.ndarray, whole: np.ndarray) -> dict[str, Any]:
         "image_percentile_99_5": float(wp[1]),
         "hounsfield_like": hu,
         "hounsfield_test": why,
-        "fixed_window": {
-            "clip": list(CT_FIXED_WINDOW),
-            "mean": float(window.mean()) if window.size else 0.0,
-            "std": float(window.std()) if window.size else 1.0,
-        },
     }
 
 
@@ -295,8 +294,19 @@ def _is_ct(channel: str, modality: str, n_channels: int) -> bool:
     return channel.strip().upper() == "CT" or (n_channels == 1 and modality.strip().upper() == "CT")
 
 
-def normalization_plan(fp: dict[str, Any], modality: str, ct_normalization: str = "percentile") -> list[dict[str, Any]]:
-    """One normalisation entry per channel of a dataset fingerprint ``fp`` (see :func:`preprocess.normalize`)."""
+def normalization_plan(
+    fp: dict[str, Any],
+    modality: str,
+    ct_normalization: str = "percentile",
+    mr_clip_percentiles: tuple[float, float] | None = None,
+) -> list[dict[str, Any]]:
+    """One normalisation entry per channel of a dataset fingerprint ``fp`` (see :func:`preprocess.normalize`).
+
+    CT in Hounsfield units: ``ct`` (nnU-Net: dataset percentile window and statistics) or, with
+    ``ct_normalization="fixed"``, ``ct_fixed`` (Hermes: the [-990, 500] HU window, then a per-image z-score).
+    Grey-level channels: ``mr``, a per-image z-score as nnU-Net's; ``mr_clip_percentiles`` ``(lo, hi)`` first
+    clips each image to its lo-th and hi-th percentiles (e.g. ``(2, 98)``, as Hermes does).
+    """
     names = fp["channel_names"]
     rgb = channel_signature(tuple(names)) == "RGB"
     out = []
@@ -312,14 +322,12 @@ def normalization_plan(fp: dict[str, Any], modality: str, ct_normalization: str 
                     reason=f"CT but not Hounsfield units ({stats['hounsfield_test']}): per-image z-score",
                 )
             elif ct_normalization == "fixed":
-                window = stats["fixed_window"]
+                lo, hi = CT_FIXED_WINDOW
                 entry.update(
                     scheme="ct_fixed",
-                    clip=list(window["clip"]),
-                    mean=window["mean"],
-                    std=window["std"],
-                    reason=f"CT in HU: fixed window {window['clip']} HU (Hermes), z-score with the "
-                    f"dataset's clipped {where} mean/std",
+                    clip=[lo, hi],
+                    reason=f"CT in HU: clip to the fixed window [{lo:g}, {hi:g}] HU, then z-score each image "
+                    "with its own mean/std (Hermes)",
                 )
             else:
                 entry.update(
@@ -330,18 +338,28 @@ def normalization_plan(fp: dict[str, Any], modality: str, ct_normalization: str 
                     reason=f"CT in HU: clip to the dataset's {where} 0.5–99.5 percentiles, z-score with "
                     f"its mean/std (nnU-Net)",
                 )
+        elif mr_clip_percentiles is not None:
+            lo, hi = mr_clip_percentiles
+            entry.update(
+                percentiles=[float(lo), float(hi)],
+                reason=f"grey-level modality '{stats['channel']}': clip each image to its {lo:g}–{hi:g} "
+                "percentiles (plan option mr_clip_percentiles), then z-score it",
+            )
         else:
             entry.update(
-                percentiles=[2.0, 98.0],
-                reason=f"grey-level modality '{stats['channel']}': per-image "
-                "clip to the 2nd–98th percentiles, then z-score",
+                percentiles=None,
+                reason=f"grey-level modality '{stats['channel']}': per-image z-score without clipping (nnU-Net)",
             )
         out.append(entry)
     return out
 
 
 def dataset_plan(
-    fp: dict[str, Any], modality: str, common_spacing: float | None = None, ct_normalization: str = "percentile"
+    fp: dict[str, Any],
+    modality: str,
+    common_spacing: float | None = None,
+    ct_normalization: str = "percentile",
+    mr_clip_percentiles: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Target spacing, resampled median shape, separate axis and normalisation of one dataset."""
     spacings = np.asarray(fp["spacings"], dtype=np.float64)
@@ -355,7 +373,7 @@ def dataset_plan(
         "original_median_spacing": np.median(spacings, 0).tolist(),
         "median_shape": [int(np.round(v)) for v in np.median(resampled, 0)],
         "separate_axis": separate,
-        "normalization": normalization_plan(fp, modality, ct_normalization),
+        "normalization": normalization_plan(fp, modality, ct_normalization, mr_clip_percentiles),
         "image_order": 3,
         "seg_order": 1,
     }
@@ -527,8 +545,13 @@ def plan_network(
 
 # --------------------------------------------------------------------------------------------- plans
 def _check_options(
-    device: str, memory_budget_gb: float | None, common_spacing: float | None, ct_normalization: str
-) -> None:
+    device: str,
+    memory_budget_gb: float | None,
+    common_spacing: float | None,
+    ct_normalization: str,
+    mr_clip_percentiles: tuple[float, float] | None,
+) -> tuple[float, float] | None:
+    """Validate the plan options; returns ``mr_clip_percentiles`` as floats."""
     if device not in DEVICES:
         raise MosaicSegError(f"device {device!r} is unknown. Fix: use one of {', '.join(DEVICES)}.")
     if ct_normalization not in CT_NORMALIZATIONS:
@@ -539,6 +562,9 @@ def _check_options(
         raise MosaicSegError(f"memory budget {memory_budget_gb!r} GB is not positive. Fix: pass e.g. 8.")
     if common_spacing is not None and not common_spacing > 0:
         raise MosaicSegError(f"common spacing {common_spacing!r} mm is not positive. Fix: pass e.g. 1.5.")
+    if mr_clip_percentiles is None:
+        return None
+    return check_percentiles(mr_clip_percentiles, "MR clip percentiles (--mr-clip-percentiles)")
 
 
 def make_plans(
@@ -548,9 +574,11 @@ def make_plans(
     memory_budget_gb: float | None = None,
     common_spacing: float | None = None,
     ct_normalization: str = "percentile",
+    mr_clip_percentiles: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """Plans (see the module docstring) from a fingerprint of ``opened``'s datasets."""
-    _check_options(device, memory_budget_gb, common_spacing, ct_normalization)
+    """Plans (see the module docstring) from a fingerprint of ``opened``'s datasets; the options as for
+    :func:`plan`."""
+    mr_clip = _check_options(device, memory_budget_gb, common_spacing, ct_normalization, mr_clip_percentiles)
     fps = fingerprint.get("datasets", {})
     missing = [e.name for e in opened.config.datasets if e.name not in fps]
     if missing:
@@ -569,7 +597,8 @@ def make_plans(
         )
     dim = dims.pop()
     datasets = {
-        n: dataset_plan(fps[n], opened.vocabulary.dataset_modality[n], common_spacing, ct_normalization) for n in names
+        n: dataset_plan(fps[n], opened.vocabulary.dataset_modality[n], common_spacing, ct_normalization, mr_clip)
+        for n in names
     }
     total_voxels = sum(fps[n]["n_cases"] * math.prod(datasets[n]["median_shape"]) for n in names)
     network = plan_network(
@@ -594,15 +623,6 @@ def make_plans(
     return json.loads(json.dumps(plans))  # plain JSON types, so a re-plan compares equal to the file
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MosaicSegError(
-            f"{path}: cannot read it as JSON ({exc}). Fix: repair the file or re-run mosaicseg plan with --overwrite."
-        ) from exc
-
-
 def plan(
     collection: str | Path,
     workdir: str | Path,
@@ -611,24 +631,32 @@ def plan(
     memory_budget_gb: float | None = None,
     common_spacing: float | None = None,
     ct_normalization: str = "percentile",
+    mr_clip_percentiles: tuple[float, float] | None = None,
     workers: int = 2,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fingerprint ``collection`` (reusing an earlier fingerprint in ``workdir`` for unchanged datasets), derive
     plans and write ``collection.json``, ``vocabulary.json``, ``fingerprint.json`` and ``plans.json`` into
-    ``workdir`` atomically. Existing plans with different content are only replaced with ``overwrite``."""
-    _check_options(device, memory_budget_gb, common_spacing, ct_normalization)
+    ``workdir`` atomically. Existing plans with different content are only replaced with ``overwrite``.
+
+    ``device`` (``cpu``/``cuda``) and ``memory_budget_gb`` size the network; ``common_spacing`` (mm) resamples
+    every dataset to one isotropic spacing; ``ct_normalization`` is ``percentile`` (nnU-Net) or ``fixed``
+    (Hermes: [-990, 500] HU, per-image z-score); ``mr_clip_percentiles`` ``(lo, hi)`` with
+    ``0 <= lo < hi <= 100`` clips grey-level images to their percentiles before the z-score (default: none,
+    as nnU-Net). A changed normalisation changes the dataset's plan, so ``preprocess`` redoes its cases."""
+    mr_clip = _check_options(device, memory_budget_gb, common_spacing, ct_normalization, mr_clip_percentiles)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise MosaicSegError(f"{workdir}: is a file, not a folder. Fix: choose a work folder.")
     opened = open_collection(collection)
     fp_path, plans_path = workdir / "fingerprint.json", workdir / "plans.json"
-    previous = _read_json(fp_path) if fp_path.is_file() else None
+    damaged = "delete it, or re-run mosaicseg plan with --overwrite"
+    previous = read_json(fp_path, damaged) if fp_path.is_file() else None
     fingerprint = compute_fingerprint(opened, workers=workers, progress=progress, reuse=previous)
-    plans = make_plans(fingerprint, opened, device, memory_budget_gb, common_spacing, ct_normalization)
+    plans = make_plans(fingerprint, opened, device, memory_budget_gb, common_spacing, ct_normalization, mr_clip)
     if plans_path.is_file() and not overwrite:
-        existing = _read_json(plans_path)
+        existing = read_json(plans_path, damaged)
         if existing != plans:
             changed = sorted(k for k in set(plans) | set(existing) if plans.get(k) != existing.get(k))
             raise MosaicSegError(
@@ -641,25 +669,4 @@ def plan(
     write_json_atomic(workdir / "vocabulary.json", opened.vocabulary.to_dict())
     write_json_atomic(fp_path, fingerprint)
     write_json_atomic(plans_path, plans)
-    return plans
-
-
-def load_plans(workdir: str | Path) -> dict[str, Any]:
-    """``workdir/plans.json``, checked for the keys everything downstream relies on."""
-    path = Path(workdir) / "plans.json"
-    if not path.is_file():
-        raise MosaicSegError(f"{path}: no plans found. Fix: run mosaicseg plan COLLECTION -o {workdir} first.")
-    plans = _read_json(path)
-    missing = (
-        [k for k in ("version", "collection", "dim", "datasets", "network") if k not in plans]
-        if isinstance(plans, dict)
-        else ["(not a JSON object)"]
-    )
-    if missing:
-        raise MosaicSegError(f"{path}: plans lack {missing}. Fix: re-run mosaicseg plan with --overwrite.")
-    if plans["version"] != PLANS_VERSION:
-        raise MosaicSegError(
-            f"{path}: plans version {plans['version']} is not supported (expected {PLANS_VERSION}). "
-            "Fix: re-run mosaicseg plan with --overwrite."
-        )
     return plans

@@ -227,12 +227,42 @@ def _nifti_truncation(path: Path) -> str | None:
     return "the file is shorter than its header announces (truncated download or copy)"
 
 
+_FLOAT_PIXELS = (sitk.sitkFloat32, sitk.sitkFloat64)
+
+
+def _restore_nonfinite(path: Path, image: sitk.Image) -> sitk.Image:
+    """``image`` with the NaN/±inf voxels of the NIfTI file put back where ITK's reader made them 0.
+
+    Only float files can hold them; those are scanned once more (:func:`scan_nifti`) and, where any are found,
+    read with nibabel for their positions (nibabel indexes the stored voxel grid as ITK does, x fastest), so
+    that preprocessing can warn about them and treat them as it treats every other format's.
+    """
+    if image.GetPixelID() not in _FLOAT_PIXELS:
+        return image
+    _, nonfinite = scan_nifti(path)
+    if not nonfinite:
+        return image
+    import nibabel as nib
+
+    raw = np.asarray(nib.load(str(path)).dataobj)
+    values = sitk.GetArrayFromImage(image)  # (Z, Y, X): the stored grid, reversed
+    raw = raw.reshape(raw.shape[: values.ndim]).T if raw.ndim > values.ndim else raw.T
+    if raw.shape != values.shape:
+        return image  # an unusual layout: the caller still sees the voxels, as ITK read them
+    bad = ~np.isfinite(raw)
+    values[bad] = raw[bad]
+    out = sitk.GetImageFromArray(values)
+    out.CopyInformation(image)
+    return out
+
+
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read one image file.
 
     Returns ``(array, geometry)`` with ``array`` of shape ``(C, X, Y[, Z])`` in canonical orientation
     (``C`` is 1 except for multi-component files such as RGB) in the file's own dtype (NIfTI scale
-    slopes applied by SimpleITK).
+    slopes applied by SimpleITK). NaN and ±inf voxels are returned as they are in the file, NIfTI included
+    (ITK alone would read them as 0); preprocessing replaces them with a warning.
     """
     path = Path(path)
     ending = file_ending(path)
@@ -245,6 +275,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     if ending in (".nii", ".nii.gz") and (why := _nifti_truncation(path)):
         raise MosaicSegError(f"{path}: incomplete image: {why}. Fix: re-download or re-export the file.")
     image = _read_sitk(path)
+    if ending in (".nii", ".nii.gz"):
+        image = _restore_nonfinite(path, image)
     dim = image.GetDimension()
     if dim not in (2, 3):
         raise MosaicSegError(

@@ -1,8 +1,10 @@
 """Crop, normalise, resample and cache every case as the plans say (nnU-Net's preprocessing).
 
-Per case: :func:`~mosaicseg.data.manifest.read_case` (canonical orientation) → :func:`crop_to_nonzero` →
-:func:`normalize` (per-channel scheme from the plans) → :func:`resample_image` / :func:`resample_labels`
-to the dataset's target spacing → cache. The cache lives in ``WORKDIR/preprocessed/DATASET/``:
+Per case: :func:`~mosaicseg.data.manifest.read_case` (canonical orientation) → :func:`replace_nonfinite`
+(NaN/±inf voxels → the channel's finite minimum, with a warning) → :func:`crop_to_nonzero` → :func:`normalize`
+(per-channel scheme from the plans) → :func:`resample_image` / :func:`resample_labels` to the dataset's target
+spacing → cache. The cache lives in ``WORKDIR/preprocessed/DATASET/`` (paths: :func:`mosaicseg.data.workdir.case_paths`;
+the work folder is read back through :mod:`mosaicseg.data.workdir`):
 
 - ``CASE.npy``: image ``(C, *S)`` float32 (``S`` the resampled shape ``(X, Y[, Z])``).
 - ``CASE_seg.npy``: label map ``(*S)`` int16 with the dataset's own label values (ignore value kept).
@@ -10,7 +12,7 @@ to the dataset's target spacing → cache. The cache lives in ``WORKDIR/preproce
   10000 seeded random voxel coordinates ``(N, ndim)`` int32, for foreground oversampling.
 - ``CASE.json``: meta, written last, so its presence marks the case as done::
 
-      {"case_id", "dataset", "plans_hash",              # hash of this dataset's plan: a change redoes the case
+      {"case_id", "dataset", "plans_hash",              # workdir.dataset_plans_hash: a changed plan redoes the case
        "geometry": Geometry.to_dict() of the first channel file,
        "shape_original": canonical shape before cropping, "bbox": [[lo, hi), ...] in that grid,
        "shape_cropped", "spacing_original" (canonical axis order), "spacing_target", "shape_resampled",
@@ -26,9 +28,8 @@ run never leaves a half-written file under a final name, and a rerun skips finis
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,8 +42,18 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from mosaicseg.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
+from mosaicseg.data.collection import open_collection
 from mosaicseg.data.io import Geometry
 from mosaicseg.data.manifest import CaseFiles, read_case
+from mosaicseg.data.workdir import (
+    cache_dir,
+    case_paths,
+    dataset_plans_hash,
+    is_case_done,
+    load_case_meta,
+    load_plans,
+    planned_collection,
+)
 from mosaicseg.errors import MosaicSegError
 
 FG_LOCATIONS_PER_LABEL = 10_000
@@ -51,8 +62,48 @@ SCHEMES = ("ct", "ct_fixed", "mr", "zscore", "rgb")
 _EPS = 1e-8
 
 
-# --------------------------------------------------------------------------------------------- atomic files
 # --------------------------------------------------------------------------------------------- array ops
+def replace_nonfinite(image: np.ndarray, source: str | Path = "image") -> np.ndarray:
+    """``image`` ``(C, *S)`` with every NaN and ±inf voxel set to the finite minimum of its channel.
+
+    Non-finite voxels would turn the crop box, the z-score statistics and every interpolated neighbour into
+    NaN; as the channel minimum they read as background. A :class:`UserWarning` names ``source`` and the
+    count per channel. Returns ``image`` itself (no copy) when every voxel is finite; raises a
+    :class:`~mosaicseg.errors.MosaicSegError` naming ``source`` when a channel has no finite voxel at all.
+    """
+    if image.dtype.kind != "f":
+        return image  # integer images cannot hold NaN or inf
+    out = image
+    replaced: list[tuple[int, int, float]] = []  # (channel, voxels replaced, value)
+    for c in range(image.shape[0]):
+        channel = image[c]
+        # min and max propagate NaN and keep ±inf: a test without a voxel-sized temporary for the usual case
+        if channel.size == 0 or (np.isfinite(channel.min()) and np.isfinite(channel.max())):
+            continue
+        finite = np.isfinite(channel)
+        n_bad = int(channel.size - np.count_nonzero(finite))
+        if n_bad == channel.size:
+            raise MosaicSegError(
+                f"{source}: channel {c} has no finite voxel (all {channel.size} are NaN or infinite). "
+                "Fix: replace the image; mosaicseg check lists such files."
+            )
+        fill = float(np.min(channel, where=finite, initial=np.inf))
+        if out is image:
+            out = image.copy()  # never write into the caller's (possibly memory-mapped) array
+        out[c][~finite] = fill
+        replaced.append((c, n_bad, fill))
+    if replaced:
+        total = sum(n for _, n, _ in replaced)
+        where = "; ".join(f"{n} in channel {c} set to {fill:g}" for c, n, fill in replaced)
+        warnings.warn(
+            f"{source}: {total} of {image.size} voxels are NaN or infinite ({where}: the channel's finite "
+            "minimum, read as background). Fix: repair the image if those voxels matter.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return out
+
+
 def crop_to_nonzero(
     image: np.ndarray, seg: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, list[list[int]]]:
@@ -166,6 +217,28 @@ def _zscore(x: np.ndarray, mean: float, std: float) -> np.ndarray:
     return ((x - mean) / max(std, _EPS)).astype(np.float32, copy=False)
 
 
+def _zscore_image(x: np.ndarray) -> np.ndarray:
+    """``x`` z-scored with its own mean and standard deviation (float64 sums: stable on large volumes)."""
+    return _zscore(x, float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64)))
+
+
+def check_percentiles(value: Any, where: str) -> tuple[float, float]:
+    """``value`` as a clip range ``(lo, hi)`` of percentiles with ``0 <= lo < hi <= 100``; ``where`` names the
+    file or option it came from in the error."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError("a string, not two numbers")
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")  # fails the range test below, so every malformed value gets one message
+    if not 0.0 <= lo < hi <= 100.0:
+        raise MosaicSegError(
+            f"{where}: clip percentiles {value!r} are not two numbers with 0 <= lo < hi <= 100. "
+            "Fix: give e.g. 2 98 (the 2nd and 98th percentiles), or none for a plain z-score."
+        )
+    return lo, hi
+
+
 def normalize(image: np.ndarray, channel_schemes: Sequence[dict[str, Any]]) -> np.ndarray:
     """Normalise ``image`` ``(C, *S)`` channel by channel → float32 ``(C, *S)``.
 
@@ -173,10 +246,14 @@ def normalize(image: np.ndarray, channel_schemes: Sequence[dict[str, Any]]) -> n
 
     - ``ct``: clip to ``clip`` (the dataset's foreground 0.5–99.5 percentiles), z-score with the dataset's
       foreground ``mean``/``std`` (nnU-Net's CTNormalization);
-    - ``ct_fixed``: clip to ``clip`` ([-990, 500] HU), z-score with the dataset statistics of the clipped
-      foreground (Hermes);
-    - ``mr``: clip to this image's ``percentiles`` (default 2nd–98th), then z-score this image;
+    - ``ct_fixed``: clip to ``clip`` ([-990, 500] HU), then z-score this image's clipped values (Hermes). An
+      entry that carries a ``mean`` and ``std`` (plans written before ct_fixed became per-image) is z-scored
+      with those, so a model trained on such plans is fed as it was trained;
+    - ``mr``: z-score this image (nnU-Net's ZScoreNormalization); with ``percentiles`` ``[lo, hi]`` (plan
+      option ``mr_clip_percentiles``), first clip to this image's lo-th and hi-th percentiles;
     - ``zscore`` and ``rgb``: z-score this image channel.
+
+    The statistics are those of the whole (cropped) channel; ``image`` must be finite (:func:`replace_nonfinite`).
     """
     if len(channel_schemes) != image.shape[0]:
         raise ValueError(f"{len(channel_schemes)} normalisation scheme(s) for an image with {image.shape[0]} channels")
@@ -184,15 +261,20 @@ def normalize(image: np.ndarray, channel_schemes: Sequence[dict[str, Any]]) -> n
     for c, scheme in enumerate(channel_schemes):
         x = image[c].astype(np.float32, copy=False)
         kind = scheme.get("scheme")
-        if kind in ("ct", "ct_fixed"):
+        if kind == "ct" or (kind == "ct_fixed" and scheme.get("mean") is not None):
             lo, hi = scheme["clip"]
             out[c] = _zscore(np.clip(x, lo, hi), float(scheme["mean"]), float(scheme["std"]))
+        elif kind == "ct_fixed":
+            lo, hi = scheme["clip"]
+            out[c] = _zscore_image(np.clip(x, lo, hi))
         elif kind == "mr":
-            lo, hi = np.percentile(x, scheme.get("percentiles") or (2.0, 98.0))
-            x = np.clip(x, lo, hi)
-            out[c] = _zscore(x, float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64)))
+            if scheme.get("percentiles") is not None:
+                where = f"plans.json normalisation of channel {scheme.get('channel')!r}"
+                lo, hi = np.percentile(x, check_percentiles(scheme["percentiles"], where))
+                x = np.clip(x, lo, hi)
+            out[c] = _zscore_image(x)
         elif kind in ("zscore", "rgb"):
-            out[c] = _zscore(x, float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64)))
+            out[c] = _zscore_image(x)
         else:
             raise MosaicSegError(
                 f"normalisation scheme {kind!r} of channel {scheme.get('channel')!r} is unknown. "
@@ -239,19 +321,9 @@ class CachedCase:
     fg_locations: dict[str, np.ndarray]
 
 
-def dataset_plans_hash(plans: dict[str, Any], dataset: str) -> str:
-    """Hash of everything that determines a dataset's cached cases."""
-    key = {"version": plans.get("version"), "dim": plans.get("dim"), "dataset": plans["datasets"][dataset]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _cache_dir(workdir: str | Path, dataset: str) -> Path:
-    return Path(workdir) / "preprocessed" / dataset
-
-
 @dataclass(frozen=True)
 class _Job:
-    folder: Path
+    workdir: Path
     dataset: str
     case: CaseFiles
     plan: dict[str, Any]
@@ -265,9 +337,12 @@ def preprocess_arrays(
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """One case's arrays as read by :func:`~mosaicseg.data.manifest.read_case` → the cached representation.
 
-    ``image`` ``(C, *S)`` and ``seg`` ``(*S)`` (or None at prediction time) are cropped to the non-zero region,
+    Training preprocessing and prediction both go through here. ``image`` ``(C, *S)`` and ``seg`` ``(*S)`` (or
+    None at prediction time) get their NaN and ±inf voxels set to the channel's finite minimum (a warning
+    names ``source`` and the count; see :func:`replace_nonfinite`), are cropped to the non-zero region,
     normalised and resampled to ``plan["target_spacing"]``. Returns ``(image (C, *S'), seg (*S') | None,
     meta)`` with the geometry fields of the module docstring (everything :func:`restore_labels` needs).
+    ``image`` itself is never modified.
     """
     spacing = tuple(float(s) for s in geometry.spacing)
     target = tuple(float(s) for s in plan["target_spacing"])
@@ -282,6 +357,8 @@ def preprocess_arrays(
             f"{len(plan['normalization'])}. Fix: check channel_names, then re-run plan."
         )
     shape_original = image.shape[1:]
+    # before cropping: a NaN is "non-zero" and would widen the crop box
+    image = replace_nonfinite(image, source)
     image, seg, bbox = crop_to_nonzero(image, seg)
     shape_cropped = image.shape[1:]
     image = normalize(image, plan["normalization"])
@@ -309,9 +386,10 @@ def _preprocess_case(job: _Job) -> str:
     labels_present = [int(v) for v in np.unique(seg)]
     fg = sample_locations(seg, job.labels, case_rng(job.seed, job.dataset, job.case.case_id))
     cid = job.case.case_id
-    save_npy_atomic(job.folder / f"{cid}.npy", np.ascontiguousarray(image, dtype=np.float32))
-    save_npy_atomic(job.folder / f"{cid}_seg.npy", np.ascontiguousarray(seg, dtype=np.int16))
-    save_npz_atomic(job.folder / f"{cid}_fg.npz", fg)
+    paths = case_paths(job.workdir, job.dataset, cid)
+    save_npy_atomic(paths.image, np.ascontiguousarray(image, dtype=np.float32))
+    save_npy_atomic(paths.seg, np.ascontiguousarray(seg, dtype=np.int16))
+    save_npz_atomic(paths.fg, fg)
     meta = {
         "case_id": cid,
         "dataset": job.dataset,
@@ -319,21 +397,8 @@ def _preprocess_case(job: _Job) -> str:
         **geo_meta,
         "labels_present": labels_present,
     }
-    write_json_atomic(job.folder / f"{cid}.json", meta)
+    write_json_atomic(paths.meta, meta)  # last: its presence marks the case as done
     return cid
-
-
-def _is_done(folder: Path, case_id: str, plans_hash: str) -> bool:
-    meta_path = folder / f"{case_id}.json"
-    if not meta_path.is_file():
-        return False
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return meta.get("plans_hash") == plans_hash and all(
-        (folder / f"{case_id}{suffix}").is_file() for suffix in (".npy", "_seg.npy", "_fg.npz")
-    )
 
 
 def preprocess(
@@ -341,19 +406,15 @@ def preprocess(
 ) -> dict[str, Any]:
     """Preprocess every case of the planned collection in ``workdir`` (written by ``mosaicseg plan``).
 
-    Resumable: cases whose ``CASE.json`` carries the current plan's hash are skipped. ``datasets`` limits
-    the work to those datasets. One case per worker process bounds peak memory. Returns
-    ``{"n_done", "n_skipped", "seconds"}``.
+    Resumable: cases whose ``CASE.json`` carries the current plan's hash
+    (:func:`~mosaicseg.data.workdir.dataset_plans_hash`) are skipped, so a changed dataset plan (e.g. another
+    normalisation) redoes exactly that dataset. ``datasets`` limits the work to those datasets. One case per
+    worker process bounds peak memory. Returns ``{"n_done", "n_skipped", "seconds"}``.
     """
-    # fingerprint imports this module's array operations, so its loaders are imported here
-    from mosaicseg.config import parse_collection
-    from mosaicseg.data.collection import open_collection
-    from mosaicseg.data.fingerprint import load_plans
-
     t0 = time.perf_counter()
     workdir = Path(workdir)
     plans = load_plans(workdir)
-    config = parse_collection(plans["collection"], source=workdir / "plans.json")
+    config = planned_collection(workdir, plans)
     opened = open_collection(config)
     names = list(plans["datasets"])
     if datasets:
@@ -367,15 +428,14 @@ def preprocess(
     n_skipped = 0
     for name in names:
         manifest = opened.manifest(name)
-        folder = _cache_dir(workdir, name)
-        folder.mkdir(parents=True, exist_ok=True)
+        cache_dir(workdir, name).mkdir(parents=True, exist_ok=True)
         phash = dataset_plans_hash(plans, name)
         for case in manifest.cases:
-            if _is_done(folder, case.case_id, phash):
+            if is_case_done(workdir, name, case.case_id, phash):
                 n_skipped += 1
                 continue
             jobs.append(
-                _Job(folder, name, case, plans["datasets"][name], dict(manifest.labels), phash, int(config.seed))
+                _Job(workdir, name, case, plans["datasets"][name], dict(manifest.labels), phash, int(config.seed))
             )
     bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress or not jobs)
     try:
@@ -393,57 +453,23 @@ def preprocess(
     return {"n_done": len(jobs), "n_skipped": n_skipped, "seconds": time.perf_counter() - t0}
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MosaicSegError(
-            f"{path}: unreadable case meta ({exc}). Fix: delete it and re-run mosaicseg preprocess."
-        ) from exc
-
-
 def load_case(workdir: str | Path, dataset: str, case_id: str, mmap: bool = True) -> CachedCase:
-    """One cached case; with ``mmap`` the image and label arrays are memory-mapped read-only."""
-    folder = _cache_dir(workdir, dataset)
-    meta_path = folder / f"{case_id}.json"
-    if not meta_path.is_file():
-        raise MosaicSegError(
-            f"{meta_path}: case '{case_id}' of {dataset} is not preprocessed. Fix: run mosaicseg preprocess {workdir}."
-        )
-    meta = _read_meta(meta_path)
+    """One cached case; with ``mmap`` the image and label arrays are memory-mapped read-only.
+    (Which cases are cached: :func:`mosaicseg.data.workdir.list_cases`.)"""
+    meta = load_case_meta(workdir, dataset, case_id)
+    paths = case_paths(workdir, dataset, case_id)
     mode = "r" if mmap else None
     try:
-        image = np.load(folder / f"{case_id}.npy", mmap_mode=mode, allow_pickle=False)
-        seg = np.load(folder / f"{case_id}_seg.npy", mmap_mode=mode, allow_pickle=False)
-        with np.load(folder / f"{case_id}_fg.npz", allow_pickle=False) as npz:
+        image = np.load(paths.image, mmap_mode=mode, allow_pickle=False)
+        seg = np.load(paths.seg, mmap_mode=mode, allow_pickle=False)
+        with np.load(paths.fg, allow_pickle=False) as npz:
             fg = {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as exc:
         raise MosaicSegError(
-            f"{folder}: cached files of case '{case_id}' are missing or damaged ({exc}). Fix: "
-            f"delete {meta_path.name} and re-run mosaicseg preprocess {workdir}."
+            f"{paths.image.parent}: cached files of case '{case_id}' are missing or damaged ({exc}). Fix: "
+            f"delete {paths.meta.name} and re-run mosaicseg preprocess {workdir}."
         ) from exc
     return CachedCase(image=image, seg=seg, meta=meta, fg_locations=fg)
-
-
-def list_cases(workdir: str | Path) -> dict[str, list[str]]:
-    """Dataset → sorted ids of the cases preprocessed under the current plans (finished ones only)."""
-    from mosaicseg.data.fingerprint import load_plans
-
-    plans = load_plans(workdir)
-    out: dict[str, list[str]] = {}
-    for name in plans["datasets"]:
-        folder = _cache_dir(workdir, name)
-        phash = dataset_plans_hash(plans, name)
-        ids = []
-        if folder.is_dir():
-            for meta_path in folder.glob("*.json"):
-                if meta_path.name.startswith("."):
-                    continue
-                case_id = meta_path.name[: -len(".json")]
-                if _is_done(folder, case_id, phash):
-                    ids.append(case_id)
-        out[name] = sorted(ids)
-    return out
 
 
 def restore_labels(seg: np.ndarray, meta: dict[str, Any]) -> np.ndarray:

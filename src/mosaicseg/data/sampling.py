@@ -1,23 +1,32 @@
-"""Which case, which patch: the case sampler, foreground-aware patch sampling and the training dataset.
+"""Which case, which patch: batch policies, the draw sampler, foreground-aware patch sampling, the dataset.
 
 MultiTalent draws each case with probability ∝ 1/√n_k for its dataset k of n_k cases, so a dataset is
 drawn ∝ √n_k: large datasets are seen more, but not in proportion to their size.
 
-Every sample is a pure function of ``(seed, index)``: sample ``i`` uses ``np.random.default_rng((seed, i))``.
-Results therefore do not depend on the number of loader workers, and a resumed run continues with
-exactly the samples the uninterrupted run would have drawn.
+The draw happens in the main process: :class:`DrawSampler` asks a **batch policy** (:class:`BatchPolicy`:
+:class:`CaseSampler` by default, :class:`SteeredPolicy` when a recipe steers) which case sample ``i`` comes
+from and yields a :class:`Draw` ``(index, dataset, case, label, state)``; the loader's workers only cut and
+augment the patch. Sample ``i`` uses ``np.random.default_rng((seed, i))``: the policy draws from it first and
+the patch continues the same stream (``state``), so a sample is a pure function of ``(seed, i)`` and of the
+policy's choice — with the default policy exactly the samples earlier versions drew. Results therefore do not
+depend on the number of loader workers, and a resumed run continues with exactly the samples the uninterrupted
+run would have drawn.
+
+A steered policy is told, between steps, which dataset (or dataset × label) the next samples come from. The
+loader draws ahead of training by its prefetch (``num_workers × 2`` batches with workers, none without), so a
+recipe that steers batch by batch trains with ``num_workers=0``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from mosaicseg.config import SAMPLING_SCHEMES
 from mosaicseg.data.augment import AugmentConfig, augment_intensity_and_mirror, sample_patch
@@ -76,6 +85,97 @@ class CaseSampler:
     def draw(self, rng: np.random.Generator) -> tuple[str, str]:
         return self.cases[int(rng.choice(len(self.cases), p=self.probabilities))]
 
+    def choose(self, index: int, rng: np.random.Generator) -> tuple[str, str, str | None]:
+        """:class:`BatchPolicy`: the case of sample ``index`` by the fixed probabilities, no forced label."""
+        dataset, case = self.draw(rng)
+        return dataset, case, None
+
+
+class BatchPolicy(Protocol):
+    """Chooses the case of each training sample, in the main process (see the module docstring).
+
+    ``choose(index, rng)`` → ``(dataset, case_id, label)``: ``label`` (a label name of that dataset, or None)
+    forces the patch onto that label's foreground where the case has some. It draws only from ``rng`` (the
+    sample's own stream), so a policy whose choices depend only on ``index`` and its state reproduces.
+    """
+
+    def choose(self, index: int, rng: np.random.Generator) -> tuple[str, str, str | None]: ...
+
+
+class SteeredPolicy:
+    """A policy a recipe steers: ``select(dataset, label)`` makes the following samples come from ``dataset``
+    (uniform over its training cases; patches forced onto ``label``'s foreground where present);
+    ``select(None)`` returns to ``base``. Its selection is its state (``state_dict``), so it survives resume."""
+
+    def __init__(self, cases: Sequence[tuple[str, str]], base: BatchPolicy) -> None:
+        self.base = base
+        self.by_dataset: dict[str, list[str]] = {}
+        for d, c in cases:
+            self.by_dataset.setdefault(d, []).append(c)
+        self.dataset: str | None = None
+        self.label: str | None = None
+
+    def select(self, dataset: str | None, label: str | None = None) -> None:
+        if dataset is not None and dataset not in self.by_dataset:
+            raise MosaicSegError(
+                f"cannot steer sampling to '{dataset}': it has no training cases. Fix: choose one of "
+                f"{sorted(self.by_dataset)}."
+            )
+        if dataset is None and label is not None:
+            raise ValueError("a label needs its dataset")
+        self.dataset, self.label = dataset, label
+
+    def choose(self, index: int, rng: np.random.Generator) -> tuple[str, str, str | None]:
+        if self.dataset is None:
+            return self.base.choose(index, rng)
+        cases = self.by_dataset[self.dataset]
+        return self.dataset, cases[int(rng.integers(len(cases)))], self.label
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "label": self.label}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.select(state.get("dataset"), state.get("label"))
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The policy's choice for sample ``index`` and the sample stream's generator state after it."""
+
+    index: int
+    dataset: str
+    case: str
+    label: str | None
+    state: dict[str, Any]  # np.random.Generator bit_generator.state, to continue the stream in a worker
+
+
+def draw_sample(policy: BatchPolicy, seed: int, index: int) -> Draw:
+    """Sample ``index``'s case by ``policy`` from the stream ``default_rng((seed, index))``."""
+    rng = np.random.default_rng((int(seed), int(index)))
+    dataset, case, label = policy.choose(int(index), rng)
+    return Draw(int(index), dataset, case, label, rng.bit_generator.state)
+
+
+class DrawSampler(Sampler[Draw]):
+    """This rank's draws of sample indices ``[start, stop)``: of each global batch of ``batch × world``
+    samples, rank ``r`` takes ``[r·batch, (r+1)·batch)``, so the union over ranks is the same sample stream
+    whatever the number of processes. The policy is asked when a draw is taken, not before."""
+
+    def __init__(
+        self, policy: BatchPolicy, seed: int, start: int, stop: int, batch: int, rank: int = 0, world: int = 1
+    ) -> None:
+        self.policy, self.seed = policy, int(seed)
+        self.start, self.stop, self.batch, self.rank, self.world = start, stop, batch, rank, world
+
+    def __iter__(self) -> Iterator[Draw]:
+        step = self.batch * self.world
+        for base in range(self.start, self.stop, step):
+            for i in range(base + self.rank * self.batch, base + (self.rank + 1) * self.batch):
+                yield draw_sample(self.policy, self.seed, i)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) // self.world
+
 
 def choose_center(
     shape: tuple[int, ...],
@@ -83,10 +183,15 @@ def choose_center(
     fg_locations: dict[str, np.ndarray],
     force_foreground: bool,
     rng: np.random.Generator,
+    label: str | None = None,
 ) -> np.ndarray:
     """Patch centre ``(ndim,)`` float: a random voxel of a randomly chosen annotated label when
     ``force_foreground`` and any label has voxels in this case, else uniform so that the patch stays
-    within the case where it fits (nnU-Net)."""
+    within the case where it fits (nnU-Net). ``label``: a policy's forced label, whose voxels are used
+    whenever the case has some (whatever ``force_foreground``)."""
+    if label is not None and len(fg_locations.get(label, ())):
+        locs = fg_locations[label]
+        return locs[int(rng.integers(len(locs)))].astype(np.float64)
     available = sorted(k for k, v in fg_locations.items() if len(v))
     if force_foreground and available:
         locs = fg_locations[available[int(rng.integers(len(available)))]]
@@ -102,6 +207,7 @@ def choose_center(
 class PatchDataset(Dataset):
     """Map-style dataset of ``length`` random training patches (each a :class:`~mosaicseg.types.Sample`).
 
+    Indexed by a :class:`Draw` (from :class:`DrawSampler`) or by a sample index, which ``policy`` then draws.
     ``load`` is called as ``load(dataset, case_id)`` and returns an object with ``image`` ``(C, *S)``,
     ``seg`` ``(*S)`` and ``fg_locations`` (``label name → (N, ndim)``), e.g.
     :func:`mosaicseg.data.preprocess.load_case` bound to a work folder.
@@ -110,7 +216,7 @@ class PatchDataset(Dataset):
     def __init__(
         self,
         load: Any,
-        sampler: CaseSampler,
+        sampler: BatchPolicy,
         vocabulary: Vocabulary,
         patch_size: Sequence[int],
         seed: int,
@@ -146,12 +252,16 @@ class PatchDataset(Dataset):
             self._mirror_cache[dataset] = (augment, lut)
         return self._mirror_cache[dataset]
 
-    def __getitem__(self, index: int) -> Sample:
-        rng = np.random.default_rng((self.seed, int(index)))
-        dataset, case_id = self.sampler.draw(rng)
+    def __getitem__(self, item: int | Draw) -> Sample:
+        draw = item if isinstance(item, Draw) else draw_sample(self.sampler, self.seed, item)
+        index, dataset, case_id = draw.index, draw.dataset, draw.case
+        rng = np.random.default_rng()
+        rng.bit_generator.state = draw.state
         case = self.load(dataset, case_id)
         force_fg = bool(rng.random() < self.oversample_foreground)
-        center = choose_center(tuple(case.seg.shape), self.patch_size, case.fg_locations, force_fg, rng)
+        center = choose_center(
+            tuple(case.seg.shape), self.patch_size, case.fg_locations, force_fg, rng, label=draw.label
+        )
         image, seg = sample_patch(
             np.asarray(case.image), np.asarray(case.seg), center, self.patch_size, self.augment, rng
         )

@@ -42,6 +42,13 @@ EMPTY_CONVENTIONS = {
 }
 
 
+def dice_from_counts(tp: int, fp: int, fn: int) -> float:
+    """Dice ``2 tp / (2 tp + fp + fn)`` of voxel counts; NaN when both masks are empty (nnU-Net). Used per case
+    here and over counts summed across cases for the training loop's pseudo-Dice."""
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator > 0 else math.nan
+
+
 def region_mask(label_map: np.ndarray, values: Sequence[int]) -> np.ndarray:
     """``(X, Y[, Z])`` bool: voxels of the integer ``label_map`` whose value is one of ``values``.
 
@@ -115,7 +122,7 @@ def case_metrics(
             spacing=spacing_list,
         )
     return {
-        "dice": 2 * tp / (2 * tp + fp + fn),
+        "dice": dice_from_counts(tp, fp, fn),
         "iou": tp / (tp + fp + fn),
         "hd95": float(hd95[0, 0]),
         "nsd": float(nsd[0, 0]),

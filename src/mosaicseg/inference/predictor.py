@@ -28,37 +28,11 @@ from mosaicseg.data.preprocess import preprocess_arrays
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.postprocess import labels_from_resampled
-from mosaicseg.inference.sliding_window import FrozenForward, predict_logits
-from mosaicseg.models import UniversalNet, use_device_layout
-from mosaicseg.runtime import load_checkpoint, native_bf16, resolve_device
+from mosaicseg.inference.sliding_window import FrozenForward, TileModel, bind_modality, predict_logits
+from mosaicseg.models import build_from_config, use_device_layout
+from mosaicseg.runtime import find_checkpoints, load_checkpoint, native_bf16, resolve_device
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-
-def find_checkpoints(run: str | Path, folds: Sequence[str] | None = None, name: str = "final") -> list[Path]:
-    """Checkpoint files of a run: a ``.pt`` file, a fold folder, or a run folder with ``fold_*`` folders."""
-    run = Path(run)
-    if run.is_file():
-        return [run]
-    if not run.is_dir():
-        raise MosaicSegError(f"{run}: no such run folder or checkpoint. Fix: pass the folder mosaicseg train wrote.")
-    if (run / f"checkpoint_{name}.pt").is_file():
-        return [run / f"checkpoint_{name}.pt"]
-    fold_dirs = sorted(p for p in run.glob("fold_*") if p.is_dir())
-    if folds:
-        fold_dirs = [run / f"fold_{f}" for f in folds]
-    if not fold_dirs:
-        raise MosaicSegError(
-            f"{run}: holds neither checkpoint_{name}.pt nor fold_* folders. Fix: pass a run folder "
-            "written by mosaicseg train (training may not have finished: try --checkpoint latest)."
-        )
-    missing = [str(d) for d in fold_dirs if not (d / f"checkpoint_{name}.pt").is_file()]
-    if missing:
-        raise MosaicSegError(
-            f"checkpoint_{name}.pt is missing in {missing}. Fix: finish training those folds, "
-            "choose --folds, or use --checkpoint latest."
-        )
-    return [d / f"checkpoint_{name}.pt" for d in fold_dirs]
 
 
 @dataclass(frozen=True)
@@ -150,9 +124,9 @@ class Predictor:
         jit: bool = True,
     ) -> None:
         self.models = models
-        self.forwards: list[torch.nn.Module | FrozenForward] = [
-            FrozenForward(m) if jit and device.type == "cpu" and not amp else m for m in models
-        ]
+        self.jit = jit and device.type == "cpu" and not amp
+        # one bound tile forward per (fold, tasks asked, dataset): frozen graphs are kept across cases
+        self._tiles: dict[tuple[int, tuple[int, ...], int], TileModel | FrozenForward] = {}
         self.vocabulary = vocabulary
         self.plans = plans
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -185,7 +159,7 @@ class Predictor:
                     f"{path}: this fold was trained with other plans or tasks than the first fold. "
                     "Fix: ensemble only folds of one run (--folds)."
                 )
-            model = UniversalNet.from_config(ckpt["model_config"])
+            model = build_from_config(ckpt["model_config"])
             model.load_state_dict(ckpt["model"])
             model = model.to(dev).eval()
             use_device_layout(model, dev)
@@ -242,6 +216,17 @@ class Predictor:
         )
 
     # ----------------------------------------------------------------------------------------- predict
+    def tile_forward(self, fold: int, dataset: str, asked: Sequence[int]) -> torch.nn.Module | FrozenForward:
+        """Fold ``fold``'s model with the tasks ``asked`` (global indices) and ``dataset`` bound
+        (:class:`TileModel`), frozen on the CPU in float32 (:class:`FrozenForward`); built once, then reused."""
+        key = (fold, tuple(sorted(asked)), self.vocabulary.dataset_index(dataset))
+        if key not in self._tiles:
+            wanted = torch.zeros(self.vocabulary.num_tasks, dtype=torch.bool, device=self.device)
+            wanted[list(asked)] = True
+            tile = TileModel(self.models[fold], wanted, key[2]).eval()
+            self._tiles[key] = FrozenForward(tile) if self.jit else tile
+        return self._tiles[key]
+
     def predict_resampled(
         self,
         images: list[np.ndarray],
@@ -272,12 +257,13 @@ class Predictor:
             # a left or right task without its partner cannot be mirrored left-right and stay correct
             mirror = tuple(a for a in mirror if a != LATERAL_AXIS)
         modality = self.vocabulary.modality_index(dataset)
+        # a mirrored tile's left task is read from its right partner's output: ask the model for both
+        asked = set(task_ids) | ({int(perm[k]) for k in task_ids} if LATERAL_AXIS in mirror else set())
         prob: np.ndarray | None = None
-        for forward in self.forwards:
+        for fold in range(len(self.models)):
             logits = predict_logits(
-                forward,
+                bind_modality(self.tile_forward(fold, dataset, sorted(asked)), modality),
                 x,
-                modality,
                 self.patch_size,
                 tasks=list(task_ids),
                 mirror_axes=mirror,

@@ -54,9 +54,8 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 @torch.no_grad()
 def predict_logits(
-    model: torch.nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    forward: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
-    modality: int,
     patch_size: Sequence[int],
     *,
     overlap: float = 0.5,
@@ -69,13 +68,13 @@ def predict_logits(
     progress: bool = False,
     accumulate: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Sliding-window logits of one image.
+    """Sliding-window logits of one image: the one tile path of validation and prediction.
 
     Args:
-        model: ``model(x (N, C, *P), modality (N,)) -> (N, K, *P)`` in eval mode, or a
-            :class:`~mosaicseg.inference.sliding_window.FrozenForward` of one.
+        forward: ``forward(tiles (N, C, *P)) -> (N, K, *P)`` logits, a closure in which the caller has bound
+            the model (eval mode, or a :class:`FrozenForward`) and what it needs besides the image: modality,
+            tasks, dataset, prompts (see :meth:`mosaicseg.inference.predictor.Predictor.tile_forward`).
         image: ``(C, *S)`` float tensor (any device; tiles are moved to ``device``).
-        modality: the image's modality index (selects the model's input stem).
         patch_size: tile size ``P``; images smaller than a tile are padded and cropped back by MONAI.
         mirror_axes: spatial axes (0-based, of ``S``) to mirror for test-time augmentation.
         lateral_permutation: ``(K,)`` output each output becomes when the left-right axis is mirrored
@@ -109,10 +108,9 @@ def predict_logits(
     select = keep  # outputs to keep, in order; the left/right partners while the lateral axis is mirrored
 
     def tiles(x: torch.Tensor) -> torch.Tensor:
-        mod = torch.full((x.shape[0],), modality, dtype=torch.long, device=x.device)
         # autocast's own dtype per device: bfloat16 on the CPU, float16 on CUDA
         with torch.autocast(device.type, enabled=amp and device.type in ("cpu", "cuda")):
-            out = model(x.float(), mod)
+            out = forward(x.float())
         out = out.index_select(1, select) if select is not None else out
         return out.to(accumulate)
 
@@ -144,6 +142,38 @@ def predict_logits(
     if len(flips) > 1:
         total /= len(flips)
     return total[0]
+
+
+class TileModel(torch.nn.Module):
+    """``model`` with the tasks and dataset of one prediction bound: ``(image (N, C, *P), modality (N,)) ->
+    logits (N, K, *P)`` (the first, full-resolution level of the model's :class:`~mosaicseg.types.ModelOutput`).
+
+    The two-argument form is what :class:`FrozenForward` traces; ``tasks`` ``(K,)`` bool and ``dataset`` are
+    constants of the graph, so a frozen graph is built per binding.
+    """
+
+    def __init__(self, model: torch.nn.Module, tasks: torch.Tensor, dataset: int) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("tasks", tasks.bool().reshape(1, -1), persistent=False)
+        self.dataset = int(dataset)
+
+    def forward(self, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        n = image.shape[0]
+        dataset = torch.full((n,), self.dataset, dtype=torch.long, device=image.device)
+        return self.model(image, modality, tasks=self.tasks.expand(n, -1), dataset=dataset).logits[0]
+
+
+def bind_modality(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], modality: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model(tiles, modality)`` (a :class:`TileModel` or a :class:`FrozenForward` of one) as the one-argument
+    tile forward :func:`predict_logits` calls, every tile of the image having ``modality``."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x, torch.full((x.shape[0],), modality, dtype=torch.long, device=x.device))
+
+    return forward
 
 
 # largest |frozen - eager| allowed, relative to max(1, max |eager|): oneDNN's blocked kernels only reorder

@@ -1,7 +1,26 @@
-"""Models: one input stem per modality, a backbone from :data:`MODELS`, per-task sigmoid heads."""
+"""Models: one input stem per modality, a backbone from :data:`MODELS`, heads from :data:`HEADS`; every model
+kind in :data:`MODEL_KINDS` and rebuilt by :func:`build_from_config`."""
 
 from __future__ import annotations
 
-from mosaicseg.models.factory import MODELS, UniversalNet, build_model, use_device_layout
+from mosaicseg.models.factory import (
+    HEADS,
+    MODEL_KINDS,
+    MODELS,
+    UniversalNet,
+    build_from_config,
+    build_model,
+    task_parameter_names,
+    use_device_layout,
+)
 
-__all__ = ["MODELS", "UniversalNet", "build_model", "use_device_layout"]
+__all__ = [
+    "HEADS",
+    "MODELS",
+    "MODEL_KINDS",
+    "UniversalNet",
+    "build_from_config",
+    "build_model",
+    "task_parameter_names",
+    "use_device_layout",
+]

@@ -1,9 +1,14 @@
-"""Backbones: ``(B, F0, *S)`` → decoder feature maps, full resolution first.
+"""Backbones: ``(B, F0, *S)`` → encoder skips → decoder feature maps, full resolution first.
 
-Every backbone returns ``[(B, c0, *S), (B, c1, *S / scale1), ...]`` and exposes ``out_channels`` (``c_i``)
-and ``scales`` (the downsampling factor of map ``i`` per axis; anisotropic plans give e.g. ``(8, 8, 4)``).
-The bottleneck itself is not returned: only maps a decoder produced, which is what heads, deep
-supervision and later recipes (Hermes, DoDNet) consume.
+Every backbone has two halves, so that methods can reach inside without copying a forward:
+
+- ``encode(x) -> skips``: ``[(B, skip_channels[i], *S / skip_scales[i]), ...]``, full resolution first and the
+  bottleneck **last** (DoDNet's controller and KA²ER's alignment read it, Hermes fuses priors into the skips);
+- ``decode(skips) -> maps``: ``[(B, out_channels[i], *S / scales[i]), ...]``, full resolution first; only maps a
+  decoder produced, which is what heads and deep supervision consume.
+
+``forward(x)`` is ``decode(encode(x))``. ``scales`` give the downsampling factor of a map per axis (anisotropic
+plans give e.g. ``(8, 8, 4)``).
 
 Architectures live in :data:`MODELS` (the one registry of model architectures); each entry is built as
 ``MODELS.get(name)(topology, in_channels, **options)`` and declares its options and their defaults in
@@ -131,15 +136,25 @@ def einops_available() -> bool:
 
 
 class Backbone(nn.Module):
-    """Base class. ``forward(x (B, in_channels, *S)) -> [(B, out_channels[i], *S / scales[i]), ...]``."""
+    """Base class: ``encode`` and ``decode`` (see the module docstring); ``forward = decode ∘ encode``."""
 
     OPTIONS: ClassVar[dict[str, Any]] = {}
     out_channels: list[int]
     scales: list[tuple[int, ...]]
+    skip_channels: list[int]
+    skip_scales: list[tuple[int, ...]]
     divisor: tuple[int, ...]  # every input axis must be a multiple of this
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        """``(B, in_channels, *S)`` → skips, full resolution first, bottleneck last."""
         raise NotImplementedError
+
+    def decode(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        """Skips (as :meth:`encode` returns them) → decoder maps, full resolution first."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.decode(self.encode(x))
 
 
 MODELS: Registry[type[Backbone]] = Registry("architecture")
@@ -199,13 +214,18 @@ class _EncoderDecoder(Backbone):
         self.decoder = _ConvDecoder(topology)
         self.out_channels = list(topology.features[:-1])
         self.scales = [topology.scale(i) for i in range(topology.num_stages - 1)]
+        self.skip_channels = list(topology.features)
+        self.skip_scales = [topology.scale(i) for i in range(topology.num_stages)]
         self.divisor = topology.scale(topology.num_stages - 1)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = []
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
+        return skips
+
+    def decode(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.decoder(skips)
 
 
@@ -259,9 +279,10 @@ class SwinUNETRBackbone(Backbone):
     """MONAI's SwinUNETR (Swin transformer encoder, conv decoder) as a feature extractor.
 
     Uses only ``patch_size`` from the topology (its depth is fixed: 5 halvings, so each patch axis must be a
-    multiple of 32, and not all of them exactly 32). Needs the optional ``einops`` package. Returns
-    ``[out, dec0, dec1, dec2, dec3]`` with channels ``[fs, fs, 2fs, 4fs, 8fs]`` at scales ``1, 2, 4, 8, 16``
-    (``fs`` = ``feature_size``).
+    multiple of 32, and not all of them exactly 32). Needs the optional ``einops`` package. ``encode`` gives
+    ``[enc0, enc1, enc2, enc3, swin3, bottleneck]`` with channels ``[fs, fs, 2fs, 4fs, 8fs, 16fs]`` at scales
+    ``1, 2, 4, 8, 16, 32``; ``decode`` gives ``[out, dec0, dec1, dec2, dec3]`` with channels
+    ``[fs, fs, 2fs, 4fs, 8fs]`` at scales ``1, 2, 4, 8, 16`` (``fs`` = ``feature_size``).
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {
@@ -327,18 +348,28 @@ class SwinUNETRBackbone(Backbone):
         fs, d = feature_size, topology.spatial_dims
         self.out_channels = [fs, fs, 2 * fs, 4 * fs, 8 * fs]
         self.scales = [(2**i,) * d for i in range(5)]
+        self.skip_channels = [fs, fs, 2 * fs, 4 * fs, 8 * fs, 16 * fs]
+        self.skip_scales = [(2**i,) * d for i in range(6)]
         self.divisor = (self.DIVISOR,) * d
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # mirrors SwinUNETR.forward (MONAI 1.6) up to, not including, its output conv
+    # encode + decode mirror SwinUNETR.forward (MONAI 1.6) up to, not including, its output conv: MONAI has no
+    # public split between its encoder and decoder
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         net = self.net
         hidden = net.swinViT(x, net.normalize)
-        enc0 = net.encoder1(x)
-        enc1 = net.encoder2(hidden[0])
-        enc2 = net.encoder3(hidden[1])
-        enc3 = net.encoder4(hidden[2])
-        dec4 = net.encoder10(hidden[4])
-        dec3 = net.decoder5(dec4, hidden[3])
+        return [
+            net.encoder1(x),
+            net.encoder2(hidden[0]),
+            net.encoder3(hidden[1]),
+            net.encoder4(hidden[2]),
+            hidden[3],
+            net.encoder10(hidden[4]),
+        ]
+
+    def decode(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+        net = self.net
+        enc0, enc1, enc2, enc3, swin3, bottleneck = skips
+        dec3 = net.decoder5(bottleneck, swin3)
         dec2 = net.decoder4(dec3, enc3)
         dec1 = net.decoder3(dec2, enc2)
         dec0 = net.decoder2(dec1, enc1)

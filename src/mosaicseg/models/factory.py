@@ -1,9 +1,19 @@
-"""``build_model``: plan + modalities + task count → :class:`UniversalNet` (stems + backbone + task head).
+"""``build_model``: plan + modalities + task count → :class:`UniversalNet` (stems + backbone + task head), and
+:func:`build_from_config`, which rebuilds a model of any registered kind.
 
 One network serves every dataset of a collection: a stem per modality maps each channel signature to the
-first feature width, a backbone from :data:`MODELS` produces decoder maps, and the head gives one sigmoid
-logit per global task. ``UniversalNet.config`` holds everything needed to rebuild the model, so a
-checkpoint stores it next to the weights and :meth:`UniversalNet.from_config` restores the architecture.
+first feature width, a backbone from :data:`MODELS` produces decoder maps, and a head from :data:`HEADS` gives
+one sigmoid logit per global task.
+
+Every model kind (in :data:`MODEL_KINDS`: ``universal`` here; recipes register theirs) follows one contract:
+
+- ``forward(image (B, C_max, *S), modality (B,) long, tasks=None, dataset=None, prompts=None)`` →
+  :class:`~mosaicseg.types.ModelOutput`; ``tasks`` is ``(B, K)`` bool (the tasks each sample asks for: its
+  dataset's annotated tasks in training, the requested tasks in prediction; ``None``: all), ``dataset`` is
+  ``(B,)`` long, ``prompts`` whatever the kind documents (e.g. boxes). A kind ignores what it does not need.
+- ``config``: a JSON-ready dict with ``kind`` and everything that rebuilds the architecture, so a checkpoint
+  stores it next to the weights and :func:`build_from_config` restores it for the predictor and for resume;
+- ``modalities`` (the modality vocabulary the ``modality`` index points into) and ``spatial_dims``.
 """
 
 from __future__ import annotations
@@ -17,24 +27,42 @@ from torch import nn
 
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.models.backbones import MODELS, Topology, resolve_options
-from mosaicseg.models.heads import TaskHead
+from mosaicseg.models.heads import HEADS
 from mosaicseg.models.stems import ModalityStems
+from mosaicseg.registry import Registry
+from mosaicseg.types import ModelOutput
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: ``kind`` and ``head`` in the config; version 1 configs are universal task-head models
 
-__all__ = ["MODELS", "UniversalNet", "build_model", "use_device_layout"]
+__all__ = [
+    "HEADS",
+    "MODELS",
+    "MODEL_KINDS",
+    "UniversalNet",
+    "build_from_config",
+    "build_model",
+    "task_parameter_names",
+    "use_device_layout",
+]
+
+MODEL_KINDS: Registry[Any] = Registry("model kind")  # name → class with ``from_config(config)``
 
 
+@MODEL_KINDS.register("universal")
 class UniversalNet(nn.Module):
-    """Stems + backbone + task head.
+    """Stems + backbone + task head (MultiTalent; kind ``universal``).
 
-    ``forward(image (B, C_max, *S), modality (B,) long)`` returns
+    ``forward(image (B, C_max, *S), modality (B,) long, ...)`` returns a :class:`ModelOutput` whose ``logits``
+    are
 
-    - in ``train()`` mode with deep supervision: a list of logits, full resolution first,
+    - in ``train()`` mode with deep supervision: full resolution first,
       ``[(B, K, *S), (B, K, *S / ds_scales[1]), ...]``. By default it covers every decoder level except the
       coarsest one (nnU-Net v2 gives that level zero loss weight), i.e. ``num_stages - 2`` levels for the
       U-Nets (at least 1) and 4 for SwinUNETR; ``deep_supervision_levels`` overrides this;
-    - otherwise a single tensor ``(B, K, *S)``.
+    - otherwise one tensor ``[(B, K, *S)]``.
+
+    Every task is computed for every sample (a 1x1 conv gives them all at once), so ``tasks``, ``dataset``
+    and ``prompts`` are accepted and unused.
 
     Build it with :func:`build_model` or :meth:`from_config`.
     """
@@ -48,6 +76,7 @@ class UniversalNet(nn.Module):
         deep_supervision: bool = True,
         deep_supervision_levels: int | None = None,
         options: Mapping[str, Any] | None = None,
+        head: str = "task",
     ) -> None:
         super().__init__()
         topology = Topology.from_plan(network_plan)
@@ -62,12 +91,14 @@ class UniversalNet(nn.Module):
         available = len(self.backbone.out_channels)
         default_levels = max(1, available - 1)
         levels = (deep_supervision_levels or default_levels) if deep_supervision else 1
-        self.head = TaskHead(self.backbone.out_channels, self.num_tasks, self.spatial_dims, levels)
+        self.head = HEADS.get(head)(self.backbone.out_channels, self.num_tasks, self.spatial_dims, levels)
         self.ds_scales: list[tuple[int, ...]] = list(self.backbone.scales[:levels])
         _instance_norm_as_group_norm(self)
         self.channels_last = False
         self._config: dict[str, Any] = {
             "version": CONFIG_VERSION,
+            "kind": "universal",
+            "head": head,
             "network_plan": topology.to_plan(),
             "modality_channels": dict(modality_channels),
             "num_tasks": self.num_tasks,
@@ -111,12 +142,12 @@ class UniversalNet(nn.Module):
     def from_config(cls, config: Mapping[str, Any]) -> UniversalNet:
         """Rebuild the (untrained) architecture described by :attr:`config`, e.g. from a checkpoint."""
         version = config.get("version")
-        if version != CONFIG_VERSION:
+        if version not in (1, CONFIG_VERSION):
             raise MosaicSegError(
                 f"model config version {version!r} is not supported (expected {CONFIG_VERSION}). "
                 "Fix: use a checkpoint written by this version of mosaicseg."
             )
-        kwargs = {k: v for k, v in config.items() if k != "version"}
+        kwargs = {k: v for k, v in config.items() if k not in ("version", "kind")}
         try:
             return cls(**copy.deepcopy(kwargs))
         except TypeError as err:
@@ -138,21 +169,57 @@ class UniversalNet(nn.Module):
                 "Fix: feed patches of the planned patch size (sliding-window inference does this)."
             )
 
-    def features(self, image: torch.Tensor, modality: torch.Tensor) -> list[torch.Tensor]:
-        """Decoder maps ``[(B, c_i, *S / backbone.scales[i]), ...]``, full resolution first."""
+    def encode(self, image: torch.Tensor, modality: torch.Tensor) -> list[torch.Tensor]:
+        """Stem + encoder: skips ``[(B, backbone.skip_channels[i], *S / backbone.skip_scales[i]), ...]``, full
+        resolution first, bottleneck last."""
         self._check_shape(image)
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last_3d)
-        x = self.stems(image, modality)
-        return self.backbone(x)
+        return self.backbone.encode(self.stems(image, modality))
 
-    def forward(self, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """``(B, C_max, *S)``, ``(B,)`` → logits ``(B, K, *S)`` or, when training with deep supervision, a
-        list of them at :attr:`ds_scales`."""
+    def decode(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Skips → decoder maps ``[(B, backbone.out_channels[i], *S / backbone.scales[i]), ...]``."""
+        return self.backbone.decode(skips)
+
+    def features(self, image: torch.Tensor, modality: torch.Tensor) -> list[torch.Tensor]:
+        """Decoder maps ``[(B, c_i, *S / backbone.scales[i]), ...]``, full resolution first."""
+        return self.decode(self.encode(image, modality))
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        modality: torch.Tensor,
+        tasks: torch.Tensor | None = None,
+        dataset: torch.Tensor | None = None,
+        prompts: Any = None,
+    ) -> ModelOutput:
+        """``(B, C_max, *S)``, ``(B,)`` → logits ``[(B, K, *S)]`` or, when training with deep supervision, one
+        per level of :attr:`ds_scales`."""
         feats = self.features(image, modality)
-        if self.training and self.deep_supervision:
-            return self.head(feats)
-        return self.head(feats, levels=1)[0]
+        levels = None if self.training and self.deep_supervision else 1
+        return ModelOutput(self.head(feats, levels=levels), {})
+
+
+def build_from_config(config: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the (untrained) model a ``config`` describes, whatever its kind (``universal`` when a version-1
+    config has none)."""
+    if not isinstance(config, Mapping):
+        raise MosaicSegError("model config is not a mapping. Fix: use a checkpoint written by mosaicseg train.")
+    return MODEL_KINDS.get(str(config.get("kind", "universal"))).from_config(config)
+
+
+def task_parameter_names(model: nn.Module) -> set[str]:
+    """Names (in ``model.state_dict()``) of the parameters whose first axis has one row per task: the rows that
+    ``init_from`` maps task by task. A module declares them with ``is_task_parameter(name)``."""
+    out: set[str] = set()
+    for prefix, module in model.named_modules():
+        check = getattr(module, "is_task_parameter", None)
+        if check is None:
+            continue
+        for name, _ in module.named_parameters():
+            if check(name):
+                out.add(f"{prefix}.{name}" if prefix else name)
+    return out
 
 
 def use_device_layout(model: nn.Module, device: torch.device, *, mixed_precision: bool = False) -> None:
@@ -193,6 +260,7 @@ def build_model(
     architecture: str = "unet",
     deep_supervision: bool = True,
     deep_supervision_levels: int | None = None,
+    head: str = "task",
     **options: Any,
 ) -> UniversalNet:
     """Build the universal network.
@@ -202,6 +270,7 @@ def build_model(
     - ``modality_channels``: modality name → channel count, in modality-vocabulary order.
     - ``num_tasks``: K, the number of global tasks (one sigmoid output each).
     - ``architecture``: a name in :data:`MODELS` (``unet``, ``resenc_unet``, ``swinunetr``).
+    - ``head``: a name in :data:`HEADS`.
     - ``options``: architecture options (e.g. ``blocks_per_stage``, ``feature_size``); unknown names raise.
     """
     return UniversalNet(
@@ -212,4 +281,5 @@ def build_model(
         deep_supervision=deep_supervision,
         deep_supervision_levels=deep_supervision_levels,
         options=options,
+        head=head,
     )

@@ -2,24 +2,36 @@
 
 Every global task is its own sigmoid output, so overlapping structures (organ and the tumour inside it)
 can both be positive; the sigmoid is applied by the loss and the predictor, never here.
+
+Heads live in :data:`HEADS`; each is built as ``HEADS.get(name)(channels, num_tasks, spatial_dims, levels)``.
+A head lists in ``task_parameters`` the names of its parameters whose first axis indexes the tasks, so that
+``init_from`` can carry a trained task's row over to a model with another task list.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from monai.networks.blocks.dynunet_block import UnetOutBlock
 from torch import nn
 
 from mosaicseg.errors import MosaicSegError
+from mosaicseg.registry import Registry
+
+HEADS: Registry[type[nn.Module]] = Registry("head")
 
 
+@HEADS.register("task")
 class TaskHead(nn.Module):
     """A 1x1 conv to ``num_tasks`` logits on each of the first ``deep_supervision_levels`` decoder maps.
 
     ``channels[i]`` is the channel count of decoder map ``i`` (full resolution first).
     """
+
+    # conv weight (K, c, 1, 1[, 1]) and bias (K,) of every level: row k belongs to task k
+    task_parameters: ClassVar[tuple[str, ...]] = ("conv.conv.weight", "conv.conv.bias")
 
     def __init__(
         self, channels: Sequence[int], num_tasks: int, spatial_dims: int, deep_supervision_levels: int
@@ -42,3 +54,7 @@ class TaskHead(nn.Module):
         """``[(B, c_i, *S_i), ...]`` → ``[(B, K, *S_i)]`` for the first ``levels`` maps (default: all heads)."""
         n = self.levels if levels is None else levels
         return [self.convs[i](features[i]) for i in range(n)]
+
+    def is_task_parameter(self, name: str) -> bool:
+        """Whether parameter ``name`` (relative to this head) has one row per task on its first axis."""
+        return any(name.endswith(p) for p in self.task_parameters)

@@ -1,4 +1,10 @@
-"""The one training loop. Recipes plug model, loss, datasets, sampling and hooks into it.
+"""The one training loop. Recipes (:mod:`mosaicseg.training.recipes`) plug model, loss, inputs, parameter
+groups, batch policy, state and hooks into it; nothing here knows a method.
+
+A step: the policy's draws become a batch (:mod:`mosaicseg.data.sampling`), ``model(image, modality,
+**recipe.inputs(batch))`` gives a :class:`~mosaicseg.types.ModelOutput`, ``recipe.loss`` its terms, and
+:meth:`Trainer.apply_gradients` the update (per-group learning rates, clipping, loss scaling). A recipe may
+replace the step (``recipe.step``) and reuse :meth:`Trainer.forward_loss` and :meth:`Trainer.apply_gradients`.
 
 Reproducibility: the model is initialised from ``torch.manual_seed(seed)``, sample ``i`` of the run is a pure
 function of ``(seed, i)`` (see :mod:`mosaicseg.data.sampling`), and the learning rate is a function of the
@@ -13,6 +19,7 @@ Run folder::
     RUN/checkpoint_final.pt       the end of training; reported numbers use this one
     RUN/checkpoint_best.pt        best validation mean pseudo-Dice (a convenience, not for reporting)
     RUN/metrics.jsonl             one record per epoch
+    RUN/init_report.json          with ``init_from``: what was loaded, what is new, what was dropped
     RUN/progress.png              loss, per-dataset validation Dice, learning rate, epoch time
 
 Checkpoints are plain dicts of tensors and primitives written atomically with :func:`torch.save` and read
@@ -21,35 +28,37 @@ with ``weights_only=True``: loading never executes code.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mosaicseg.atomic import write_json_atomic
-from mosaicseg.config import CollectionConfig, TrainConfig, parse_collection
+from mosaicseg.config import TrainConfig
 from mosaicseg.data.augment import AugmentConfig
-from mosaicseg.data.fingerprint import load_plans
-from mosaicseg.data.preprocess import list_cases, load_case
-from mosaicseg.data.sampling import CaseSampler, PatchDataset, cached_loader, collate
+from mosaicseg.data.preprocess import load_case
+from mosaicseg.data.sampling import BatchPolicy, DrawSampler, PatchDataset, cached_loader, collate
 from mosaicseg.data.splits import fold_cases
-from mosaicseg.data.vocabulary import Vocabulary
+from mosaicseg.data.workdir import list_cases, load_case_meta, load_collection_config, load_plans, load_vocabulary
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.inference.sliding_window import predict_logits
+from mosaicseg.evaluation.metrics import dice_from_counts
+from mosaicseg.inference.sliding_window import TileModel, bind_modality, predict_logits
 from mosaicseg.models import use_device_layout
 from mosaicseg.runtime import load_checkpoint, native_bf16, resolve_device, save_checkpoint
 from mosaicseg.training.logging import append_record, plot_progress, read_records, truncate_records
 from mosaicseg.training.optim import build_optimizer, learning_rate
-from mosaicseg.training.recipes import RECIPES, RecipeContext, RecipeParts
+from mosaicseg.training.recipes import RECIPES, Losses, Recipe, RecipeContext, StepResult
+from mosaicseg.training.transfer import load_matching, read_source
+from mosaicseg.types import Batch, ModelOutput
+
 
 def run_folder_for(workdir: str | Path, config: TrainConfig) -> Path:
     """Default run folder: ``WORKDIR/runs/RECIPE_ARCH[_DATASET]/fold_F``."""
@@ -92,8 +101,9 @@ class Trainer:
         self._check_run_folder(resume, overwrite)
 
         self.plans = load_plans(self.workdir)
-        self.collection = self._load_collection()
-        full_vocab = Vocabulary.from_dict(json.loads((self.workdir / "vocabulary.json").read_text(encoding="utf-8")))
+        self.collection = load_collection_config(self.workdir)
+        full_vocab = load_vocabulary(self.workdir)
+        spec = RECIPES.get(config.recipe)
         torch.manual_seed(config.seed)  # model initialisation is part of the seeded run
         ctx = RecipeContext(
             config=config,
@@ -101,16 +111,32 @@ class Trainer:
             vocabulary=full_vocab,
             sampling=self.collection.sampling,
             weights={d.name: d.weight for d in self.collection.datasets},
+            options=spec.resolve(config.recipe_options),
+            distributed=self.world_size > 1,
         )
-        self.parts: RecipeParts = RECIPES.get(config.recipe)(ctx)
-        self.vocabulary = self.parts.vocabulary
-        self.model = self.parts.model.to(self.device)
+        self.recipe: Recipe = spec.build(ctx)
+        self.vocabulary = self.recipe.vocabulary
+        self.model = self.recipe.model.to(self.device)
+        self.init_report = None
+        if config.init_from is not None and not (resume and (self.run_dir / "checkpoint_latest.pt").is_file()):
+            self.init_report = load_matching(
+                self.model, self.vocabulary, read_source(config.init_from), config.init_from
+            )
+            if self.is_main:
+                write_json_atomic(self.run_dir / "init_report.json", self.init_report.to_dict())
         use_device_layout(self.model, self.device, mixed_precision=self.amp)
         self.patch_size = tuple(int(p) for p in (config.patch_size or self.plans["network"]["patch_size"]))
         self.batch_size = int(config.batch_size or self.plans["network"]["batch_size"])
-        self.optimizer = build_optimizer(self.model.parameters(), config)
+        self.param_groups = self.recipe.param_groups(self.model)
+        self._freeze_outside_groups()
+        self.optimizer = build_optimizer(
+            [{"params": g.params, "name": g.name} for g in self.param_groups if g.params], config
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.train_cases, self.val_cases, self.notes = self._split()
+        if self.init_report is not None:
+            self.notes.append(self.init_report.summary())
+        self.policy: BatchPolicy = self.recipe.policy(self.train_cases)
         if self.amp and self.device.type == "cpu" and not native_bf16():
             self.notes.append(
                 "this CPU has no native bf16 (AVX512-BF16 or AMX): mixed precision is emulated, slower than "
@@ -133,6 +159,19 @@ class Trainer:
         if self.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and self.config.device != "cpu" else "gloo"
             torch.distributed.init_process_group(backend=backend)
+
+    def _freeze_outside_groups(self) -> None:
+        """Parameters in no group get no gradient: they stay out of the optimiser, the clipping and DDP."""
+        trained = {id(p) for g in self.param_groups for p in g.params}
+        seen: set[int] = set()
+        for g in self.param_groups:
+            overlap = [id(p) for p in g.params if id(p) in seen]
+            if overlap:
+                raise ValueError(f"recipe '{self.config.recipe}': a parameter is in two groups (group {g.name})")
+            seen.update(id(p) for p in g.params)
+        for p in self.model.parameters():
+            if id(p) not in trained:
+                p.requires_grad_(False)
 
     def _wrap_distributed(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:
@@ -171,17 +210,9 @@ class Trainer:
             for stale in self.run_dir.glob(".*.tmp*"):
                 stale.unlink(missing_ok=True)
 
-    def _load_collection(self) -> CollectionConfig:
-        path = self.workdir / "collection.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise MosaicSegError(f"{path}: missing or unreadable ({exc}). Fix: run mosaicseg plan first.") from exc
-        return parse_collection(data, source=path)
-
     def _split(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
         cases = list_cases(self.workdir)
-        wanted = set(self.parts.datasets)
+        wanted = set(self.recipe.datasets)
         missing = sorted(d for d in wanted if not cases.get(d))
         if missing:
             raise MosaicSegError(
@@ -195,10 +226,9 @@ class Trainer:
         """Refuse a patch larger than every training image: it would be mostly padding (a mis-edited plan)."""
         largest = np.zeros(len(self.patch_size), dtype=int)
         for dataset, case_id in self.train_cases:
-            meta_path = self.workdir / "preprocessed" / dataset / f"{case_id}.json"
             try:
-                shape = json.loads(meta_path.read_text(encoding="utf-8"))["shape_resampled"]
-            except (OSError, ValueError, KeyError):
+                shape = load_case_meta(self.workdir, dataset, case_id)["shape_resampled"]
+            except (MosaicSegError, KeyError):
                 return  # load_case reports a damaged cache with its own message
             largest = np.maximum(largest, shape[-len(self.patch_size) :])
         strides = np.asarray(self.plans["network"]["strides"]).reshape(-1, len(self.patch_size))
@@ -227,9 +257,10 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "plans": self.plans,
             "vocabulary": self.vocabulary.to_dict(),
-            "datasets": list(self.parts.datasets),
+            "datasets": list(self.recipe.datasets),
             "best": dict(self.best),
             "patch_size": list(self.patch_size),
+            "recipe": self.recipe.state_dict(),
         }
 
     def save(self, name: str) -> Path:
@@ -253,6 +284,7 @@ class Trainer:
                 "resume with the same settings (see config.json) or start a new run folder."
             )
         self.model.load_state_dict(ckpt["model"])
+        self.recipe.load_state_dict(ckpt.get("recipe") or {})
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -295,12 +327,11 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- data
     def _loader(self) -> DataLoader:
         cfg = self.config
-        sampler = CaseSampler.build(self.train_cases, self.parts.sampling, self.parts.weights)
         augment = AugmentConfig() if cfg.augment else AugmentConfig.off()
         global_batch = self.batch_size * self.world_size
         dataset = PatchDataset(
             cached_loader(self.workdir),
-            sampler,
+            self.policy,
             self.vocabulary,
             self.patch_size,
             seed=cfg.seed,
@@ -309,14 +340,14 @@ class Trainer:
             oversample_foreground=cfg.oversample_foreground,
         )
         end = (self.total_iterations or 2**40) * global_batch
-        # Rank r takes samples [it*G + r*B, it*G + (r+1)*B) of iteration it: the union over ranks is the same
-        # sample stream whatever the number of processes.
-        indices = _RankIndices(self.iteration * global_batch, end, self.batch_size, self.rank, self.world_size)
-        channels = max(len(d["normalization"]) for n, d in self.plans["datasets"].items() if n in self.parts.datasets)
+        draws = DrawSampler(
+            self.policy, cfg.seed, self.iteration * global_batch, end, self.batch_size, self.rank, self.world_size
+        )
+        channels = max(len(d["normalization"]) for n, d in self.plans["datasets"].items() if n in self.recipe.datasets)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=indices,
+            sampler=draws,
             num_workers=cfg.num_workers,
             collate_fn=_Collate(channels),
             persistent_workers=cfg.num_workers > 0,
@@ -325,39 +356,80 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------------------- steps
-    def train_step(self, batch: dict[str, Any]) -> float:
-        self.model.train()
-        image = batch["image"].to(self.device, non_blocking=True)
-        modality = batch["modality"].to(self.device)
-        on_device = {
+    def to_device(self, batch: Batch) -> Batch:
+        """The batch's tensors on the training device (non-tensors as they are)."""
+        return {  # type: ignore[return-value]
             k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
         }
-        lr = learning_rate(self.config, self.progress_fraction())
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+
+    def forward_loss(self, batch: Batch) -> tuple[ModelOutput, Losses, torch.Tensor]:
+        """The model's outputs on an on-device ``batch`` (through DDP when distributed), the recipe's loss terms
+        and their sum, under the run's precision. Raises if the sum is not finite."""
+        self.model.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            outputs = self.ddp_model(image, modality)
-            loss = self.parts.loss(outputs, on_device)
-        if not torch.isfinite(loss):
+            outputs = self.ddp_model(batch["image"], batch["modality"], **self.recipe.inputs(batch))
+            value = self.recipe.loss(outputs, batch)
+        losses = value if isinstance(value, dict) else {"loss": value}
+        total = sum(losses.values(), torch.zeros((), device=self.device))
+        if not torch.isfinite(total):
             raise MosaicSegError(
-                f"training diverged at iteration {self.iteration}: the loss is {loss.item()}. Fix: "
-                "lower the learning rate (--lr) or check the data with mosaicseg check."
+                f"training diverged at iteration {self.iteration}: the loss is {total.item()} "
+                f"({ {k: float(v) for k, v in losses.items()} }). Fix: lower the learning rate (--lr) or check the "
+                "data with mosaicseg check."
             )
-        self.scaler.scale(loss).backward()
+        return outputs, losses, total
+
+    def set_learning_rates(self) -> None:
+        """Each group's rate for the step about to run: the schedule at the current progress × the group's
+        factor (:meth:`~mosaicseg.training.recipes.ParamGroup.factor`)."""
+        lr = learning_rate(self.config, self.progress_fraction())
+        factors = {g.name: g.factor(self.iteration) for g in self.param_groups}
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * factors[group["name"]]
+
+    def apply_gradients(self, total: torch.Tensor | None) -> None:
+        """Backward of ``total`` (None: the gradients are already in ``.grad``), clip, optimiser step."""
+        if total is not None:
+            self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        trained = [p for g in self.param_groups for p in g.params]
+        torch.nn.utils.clip_grad_norm_(trained, self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+
+    def standard_step(self, batch: Batch) -> StepResult:
+        """One forward, one backward, one update."""
+        outputs, losses, total = self.forward_loss(batch)
+        self.apply_gradients(total)
+        return StepResult(float(total.detach()), {k: v.detach() for k, v in losses.items()}, outputs)
+
+    def train_step(self, batch: Batch) -> StepResult:
+        """The recipe's step (or :meth:`standard_step`) on ``batch``; advances the iteration."""
+        batch = self.to_device(batch)
+        self.set_learning_rates()
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.recipe.step or Trainer.standard_step
+        result = step(self, batch)
         self.iteration += 1
-        return float(loss.detach())
+        for hook in self.recipe.hooks:
+            getattr(hook, "on_step_end", _skip)(self, batch, result.outputs, result.losses)
+        return result
+
+    def tile_forward(self, dataset: str, tasks: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``tiles (N, C, *P) -> logits (N, K, *P)`` of the model for images of ``dataset`` asking for ``tasks``
+        (global indices): what the sliding window calls, bound as the predictor binds it (:class:`TileModel`)."""
+        wanted = torch.zeros(self.vocabulary.num_tasks, dtype=torch.bool, device=self.device)
+        wanted[list(tasks)] = True
+        tile = TileModel(self.model, wanted, self.vocabulary.dataset_index(dataset))
+        return bind_modality(tile, self.vocabulary.modality_index(dataset))
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
         """Per-dataset pseudo-Dice on the fold's held-out cases (preprocessed space, threshold 0.5).
 
-        Counts are summed over cases per task (nnU-Net's pseudo-Dice), then averaged over each dataset's
-        tasks; at most ``val_max_cases`` cases per dataset, the first in sorted order.
+        Counts are summed over cases per task (nnU-Net's pseudo-Dice; the evaluator's Dice of the summed
+        counts), then averaged over each dataset's tasks; at most ``val_max_cases`` cases per dataset, the first
+        in sorted order.
         """
         self.model.eval()
         per_dataset: dict[str, list[tuple[str, str]]] = {}
@@ -368,16 +440,17 @@ class Trainer:
             if self.config.val_max_cases is not None:
                 cases = sorted(cases)[: self.config.val_max_cases]
             tasks = self.vocabulary.dataset_tasks(d)
+            task_ids = [k for k, _, _ in tasks]
+            forward = self.tile_forward(d, task_ids)
             for _, case_id in cases:
                 case = load_case(self.workdir, d, case_id, mmap=True)
                 image = torch.from_numpy(np.array(case.image, dtype=np.float32))  # mmap is read-only
                 logits = predict_logits(
-                    self.model,
+                    forward,
                     image,
-                    self.vocabulary.modality_index(d),
                     self.patch_size,
                     tile_batch=self.batch_size,
-                    tasks=[k for k, _, _ in tasks],
+                    tasks=task_ids,
                     device=self.device,
                     amp=self.amp,
                 )
@@ -394,8 +467,8 @@ class Trainer:
         for d in per_dataset:
             values = []
             for k, _, _ in self.vocabulary.dataset_tasks(d):
-                tp, fp, fn = counts.get((d, k), np.zeros(3))
-                dice = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else math.nan
+                tp, fp, fn = counts.get((d, k), np.zeros(3, dtype=np.int64))
+                dice = dice_from_counts(int(tp), int(fp), int(fn))
                 task_dice[self.vocabulary.tasks[k].name] = float(dice)
                 values.append(dice)
             finite = [v for v in values if not math.isnan(v)]
@@ -416,7 +489,7 @@ class Trainer:
                 self.run_dir / "config.json",
                 {
                     "train_config": cfg.to_dict(),
-                    "datasets": list(self.parts.datasets),
+                    "datasets": list(self.recipe.datasets),
                     "tasks": [t.name for t in self.vocabulary.tasks],
                     "patch_size": list(self.patch_size),
                     "batch_size": self.batch_size,
@@ -426,8 +499,8 @@ class Trainer:
                     "val_cases": len(self.val_cases),
                 },
             )
-        for hook in self.parts.hooks:
-            getattr(hook, "on_train_start", lambda t: None)(self)
+        for hook in self.recipe.hooks:
+            getattr(hook, "on_train_start", _skip)(self)
         record: dict[str, Any] = {}
         if self.finished():
             return self._finish(record)
@@ -447,15 +520,13 @@ class Trainer:
         tick = time.perf_counter()
         try:
             for batch in self._loader():
-                loss = self.train_step(batch)
+                loss = self.train_step(batch).loss
                 now = time.perf_counter()
                 self.elapsed_s += now - tick
                 tick = now
                 losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", epoch=self.epoch)
-                for hook in self.parts.hooks:
-                    getattr(hook, "on_step_end", lambda t, v: None)(self, loss)
                 done = self.finished()
                 epoch_end = self.iteration % cfg.iterations_per_epoch == 0
                 if epoch_end or done:
@@ -496,8 +567,8 @@ class Trainer:
             if not math.isnan(record["val_mean"]) and record["val_mean"] > self.best["val_mean"]:
                 self.best = {"val_mean": record["val_mean"], "iteration": self.iteration}
                 self.save("best")
-        for hook in self.parts.hooks:
-            getattr(hook, "on_epoch_end", lambda t, r: None)(self, record)
+        for hook in self.recipe.hooks:
+            getattr(hook, "on_epoch_end", _skip)(self, record)
         if self.is_main:
             append_record(self.run_dir / "metrics.jsonl", record)
             plot_progress(read_records(self.run_dir / "metrics.jsonl"), self.run_dir / "progress.png")
@@ -518,19 +589,8 @@ class Trainer:
         return record
 
 
-class _RankIndices(Sampler[int]):
-    """Indices of this rank's share of each global batch (see :meth:`Trainer._loader`)."""
-
-    def __init__(self, start: int, stop: int, batch: int, rank: int, world: int) -> None:
-        self.start, self.stop, self.batch, self.rank, self.world = start, stop, batch, rank, world
-
-    def __iter__(self) -> Iterator[int]:
-        step = self.batch * self.world
-        for base in range(self.start, self.stop, step):
-            yield from range(base + self.rank * self.batch, base + (self.rank + 1) * self.batch)
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) // self.world
+def _skip(*_: Any) -> None:
+    """A hook method a recipe's hook does not implement."""
 
 
 class _Collate:

@@ -1,35 +1,92 @@
-"""Recipes: what a method plugs into the one Trainer — model, loss, datasets, sampling and hooks.
+"""Recipes: what a method plugs into the one Trainer — model, loss, inputs, parameter groups, batch policy,
+state and hooks.
 
-A recipe is a function ``(RecipeContext) -> RecipeParts`` registered by name. ``universal`` is MultiTalent
-(all datasets, one sigmoid output per global task, partial-label loss, cases ∝ 1/√n); ``single`` is the
-traditional paradigm with the same code on one dataset. Later methods (Hermes, KA²ER, ...) register here.
+A recipe is registered by name with the options it accepts (:func:`register_recipe`) and built by a function
+``(RecipeContext) -> Recipe``. The :class:`Recipe` is data plus a few functions, never a Trainer subclass:
+
+- ``model``: any model of :data:`~mosaicseg.models.MODEL_KINDS` (``forward(image, modality, tasks=None,
+  dataset=None, prompts=None) -> ModelOutput``; its ``config`` rebuilds it for resume and prediction);
+- ``loss(outputs, batch)``: a scalar or named terms ``{name: scalar}`` (summed for the backward);
+- ``inputs(batch)``: the keyword arguments the model gets besides ``image`` and ``modality`` (default: the
+  sample's annotated ``tasks`` ``(B, K)`` and ``dataset`` ``(B,)``);
+- ``param_groups(model)``: the trained parameters as :class:`ParamGroup` s with their own learning-rate scale,
+  start and warm-up; parameters in no group are frozen (no gradient, not in the optimiser, not reduced by DDP);
+- ``policy(cases)``: the batch policy over the fold's training cases (default: the collection's scheme, e.g.
+  MultiTalent's per-case 1/√n draw);
+- ``state_dict()`` / ``load_state_dict(state)``: the recipe's own state, saved inside every checkpoint;
+- ``hooks``: objects with any of ``on_train_start(trainer)``, ``on_step_end(trainer, batch, outputs, losses)``,
+  ``on_epoch_end(trainer, record)`` (:class:`Hook`);
+- ``step``: replaces the Trainer's step (:data:`StepFn`) for methods that need more than one backward per turn
+  (ASAP: a target and an auxiliary gradient); it reuses the Trainer's pieces (``trainer.forward_loss``,
+  ``trainer.apply_gradients``).
+
+``universal`` is MultiTalent (all datasets, one sigmoid output per global task, partial-label loss, cases ∝
+1/√n); ``single`` is the traditional paradigm with the same code on one dataset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from mosaicseg.config import TrainConfig
+from mosaicseg.data.sampling import BatchPolicy, CaseSampler
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.models import build_model
 from mosaicseg.registry import Registry
 from mosaicseg.training.losses import deep_supervision_loss
-from mosaicseg.types import Batch
+from mosaicseg.types import Batch, ModelOutput
 
-LossFn = Callable[[Any, Batch], torch.Tensor]
+Losses = dict[str, torch.Tensor]
+LossFn = Callable[[ModelOutput, Batch], "torch.Tensor | Losses"]
+StepFn = Callable[[Any, Batch], "StepResult"]
+
+
+@dataclass
+class StepResult:
+    """What one training step produced: the summed loss (a float), its named terms and the model outputs."""
+
+    loss: float
+    losses: Losses
+    outputs: ModelOutput | None = None
 
 
 class Hook(Protocol):
-    """Optional callbacks; a recipe implements only the methods it needs (looked up with ``getattr``)."""
+    """Optional callbacks; a recipe's hook implements only the methods it needs (looked up with ``getattr``)."""
 
     def on_train_start(self, trainer: Any) -> None: ...
-    def on_step_end(self, trainer: Any, loss: float) -> None: ...
+    def on_step_end(self, trainer: Any, batch: Batch, outputs: ModelOutput | None, losses: Losses) -> None: ...
     def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class ParamGroup:
+    """Parameters trained together.
+
+    The group's learning rate at iteration ``it`` is ``schedule(progress) × lr_scale × ramp``, where ``ramp`` is
+    0 before ``start`` (the group is still frozen: its weights stay bit-identical), then rises linearly over
+    ``warmup`` iterations to 1 (``(it − start + 1) / warmup``), then stays 1.
+    """
+
+    name: str
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0
+    start: int = 0
+    warmup: int = 0
+
+    def factor(self, iteration: int) -> float:
+        """``lr_scale × ramp`` at ``iteration`` (0-based: the step about to run)."""
+        if iteration < self.start:
+            return 0.0
+        if self.warmup > 0:
+            return self.lr_scale * min(1.0, (iteration - self.start + 1) / self.warmup)
+        return self.lr_scale
 
 
 @dataclass(frozen=True)
@@ -39,20 +96,82 @@ class RecipeContext:
     vocabulary: Vocabulary  # the collection's full vocabulary
     sampling: str  # the collection's sampling scheme
     weights: dict[str, float]  # the collection's per-dataset sampling weights
+    options: dict[str, Any] = field(default_factory=dict)  # the recipe's options, defaults filled in
+    distributed: bool = False  # several processes share each global batch (losses all-reduce their sums)
+
+
+def default_inputs(batch: Batch) -> dict[str, Any]:
+    """The model's keyword arguments of a batch: each sample's annotated tasks and its dataset."""
+    return {"tasks": batch["label_mask"], "dataset": batch["dataset"]}
+
+
+def all_parameters(model: nn.Module) -> list[ParamGroup]:
+    return [ParamGroup("all", [p for p in model.parameters() if p.requires_grad])]
+
+
+def _no_state() -> dict[str, Any]:
+    return {}
+
+
+def _ignore_state(state: dict[str, Any]) -> None:
+    if state:
+        raise MosaicSegError(
+            "the checkpoint holds recipe state, but this recipe keeps none. Fix: resume with the recipe the run "
+            "was trained with (see config.json)."
+        )
 
 
 @dataclass
-class RecipeParts:
-    model: torch.nn.Module
+class Recipe:
+    """A built recipe (see the module docstring)."""
+
+    model: nn.Module
     loss: LossFn
     vocabulary: Vocabulary  # the model's output vocabulary (what its K outputs mean)
     datasets: tuple[str, ...]  # datasets trained and validated on
-    sampling: str
-    weights: dict[str, float] | None = None
+    policy: Callable[[Sequence[tuple[str, str]]], BatchPolicy]
+    inputs: Callable[[Batch], dict[str, Any]] = default_inputs
+    param_groups: Callable[[nn.Module], list[ParamGroup]] = all_parameters
+    state_dict: Callable[[], dict[str, Any]] = _no_state
+    load_state_dict: Callable[[dict[str, Any]], None] = _ignore_state
     hooks: list[Any] = field(default_factory=list)
+    step: StepFn | None = None
 
 
-RECIPES: Registry[Callable[[RecipeContext], RecipeParts]] = Registry("recipe")
+@dataclass(frozen=True)
+class RecipeSpec:
+    """A registered recipe: its build function and its options with their defaults."""
+
+    name: str
+    build: Callable[[RecipeContext], Recipe]
+    options: Mapping[str, Any]
+
+    def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults updated with ``given``; an unknown name is an error naming this recipe's options."""
+        for name in given:
+            if name not in self.options:
+                close = difflib.get_close_matches(name, list(self.options), n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                known = ", ".join(sorted(self.options)) or "none"
+                raise MosaicSegError(
+                    f"recipe '{self.name}' has no option '{name}'.{hint} Fix: use one of its options ({known})."
+                )
+        return {**self.options, **given}
+
+
+RECIPES: Registry[RecipeSpec] = Registry("recipe")
+
+
+def register_recipe(
+    name: str, options: Mapping[str, Any] | None = None
+) -> Callable[[Callable[[RecipeContext], Recipe]], Callable[[RecipeContext], Recipe]]:
+    """Decorator: register ``build`` as recipe ``name`` accepting ``options`` (name → default)."""
+
+    def add(build: Callable[[RecipeContext], Recipe]) -> Callable[[RecipeContext], Recipe]:
+        RECIPES.register(name)(RecipeSpec(name, build, dict(options or {})))
+        return build
+
+    return add
 
 
 def modality_channels(plans: dict[str, Any], vocabulary: Vocabulary) -> dict[str, int]:
@@ -69,26 +188,37 @@ def modality_channels(plans: dict[str, Any], vocabulary: Vocabulary) -> dict[str
     return {m: out[m] for m in vocabulary.modalities}
 
 
-def partial_label_objective(outputs: Any, batch: Batch) -> torch.Tensor:
-    """MultiTalent's loss over deep-supervision outputs (see :mod:`mosaicseg.training.losses`)."""
-    return deep_supervision_loss(outputs, batch["target"], batch["label_mask"], batch["ignore"])
+def partial_label_objective(distributed: bool = False) -> LossFn:
+    """MultiTalent's loss over deep-supervision outputs (see :mod:`mosaicseg.training.losses`); ``distributed``:
+    its batch sums run over the global batch of every process."""
+
+    def loss(outputs: ModelOutput, batch: Batch) -> torch.Tensor:
+        return deep_supervision_loss(
+            outputs.logits, batch["target"], batch["label_mask"], batch["ignore"], distributed=distributed
+        )
+
+    return loss
 
 
-def missing_as_background_objective(outputs: Any, batch: Batch) -> torch.Tensor:
+def missing_as_background_objective(distributed: bool = False) -> LossFn:
     """The naive baseline: every task is supervised on every sample, un-annotated ones as background."""
-    return deep_supervision_loss(outputs, batch["target"], torch.ones_like(batch["label_mask"]), batch["ignore"])
+
+    def loss(outputs: ModelOutput, batch: Batch) -> torch.Tensor:
+        everything = torch.ones_like(batch["label_mask"])
+        return deep_supervision_loss(
+            outputs.logits, batch["target"], everything, batch["ignore"], distributed=distributed
+        )
+
+    return loss
 
 
-def _objective(cfg: TrainConfig) -> LossFn:
-    return missing_as_background_objective if cfg.missing_labels == "background" else partial_label_objective
-
-
-def _network(ctx: RecipeContext, vocabulary: Vocabulary) -> torch.nn.Module:
-    network = dict(ctx.plans["network"])
+def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
+    """The plan's network (patch size overridable) with one output per task of ``vocabulary``."""
+    plan = dict(ctx.plans["network"])
     if ctx.config.patch_size is not None:
-        network["patch_size"] = list(ctx.config.patch_size)
+        plan["patch_size"] = list(ctx.config.patch_size)
     return build_model(
-        network,
+        plan,
         modality_channels(ctx.plans, vocabulary),
         vocabulary.num_tasks,
         architecture=ctx.config.architecture,
@@ -97,24 +227,35 @@ def _network(ctx: RecipeContext, vocabulary: Vocabulary) -> torch.nn.Module:
     )
 
 
-@RECIPES.register("universal")
-def universal(ctx: RecipeContext) -> RecipeParts:
+def scheme_policy(scheme: str, weights: dict[str, float] | None) -> Callable[[Sequence[tuple[str, str]]], BatchPolicy]:
+    """A fixed-probability policy factory (``inv_sqrt``, ``uniform`` or ``weights``)."""
+
+    def build(cases: Sequence[tuple[str, str]]) -> BatchPolicy:
+        return CaseSampler.build(cases, scheme, weights)
+
+    return build
+
+
+@register_recipe("universal")
+def universal(ctx: RecipeContext) -> Recipe:
     """MultiTalent: one model, every task of every (chosen) dataset its own sigmoid output."""
     vocabulary = ctx.vocabulary
     if ctx.config.datasets:
         vocabulary = vocabulary.restrict(list(ctx.config.datasets))
-    return RecipeParts(
-        model=_network(ctx, vocabulary),
-        loss=_objective(ctx.config),
+    objective = (
+        missing_as_background_objective if ctx.config.missing_labels == "background" else partial_label_objective
+    )
+    return Recipe(
+        model=network(ctx, vocabulary),
+        loss=objective(ctx.distributed),
         vocabulary=vocabulary,
         datasets=vocabulary.datasets,
-        sampling=ctx.config.sampling or ctx.sampling,
-        weights=ctx.weights,
+        policy=scheme_policy(ctx.config.sampling or ctx.sampling, ctx.weights),
     )
 
 
-@RECIPES.register("single")
-def single(ctx: RecipeContext) -> RecipeParts:
+@register_recipe("single")
+def single(ctx: RecipeContext) -> Recipe:
     """The traditional paradigm: one dataset, its own tasks only, same network, loss and loop."""
     dataset = ctx.config.dataset
     if dataset is None:
@@ -126,10 +267,10 @@ def single(ctx: RecipeContext) -> RecipeParts:
             )
         dataset = ctx.vocabulary.datasets[0]
     vocabulary = ctx.vocabulary.restrict([dataset])
-    return RecipeParts(
-        model=_network(ctx, vocabulary),
-        loss=partial_label_objective,
+    return Recipe(
+        model=network(ctx, vocabulary),
+        loss=partial_label_objective(ctx.distributed),
         vocabulary=vocabulary,
         datasets=(dataset,),
-        sampling="uniform",
+        policy=scheme_policy("uniform", None),
     )
