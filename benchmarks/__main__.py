@@ -30,39 +30,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, QUICK_ENV, RESULTS, SHARED, WORK, plain_network, run_cli, run_study
+from benchmarks.common import (
+    QUICK,
+    QUICK_ENV,
+    RESULTS,
+    SHARED,
+    WORK,
+    held_out_cases,
+    held_out_files,
+    link_all,
+    plain_network,
+    run_cli,
+    run_study,
+)
 from benchmarks.report import write_report
-
-
-def _fold_cases(workdir: Path, dataset: str, fold: int = 0) -> list[str]:
-    from mosaicseg.config import parse_collection
-    from mosaicseg.data.preprocess import list_cases
-    from mosaicseg.data.splits import fold_cases
-
-    config = parse_collection(json.loads((workdir / "collection.json").read_text()), source=workdir)
-    _, val, _ = fold_cases(config, {dataset: list_cases(workdir)[dataset]}, fold)
-    return sorted(c for _, c in val)
-
-
-def _held_out_files(dataset: str, cases: list[str]) -> tuple[Path, list[Path]]:
-    """A folder of symlinks to the held-out images, and their label files."""
-    folder = SHARED / dataset
-    ending = json.loads((folder / "dataset.json").read_text())["file_ending"]
-    images = [p for c in cases for p in sorted((folder / "imagesTr").glob(f"{c}_*{ending}"))]
-    labels = [folder / "labelsTr" / f"{c}{ending}" for c in cases]
-    return folder, images + labels
-
-
-def _link_all(paths: list[Path], into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    for stale in into.iterdir():  # a folder left by an earlier, larger selection
-        if stale.is_symlink() and stale.name not in {p.name for p in paths}:
-            stale.unlink()
-    for p in paths:
-        link = into / p.name
-        if not link.exists():
-            link.symlink_to(p)
-    return into
 
 
 def study_partial_labels() -> dict[str, Any]:
@@ -129,10 +110,10 @@ def study_hippocampus() -> dict[str, Any]:
         args.append("--resume")
     t_train = run_cli(args, WORK / "logs" / "hippo_train.log").seconds
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    cases = _fold_cases(workdir, dataset)[:n_cases]
-    _, files = _held_out_files(dataset, cases)
-    images = _link_all([f for f in files if "imagesTr" in str(f)], WORK / "hippo_heldout" / "images")
-    labels = _link_all([f for f in files if "labelsTr" in str(f)], WORK / "hippo_heldout" / "labels")
+    cases = held_out_cases(workdir, dataset)[:n_cases]
+    _, files = held_out_files(dataset, cases)
+    images = link_all([f for f in files if "imagesTr" in str(f)], WORK / "hippo_heldout" / "images")
+    labels = link_all([f for f in files if "labelsTr" in str(f)], WORK / "hippo_heldout" / "labels")
     pred = WORK / "hippo_pred"
     t_pred = run_cli(
         ["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--overwrite"],
@@ -223,7 +204,7 @@ def study_predict() -> dict[str, Any]:
             continue
         n = 1 if QUICK else n
         images = sorted((SHARED / images_of / "imagesTr").glob("*_0000.nii.gz"))[:n]
-        folder = _link_all(images, WORK / f"predict_{images_of}" / "images")
+        folder = link_all(images, WORK / f"predict_{images_of}" / "images")
         pred = WORK / f"predict_{images_of}" / f"pred_{len(out)}"
         args = ["predict", "-m", str(run), "-i", str(folder), "-o", str(pred), "--overwrite"]
         args += ["--dataset", plan_dataset] + (["--tta"] if tta else [])
@@ -446,9 +427,9 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
     of = BRAIN4[:1] if QUICK else BRAIN4
     cases_per_dataset = 1 if QUICK else cases_per_dataset
     for dataset in of:
-        cases = _fold_cases(WORK / "brain4", dataset)[:cases_per_dataset]
-        _, files = _held_out_files(dataset, cases)
-        images = _link_all([f for f in files if "imagesTr" in str(f)], WORK / "ensemble" / dataset / "images")
+        cases = held_out_cases(WORK / "brain4", dataset)[:cases_per_dataset]
+        _, files = held_out_files(dataset, cases)
+        images = link_all([f for f in files if "imagesTr" in str(f)], WORK / "ensemble" / dataset / "images")
         out = WORK / "ensemble" / dataset
         uni = run_cli(
             [

@@ -115,3 +115,35 @@ def run_cli(args: list[str], log: Path) -> CliRun:
     if code != 0:
         raise SystemExit(f"mosaicseg {' '.join(args)} failed (exit {code}); see {log}")
     return CliRun(seconds, usage.ru_maxrss / 1024)
+
+
+def held_out_cases(workdir: Path, dataset: str, fold: int = 0) -> list[str]:
+    """The case ids of ``dataset`` that fold ``fold`` of a MosaicSeg work folder holds out for validation (read
+    as the Trainer reads them)."""
+    from mosaicseg.data.splits import fold_cases
+    from mosaicseg.data.workdir import list_cases, load_collection_config
+
+    _, val, _ = fold_cases(load_collection_config(workdir), {dataset: list_cases(workdir)[dataset]}, fold)
+    return sorted(c for _, c in val)
+
+
+def held_out_files(dataset: str, cases: list[str]) -> tuple[Path, list[Path]]:
+    """The shared raw dataset folder, and the image files (every channel) then label files of ``cases``."""
+    folder = SHARED / dataset
+    ending = json.loads((folder / "dataset.json").read_text())["file_ending"]
+    images = [p for c in cases for p in sorted((folder / "imagesTr").glob(f"{c}_*{ending}"))]
+    labels = [folder / "labelsTr" / f"{c}{ending}" for c in cases]
+    return folder, images + labels
+
+
+def link_all(paths: list[Path], into: Path) -> Path:
+    """A folder ``into`` of symlinks to exactly ``paths`` (links of an earlier, larger selection removed)."""
+    into.mkdir(parents=True, exist_ok=True)
+    for stale in into.iterdir():  # a folder left by an earlier, larger selection
+        if stale.is_symlink() and stale.name not in {p.name for p in paths}:
+            stale.unlink()
+    for p in paths:
+        link = into / p.name
+        if not link.exists():
+            link.symlink_to(p)
+    return into

@@ -27,7 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, SHARED, WORK, CliRun, plain_network, run_cli
+from benchmarks.common import (
+    ROOT,
+    SHARED,
+    WORK,
+    CliRun,
+    held_out_cases,
+    held_out_files,
+    link_all,
+    plain_network,
+    run_cli,
+)
 
 RUNNER = ROOT / "benchmarks" / "nnunet_runner.py"
 
@@ -195,11 +205,9 @@ def _mosaicseg_workdir(workdir: Path, dataset: str, network: dict[str, Any] | No
 
 
 def _subset(workdir: Path, dataset: str, cases: list[str], into: Path) -> tuple[Path, Path]:
-    from benchmarks.__main__ import _held_out_files, _link_all
-
-    _, files = _held_out_files(dataset, cases)
-    images = _link_all([f for f in files if "imagesTr" in str(f)], into / "images")
-    labels = _link_all([f for f in files if "labelsTr" in str(f)], into / "labels")
+    _, files = held_out_files(dataset, cases)
+    images = link_all([f for f in files if "imagesTr" in str(f)], into / "images")
+    labels = link_all([f for f in files if "labelsTr" in str(f)], into / "labels")
     return images, labels
 
 
@@ -267,9 +275,7 @@ def _one_dataset(
 
     same = root / f"ms_{dataset}_nnunet_plan"
     _mosaicseg_workdir(same, dataset, network, spacing)
-    from benchmarks.__main__ import _fold_cases
-
-    held_out = _fold_cases(same, dataset)
+    held_out = held_out_cases(same, dataset)
     all_cases = sorted(p.name.split(".")[0] for p in (SHARED / dataset / "labelsTr").iterdir())
     splits = [{"train": [c for c in all_cases if c not in held_out], "val": held_out}]
     (root / "preprocessed" / dataset / "splits_final.json").write_text(json.dumps(splits, indent=1))

@@ -92,7 +92,7 @@ def inference_forward(
 
     from benchmarks.common import ROOT
     from mosaicseg.inference.predictor import resolve_precision
-    from mosaicseg.inference.sliding_window import MAX_EAGER_S, MIN_SPEEDUP, FrozenForward
+    from mosaicseg.inference.sliding_window import MAX_EAGER_S, MIN_SPEEDUP, FrozenForward, TileModel
     from mosaicseg.models import build_model, use_device_layout
 
     try:
@@ -104,8 +104,9 @@ def inference_forward(
     rows: dict[str, Any] = {}
     for name, network, tasks, _ in networks:
         torch.manual_seed(0)
-        model = build_model(plain_network(network), {"T1": 1}, tasks).eval()
-        use_device_layout(model, torch.device("cpu"))
+        net = build_model(plain_network(network), {"T1": 1}, tasks).eval()
+        use_device_layout(net, torch.device("cpu"))
+        model = TileModel(net, torch.ones(tasks, dtype=torch.bool), 0).eval()  # what predict freezes and runs
         patch = network["patch_size"]
         x1, m1 = torch.randn(1, 1, *patch), torch.zeros(1, dtype=torch.long)
         with torch.no_grad():
@@ -253,9 +254,9 @@ def training_step(
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
-            outputs = forward(image, modality)
-        # the loss in float32, as the Trainer's autocast region ends before it
-        outputs = outputs.float() if isinstance(outputs, torch.Tensor) else [o.float() for o in outputs]
+            outputs = forward(image, modality).logits
+        # the loss in float32 (the partial-label loss casts its inputs to float32 in any case)
+        outputs = [o.float() for o in outputs]
         loss = deep_supervision_loss(outputs, target, label_mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)

@@ -90,3 +90,18 @@ def test_predict_stages_come_from_the_predict_record(tmp_path: Path) -> None:
     assert got == pytest.approx(want)
     (tmp_path / "predict.json").write_text(json.dumps({"cases": cases, "mixed_precision": True}))
     assert nnunet._stages(tmp_path, 10.0)["mixed_precision"] is True
+
+
+def test_held_out_cases_are_the_trainers_validation_cases(tiny_workdir_2d: Path, tmp_path: Path) -> None:
+    """The studies score the cases that the fold's training run held out (benchmarks.common, shared by the study
+    modules without importing benchmarks.__main__)."""
+    from benchmarks.common import held_out_cases
+    from mosaicseg.config import TrainConfig
+    from mosaicseg.training.loop import Trainer
+
+    trainer = Trainer(tiny_workdir_2d, TrainConfig(device="cpu", iterations=1), tmp_path / "run", progress=False)
+    datasets = sorted({d for d, _ in trainer.val_cases})
+    assert len(datasets) > 1
+    for d in datasets:
+        assert held_out_cases(tiny_workdir_2d, d) == sorted(c for dd, c in trainer.val_cases if dd == d)
+    assert held_out_cases(tiny_workdir_2d, datasets[0], fold=1) != held_out_cases(tiny_workdir_2d, datasets[0])

@@ -101,3 +101,14 @@ def test_deep_supervision_weights_and_downsampled_targets():
         low, target[:, :, ::2, ::2], mask
     )
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_distributed_option_needs_a_process_group():
+    logits, target, mask = torch.zeros(1, 1, 2), torch.ones(1, 1, 2), torch.ones(1, 1, dtype=torch.bool)
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        partial_label_loss(logits, target, mask, distributed=True)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        deep_supervision_loss([logits], target, mask, distributed=True)
+    # off by default: the same call without the option is the single-process loss
+    assert deep_supervision_loss([logits], target, mask).item() == partial_label_loss(logits, target, mask).item()

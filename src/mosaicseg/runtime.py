@@ -21,6 +21,8 @@ from mosaicseg.errors import MosaicSegError
 
 CHECKPOINT_FORMAT = "mosaicseg/checkpoint"
 CHECKPOINT_VERSION = 1
+# what a model checkpoint holds for prediction and init_from
+MODEL_KEYS = ("model", "model_config", "vocabulary", "plans", "patch_size")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,8 +61,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A MosaicSeg checkpoint, loaded without executing code (``weights_only=True``)."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", require: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A MosaicSeg checkpoint, loaded without executing code (``weights_only=True``); ``require``: keys the
+    caller reads, whose absence is reported as a damaged checkpoint rather than a KeyError."""
     path = Path(path)
     if path.is_dir():
         raise MosaicSegError(
@@ -87,6 +92,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise MosaicSegError(
             f"{path}: not a MosaicSeg checkpoint. Fix: pass a run folder or a checkpoint_*.pt "
             "written by mosaicseg train."
+        )
+    version = ckpt.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise MosaicSegError(
+            f"{path}: the checkpoint has no valid version ({version!r}; damaged). Fix: use a checkpoint_*.pt "
+            "written by mosaicseg train."
+        )
+    if version > CHECKPOINT_VERSION:
+        raise MosaicSegError(
+            f"{path}: checkpoint version {version!r} is newer than this mosaicseg reads ({CHECKPOINT_VERSION}). "
+            "Fix: upgrade mosaicseg."
+        )
+    missing = [k for k in require if k not in ckpt]
+    if missing:
+        raise MosaicSegError(
+            f"{path}: the checkpoint lacks {missing} (damaged, or written for another purpose). Fix: use a "
+            "checkpoint_*.pt written by mosaicseg train."
         )
     return ckpt
 

@@ -30,7 +30,7 @@ from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.postprocess import labels_from_resampled
 from mosaicseg.inference.sliding_window import FrozenForward, TileModel, bind_modality, predict_logits
 from mosaicseg.models import build_from_config, use_device_layout
-from mosaicseg.runtime import find_checkpoints, load_checkpoint, native_bf16, resolve_device
+from mosaicseg.runtime import MODEL_KEYS, find_checkpoints, load_checkpoint, native_bf16, resolve_device
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -151,7 +151,7 @@ class Predictor:
         models: list[torch.nn.Module] = []
         first: dict[str, Any] | None = None
         for path in find_checkpoints(run, folds, checkpoint):
-            ckpt = load_checkpoint(path, "cpu")
+            ckpt = load_checkpoint(path, "cpu", require=MODEL_KEYS)
             if first is None:
                 first = ckpt
             elif ckpt["vocabulary"] != first["vocabulary"] or ckpt["plans"] != first["plans"]:

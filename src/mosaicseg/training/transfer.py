@@ -4,8 +4,9 @@ Fine-tuning, ``extend`` and ``adapt`` all start from a pre-trained model whose t
 one. A model declares which of its parameters hold one row per task (:func:`~mosaicseg.models.task_parameter_names`);
 those are copied row by row for every task whose name both vocabularies share, new tasks keep their fresh rows.
 Input stems are matched by modality name (a stem's place in the state dict is its modality's index, which
-differs between collections). Every other tensor is copied when the name and shape match. The report says what was loaded, what is new and
-what was dropped, so that a silent mismatch (another architecture, another plan) is visible.
+differs between collections). Every other tensor is copied when the name and shape match. The report says
+what was loaded, what is new and what was dropped, so that a silent mismatch (another architecture, another
+plan) is visible.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.models import task_parameter_names
-from mosaicseg.runtime import find_checkpoints, load_checkpoint
+from mosaicseg.runtime import MODEL_KEYS, find_checkpoints, load_checkpoint
 
 
 @dataclass
@@ -58,11 +59,7 @@ def read_source(source: str | Path) -> dict[str, Any]:
             f"{source}: holds {len(paths)} folds; init_from starts from one model. Fix: pass one fold folder or "
             "one checkpoint_*.pt."
         )
-    ckpt = load_checkpoint(paths[0])
-    for key in ("model", "vocabulary"):
-        if key not in ckpt:
-            raise MosaicSegError(f"{paths[0]}: the checkpoint has no '{key}'. Fix: use one written by mosaicseg train.")
-    return ckpt
+    return load_checkpoint(paths[0], require=MODEL_KEYS)
 
 
 def load_matching(model: nn.Module, vocabulary: Vocabulary, ckpt: dict[str, Any], source: str = "") -> InitReport:
