@@ -150,3 +150,14 @@ def tiny_workdir_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_workdir_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic 3D collection (3 cases per dataset), planned with a tiny network and preprocessed."""
     return _tiny_workdir(tmp_path_factory.mktemp("tiny3d"), 3, 3, [16, 16, 16], [4, 8])
+
+
+class StopAt:
+    """A training hook that requests a stop (as Ctrl-C does) once the trainer reaches ``iteration``."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def on_step_end(self, trainer, batch, outputs, losses) -> None:
+        if trainer.iteration == self.iteration:
+            trainer.request_stop()

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import StopAt  # tests/ is on sys.path under pytest's default import mode
 from torch import nn
 
 from mosaicseg.config import TrainConfig, parse_collection
@@ -186,15 +187,6 @@ def _round_robin(ctx: RecipeContext) -> Recipe:
     )
 
 
-class _StopAt:
-    def __init__(self, iteration: int) -> None:
-        self.iteration = iteration
-
-    def on_step_end(self, trainer, batch, outputs, losses) -> None:
-        if trainer.iteration == self.iteration:
-            trainer.request_stop()
-
-
 def test_a_recipe_defined_outside_the_package_trains_checkpoints_resumes_and_predicts(tiny_workdir_2d, tmp_path):
     cfg = _cfg(recipe="test_round_robin", recipe_options={"gain_weight": 0.5}, val_max_cases=1)
     a = Trainer(tiny_workdir_2d, cfg, tmp_path / "a", progress=False)
@@ -218,7 +210,7 @@ def test_a_recipe_defined_outside_the_package_trains_checkpoints_resumes_and_pre
 
     # stopped mid-epoch and resumed: the same choices, state and weights
     b = Trainer(tiny_workdir_2d, cfg, tmp_path / "b", progress=False)
-    b.recipe.hooks.append(_StopAt(2))
+    b.recipe.hooks.append(StopAt(2))
     b.fit()
     resumed = Trainer(tiny_workdir_2d, cfg, tmp_path / "b", resume=True, progress=False)
     assert resumed.recipe.hooks[0].seen == {d: a.batch_size if i < 2 else 0 for i, d in enumerate(names)}
@@ -240,7 +232,7 @@ def test_a_recipe_defined_outside_the_package_trains_checkpoints_resumes_and_pre
 def test_recipe_options_are_validated_against_the_recipe(tiny_workdir_2d, tmp_path):
     with pytest.raises(MosaicSegError, match=r"recipe 'test_round_robin' has no option 'gain_wieght'.*gain_weight"):
         Trainer(tiny_workdir_2d, _cfg(recipe="test_round_robin", recipe_options={"gain_wieght": 1}), tmp_path / "x")
-    with pytest.raises(MosaicSegError, match=r"recipe 'universal' has no option 'x'.*none"):
+    with pytest.raises(MosaicSegError, match=r"recipe 'universal' has no option 'x'.*head_prior"):
         Trainer(tiny_workdir_2d, _cfg(recipe_options={"x": 1}), tmp_path / "y")
 
 
@@ -347,3 +339,20 @@ def test_train_command_takes_recipe_options_and_init_from(tiny_workdir_2d, tmp_p
     assert second.exit_code == 0, second.output
     assert "init_from" in second.output and "7 tasks kept, 0 new" in second.output
     assert (tmp_path / "b" / "init_report.json").is_file()
+
+
+def test_head_prior_option_starts_every_output_at_the_prior(tiny_workdir_2d):
+    ctx = _context(tiny_workdir_2d, _cfg())
+    spec = RECIPES.get("universal")
+    model = spec.build(RecipeContext(**{**ctx.__dict__, "options": spec.resolve({"head_prior": 0.01})})).model
+    biases = [p for n, p in model.named_parameters() if n.startswith("head.") and n.endswith("bias")]
+    assert biases  # every deep-supervision level
+    for b in biases:
+        torch.testing.assert_close(torch.sigmoid(b.detach()), torch.full_like(b, 0.01))
+    plain = spec.build(RecipeContext(**{**ctx.__dict__, "options": spec.resolve({})})).model
+    assert not torch.allclose(
+        torch.sigmoid(next(p for n, p in plain.named_parameters() if n.endswith("convs.0.conv.conv.bias"))),
+        torch.tensor(0.01),
+    )
+    with pytest.raises(MosaicSegError, match=r"head_prior=1\.5 is not a probability"):
+        spec.build(RecipeContext(**{**ctx.__dict__, "options": spec.resolve({"head_prior": 1.5})}))

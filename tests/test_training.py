@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import StopAt  # tests/ is on sys.path under pytest's default import mode
 
 from mosaicseg.config import TrainConfig
 from mosaicseg.errors import MosaicSegError
@@ -45,15 +46,6 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert torch.equal(a[k], b[k]), k
 
 
-class _StopAt:
-    def __init__(self, iteration: int) -> None:
-        self.iteration = iteration
-
-    def on_step_end(self, trainer, batch, outputs, losses) -> None:
-        if trainer.iteration == self.iteration:
-            trainer.request_stop()
-
-
 def test_seeded_runs_are_identical_and_resume_mid_epoch_is_exact(tiny_workdir_2d, tmp_path):
     cfg = _cfg()
     a = Trainer(tiny_workdir_2d, cfg, tmp_path / "a", progress=False)
@@ -64,7 +56,7 @@ def test_seeded_runs_are_identical_and_resume_mid_epoch_is_exact(tiny_workdir_2d
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")  # losses, LR and validation Dice too
 
     c = Trainer(tiny_workdir_2d, cfg, tmp_path / "c", progress=False)
-    c.recipe.hooks.append(_StopAt(3))  # mid-epoch (5 iterations per epoch)
+    c.recipe.hooks.append(StopAt(3))  # mid-epoch (5 iterations per epoch)
     c.fit()
     assert c.stop_requested and not (tmp_path / "c" / "checkpoint_final.pt").exists()
     assert load_checkpoint(tmp_path / "c" / "checkpoint_latest.pt")["iteration"] == 3
@@ -172,3 +164,27 @@ def test_missing_labels_as_background_supervises_unannotated_tasks():
     logits.grad = None
     missing_as_background_objective()(ModelOutput([logits], {}), batch).backward()
     assert torch.all(logits.grad[:, 1] > 0)  # pushed towards "absent"
+
+
+def test_val_share_bounds_the_time_a_time_budget_run_spends_validating(tiny_workdir_2d, tmp_path, monkeypatch):
+    import time
+
+    def slow_validate(self):
+        time.sleep(0.4)
+        return {"val_dice": {}, "val_dice_tasks": {}, "val_mean": 0.5}
+
+    monkeypatch.setattr(Trainer, "validate", slow_validate)
+    runs = {}
+    for share in (None, 0.1):
+        cfg = _cfg(iterations=None, time_budget_s=6.0, iterations_per_epoch=2, val_share=share)
+        t = Trainer(tiny_workdir_2d, cfg, tmp_path / f"r{share}", progress=False)
+        t.fit()
+        rows = [json.loads(line) for line in (tmp_path / f"r{share}" / "metrics.jsonl").read_text().splitlines()]
+        runs[share] = ([r for r in rows if "val_time_s" in r], rows, t)
+    every, rows, _ = runs[None]
+    assert len(every) == len(rows)  # every epoch validated
+    bounded, rows, t = runs[0.1]
+    assert "val_time_s" in rows[0] and "val_time_s" in rows[-1]  # the first and the final validation run
+    assert len(bounded) < len(rows) and len(bounded) < len(every)
+    # apart from the final one, a validation starts only while the time spent validating is within the share
+    assert t.val_s - 0.4 <= 0.1 * t.elapsed_s + 0.4

@@ -257,6 +257,10 @@ def train(
     patch_size: Annotated[str | None, typer.Option(help="Override the plan's patch, e.g. 64,64,48")] = None,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     val_every: Annotated[int, typer.Option(help="Validate every N epochs")] = 1,
+    val_share: Annotated[
+        float | None,
+        typer.Option(help="With --time-budget: skip validations while they took more than this share of the time"),
+    ] = None,
     val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     workers: Annotated[int, typer.Option(help="Data-loader worker processes")] = 0,
@@ -303,6 +307,7 @@ def train(
         patch_size=patch,
         seed=seed,
         val_every=val_every,
+        val_share=val_share,
         val_max_cases=val_max_cases or None,
         device=device,
         num_workers=workers,

@@ -287,6 +287,9 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1  # epochs
     val_max_cases: int | None = 8  # per dataset; None: every held-out case
+    # time-budget runs: skip an epoch's validation while validation has taken more than this share of the
+    # elapsed time (the final validation always runs); None: validate every val_every epochs
+    val_share: float | None = None
     deep_supervision: bool = True
     grad_clip: float = 12.0
     amp: bool | None = None  # mixed precision (fp16 on CUDA, bf16 on CPU); None: on for CUDA
@@ -342,6 +345,8 @@ class TrainConfig:
             bad(f"fold {self.fold!r} is not a fold", "use 0, 1, ... or 'all'")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not str(self.device).startswith("cuda:"):
             bad(f"device '{self.device}' is unknown", "use auto, cpu, cuda or mps")
+        if self.val_share is not None and not 0 < self.val_share <= 1:
+            bad(f"val_share must be in (0, 1], got {self.val_share!r}", "use e.g. 0.1 (a tenth of the time)")
         if not 0 <= self.oversample_foreground <= 1:
             bad("oversample_foreground must be in [0, 1]", "use e.g. 0.33")
         if self.patch_size is not None and any(int(p) < 1 for p in self.patch_size):
@@ -377,6 +382,7 @@ class TrainConfig:
         d = dict(d)
         d.setdefault("recipe_options", {})  # runs written before recipes had options
         d.setdefault("init_from", None)
+        d.setdefault("val_share", None)
         for key in ("datasets", "patch_size"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])

@@ -34,17 +34,6 @@ from mosaicseg.types import ModelOutput
 
 CONFIG_VERSION = 2  # 2: ``kind`` and ``head`` in the config; version 1 configs are universal task-head models
 
-__all__ = [
-    "HEADS",
-    "MODELS",
-    "MODEL_KINDS",
-    "UniversalNet",
-    "build_from_config",
-    "build_model",
-    "task_parameter_names",
-    "use_device_layout",
-]
-
 MODEL_KINDS: Registry[Any] = Registry("model kind")  # name → class with ``from_config(config)``
 
 

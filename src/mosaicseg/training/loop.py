@@ -146,6 +146,7 @@ class Trainer:
         self.iteration = 0
         self.epoch = 0
         self.elapsed_s = 0.0
+        self.val_s = 0.0  # seconds spent validating (part of elapsed_s)
         self.epoch_losses: list[float] = []
         self.best: dict[str, Any] = {"val_mean": -math.inf, "iteration": None}
         if resume and (self.run_dir / "checkpoint_latest.pt").is_file():
@@ -253,6 +254,7 @@ class Trainer:
             "iteration": self.iteration,
             "epoch": self.epoch,
             "elapsed_s": self.elapsed_s,
+            "val_s": self.val_s,
             "epoch_losses": list(self.epoch_losses),  # a resumed epoch logs the mean over all its iterations
             "train_config": self.config.to_dict(),
             "plans": self.plans,
@@ -291,6 +293,7 @@ class Trainer:
         self.iteration = int(ckpt["iteration"])
         self.epoch = int(ckpt["epoch"])
         self.elapsed_s = float(ckpt["elapsed_s"])
+        self.val_s = float(ckpt.get("val_s", 0.0))
         self.epoch_losses = [float(v) for v in ckpt.get("epoch_losses", [])]
         self.best = dict(ckpt.get("best") or self.best)
         if self.is_main:
@@ -559,11 +562,13 @@ class Trainer:
             "elapsed_s": self.elapsed_s,
         }
         losses.clear()  # before this epoch's checkpoint: a run resumed from it starts a fresh epoch
-        do_val = validate and self.val_cases and (self.finished() or record["epoch"] % cfg.val_every == 0)
+        due = record["epoch"] % cfg.val_every == 0 and self._validation_affordable()
+        do_val = validate and self.val_cases and (self.finished() or due)
         if do_val and self.is_main:
             t0 = time.perf_counter()
             record.update(self.validate())
             record["val_time_s"] = time.perf_counter() - t0
+            self.val_s += record["val_time_s"]
             if not math.isnan(record["val_mean"]) and record["val_mean"] > self.best["val_mean"]:
                 self.best = {"val_mean": record["val_mean"], "iteration": self.iteration}
                 self.save("best")
@@ -580,6 +585,13 @@ class Trainer:
                 )
         self.save("latest")
         return record
+
+    def _validation_affordable(self) -> bool:
+        """Whether a due validation fits ``val_share`` of a time budget (always, without either)."""
+        cfg = self.config
+        if cfg.val_share is None or cfg.time_budget_s is None:
+            return True
+        return self.val_s <= cfg.val_share * self.elapsed_s
 
     def _finish(self, record: dict[str, Any]) -> dict[str, Any]:
         self.save("final")

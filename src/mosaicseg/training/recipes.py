@@ -27,6 +27,7 @@ A recipe is registered by name with the options it accepts (:func:`register_reci
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -212,12 +213,22 @@ def missing_as_background_objective(distributed: bool = False) -> LossFn:
     return loss
 
 
+# options of the recipes built on the plan's network (universal, single)
+NETWORK_OPTIONS: dict[str, Any] = {"head_prior": None}
+
+
 def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
-    """The plan's network (patch size overridable) with one output per task of ``vocabulary``."""
+    """The plan's network (patch size overridable) with one output per task of ``vocabulary``.
+
+    Option ``head_prior`` (a probability π in (0, 1)): every output's bias starts at ``log(π / (1 − π))``, so the
+    untrained model predicts π everywhere instead of 0.5 (the prior-probability initialisation of focal-loss
+    detectors): a structure filling a small share of the image then starts near its frequency rather than being
+    first pushed down from 0.5 by BCE over a mostly-background patch.
+    """
     plan = dict(ctx.plans["network"])
     if ctx.config.patch_size is not None:
         plan["patch_size"] = list(ctx.config.patch_size)
-    return build_model(
+    model = build_model(
         plan,
         modality_channels(ctx.plans, vocabulary),
         vocabulary.num_tasks,
@@ -225,6 +236,17 @@ def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
         deep_supervision=ctx.config.deep_supervision,
         **ctx.config.model_options,
     )
+    prior = ctx.options.get("head_prior")
+    if prior is not None:
+        if isinstance(prior, bool) or not isinstance(prior, int | float) or not 0 < prior < 1:
+            raise MosaicSegError(
+                f"recipe option head_prior={prior!r} is not a probability. Fix: give a number in (0, 1), e.g. 0.01."
+            )
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.startswith("head.") and name.endswith("bias"):
+                    param.fill_(math.log(prior / (1 - prior)))
+    return model
 
 
 def scheme_policy(scheme: str, weights: dict[str, float] | None) -> Callable[[Sequence[tuple[str, str]]], BatchPolicy]:
@@ -236,7 +258,7 @@ def scheme_policy(scheme: str, weights: dict[str, float] | None) -> Callable[[Se
     return build
 
 
-@register_recipe("universal")
+@register_recipe("universal", options=NETWORK_OPTIONS)
 def universal(ctx: RecipeContext) -> Recipe:
     """MultiTalent: one model, every task of every (chosen) dataset its own sigmoid output."""
     vocabulary = ctx.vocabulary
@@ -254,7 +276,7 @@ def universal(ctx: RecipeContext) -> Recipe:
     )
 
 
-@register_recipe("single")
+@register_recipe("single", options=NETWORK_OPTIONS)
 def single(ctx: RecipeContext) -> Recipe:
     """The traditional paradigm: one dataset, its own tasks only, same network, loss and loop."""
     dataset = ctx.config.dataset
