@@ -20,6 +20,8 @@ Studies:
                   Dataset001, 2 seeds (--iterations N); training time and validation pseudo-Dice
   ensemble        universal vs. 4 single models: time to predict all tasks of Dataset001-004 (needs paradigms)
   speed           training-step FLOP/s vs. this CPU's convolution peak, before/after the layout work, profile
+  convergence     universal training on CPU: validation Dice against wall-clock minutes per configuration
+                  (--collection ixi3|mri7, --configs NAME..., --budget-min; runs reused, results per collection)
   report          only regenerate BENCHMARKS.md
 """
 
@@ -579,7 +581,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("study", choices=[*STUDIES, "paradigms", "precision", "nnunet", "quick", "report"])
+    parser.add_argument(
+        "study", choices=[*STUDIES, "paradigms", "precision", "nnunet", "convergence", "quick", "report"]
+    )
     parser.add_argument("--force", action="store_true", help="recompute a finished study")
     parser.add_argument(
         "--iterations", type=int, default=600, help="paradigms, precision: iterations of each single run"
@@ -587,7 +591,11 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="the smallest setting, in work/bench-quick (results and report there)"
     )
-    parser.add_argument("--budget-min", type=float, default=20, help="nnunet: the equal wall-clock budget")
+    parser.add_argument(
+        "--budget-min", type=float, default=None, help="nnunet (default 20), convergence (default 30): wall clock"
+    )
+    parser.add_argument("--collection", default="ixi3", help="convergence: ixi3 or mri7")
+    parser.add_argument("--configs", nargs="+", help="convergence: configurations (default: all)")
     parser.add_argument("--subset", type=int, help="nnunet: held-out cases scored and timed (default per dataset)")
     parser.add_argument("--datasets", nargs="+", help="nnunet: datasets (default Dataset001 and Dataset003)")
     parser.add_argument("--nnunet-python", help="nnunet: a Python with nnunetv2 (default: this one)")
@@ -613,7 +621,19 @@ def main() -> None:
             default = ["Dataset001_Hippocampus"] if QUICK else ["Dataset001_Hippocampus", "Dataset003_IXILimbic"]
 
             def fn() -> dict[str, Any]:
-                return study_nnunet(args.datasets or default, python, args.budget_min, args.subset, quick=QUICK)
+                budget = args.budget_min if args.budget_min is not None else 20
+                return study_nnunet(args.datasets or default, python, budget, args.subset, quick=QUICK)
+
+        if name == "convergence":
+            from benchmarks.convergence import CONFIGS, plot, plot_path, study_convergence
+
+            def fn() -> dict[str, Any]:
+                budget = args.budget_min if args.budget_min is not None else (0.5 if QUICK else 30)
+                result = study_convergence(args.collection, args.configs or list(CONFIGS), budget)
+                plot(result, plot_path(args.collection))
+                return result
+
+            name = f"convergence-{args.collection}"
 
         run_study(name, fn, force=force)
 

@@ -606,6 +606,40 @@ def _precision(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _convergence(r: dict[str, Any]) -> list[str]:
+    datasets = r["datasets"]
+    short = [d.split("_", 1)[-1] for d in datasets]
+    lines = [
+        f"## Universal training on the CPU: Dice against wall-clock minutes ({r['collection']})",
+        "",
+        f"`python -m benchmarks convergence --collection {r['collection']} --budget-min {r['budget_min']:g}` — "
+        "`mosaicseg train --time-budget` on the collection's plan, fold 0, seed 0, one run per configuration "
+        "(its flags below); curve: the run's validation pseudo-Dice; end point: `predict` + `evaluate` on every "
+        "held-out case (Dice in the original geometry, mean over each dataset's tasks).",
+        "",
+        f"![convergence](benchmarks/results/convergence-{r['collection']}.png)",
+        "",
+        f"| configuration | flags | iterations | s/it | validation min | {' | '.join(short)} |",
+        "|---|---|---|---|---|" + "---|" * len(short),
+    ]
+    for name, run in r["runs"].items():
+        means = [statistics.mean(run["heldout_dice"][d].values()) for d in datasets]
+        lines.append(
+            f"| {name} | `{' '.join(run['flags'])}` | {run['iterations']} | {run['s_per_iteration']:.2f} | "
+            f"{run['validation_min']:.1f} | {' | '.join(f'{m:.3f}' for m in means)} |"
+        )
+    tasks = [(d, t) for d in datasets for t in next(iter(r["runs"].values()))["heldout_dice"][d]]
+    lines += ["", "Held-out Dice per task at the end:", "", f"| task | {' | '.join(r['runs'])} |",
+              "|---|" + "---|" * len(r["runs"])]  # fmt: skip
+    for d, t in tasks:
+        lines.append(
+            f"| {d.split('_', 1)[-1]}/{t} | "
+            + " | ".join(f"{run['heldout_dice'][d].get(t, float('nan')):.3f}" for run in r["runs"].values())
+            + " |"
+        )
+    return [*lines, ""]
+
+
 SECTIONS = {
     "partial-labels": _partial_labels,
     "hippocampus": _hippocampus,
@@ -626,9 +660,10 @@ def write_report() -> Path:
     m = next(iter(results.values()))["machine"] if results else {}
     machine = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}" if m else "–"
     lines = [HEADER.format(machine=machine)]
-    for name, section in SECTIONS.items():
+    names = [n for n in SECTIONS if n in results] + sorted(n for n in results if n.startswith("convergence-"))
+    for name in names:
         if name in results:
-            lines += section(results[name])
+            lines += SECTIONS.get(name, _convergence)(results[name])
             if name == "nnunet":
                 lines += _nnunet_why(results[name], results.get("speed"))
             lines.append(

@@ -292,3 +292,19 @@ def test_run_to_run_lists_the_superseded_dice_of_the_same_steps() -> None:
     assert "| (i) equal iterations | nnU-Net | 0.5000 | 0.8100, 0.7900 |" in text
     assert "MosaicSeg" not in text.split("|---|")[-1]  # no earlier MosaicSeg run of this dataset
     assert report._run_to_run("Dataset002_Y", steps, {"superseded": [earlier]}) == []
+
+
+def test_convergence_table_means_each_dataset_s_tasks() -> None:
+    a, b = "Dataset002_A", "Dataset003_B"
+    run = {
+        "flags": ["--optimizer", "adamw"],
+        "iterations": 600,
+        "s_per_iteration": 1.0,
+        "validation_min": 1.5,
+        "curve": [{"minutes": 5.0, "iteration": 300, "val_dice": {a: 0.2, b: 0.4}}],
+        "heldout_dice": {a: {"X_L": 0.5, "X_R": 0.7}, b: {"Y": 0.1}},
+    }
+    result = {"collection": "ixi3", "datasets": [a, b], "budget_min": 10, "runs": {"base": run}}
+    text = "\n".join(report._convergence(result))
+    assert "| base | `--optimizer adamw` | 600 | 1.00 | 1.5 | 0.600 | 0.100 |" in text
+    assert "| A/X_R | 0.700 |" in text and "convergence-ixi3.png" in text

@@ -256,6 +256,9 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Override the plan's batch size")] = None,
     patch_size: Annotated[str | None, typer.Option(help="Override the plan's patch, e.g. 64,64,48")] = None,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    oversample_foreground: Annotated[
+        float, typer.Option(help="Share of patches centred on a voxel of an annotated structure")
+    ] = 1 / 3,
     val_every: Annotated[int, typer.Option(help="Validate every N epochs")] = 1,
     val_share: Annotated[
         float | None,
@@ -306,6 +309,7 @@ def train(
         batch_size=batch_size,
         patch_size=patch,
         seed=seed,
+        oversample_foreground=oversample_foreground,
         val_every=val_every,
         val_share=val_share,
         val_max_cases=val_max_cases or None,

@@ -1,0 +1,128 @@
+"""``python -m benchmarks convergence``: validation Dice against wall-clock minutes of universal training on CPU.
+
+Each configuration is a set of ``mosaicseg train`` flags run for the same wall-clock budget on the same work
+folder (fold 0, seed 0): the defaults, the settings of issue 7's report, and each lever alone. The curve is
+the per-dataset validation pseudo-Dice the run logs (``metrics.jsonl``); the end point is scored like a user
+would score it: ``mosaicseg predict`` on every held-out case of each dataset, then ``mosaicseg evaluate``
+(per-task Dice in the original geometry). Runs are kept in ``work/bench/conv_COLLECTION/runs`` and reused
+(a run with ``checkpoint_final.pt`` is not trained again; an interrupted one resumes), so the study can be
+extended configuration by configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import QUICK, RESULTS, ROOT, SHARED, WORK, held_out_cases, held_out_files, link_all, run_cli
+
+COLLECTIONS = {"ixi3": ROOT / "collections" / "ixi3.yaml", "mri7": ROOT / "collections" / "mri7.yaml"}
+
+# what issue 7 ran: AdamW, bf16 autocast, validation on 4 cases every 2 epochs of 100 iterations
+ISSUE_SETTINGS = [
+    "--optimizer", "adamw", "--precision", "mixed", "--iterations-per-epoch", "100", "--val-every", "2",
+    "--val-max-cases", "4",
+]  # fmt: skip
+CONFIGS: dict[str, list[str]] = {
+    # the train command's defaults before this study, spelled out (SGD, float32, validation every 50 iterations)
+    "defaults-before": ["--optimizer", "sgd", "--precision", "fp32", "--iterations-per-epoch", "50"],
+    "issue-settings": ISSUE_SETTINGS,
+    "head-prior": [*ISSUE_SETTINGS, "--recipe-option", "head_prior=0.003"],
+    # issue 7's third try (a smaller patch, so more iterations, and a larger learning rate) with the prior
+    "prior-48-lr3e-3": [
+        *ISSUE_SETTINGS, "--recipe-option", "head_prior=0.003", "--patch-size", "48,48,48", "--lr", "3e-3",
+    ],
+}  # fmt: skip
+
+
+def _plan(collection: str) -> Path:
+    workdir = WORK / f"conv_{collection}"
+    if not (workdir / "plans.json").is_file():
+        log = WORK / "logs" / f"conv_{collection}_plan.log"
+        run_cli(["plan", str(COLLECTIONS[collection]), "-o", str(workdir)], log)
+    return workdir
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _score(workdir: Path, run: Path, datasets: list[str], n_cases: int | None) -> dict[str, dict[str, float]]:
+    """Held-out Dice per dataset and task of the run's final checkpoint (predict + evaluate)."""
+    out: dict[str, dict[str, float]] = {}
+    for dataset in datasets:
+        cases = held_out_cases(workdir, dataset)[:n_cases]
+        _, files = held_out_files(dataset, cases)
+        base = run / "heldout" / dataset
+        images = link_all([f for f in files if "imagesTr" in str(f)], base / "images")
+        labels = link_all([f for f in files if "labelsTr" in str(f)], base / "labels")
+        pred = base / "pred"
+        run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", dataset, "--overwrite"],
+                base / "predict.log")  # fmt: skip
+        run_cli(["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"),
+                 "--overwrite"], base / "evaluate.log")  # fmt: skip
+        summary = json.loads((pred / "summary.json").read_text())
+        labels_dice = next(iter(summary["datasets"].values()))["labels"]
+        out[dataset] = {label: v["dice"]["mean"] for label, v in labels_dice.items()}
+    return out
+
+
+def study_convergence(collection: str, configs: list[str], budget_min: float) -> dict[str, Any]:
+    workdir = _plan(collection)
+    datasets = json.loads((workdir / "vocabulary.json").read_text())["datasets"]
+    runs: dict[str, Any] = {}
+    budget = f"{budget_min:g}m"
+    for name in configs:
+        run = workdir / "runs" / f"{name}_{budget}"
+        if not (run / "checkpoint_final.pt").is_file():
+            args = ["train", str(workdir), "--fold", "0", "--seed", "0", "--device", "cpu", "--time-budget", budget,
+                    *CONFIGS[name], "-o", str(run)]  # fmt: skip
+            if (run / "checkpoint_latest.pt").is_file():
+                args.append("--resume")
+            run_cli(args, WORK / "logs" / f"conv_{collection}_{name}_{budget}.log")
+        records = _records(run)
+        last = records[-1]
+        runs[name] = {
+            "flags": CONFIGS[name],
+            "iterations": last["iteration"],
+            "train_min": last["elapsed_s"] / 60,
+            "s_per_iteration": last["elapsed_s"] / max(1, last["iteration"]),
+            "validation_min": sum(r.get("val_time_s", 0.0) for r in records) / 60,
+            "curve": [
+                {"minutes": r["elapsed_s"] / 60, "iteration": r["iteration"], "val_dice": r["val_dice"]}
+                for r in records
+                if "val_dice" in r
+            ],
+            "heldout_dice": _score(workdir, run, datasets, 2 if QUICK else None),
+        }
+    return {"collection": collection, "datasets": datasets, "budget_min": budget_min, "runs": runs}
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Mean validation pseudo-Dice over the collection's datasets against training minutes, one line a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, run in result["runs"].items():
+        xs = [p["minutes"] for p in run["curve"]]
+        ys = [sum(p["val_dice"].values()) / len(p["val_dice"]) for p in run["curve"]]
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("training wall-clock minutes (validation included)")
+    ax.set_ylabel("mean validation pseudo-Dice")
+    ax.set_title(f"{result['collection']}: universal recipe, fold 0, seed 0")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_path(collection: str) -> Path:
+    return RESULTS / f"convergence-{collection}.png"
