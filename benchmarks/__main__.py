@@ -627,13 +627,14 @@ def main() -> None:
         if name == "convergence":
             from benchmarks.convergence import CONFIGS, plot, plot_path, study_convergence
 
+            budget = args.budget_min if args.budget_min is not None else (0.5 if QUICK else 30)
+
             def fn() -> dict[str, Any]:
-                budget = args.budget_min if args.budget_min is not None else (0.5 if QUICK else 30)
                 result = study_convergence(args.collection, args.configs or list(CONFIGS), budget)
-                plot(result, plot_path(args.collection))
+                plot(result, plot_path(args.collection, budget))
                 return result
 
-            name = f"convergence-{args.collection}"
+            name = f"convergence-{args.collection}-{budget:g}m"
 
         run_study(name, fn, force=force)
 

@@ -33,6 +33,10 @@ CONFIGS: dict[str, list[str]] = {
     "prior-48-lr3e-3": [
         *ISSUE_SETTINGS, "--recipe-option", "head_prior=0.003", "--patch-size", "48,48,48", "--lr", "3e-3",
     ],
+    # the prior with foreground voxels weighted 20x in the BCE (a task whose outputs collapsed to ~0 gets a pull)
+    "prior-posweight20": [
+        *ISSUE_SETTINGS, "--recipe-option", "head_prior=0.003", "--recipe-option", "bce_pos_weight=20",
+    ],
 }  # fmt: skip
 
 
@@ -124,5 +128,5 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_path(collection: str) -> Path:
-    return RESULTS / f"convergence-{collection}.png"
+def plot_path(collection: str, budget_min: float) -> Path:
+    return RESULTS / f"convergence-{collection}-{budget_min:g}m.png"

@@ -610,14 +610,15 @@ def _convergence(r: dict[str, Any]) -> list[str]:
     datasets = r["datasets"]
     short = [d.split("_", 1)[-1] for d in datasets]
     lines = [
-        f"## Universal training on the CPU: Dice against wall-clock minutes ({r['collection']})",
+        f"## Universal training on the CPU: Dice against wall-clock minutes ({r['collection']}, "
+        f"{r['budget_min']:g} minutes)",
         "",
         f"`python -m benchmarks convergence --collection {r['collection']} --budget-min {r['budget_min']:g}` — "
         "`mosaicseg train --time-budget` on the collection's plan, fold 0, seed 0, one run per configuration "
         "(its flags below); curve: the run's validation pseudo-Dice; end point: `predict` + `evaluate` on every "
         "held-out case (Dice in the original geometry, mean over each dataset's tasks).",
         "",
-        f"![convergence](benchmarks/results/convergence-{r['collection']}.png)",
+        f"![convergence](benchmarks/results/convergence-{r['collection']}-{r['budget_min']:g}m.png)",
         "",
         f"| configuration | flags | iterations | s/it | validation min | {' | '.join(short)} |",
         "|---|---|---|---|---|" + "---|" * len(short),

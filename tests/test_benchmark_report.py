@@ -307,4 +307,4 @@ def test_convergence_table_means_each_dataset_s_tasks() -> None:
     result = {"collection": "ixi3", "datasets": [a, b], "budget_min": 10, "runs": {"base": run}}
     text = "\n".join(report._convergence(result))
     assert "| base | `--optimizer adamw` | 600 | 1.00 | 1.5 | 0.600 | 0.100 |" in text
-    assert "| A/X_R | 0.700 |" in text and "convergence-ixi3.png" in text
+    assert "| A/X_R | 0.700 |" in text and "convergence-ixi3-10m.png" in text

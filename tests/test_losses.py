@@ -112,3 +112,16 @@ def test_distributed_option_needs_a_process_group():
         deep_supervision_loss([logits], target, mask, distributed=True)
     # off by default: the same call without the option is the single-process loss
     assert deep_supervision_loss([logits], target, mask).item() == partial_label_loss(logits, target, mask).item()
+
+
+def test_pos_weight_scales_the_bce_of_foreground_voxels_only_by_hand():
+    # one task, two voxels at logit 0 (p = 1/2): one foreground, one background
+    logits = torch.zeros(1, 1, 2)
+    target = torch.tensor([[[1.0, 0.0]]])
+    mask = torch.tensor([[True]])
+    dice = 1 - (2 * 0.5 + DICE_SMOOTH) / (1.0 + 1.0 + DICE_SMOOTH)
+    plain = partial_label_loss(logits, target, mask)
+    weighted = partial_label_loss(logits, target, mask, pos_weight=3.0)
+    # BCE per voxel is log 2; the weighted mean is (3 log 2 + log 2) / 2
+    torch.testing.assert_close(plain, torch.tensor(math.log(2) + dice))
+    torch.testing.assert_close(weighted, torch.tensor(2 * math.log(2) + dice))

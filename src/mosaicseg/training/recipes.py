@@ -189,32 +189,37 @@ def modality_channels(plans: dict[str, Any], vocabulary: Vocabulary) -> dict[str
     return {m: out[m] for m in vocabulary.modalities}
 
 
-def partial_label_objective(distributed: bool = False) -> LossFn:
+def partial_label_objective(distributed: bool = False, pos_weight: float = 1.0) -> LossFn:
     """MultiTalent's loss over deep-supervision outputs (see :mod:`mosaicseg.training.losses`); ``distributed``:
-    its batch sums run over the global batch of every process."""
+    its batch sums run over the global batch of every process; ``pos_weight``: the BCE weight of foreground."""
 
     def loss(outputs: ModelOutput, batch: Batch) -> torch.Tensor:
         return deep_supervision_loss(
-            outputs.logits, batch["target"], batch["label_mask"], batch["ignore"], distributed=distributed
+            outputs.logits,
+            batch["target"],
+            batch["label_mask"],
+            batch["ignore"],
+            pos_weight=pos_weight,
+            distributed=distributed,
         )
 
     return loss
 
 
-def missing_as_background_objective(distributed: bool = False) -> LossFn:
+def missing_as_background_objective(distributed: bool = False, pos_weight: float = 1.0) -> LossFn:
     """The naive baseline: every task is supervised on every sample, un-annotated ones as background."""
 
     def loss(outputs: ModelOutput, batch: Batch) -> torch.Tensor:
         everything = torch.ones_like(batch["label_mask"])
         return deep_supervision_loss(
-            outputs.logits, batch["target"], everything, batch["ignore"], distributed=distributed
+            outputs.logits, batch["target"], everything, batch["ignore"], pos_weight=pos_weight, distributed=distributed
         )
 
     return loss
 
 
 # options of the recipes built on the plan's network (universal, single)
-NETWORK_OPTIONS: dict[str, Any] = {"head_prior": None}
+NETWORK_OPTIONS: dict[str, Any] = {"head_prior": None, "bce_pos_weight": 1.0}
 
 
 def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
@@ -249,6 +254,14 @@ def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
     return model
 
 
+def _pos_weight(ctx: RecipeContext) -> float:
+    """Option ``bce_pos_weight``: the BCE weight of foreground voxels (see :func:`partial_label_loss`)."""
+    value = ctx.options.get("bce_pos_weight", 1.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise MosaicSegError(f"recipe option bce_pos_weight={value!r} is not positive. Fix: give e.g. 1 or 20.")
+    return float(value)
+
+
 def scheme_policy(scheme: str, weights: dict[str, float] | None) -> Callable[[Sequence[tuple[str, str]]], BatchPolicy]:
     """A fixed-probability policy factory (``inv_sqrt``, ``uniform`` or ``weights``)."""
 
@@ -269,7 +282,7 @@ def universal(ctx: RecipeContext) -> Recipe:
     )
     return Recipe(
         model=network(ctx, vocabulary),
-        loss=objective(ctx.distributed),
+        loss=objective(ctx.distributed, _pos_weight(ctx)),
         vocabulary=vocabulary,
         datasets=vocabulary.datasets,
         policy=scheme_policy(ctx.config.sampling or ctx.sampling, ctx.weights),
@@ -291,7 +304,7 @@ def single(ctx: RecipeContext) -> Recipe:
     vocabulary = ctx.vocabulary.restrict([dataset])
     return Recipe(
         model=network(ctx, vocabulary),
-        loss=partial_label_objective(ctx.distributed),
+        loss=partial_label_objective(ctx.distributed, _pos_weight(ctx)),
         vocabulary=vocabulary,
         datasets=(dataset,),
         policy=scheme_policy("uniform", None),
