@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from mosaicseg.training.recipes import (
     ParamGroup,
     Recipe,
     RecipeContext,
+    StepResult,
     modality_channels,
     partial_label_objective,
     register_recipe,
@@ -356,3 +358,33 @@ def test_head_prior_option_starts_every_output_at_the_prior(tiny_workdir_2d):
     )
     with pytest.raises(MosaicSegError, match=r"head_prior=1\.5 is not a probability"):
         spec.build(RecipeContext(**{**ctx.__dict__, "options": spec.resolve({"head_prior": 1.5})}))
+
+
+def test_a_recipe_can_replace_the_step_and_reuse_the_trainer_s_pieces(tiny_workdir_2d, tmp_path):
+    """A step with two backward passes per turn (as ASAP's target + auxiliary gradients): two half-weighted
+    backwards of the same batch give the standard step's update."""
+    calls: list[int] = []
+
+    def two_halves(trainer, batch):
+        for _ in range(2):
+            outputs, losses, total = trainer.forward_loss(batch)
+            trainer.scaler.scale(0.5 * total).backward()
+        trainer.apply_gradients(None)  # the gradients are in .grad already
+        calls.append(trainer.iteration)
+        return StepResult(float(total.detach()), {k: v.detach() for k, v in losses.items()}, outputs)
+
+    @register_recipe("test_two_halves")
+    def build(ctx: RecipeContext) -> Recipe:
+        recipe = RECIPES.get("universal").build(ctx)
+        recipe.step = two_halves
+        return recipe
+
+    cfg = _cfg(iterations=3, iterations_per_epoch=3, val_max_cases=1)
+    Trainer(tiny_workdir_2d, cfg, tmp_path / "std", progress=False).fit()
+    custom = Trainer(tiny_workdir_2d, replace(cfg, recipe="test_two_halves"), tmp_path / "two", progress=False)
+    custom.fit()
+    assert calls == [0, 1, 2]
+    want = load_checkpoint(tmp_path / "std" / "checkpoint_final.pt")["model"]
+    got = load_checkpoint(tmp_path / "two" / "checkpoint_final.pt")["model"]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
