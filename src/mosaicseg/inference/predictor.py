@@ -221,9 +221,7 @@ class Predictor:
         (:class:`TileModel`), frozen on the CPU in float32 (:class:`FrozenForward`); built once, then reused."""
         key = (fold, tuple(sorted(asked)), self.vocabulary.dataset_index(dataset))
         if key not in self._tiles:
-            wanted = torch.zeros(self.vocabulary.num_tasks, dtype=torch.bool, device=self.device)
-            wanted[list(asked)] = True
-            tile = TileModel(self.models[fold], wanted, key[2]).eval()
+            tile = TileModel.asking(self.models[fold], self.vocabulary.num_tasks, asked, key[2]).eval()
             self._tiles[key] = FrozenForward(tile) if self.jit else tile
         return self._tiles[key]
 

@@ -158,6 +158,14 @@ class TileModel(torch.nn.Module):
         self.register_buffer("tasks", tasks.bool().reshape(1, -1), persistent=False)
         self.dataset = int(dataset)
 
+    @classmethod
+    def asking(cls, model: torch.nn.Module, num_tasks: int, tasks: Sequence[int], dataset: int) -> TileModel:
+        """``model`` asked for the global task indices ``tasks`` of ``num_tasks`` (the mask on the model's device)."""
+        device = next(model.parameters()).device
+        wanted = torch.zeros(num_tasks, dtype=torch.bool, device=device)
+        wanted[list(tasks)] = True
+        return cls(model, wanted, dataset)
+
     def forward(self, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         n = image.shape[0]
         dataset = torch.full((n,), self.dataset, dtype=torch.long, device=image.device)

@@ -163,16 +163,15 @@ class Trainer:
 
     def _freeze_outside_groups(self) -> None:
         """Parameters in no group get no gradient: they stay out of the optimiser, the clipping and DDP."""
-        trained = {id(p) for g in self.param_groups for p in g.params}
         seen: set[int] = set()
         for g in self.param_groups:
-            overlap = [id(p) for p in g.params if id(p) in seen]
-            if overlap:
+            if any(id(p) in seen for p in g.params):
                 raise ValueError(f"recipe '{self.config.recipe}': a parameter is in two groups (group {g.name})")
             seen.update(id(p) for p in g.params)
         for p in self.model.parameters():
-            if id(p) not in trained:
+            if id(p) not in seen:
                 p.requires_grad_(False)
+        self.trained_parameters = [p for g in self.param_groups for p in g.params]
 
     def _wrap_distributed(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:
@@ -395,8 +394,7 @@ class Trainer:
         if total is not None:
             self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
-        trained = [p for g in self.param_groups for p in g.params]
-        torch.nn.utils.clip_grad_norm_(trained, self.config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
@@ -421,9 +419,7 @@ class Trainer:
     def tile_forward(self, dataset: str, tasks: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
         """``tiles (N, C, *P) -> logits (N, K, *P)`` of the model for images of ``dataset`` asking for ``tasks``
         (global indices): what the sliding window calls, bound as the predictor binds it (:class:`TileModel`)."""
-        wanted = torch.zeros(self.vocabulary.num_tasks, dtype=torch.bool, device=self.device)
-        wanted[list(tasks)] = True
-        tile = TileModel(self.model, wanted, self.vocabulary.dataset_index(dataset))
+        tile = TileModel.asking(self.model, self.vocabulary.num_tasks, tasks, self.vocabulary.dataset_index(dataset))
         return bind_modality(tile, self.vocabulary.modality_index(dataset))
 
     @torch.no_grad()
