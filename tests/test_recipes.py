@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from mosaicseg.config import TrainConfig, parse_collection
 from mosaicseg.data.augment import AugmentConfig
 from mosaicseg.data.sampling import PatchDataset, SteeredPolicy, cached_loader, collate, draw_sample
 from mosaicseg.data.vocabulary import Vocabulary
+from mosaicseg.data.workdir import case_paths, list_cases, task_frequencies
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.predictor import Predictor
 from mosaicseg.models import MODEL_KINDS, UniversalNet, build_model
@@ -26,6 +28,7 @@ from mosaicseg.runtime import load_checkpoint
 from mosaicseg.training.loop import Trainer
 from mosaicseg.training.optim import build_optimizer, learning_rate
 from mosaicseg.training.recipes import (
+    PRIOR_RANGE,
     RECIPES,
     ParamGroup,
     Recipe,
@@ -41,13 +44,14 @@ from mosaicseg.types import ModelOutput
 
 def _cfg(**kw: Any) -> TrainConfig:
     base: dict[str, Any] = dict(
-        recipe="universal", optimizer="adamw", iterations=6, iterations_per_epoch=3, seed=5, device="cpu"
+        recipe="universal", optimizer="adamw", iterations=6, iterations_per_epoch=3, seed=5, device="cpu", amp=False
     )
     base.update(kw)
     return TrainConfig(**base)
 
 
-def _context(workdir: Path, cfg: TrainConfig) -> RecipeContext:
+def _context(workdir: Path, cfg: TrainConfig, cases: list[tuple[str, str]] | None = None) -> RecipeContext:
+    """The Trainer's context for ``cfg`` built by hand; ``cases``: the training cases of the head prior."""
     plans = json.loads((workdir / "plans.json").read_text())
     collection = parse_collection(json.loads((workdir / "collection.json").read_text()), source=workdir)
     return RecipeContext(
@@ -56,6 +60,8 @@ def _context(workdir: Path, cfg: TrainConfig) -> RecipeContext:
         vocabulary=Vocabulary.from_dict(json.loads((workdir / "vocabulary.json").read_text())),
         sampling=collection.sampling,
         weights={d.name: d.weight for d in collection.datasets},
+        options=RECIPES.get(cfg.recipe).resolve(cfg.recipe_options),
+        task_frequencies=None if cases is None else (lambda v: task_frequencies(workdir, v, cases)),
     )
 
 
@@ -67,7 +73,7 @@ def test_the_trainer_runs_the_universal_recipe_exactly_as_a_direct_call_of_its_p
 
     # the same run by hand: recipe parts, the default policy's draws, the optimiser, the schedule
     torch.manual_seed(cfg.seed)
-    recipe = RECIPES.get("universal").build(_context(tiny_workdir_2d, cfg))
+    recipe = RECIPES.get("universal").build(_context(tiny_workdir_2d, cfg, trainer.train_cases))
     model = recipe.model
     groups = recipe.param_groups(model)
     optimizer = build_optimizer([{"params": g.params, "name": g.name} for g in groups], cfg)
@@ -351,7 +357,7 @@ def test_head_prior_option_starts_every_output_at_the_prior(tiny_workdir_2d):
     assert biases  # every deep-supervision level
     for b in biases:
         torch.testing.assert_close(torch.sigmoid(b.detach()), torch.full_like(b, 0.01))
-    plain = spec.build(RecipeContext(**{**ctx.__dict__, "options": spec.resolve({})})).model
+    plain = spec.build(RecipeContext(**{**ctx.__dict__, "options": spec.resolve({"head_prior": None})})).model
     assert not torch.allclose(
         torch.sigmoid(next(p for n, p in plain.named_parameters() if n.endswith("convs.0.conv.conv.bias"))),
         torch.tensor(0.01),
@@ -388,3 +394,39 @@ def test_a_recipe_can_replace_the_step_and_reuse_the_trainer_s_pieces(tiny_workd
     got = load_checkpoint(tmp_path / "two" / "checkpoint_final.pt")["model"]
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_auto_head_prior_starts_each_output_at_its_tasks_voxel_share(tiny_workdir_2d):
+    cfg = _cfg()
+    cases = [(d, c) for d, ids in list_cases(tiny_workdir_2d).items() for c in ids][::2]
+    ctx = _context(tiny_workdir_2d, cfg, cases)
+    assert ctx.options["head_prior"] == "auto"  # the default
+    recipe = RECIPES.get("universal").build(ctx)
+    # by hand: every case's multi-hot target, mean over its voxels, averaged over the cases annotating the task
+    vocab = recipe.vocabulary
+    shares: list[list[float]] = [[] for _ in range(vocab.num_tasks)]
+    for dataset, case_id in cases:
+        seg = np.load(case_paths(tiny_workdir_2d, dataset, case_id).seg)
+        target = vocab.to_target(dataset, seg)
+        for k in np.flatnonzero(vocab.label_mask(dataset)):
+            shares[k].append(float(target[k].mean()))
+    expected = np.clip([np.mean(v) if v else 0.0 for v in shares], *PRIOR_RANGE)
+    assert (expected > PRIOR_RANGE[0]).sum() >= 2  # the fixture's structures are not all clipped
+    biases = [p for n, p in recipe.model.named_parameters() if n.startswith("head.") and n.endswith("bias")]
+    for b in biases:
+        np.testing.assert_allclose(torch.sigmoid(b.detach()).numpy(), expected, rtol=1e-5)
+
+
+def test_task_frequencies_count_old_caches_from_the_label_map(tiny_workdir_2d, tmp_path):
+    """A cache written before ``label_voxels`` existed gives the same shares (counted from CASE_seg.npy)."""
+    tiny_workdir_2d = Path(shutil.copytree(tiny_workdir_2d, tmp_path / "w"))  # the fixture is shared
+    vocab = Vocabulary.from_dict(json.loads((tiny_workdir_2d / "vocabulary.json").read_text()))
+    cases = [(d, c) for d, ids in list_cases(tiny_workdir_2d).items() for c in ids]
+    with_counts = task_frequencies(tiny_workdir_2d, vocab, cases)
+    dataset, case_id = cases[0]
+    meta_path = case_paths(tiny_workdir_2d, dataset, case_id).meta
+    meta = json.loads(meta_path.read_text())
+    assert sum(meta["label_voxels"].values()) == int(np.prod(meta["shape_resampled"]))
+    del meta["label_voxels"]
+    meta_path.write_text(json.dumps(meta))
+    np.testing.assert_allclose(task_frequencies(tiny_workdir_2d, vocab, cases), with_counts)

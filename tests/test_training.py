@@ -122,8 +122,15 @@ def test_universal_3d_trains_and_the_unannotated_stem_sees_every_modality(tiny_w
 
 
 def test_cpu_mixed_precision_trains_bf16_contiguous_without_loss_scaling(tiny_workdir_3d, tmp_path, monkeypatch):
+    import mosaicseg.training.loop as loop
+
+    # the CPU default: bf16 where the CPU computes it natively, else float32 with channels-last
+    monkeypatch.setattr(loop, "native_bf16", lambda: True)
+    assert Trainer(tiny_workdir_3d, _cfg(iterations=1), tmp_path / "n", progress=False).amp
+    monkeypatch.setattr(loop, "native_bf16", lambda: False)
     fp32 = Trainer(tiny_workdir_3d, _cfg(iterations=1), tmp_path / "f", progress=False)
-    assert not fp32.amp and fp32.model.channels_last  # CPU default: float32, channels-last
+    assert not fp32.amp and fp32.model.channels_last
+    monkeypatch.undo()
     t = Trainer(tiny_workdir_3d, _cfg(iterations=2, iterations_per_epoch=2, amp=True), tmp_path / "r", progress=False)
     assert t.amp and t.amp_dtype == torch.bfloat16 and not t.scaler.is_enabled()
     assert not t.model.channels_last
@@ -135,8 +142,6 @@ def test_cpu_mixed_precision_trains_bf16_contiguous_without_loss_scaling(tiny_wo
     assert all(p.dtype == torch.float32 for p in t.model.parameters())  # float32 master weights
     ckpt = load_checkpoint(tmp_path / "r" / "checkpoint_final.pt")
     assert ckpt["scaler"] is None and ckpt["train_config"]["amp"] is True
-    import mosaicseg.training.loop as loop
-
     monkeypatch.setattr(loop, "native_bf16", lambda: False)
     emulated = Trainer(tiny_workdir_3d, _cfg(iterations=1, amp=True), tmp_path / "e", progress=False)
     assert any("emulated" in note for note in emulated.notes)

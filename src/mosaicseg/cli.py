@@ -234,7 +234,12 @@ def train(
     recipe: Annotated[str, typer.Option(help="A registered recipe: universal (MultiTalent) or single")] = "universal",
     recipe_option: Annotated[
         list[str] | None,
-        typer.Option("--recipe-option", help="A recipe option as NAME=VALUE (JSON value; repeat)"),
+        typer.Option(
+            "--recipe-option",
+            help="A recipe option as NAME=VALUE (JSON value; repeat). universal/single: head_prior (default "
+            '"auto": output biases start at each task\'s voxel share; without it no IXI structure was found in '
+            "10 minutes, BENCHMARKS.md), bce_pos_weight (default 1)",
+        ),
     ] = None,
     init_from: Annotated[
         Path | None,
@@ -248,30 +253,46 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Epochs (of --iterations-per-epoch)")] = None,
     iterations_per_epoch: Annotated[int, typer.Option(help="Iterations per epoch")] = 50,
     time_budget: Annotated[str | None, typer.Option(help="Wall-clock budget, e.g. 30m (not reproducible)")] = None,
-    optimizer: Annotated[str, typer.Option(help="sgd (poly), adamw (poly) or lamb (exponential)")] = "sgd",
-    lr: Annotated[float | None, typer.Option(help="Initial learning rate (default per optimiser)")] = None,
+    optimizer: Annotated[
+        str,
+        typer.Option(
+            help="adamw (poly; default: the CPU convergence study's best, BENCHMARKS.md), sgd (poly, nnU-Net's) or "
+            "lamb (exponential, Hermes')"
+        ),
+    ] = "adamw",
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Initial learning rate (default: adamw 3e-3, the convergence study's; sgd 1e-2; lamb 2e-3)"),
+    ] = None,
     schedule: Annotated[
         str | None, typer.Option(help="Learning-rate schedule: poly, exp or constant (default per optimiser)")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Override the plan's batch size")] = None,
-    patch_size: Annotated[str | None, typer.Option(help="Override the plan's patch, e.g. 64,64,48")] = None,
+    patch_size: Annotated[
+        str | None,
+        typer.Option(help="Override the plan's patch, e.g. 64,64,48 (CPU plans: at most 48³, the convergence study)"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     oversample_foreground: Annotated[
-        float, typer.Option(help="Share of patches centred on a voxel of an annotated structure")
+        float, typer.Option(help="Share of patches centred on a voxel of an annotated structure (nnU-Net's 1/3)")
     ] = 1 / 3,
     val_every: Annotated[int, typer.Option(help="Validate every N epochs")] = 1,
     val_share: Annotated[
         float | None,
-        typer.Option(help="With --time-budget: skip validations while they took more than this share of the time"),
-    ] = None,
+        typer.Option(
+            help="With --time-budget: skip validations while they took more than this share of the time (default "
+            "0.1: validation took 28 %% of a 30-minute IXI run without it, BENCHMARKS.md)"
+        ),
+    ] = 0.1,
     val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     workers: Annotated[int, typer.Option(help="Data-loader worker processes")] = 0,
     precision: Annotated[
         str,
         typer.Option(
-            help="auto: mixed on CUDA, fp32 elsewhere; mixed: autocast (fp16 with loss scaling on CUDA, bf16 on "
-            "CPU: faster only with native bf16, AVX512-BF16 or AMX); fp32"
+            help="auto: mixed on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX: 0.65x the float32 time "
+            "at the same Dice, BENCHMARKS.md 'Training precision'), fp32 elsewhere; mixed: autocast (fp16 with loss "
+            "scaling on CUDA, bf16 on CPU, emulated and slower without native bf16); fp32"
         ),
     ] = "auto",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Run folder (default WORKDIR/runs/...)")] = None,

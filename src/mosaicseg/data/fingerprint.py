@@ -395,8 +395,10 @@ class DevicePreset:
 
 
 PRESETS: dict[str, DevicePreset] = {
-    # 2 CPU cores: one training step on a 64³ patch with 16..256 features takes seconds, not minutes
-    "cpu": DevicePreset(16, 256, 2, 2, 1.5, {3: 64**3, 2: 256**2}, 4, 12.0),
+    # CPU: 48³ patches at most, the convergence study's best (BENCHMARKS.md): 48³ steps take ~0.6 s on 2 cores
+    # against ~1 s for 64³, and with lr 3e-3 reached 0.72/0.21/0.65 IXI held-out Dice in 10 minutes against
+    # 0.43/0.00/0.54 (64³, 1e-3)
+    "cpu": DevicePreset(16, 256, 2, 2, 1.5, {3: 48**3, 2: 256**2}, 4, 12.0),
     "cuda": DevicePreset(32, 320, 2, 64, 8.0, {3: 128**3, 2: 512**2}, 2, 16.0),
 }
 

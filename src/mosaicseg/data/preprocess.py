@@ -16,7 +16,8 @@ the work folder is read back through :mod:`mosaicseg.data.workdir`):
        "geometry": Geometry.to_dict() of the first channel file,
        "shape_original": canonical shape before cropping, "bbox": [[lo, hi), ...] in that grid,
        "shape_cropped", "spacing_original" (canonical axis order), "spacing_target", "shape_resampled",
-       "separate_axis", "labels_present": label values found in the resampled label map}
+       "separate_axis", "labels_present": label values found in the resampled label map,
+       "label_voxels": {value: voxel count} of the resampled label map (task frequencies, e.g. head_prior)}
 
 To restore a prediction: resample ``shape_resampled`` → ``shape_cropped`` (:func:`resample_labels` with the
 spacings swapped, or an exact ``output_shape``), paste it into zeros of ``shape_original`` at ``bbox``, and
@@ -383,7 +384,7 @@ def _preprocess_case(job: _Job) -> str:
     image, seg, geometry = read_case(job.case)
     image, seg, geo_meta = preprocess_arrays(image, seg, geometry, job.plan, source=job.case.images[0])
     assert seg is not None  # preprocess_arrays returns the label map it was given
-    labels_present = [int(v) for v in np.unique(seg)]
+    values, counts = np.unique(seg, return_counts=True)
     fg = sample_locations(seg, job.labels, case_rng(job.seed, job.dataset, job.case.case_id))
     cid = job.case.case_id
     paths = case_paths(job.workdir, job.dataset, cid)
@@ -395,7 +396,8 @@ def _preprocess_case(job: _Job) -> str:
         "dataset": job.dataset,
         "plans_hash": job.plans_hash,
         **geo_meta,
-        "labels_present": labels_present,
+        "labels_present": [int(v) for v in values],
+        "label_voxels": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
     }
     write_json_atomic(paths.meta, meta)  # last: its presence marks the case as done
     return cid

@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from mosaicseg.config import CollectionConfig, parse_collection
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
@@ -170,3 +172,33 @@ def list_cases(workdir: str | Path, plans: dict[str, Any] | None = None) -> dict
                     ids.append(case_id)
         out[name] = sorted(ids)
     return out
+
+
+def label_voxels(workdir: str | Path, dataset: str, case_id: str) -> tuple[dict[int, int], int]:
+    """Voxels per label value of a preprocessed case's label map, and its total voxel count.
+
+    Read from ``CASE.json`` (``label_voxels``, written by preprocessing); caches written before that key
+    existed are counted from ``CASE_seg.npy``."""
+    meta = load_case_meta(workdir, dataset, case_id)
+    if "label_voxels" in meta and "shape_resampled" in meta:
+        counts = {int(k): int(v) for k, v in meta["label_voxels"].items()}
+        return counts, int(np.prod(meta["shape_resampled"]))
+    seg = np.load(case_paths(workdir, dataset, case_id).seg, mmap_mode="r")
+    values, n = np.unique(np.asarray(seg), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, n, strict=True)}, int(seg.size)
+
+
+def task_frequencies(workdir: str | Path, vocabulary: Vocabulary, cases: list[tuple[str, str]]) -> np.ndarray:
+    """``(K,)``: the share of voxels each task of ``vocabulary`` covers in the preprocessed label maps of
+    ``cases`` (``(dataset, case_id)`` pairs), averaged over the cases of the datasets that annotate it
+    (0 for a task none of them annotates)."""
+    sums = np.zeros(vocabulary.num_tasks)
+    n = np.zeros(vocabulary.num_tasks)
+    for dataset, case_id in cases:
+        if dataset not in vocabulary.label_map:
+            continue
+        counts, total = label_voxels(workdir, dataset, case_id)
+        for k, values in vocabulary.label_map[dataset]:
+            sums[k] += sum(counts.get(v, 0) for v in values) / max(total, 1)
+            n[k] += 1
+    return np.divide(sums, n, out=np.zeros_like(sums), where=n > 0)

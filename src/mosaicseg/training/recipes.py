@@ -27,11 +27,11 @@ A recipe is registered by name with the options it accepts (:func:`register_reci
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,6 +99,8 @@ class RecipeContext:
     weights: dict[str, float]  # the collection's per-dataset sampling weights
     options: dict[str, Any] = field(default_factory=dict)  # the recipe's options, defaults filled in
     distributed: bool = False  # several processes share each global batch (losses all-reduce their sums)
+    # vocabulary → (K,) share of training voxels per task (the Trainer's fold; see data.workdir.task_frequencies)
+    task_frequencies: Callable[[Vocabulary], np.ndarray] | None = None
 
 
 def default_inputs(batch: Batch) -> dict[str, Any]:
@@ -219,16 +221,40 @@ def missing_as_background_objective(distributed: bool = False, pos_weight: float
 
 
 # options of the recipes built on the plan's network (universal, single)
-NETWORK_OPTIONS: dict[str, Any] = {"head_prior": None, "bce_pos_weight": 1.0}
+NETWORK_OPTIONS: dict[str, Any] = {"head_prior": "auto", "bce_pos_weight": 1.0}
+# "auto" head prior: each task's training-voxel share, kept within these bounds (a task with no voxel in the
+# fold, or one filling most of each image, would otherwise start at an extreme logit)
+PRIOR_RANGE = (1e-4, 0.5)
+
+
+def head_prior(ctx: RecipeContext, vocabulary: Vocabulary) -> np.ndarray | None:
+    """Option ``head_prior``: ``(K,)`` probabilities the untrained outputs start at, or None (the layer's own
+    initialisation). ``"auto"`` (default): each task's share of the training voxels (clipped to
+    :data:`PRIOR_RANGE`); a number: that probability for every task; ``null``: no prior."""
+    # a recipe built on network() without declaring the option gets its default
+    prior = ctx.options.get("head_prior", NETWORK_OPTIONS["head_prior"])
+    if prior is None:
+        return None
+    if prior == "auto":
+        if ctx.task_frequencies is None:
+            raise ValueError("head_prior='auto' needs RecipeContext.task_frequencies (the Trainer passes it)")
+        return np.clip(ctx.task_frequencies(vocabulary), *PRIOR_RANGE)
+    if isinstance(prior, bool) or not isinstance(prior, int | float) or not 0 < prior < 1:
+        raise MosaicSegError(
+            f"recipe option head_prior={prior!r} is not a probability. Fix: give a number in (0, 1) such as 0.01, "
+            '"auto" (each task\'s voxel share) or null (no prior).'
+        )
+    return np.full(vocabulary.num_tasks, float(prior))
 
 
 def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
     """The plan's network (patch size overridable) with one output per task of ``vocabulary``.
 
-    Option ``head_prior`` (a probability π in (0, 1)): every output's bias starts at ``log(π / (1 − π))``, so the
-    untrained model predicts π everywhere instead of 0.5 (the prior-probability initialisation of focal-loss
-    detectors): a structure filling a small share of the image then starts near its frequency rather than being
-    first pushed down from 0.5 by BCE over a mostly-background patch.
+    Its output biases start at ``log(π_k / (1 − π_k))`` for the :func:`head_prior` ``π`` ``(K,)``, so the
+    untrained model predicts each structure's frequency everywhere instead of 0.5 (the prior-probability
+    initialisation of focal-loss detectors). Without it, BCE over mostly-background patches first pushes
+    every output towards 0, where the sigmoid's slope, and with it the Dice gradient, vanishes: on the IXI
+    collection no task was found in 10 minutes (BENCHMARKS.md, convergence).
     """
     plan = dict(ctx.plans["network"])
     if ctx.config.patch_size is not None:
@@ -241,16 +267,13 @@ def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
         deep_supervision=ctx.config.deep_supervision,
         **ctx.config.model_options,
     )
-    prior = ctx.options.get("head_prior")
+    prior = head_prior(ctx, vocabulary)
     if prior is not None:
-        if isinstance(prior, bool) or not isinstance(prior, int | float) or not 0 < prior < 1:
-            raise MosaicSegError(
-                f"recipe option head_prior={prior!r} is not a probability. Fix: give a number in (0, 1), e.g. 0.01."
-            )
+        logits = torch.as_tensor(np.log(prior / (1 - prior)), dtype=torch.float32)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.startswith("head.") and name.endswith("bias"):
-                    param.fill_(math.log(prior / (1 - prior)))
+                    param.copy_(logits.to(param.dtype))
     return model
 
 
