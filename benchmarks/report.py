@@ -55,22 +55,28 @@ def _hippocampus(r: dict[str, Any]) -> list[str]:
         f"## Single recipe on Dataset001_Hippocampus (CPU, {s['budget']})",
         "",
         "`python -m benchmarks hippocampus` — runs `mosaicseg plan ../shared/data/Dataset001_Hippocampus`, "
-        "`mosaicseg train --recipe single --fold 0 --optimizer adamw --time-budget 30m --iterations-per-epoch "
-        "100 --val-every 5`, then `mosaicseg predict` on the fold's held-out raw images and `mosaicseg "
-        "evaluate` against their labels (final checkpoint).",
+        "`mosaicseg train --recipe single --fold 0 --time-budget 30m` (the train command's defaults), then "
+        "`mosaicseg predict` on the fold's held-out raw images and `mosaicseg evaluate` against their labels (final "
+        "checkpoint). *before*: the earlier run with `--optimizer adamw` at 1e-3 in float32, `--iterations-per-epoch "
+        "100 --val-every 5`, validation on every case, no head prior (the defaults then, bar the optimiser).",
         "",
         f"Configuration: {s['network']}, patch {s['patch_size']}, batch {s['batch_size']}, features "
         f"{s['features']}, {s['optimizer']}, {s['budget']}, fold {s['fold']} ({s['held_out_cases']} held-out "
         "cases).",
         "",
-        "| iterations | train s | validation pseudo-Dice (final) | held-out Dice (mean) | per label |",
-        "|---|---|---|---|---|",
-        f"| {r['iterations']} | {r['train_s']:.0f} | {r['final_pseudo_dice']:.4f} | {r['dice_mean']:.4f} | "
-        + ", ".join(f"{k} {v:.4f}" for k, v in r["dice_per_label"].items())
-        + " |",
-        "",
+        "| settings | iterations | train s | validation pseudo-Dice (final) | held-out Dice (mean) | per label |",
+        "|---|---|---|---|---|---|",
     ]
-    return lines
+    rows = [("before", r["before"])] if r.get("before") else []
+    for name, v in [*rows, ("defaults", r)]:
+        lines.append(
+            f"| {name} | {v['iterations']} | {v['train_s']:.0f} | {v['final_pseudo_dice']:.4f} | "
+            f"{v['dice_mean']:.4f} | " + ", ".join(f"{k} {x:.4f}" for k, x in v["dice_per_label"].items()) + " |"
+        )
+    if r.get("before"):
+        delta = r["dice_mean"] - r["before"]["dice_mean"]
+        lines += ["", f"Held-out Dice, defaults − before: {delta:+.4f}."]
+    return [*lines, ""]
 
 
 def _predict(r: dict[str, Any]) -> list[str]:
@@ -626,7 +632,8 @@ def _convergence(r: dict[str, Any]) -> list[str]:
     for name, run in r["runs"].items():
         means = [statistics.mean(run["heldout_dice"][d].values()) for d in datasets]
         lines.append(
-            f"| {name} | `{' '.join(run['flags'])}` | {run['iterations']} | {run['s_per_iteration']:.2f} | "
+            f"| {name} | {('`' + ' '.join(run['flags']) + '`') if run['flags'] else 'none (the defaults)'} | "
+            f"{run['iterations']} | {run['s_per_iteration']:.2f} | "
             f"{run['validation_min']:.1f} | {' | '.join(f'{m:.3f}' for m in means)} |"
         )
     tasks = [(d, t) for d in datasets for t in next(iter(r["runs"].values()))["heldout_dice"][d]]
@@ -661,10 +668,14 @@ def write_report() -> Path:
     m = next(iter(results.values()))["machine"] if results else {}
     machine = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}" if m else "–"
     lines = [HEADER.format(machine=machine)]
+    from benchmarks.hermes import report as _hermes_ablation
+
     names = [n for n in SECTIONS if n in results] + sorted(n for n in results if n.startswith("convergence-"))
+    names += sorted(n for n in results if n.startswith("hermes-ablation-"))
     for name in names:
         if name in results:
-            lines += SECTIONS.get(name, _convergence)(results[name])
+            section = _hermes_ablation if name.startswith("hermes-ablation-") else SECTIONS.get(name, _convergence)
+            lines += section(results[name])
             if name == "nnunet":
                 lines += _nnunet_why(results[name], results.get("speed"))
             lines.append(

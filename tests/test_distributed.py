@@ -20,7 +20,10 @@ from mosaicseg.training.losses import deep_supervision_loss, partial_label_loss
 WORLD = 2
 
 
-def test_torchrun_two_processes_gloo(tiny_workdir_2d, tmp_path):
+@pytest.mark.parametrize("recipe", ["universal", "hermes", "multidecoder"])
+def test_torchrun_two_processes_gloo(recipe, tiny_workdir_2d, tmp_path):
+    """Every model kind whose parameters a step may leave unused (multidecoder: the decoders of datasets not in
+    the batch) or whose inputs differ per sample (hermes: tokens) trains under DDP."""
     run = tmp_path / "ddp"
     cmd = [
         sys.executable,
@@ -33,6 +36,8 @@ def test_torchrun_two_processes_gloo(tiny_workdir_2d, tmp_path):
         "mosaicseg.cli",
         "train",
         str(tiny_workdir_2d),
+        "--recipe",
+        recipe,
         "--iterations",
         "3",
         "--iterations-per-epoch",

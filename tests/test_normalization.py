@@ -96,3 +96,22 @@ def test_plan_command_takes_the_mr_clip_option(make_dataset, tmp_path: Path) -> 
     bad = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "v"), "--mr-clip-percentiles", "98", "2"])
     assert bad.exit_code == 2 and "--mr-clip-percentiles" in bad.output and "0 <= lo < hi <= 100" in bad.output
     assert not (tmp_path / "v").exists()  # refused before any work
+
+
+def test_plan_preset_hermes_sets_the_papers_preprocessing_under_what_is_typed(make_dataset, tmp_path: Path) -> None:
+    folder = make_dataset(cases=2, channels=("T1",))
+    base = ["plan", str(folder), "--workers", "1", "--no-check", "--no-preprocess", "--preset", "hermes"]
+    result = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    plans = json.loads((tmp_path / "w" / "plans.json").read_text())
+    entry = plans["datasets"]["Dataset001_Tiny"]
+    assert entry["normalization"][0]["percentiles"] == [2.0, 98.0]
+    assert entry["target_spacing"] == [1.5, 1.5, 1.5]
+    # a typed option wins over the preset
+    typed = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "t"), "--mr-clip-percentiles", "1", "99"])
+    assert typed.exit_code == 0, typed.output
+    entry = json.loads((tmp_path / "t" / "plans.json").read_text())["datasets"]["Dataset001_Tiny"]
+    assert entry["normalization"][0]["percentiles"] == [1.0, 99.0] and entry["target_spacing"] == [1.5, 1.5, 1.5]
+    unknown = CliRunner().invoke(app, ["plan", str(folder), "-o", str(tmp_path / "u"), "--preset", "hermez"])
+    assert unknown.exit_code == 2 and "--preset 'hermez' is unknown" in unknown.output and "hermes" in unknown.output
+    assert not (tmp_path / "u").exists()

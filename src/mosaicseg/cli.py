@@ -89,14 +89,18 @@ def plan(
     output: Annotated[Path, typer.Option("-o", "--output", help="Work folder for plans and the cache")],
     device: Annotated[str, typer.Option(help="cpu or cuda: picks the network/patch/batch preset")] = "cpu",
     memory_budget_gb: Annotated[float | None, typer.Option(help="Override the preset's memory budget")] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="hermes: the Hermes paper's preprocessing (1.5 mm, CT [-990, 500] HU, MR 2-98 percentiles)"),
+    ] = None,
     common_spacing: Annotated[float | None, typer.Option(help="Resample every dataset to this spacing (mm)")] = None,
     ct_normalization: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="CT in HU: percentile (nnU-Net: clip to the dataset's 0.5-99.5 percentiles, z-score with its "
-            "statistics) or fixed (Hermes: clip to [-990, 500] HU, then z-score each image)"
+            "statistics; the default) or fixed (Hermes: clip to [-990, 500] HU, then z-score each image)"
         ),
-    ] = "percentile",
+    ] = None,
     mr_clip_percentiles: Annotated[
         tuple[float, float] | None,
         typer.Option(
@@ -113,11 +117,24 @@ def plan(
     ] = True,
 ) -> None:
     """Check the datasets, fingerprint them, write editable plans (JSON) and, unless told not to, preprocess."""
+    from mosaicseg.config import PLAN_PRESETS, apply_preset
     from mosaicseg.data.fingerprint import plan as make_plan
     from mosaicseg.data.preprocess import check_percentiles
     from mosaicseg.data.preprocess import preprocess as run_preprocess
     from mosaicseg.data.workdir import load_vocabulary
 
+    chosen = apply_preset(
+        PLAN_PRESETS,
+        preset,
+        {
+            "common_spacing": common_spacing,
+            "ct_normalization": ct_normalization,
+            "mr_clip_percentiles": mr_clip_percentiles,
+        },
+        "--preset",
+    )
+    common_spacing, mr_clip_percentiles = chosen["common_spacing"], chosen["mr_clip_percentiles"]
+    ct_normalization = chosen["ct_normalization"] or "percentile"
     # the options are checked before the (slow) dataset check and fingerprint
     if ct_normalization not in ("percentile", "fixed"):
         raise MosaicSegError(f"--ct-normalization {ct_normalization!r} is unknown. Fix: use percentile or fixed.")
@@ -231,7 +248,21 @@ def _parse_fold(fold: str) -> int | str:
 @_user_errors
 def train(
     workdir: Annotated[Path, typer.Argument(help="Work folder written by `mosaicseg plan`")],
-    recipe: Annotated[str, typer.Option(help="A registered recipe: universal (MultiTalent) or single")] = "universal",
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="A registered recipe: universal (MultiTalent), single, hermes, or the baselines dodnet, uniseg, "
+            "multidecoder and clip (needs --task-embeddings)"
+        ),
+    ] = "universal",
+    task_embeddings: Annotated[
+        Path | None,
+        typer.Option(help="clip: per-task text embeddings, .npy (tasks, width) or .json {task: vector}; made offline"),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="hermes: the Hermes paper's training (LAMB 2e-3, exponential decay, uniform dataset draws)"),
+    ] = None,
     recipe_option: Annotated[
         list[str] | None,
         typer.Option(
@@ -254,12 +285,12 @@ def train(
     iterations_per_epoch: Annotated[int, typer.Option(help="Iterations per epoch")] = 50,
     time_budget: Annotated[str | None, typer.Option(help="Wall-clock budget, e.g. 30m (not reproducible)")] = None,
     optimizer: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="adamw (poly; default: the CPU convergence study's best, BENCHMARKS.md), sgd (poly, nnU-Net's) or "
             "lamb (exponential, Hermes')"
         ),
-    ] = "adamw",
+    ] = None,
     lr: Annotated[
         float | None,
         typer.Option(help="Initial learning rate (default: adamw 3e-3, the convergence study's; sgd 1e-2; lamb 2e-3)"),
@@ -314,6 +345,11 @@ def train(
             raise MosaicSegError(
                 f"--patch-size {patch_size!r} is not a list of integers. Fix: e.g. 64,64,48."
             ) from None
+    from mosaicseg.config import TRAIN_PRESETS, apply_preset
+
+    chosen = apply_preset(
+        TRAIN_PRESETS, preset, {"optimizer": optimizer, "lr": lr, "schedule": schedule, "sampling": None}, "--preset"
+    )
     cfg = TrainConfig(
         recipe=recipe,
         architecture=architecture,
@@ -324,9 +360,10 @@ def train(
         epochs=epochs,
         iterations_per_epoch=iterations_per_epoch,
         time_budget_s=parse_duration(time_budget) if time_budget else None,
-        optimizer=optimizer,
-        lr=lr,
-        schedule=schedule,
+        optimizer=chosen["optimizer"] or TrainConfig.optimizer,
+        lr=chosen["lr"],
+        schedule=chosen["schedule"],
+        sampling=chosen["sampling"],
         batch_size=batch_size,
         patch_size=patch,
         seed=seed,
@@ -337,7 +374,10 @@ def train(
         device=device,
         num_workers=workers,
         amp={"auto": None, "fp32": False, "mixed": True}[precision],
-        recipe_options=parse_options(recipe_option or [], "--recipe-option"),
+        recipe_options={
+            **parse_options(recipe_option or [], "--recipe-option"),
+            **({"task_embeddings": str(task_embeddings)} if task_embeddings is not None else {}),
+        },
         init_from=str(init_from) if init_from is not None else None,
     )
     trainer = Trainer(workdir, cfg, output, resume=resume, overwrite=overwrite)
@@ -369,6 +409,10 @@ def predict(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")],
     dataset: Annotated[str | None, typer.Option(help="Dataset whose preprocessing and tasks apply")] = None,
     tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Tasks (repeat; all: every task)")] = None,
+    modality: Annotated[
+        str | None,
+        typer.Option(help="Read the inputs as this modality (default: the --dataset's, from its channel names)"),
+    ] = None,
     folds: Annotated[list[str] | None, typer.Option("--folds", help="Folds to ensemble (repeat)")] = None,
     checkpoint: Annotated[str, typer.Option(help="final, latest or best")] = "final",
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation")] = False,
@@ -395,6 +439,7 @@ def predict(
     predictor = Predictor.from_checkpoint(
         model, folds=folds, checkpoint=checkpoint, device=device, jit=jit, precision=precision
     )
+    predictor.use_modality(modality)
     report = predictor.predict_files(
         inputs,
         output,

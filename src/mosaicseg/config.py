@@ -252,6 +252,30 @@ def load_collection(path: str | Path) -> CollectionConfig:
 
 
 # --------------------------------------------------------------------------------------------- training
+# named bundles of settings, applied under what the user types: ``mosaicseg plan --preset NAME`` and ``mosaicseg
+# train --preset NAME``. hermes: the paper's preprocessing (1.5 mm isotropic; CT clipped to [-990, 500] HU then
+# z-scored per image; MR/PET clipped to each image's 2nd-98th percentiles then z-scored) and training (LAMB 2e-3
+# with exponential decay, datasets drawn uniformly into mixed batches)
+PLAN_PRESETS: dict[str, dict[str, Any]] = {
+    "hermes": {"common_spacing": 1.5, "ct_normalization": "fixed", "mr_clip_percentiles": (2.0, 98.0)},
+}
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "hermes": {"optimizer": "lamb", "lr": 2e-3, "schedule": "exp", "sampling": "uniform"},
+}
+
+
+def apply_preset(
+    presets: dict[str, dict[str, Any]], name: str | None, given: dict[str, Any], flag: str
+) -> dict[str, Any]:
+    """``given`` (option → value, None where the user typed nothing) with preset ``name``'s values filled into the
+    untyped ones; an unknown name raises, listing the presets."""
+    if name is None:
+        return dict(given)
+    if name not in presets:
+        raise MosaicSegError(f"{flag} {name!r} is unknown. Fix: use one of {', '.join(sorted(presets))}.")
+    return {k: (presets[name].get(k) if v is None else v) for k, v in given.items()}
+
+
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "lamb")
 SCHEDULES: tuple[str, ...] = ("poly", "exp", "constant")
 # nnU-Net: SGD-Nesterov 1e-2 with poly decay; AdamW 3e-3 with poly decay: the CPU convergence study's best

@@ -132,6 +132,17 @@ class Predictor:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.device = device
         self.amp = amp
+        self.modality: str | None = None  # set by use_modality: overrides the dataset's modality
+
+    def use_modality(self, name: str | None) -> None:
+        """Read every input as modality ``name`` (its stem and, for Hermes, its prior tokens) instead of the
+        modality of the dataset whose plan preprocesses it; None: the dataset's."""
+        if name is not None and name not in self.vocabulary.modalities:
+            raise MosaicSegError(
+                f"--modality {name!r} is not a modality the model knows. Fix: use one of "
+                f"{list(self.vocabulary.modalities)}."
+            )
+        self.modality = name
 
     @classmethod
     def from_checkpoint(
@@ -254,7 +265,11 @@ class Predictor:
         if bool((perm[list(task_ids)] < 0).any()):
             # a left or right task without its partner cannot be mirrored left-right and stay correct
             mirror = tuple(a for a in mirror if a != LATERAL_AXIS)
-        modality = self.vocabulary.modality_index(dataset)
+        modality = (
+            self.vocabulary.modalities.index(self.modality)
+            if self.modality is not None
+            else self.vocabulary.modality_index(dataset)
+        )
         # a mirrored tile's left task is read from its right partner's output: ask the model for both
         asked = set(task_ids) | ({int(perm[k]) for k in task_ids} if LATERAL_AXIS in mirror else set())
         prob: np.ndarray | None = None

@@ -3,6 +3,7 @@ kind in :data:`MODEL_KINDS` and rebuilt by :func:`build_from_config`."""
 
 from __future__ import annotations
 
+from mosaicseg.models.baselines import DynamicHeadNet, MultiDecoderNet, PromptNet  # register their kinds
 from mosaicseg.models.factory import (
     HEADS,
     MODEL_KINDS,
@@ -13,11 +14,16 @@ from mosaicseg.models.factory import (
     task_parameter_names,
     use_device_layout,
 )
+from mosaicseg.models.priors import HermesNet  # registers the model kind "hermes"
 
 __all__ = [
     "HEADS",
     "MODELS",
     "MODEL_KINDS",
+    "DynamicHeadNet",
+    "HermesNet",
+    "MultiDecoderNet",
+    "PromptNet",
     "UniversalNet",
     "build_from_config",
     "build_model",

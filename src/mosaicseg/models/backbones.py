@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -218,10 +218,16 @@ class _EncoderDecoder(Backbone):
         self.skip_scales = [topology.scale(i) for i in range(topology.num_stages)]
         self.divisor = topology.scale(topology.num_stages - 1)
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, after_stage: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """``after_stage(i, skip_i)``, if given, replaces stage ``i``'s output before the next stage reads it
+        (how Hermes fuses priors into the encoder)."""
         skips = []
-        for stage in self.encoder:
+        for i, stage in enumerate(self.encoder):
             x = stage(x)
+            if after_stage is not None:
+                x = after_stage(i, x)
             skips.append(x)
         return skips
 

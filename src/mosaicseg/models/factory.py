@@ -22,6 +22,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +36,85 @@ from mosaicseg.types import ModelOutput
 CONFIG_VERSION = 2  # 2: ``kind`` and ``head`` in the config; version 1 configs are universal task-head models
 
 MODEL_KINDS: Registry[Any] = Registry("model kind")  # name → class with ``from_config(config)``
+
+
+def build_body(
+    network_plan: Mapping[str, Any],
+    modality_channels: Mapping[str, int],
+    architecture: str,
+    options: Mapping[str, Any] | None,
+) -> tuple[Topology, dict[str, Any], ModalityStems, nn.Module]:
+    """The part every model kind shares: the plan's topology, the architecture's resolved options, one stem per
+    modality and the backbone (see :mod:`mosaicseg.models.backbones`)."""
+    topology = Topology.from_plan(network_plan)
+    resolved = resolve_options(architecture, dict(options or {}))
+    stems = ModalityStems(
+        modality_channels, topology.features[0], topology.spatial_dims, kernel_size=topology.kernel_sizes[0]
+    )
+    return topology, resolved, stems, MODELS.get(architecture)(topology, topology.features[0], **resolved)
+
+
+def rebuild(cls: Any, config: Mapping[str, Any]) -> Any:
+    """``cls(**config)`` without the ``version`` and ``kind`` keys; a malformed config raises a user error."""
+    version = config.get("version")
+    if version not in (1, CONFIG_VERSION):
+        raise MosaicSegError(
+            f"model config version {version!r} is not supported (expected {CONFIG_VERSION}). "
+            "Fix: use a checkpoint written by this version of mosaicseg."
+        )
+    kwargs = {k: v for k, v in config.items() if k not in ("version", "kind")}
+    try:
+        return cls(**copy.deepcopy(kwargs))
+    except TypeError as err:
+        raise MosaicSegError(f"model config is malformed ({err}). Fix: use a config from the model's .config.") from err
+
+
+def model_config(
+    kind: str,
+    topology: Topology,
+    modality_channels: Mapping[str, int],
+    num_tasks: int,
+    architecture: str,
+    resolved: Mapping[str, Any],
+    deep_supervision: bool,
+    levels: int | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The JSON-ready config every model kind stores (``extra``: its own constructor arguments)."""
+    return {
+        "version": CONFIG_VERSION,
+        "kind": kind,
+        "network_plan": topology.to_plan(),
+        "modality_channels": dict(modality_channels),
+        "num_tasks": int(num_tasks),
+        "architecture": architecture,
+        "deep_supervision": bool(deep_supervision),
+        "deep_supervision_levels": levels if deep_supervision else None,
+        "options": copy.deepcopy(dict(resolved)),
+        **copy.deepcopy(extra),
+    }
+
+
+def asked_tasks(tasks: torch.Tensor | None, image: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """``tasks`` as ``(B, K)`` bool; None asks every task."""
+    if tasks is None:
+        return torch.ones(image.shape[0], num_tasks, dtype=torch.bool, device=image.device)
+    return tasks.bool()
+
+
+def check_input(image: torch.Tensor, spatial_dims: int, divisor: tuple[int, ...]) -> None:
+    """Refuse an input a model of ``spatial_dims`` whose backbone needs multiples of ``divisor`` cannot take."""
+    if image.ndim != spatial_dims + 2:
+        raise MosaicSegError(
+            f"image has shape {tuple(image.shape)} but the model is {spatial_dims}D. "
+            f"Fix: pass a (B, C, {', '.join('XYZ'[:spatial_dims])}) tensor."
+        )
+    spatial = tuple(image.shape[2:])
+    if any(s % d for s, d in zip(spatial, divisor, strict=True)):
+        raise MosaicSegError(
+            f"input spatial shape {list(spatial)} is not divisible by {list(divisor)}. "
+            "Fix: feed patches of the planned patch size (sliding-window inference does this)."
+        )
 
 
 @MODEL_KINDS.register("universal")
@@ -68,15 +148,11 @@ class UniversalNet(nn.Module):
         head: str = "task",
     ) -> None:
         super().__init__()
-        topology = Topology.from_plan(network_plan)
-        resolved = resolve_options(architecture, dict(options or {}))
+        body = build_body(network_plan, modality_channels, architecture, options)
+        topology, resolved, self.stems, self.backbone = body
         self.spatial_dims = topology.spatial_dims
         self.num_tasks = int(num_tasks)
         self.deep_supervision = bool(deep_supervision)
-        self.stems = ModalityStems(
-            modality_channels, topology.features[0], topology.spatial_dims, kernel_size=topology.kernel_sizes[0]
-        )
-        self.backbone = MODELS.get(architecture)(topology, topology.features[0], **resolved)
         available = len(self.backbone.out_channels)
         default_levels = max(1, available - 1)
         levels = (deep_supervision_levels or default_levels) if deep_supervision else 1
@@ -84,18 +160,10 @@ class UniversalNet(nn.Module):
         self.ds_scales: list[tuple[int, ...]] = list(self.backbone.scales[:levels])
         _instance_norm_as_group_norm(self)
         self.channels_last = False
-        self._config: dict[str, Any] = {
-            "version": CONFIG_VERSION,
-            "kind": "universal",
-            "head": head,
-            "network_plan": topology.to_plan(),
-            "modality_channels": dict(modality_channels),
-            "num_tasks": self.num_tasks,
-            "architecture": architecture,
-            "deep_supervision": self.deep_supervision,
-            "deep_supervision_levels": levels if deep_supervision else None,
-            "options": copy.deepcopy(resolved),
-        }
+        self._config = model_config(
+            "universal", topology, modality_channels, num_tasks, architecture, resolved, deep_supervision, levels,
+            head=head,
+        )  # fmt: skip
 
     def set_channels_last(self, enabled: bool) -> UniversalNet:
         """Keep conv weights and activations ``torch.channels_last_3d`` (``enabled``) or contiguous.
@@ -117,6 +185,14 @@ class UniversalNet(nn.Module):
                     param.data = param.data.contiguous(memory_format=fmt)
         return self
 
+    def set_output_prior(self, prior: np.ndarray) -> None:
+        """Start task k's output at probability ``prior[k]``: every level's bias ``log(π_k / (1 − π_k))``."""
+        logits = torch.as_tensor(np.log(prior / (1 - prior)), dtype=torch.float32)
+        with torch.no_grad():
+            for name, param in self.head.named_parameters():
+                if name.endswith("bias"):
+                    param.copy_(logits.to(param.dtype))
+
     @property
     def modalities(self) -> tuple[str, ...]:
         """Modality names; a sample's ``modality`` index points into this tuple."""
@@ -130,38 +206,12 @@ class UniversalNet(nn.Module):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> UniversalNet:
         """Rebuild the (untrained) architecture described by :attr:`config`, e.g. from a checkpoint."""
-        version = config.get("version")
-        if version not in (1, CONFIG_VERSION):
-            raise MosaicSegError(
-                f"model config version {version!r} is not supported (expected {CONFIG_VERSION}). "
-                "Fix: use a checkpoint written by this version of mosaicseg."
-            )
-        kwargs = {k: v for k, v in config.items() if k not in ("version", "kind")}
-        try:
-            return cls(**copy.deepcopy(kwargs))
-        except TypeError as err:
-            raise MosaicSegError(
-                f"model config is malformed ({err}). Fix: use a config from UniversalNet.config."
-            ) from err
-
-    def _check_shape(self, image: torch.Tensor) -> None:
-        if image.ndim != self.spatial_dims + 2:
-            raise MosaicSegError(
-                f"image has shape {tuple(image.shape)} but the model is {self.spatial_dims}D. "
-                f"Fix: pass a (B, C, {', '.join('XYZ'[: self.spatial_dims])}) tensor."
-            )
-        divisor = self.backbone.divisor
-        spatial = tuple(image.shape[2:])
-        if any(s % d for s, d in zip(spatial, divisor, strict=True)):
-            raise MosaicSegError(
-                f"input spatial shape {list(spatial)} is not divisible by {list(divisor)}. "
-                "Fix: feed patches of the planned patch size (sliding-window inference does this)."
-            )
+        return rebuild(cls, config)
 
     def encode(self, image: torch.Tensor, modality: torch.Tensor) -> list[torch.Tensor]:
         """Stem + encoder: skips ``[(B, backbone.skip_channels[i], *S / backbone.skip_scales[i]), ...]``, full
         resolution first, bottleneck last."""
-        self._check_shape(image)
+        check_input(image, self.spatial_dims, self.backbone.divisor)
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last_3d)
         return self.backbone.encode(self.stems(image, modality))

@@ -34,9 +34,17 @@ class TaskHead(nn.Module):
     task_parameters: ClassVar[tuple[str, ...]] = ("conv.conv.weight", "conv.conv.bias")
 
     def __init__(
-        self, channels: Sequence[int], num_tasks: int, spatial_dims: int, deep_supervision_levels: int
+        self,
+        channels: Sequence[int],
+        num_tasks: int,
+        spatial_dims: int,
+        deep_supervision_levels: int,
+        global_rows: bool = True,
     ) -> None:
+        """``global_rows``: row k of the output is global task k (False for a head of one dataset's tasks or of
+        one task at a time, whose rows ``init_from`` must not map by task name)."""
         super().__init__()
+        self.global_rows = global_rows
         if num_tasks < 1:
             raise MosaicSegError(f"the model has {num_tasks} tasks. Fix: give at least one global task.")
         if not 1 <= deep_supervision_levels <= len(channels):
@@ -57,4 +65,4 @@ class TaskHead(nn.Module):
 
     def is_task_parameter(self, name: str) -> bool:
         """Whether parameter ``name`` (relative to this head) has one row per task on its first axis."""
-        return any(name.endswith(p) for p in self.task_parameters)
+        return self.global_rows and any(name.endswith(p) for p in self.task_parameters)

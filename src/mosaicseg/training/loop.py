@@ -133,8 +133,6 @@ class Trainer:
             self.init_report = load_matching(
                 self.model, self.vocabulary, read_source(config.init_from), config.init_from
             )
-            if self.is_main:
-                write_json_atomic(self.run_dir / "init_report.json", self.init_report.to_dict())
         use_device_layout(self.model, self.device, mixed_precision=self.amp)
         self.patch_size = tuple(int(p) for p in (config.patch_size or self.plans["network"]["patch_size"]))
         self.batch_size = int(config.batch_size or self.plans["network"]["batch_size"])
@@ -154,11 +152,15 @@ class Trainer:
                 "--precision fp32"
             )
         self._check_patch_fits()
+        self._prepare_run_folder(resume, overwrite)  # nothing is written or removed before this point
+        if self.init_report is not None and self.is_main:
+            write_json_atomic(self.run_dir / "init_report.json", self.init_report.to_dict())
         self.iteration = 0
         self.epoch = 0
         self.elapsed_s = 0.0
         self.val_s = 0.0  # seconds spent validating (part of elapsed_s)
         self.epoch_losses: list[float] = []
+        self.epoch_terms: dict[str, list[float]] = {}  # the recipe's named loss terms, per step of the epoch
         self.best: dict[str, Any] = {"val_mean": -math.inf, "iteration": None}
         if resume and (self.run_dir / "checkpoint_latest.pt").is_file():
             self._restore(load_checkpoint(self.run_dir / "checkpoint_latest.pt", self.device))
@@ -206,6 +208,12 @@ class Trainer:
                 f"{self.run_dir}: holds a run already. Fix: --resume to continue it, --overwrite "
                 "to start again, or -o for another folder."
             )
+
+    def _prepare_run_folder(self, resume: bool, overwrite: bool) -> None:
+        """Once every setting is validated: clear an overwritten run, create the folder, drop stale temporaries."""
+        has_run = any(
+            (self.run_dir / n).exists() for n in ("checkpoint_latest.pt", "checkpoint_final.pt", "metrics.jsonl")
+        )
         if has_run and overwrite and not resume and self.is_main:
             for n in (
                 "checkpoint_latest.pt",
@@ -272,6 +280,7 @@ class Trainer:
             "elapsed_s": self.elapsed_s,
             "val_s": self.val_s,
             "epoch_losses": list(self.epoch_losses),  # a resumed epoch logs the mean over all its iterations
+            "epoch_terms": {k: list(v) for k, v in self.epoch_terms.items()},
             "train_config": self.config.to_dict(),
             "plans": self.plans,
             "vocabulary": self.vocabulary.to_dict(),
@@ -311,6 +320,7 @@ class Trainer:
         self.elapsed_s = float(ckpt["elapsed_s"])
         self.val_s = float(ckpt.get("val_s", 0.0))
         self.epoch_losses = [float(v) for v in ckpt.get("epoch_losses", [])]
+        self.epoch_terms = {k: [float(x) for x in v] for k, v in ckpt.get("epoch_terms", {}).items()}
         self.best = dict(ckpt.get("best") or self.best)
         if self.is_main:
             truncate_records(self.run_dir / "metrics.jsonl", self.iteration)
@@ -536,7 +546,10 @@ class Trainer:
         tick = time.perf_counter()
         try:
             for batch in self._loader():
-                loss = self.train_step(batch).loss
+                step = self.train_step(batch)
+                loss = step.loss
+                for name, term in step.losses.items():
+                    self.epoch_terms.setdefault(name, []).append(float(term))
                 now = time.perf_counter()
                 self.elapsed_s += now - tick
                 tick = now
@@ -574,7 +587,10 @@ class Trainer:
             "epoch_time_s": seconds,
             "elapsed_s": self.elapsed_s,
         }
+        if len(self.epoch_terms) > 1:  # a recipe with several named terms: each one's epoch mean
+            record["loss_terms"] = {k: float(np.mean(v)) for k, v in self.epoch_terms.items()}
         losses.clear()  # before this epoch's checkpoint: a run resumed from it starts a fresh epoch
+        self.epoch_terms.clear()
         due = record["epoch"] % cfg.val_every == 0 and self._validation_affordable()
         do_val = validate and self.val_cases and (self.finished() or due)
         if do_val and self.is_main:

@@ -192,3 +192,8 @@ def deep_supervision_loss(
         )
         total = total + w * level
     return total
+
+
+def modality_loss(logits: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    """Hermes' auxiliary term: cross-entropy of modality logits ``(B, M)`` against modality indices ``(B,)``."""
+    return F.cross_entropy(logits.float(), modality.long())

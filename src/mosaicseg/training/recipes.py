@@ -27,8 +27,10 @@ A recipe is registered by name with the options it accepts (:func:`register_reci
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,8 +42,10 @@ from mosaicseg.data.sampling import BatchPolicy, CaseSampler
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.models import build_model
+from mosaicseg.models.baselines import DynamicHeadNet, MultiDecoderNet, PromptNet
+from mosaicseg.models.priors import HERMES_OPTIONS, HermesNet
 from mosaicseg.registry import Registry
-from mosaicseg.training.losses import deep_supervision_loss
+from mosaicseg.training.losses import deep_supervision_loss, modality_loss
 from mosaicseg.types import Batch, ModelOutput
 
 Losses = dict[str, torch.Tensor]
@@ -256,11 +260,8 @@ def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
     every output towards 0, where the sigmoid's slope, and with it the Dice gradient, vanishes: on the IXI
     collection no task was found in 10 minutes (BENCHMARKS.md, convergence).
     """
-    plan = dict(ctx.plans["network"])
-    if ctx.config.patch_size is not None:
-        plan["patch_size"] = list(ctx.config.patch_size)
     model = build_model(
-        plan,
+        network_plan(ctx),
         modality_channels(ctx.plans, vocabulary),
         vocabulary.num_tasks,
         architecture=ctx.config.architecture,
@@ -269,12 +270,16 @@ def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
     )
     prior = head_prior(ctx, vocabulary)
     if prior is not None:
-        logits = torch.as_tensor(np.log(prior / (1 - prior)), dtype=torch.float32)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.startswith("head.") and name.endswith("bias"):
-                    param.copy_(logits.to(param.dtype))
+        model.set_output_prior(prior)
     return model
+
+
+def network_plan(ctx: RecipeContext) -> dict[str, Any]:
+    """plans.json's ``network`` with the run's ``patch_size`` override."""
+    plan = dict(ctx.plans["network"])
+    if ctx.config.patch_size is not None:
+        plan["patch_size"] = list(ctx.config.patch_size)
+    return plan
 
 
 def _pos_weight(ctx: RecipeContext) -> float:
@@ -294,12 +299,15 @@ def scheme_policy(scheme: str, weights: dict[str, float] | None) -> Callable[[Se
     return build
 
 
+def _collection_vocabulary(ctx: RecipeContext) -> Vocabulary:
+    """The collection's vocabulary, restricted to ``--datasets`` when given."""
+    return ctx.vocabulary.restrict(list(ctx.config.datasets)) if ctx.config.datasets else ctx.vocabulary
+
+
 @register_recipe("universal", options=NETWORK_OPTIONS)
 def universal(ctx: RecipeContext) -> Recipe:
     """MultiTalent: one model, every task of every (chosen) dataset its own sigmoid output."""
-    vocabulary = ctx.vocabulary
-    if ctx.config.datasets:
-        vocabulary = vocabulary.restrict(list(ctx.config.datasets))
+    vocabulary = _collection_vocabulary(ctx)
     objective = (
         missing_as_background_objective if ctx.config.missing_labels == "background" else partial_label_objective
     )
@@ -332,3 +340,154 @@ def single(ctx: RecipeContext) -> Recipe:
         datasets=(dataset,),
         policy=scheme_policy("uniform", None),
     )
+
+
+# Hermes' options: the network's (head_prior, bce_pos_weight), the model's (models/priors.py) and the weight of
+# the auxiliary modality loss (the paper's λ = 0.001)
+HERMES_RECIPE_OPTIONS: dict[str, Any] = {**NETWORK_OPTIONS, **HERMES_OPTIONS, "modality_loss_weight": 0.001}
+
+
+def hermes_objective(distributed: bool, pos_weight: float, modality_weight: float) -> LossFn:
+    """MultiTalent's partial-label loss over the asked tasks plus ``modality_weight`` × modality cross-entropy
+    (when the model has a modality prior); two named terms."""
+    segmentation = partial_label_objective(distributed, pos_weight)
+
+    def loss(outputs: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        terms = {"segmentation": segmentation(outputs, batch)}
+        if modality_weight > 0 and "modality_logits" in outputs.extras:
+            terms["modality"] = modality_weight * modality_loss(outputs.extras["modality_logits"], batch["modality"])
+        return terms
+
+    return loss
+
+
+@register_recipe("hermes", options=HERMES_RECIPE_OPTIONS)
+def hermes(ctx: RecipeContext) -> Recipe:
+    """Hermes: task and modality prior tokens fused into the encoder, posterior prototypes as classifiers."""
+    vocabulary = _collection_vocabulary(ctx)
+    weight = ctx.options["modality_loss_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+        raise MosaicSegError(f"recipe option modality_loss_weight={weight!r} is not >= 0. Fix: e.g. 0.001 or 0.")
+    model = HermesNet(
+        network_plan(ctx),
+        modality_channels(ctx.plans, vocabulary),
+        vocabulary.num_tasks,
+        architecture=ctx.config.architecture,
+        deep_supervision=ctx.config.deep_supervision,
+        options=ctx.config.model_options,
+        hermes={k: ctx.options[k] for k in HERMES_OPTIONS},
+    )
+    return Recipe(
+        model=with_prior(ctx, vocabulary, model),
+        loss=hermes_objective(ctx.distributed, _pos_weight(ctx), float(weight)),
+        vocabulary=vocabulary,
+        datasets=vocabulary.datasets,
+        policy=scheme_policy(ctx.config.sampling or ctx.sampling, ctx.weights),
+    )
+
+
+def with_prior(ctx: RecipeContext, vocabulary: Vocabulary, model: nn.Module) -> nn.Module:
+    """``model`` with its outputs started at the :func:`head_prior` (``model.set_output_prior``), if any."""
+    prior = head_prior(ctx, vocabulary)
+    if prior is not None:
+        model.set_output_prior(prior)  # type: ignore[operator]
+    return model
+
+
+def _baseline(ctx: RecipeContext, vocabulary: Vocabulary, model: nn.Module) -> Recipe:
+    """A universal-paradigm baseline: MultiTalent's loss over the asked tasks, the collection's draws."""
+    return Recipe(
+        model=with_prior(ctx, vocabulary, model),
+        loss=partial_label_objective(ctx.distributed, _pos_weight(ctx)),
+        vocabulary=vocabulary,
+        datasets=vocabulary.datasets,
+        policy=scheme_policy(ctx.config.sampling or ctx.sampling, ctx.weights),
+    )
+
+
+def _body_arguments(ctx: RecipeContext, vocabulary: Vocabulary) -> dict[str, Any]:
+    return {
+        "network_plan": network_plan(ctx),
+        "modality_channels": modality_channels(ctx.plans, vocabulary),
+        "num_tasks": vocabulary.num_tasks,
+        "architecture": ctx.config.architecture,
+        "options": ctx.config.model_options,
+    }
+
+
+@register_recipe("dodnet", options=NETWORK_OPTIONS)
+def dodnet(ctx: RecipeContext) -> Recipe:
+    """DoDNet: a dynamic head whose weights a controller generates from [GAP(bottleneck), one-hot task]."""
+    vocabulary = _collection_vocabulary(ctx)
+    return _baseline(ctx, vocabulary, DynamicHeadNet(**_body_arguments(ctx, vocabulary)))
+
+
+def read_task_embeddings(path: str | Path, vocabulary: Vocabulary) -> torch.Tensor:
+    """``(K, E)`` float32 text embeddings, one row per task of ``vocabulary``: a ``.npy`` array in task order, or
+    a ``.json`` object mapping every task name to its vector (or a list of rows in task order)."""
+    path = Path(path)
+    names = [t.name for t in vocabulary.tasks]
+    fix = (
+        f"give one row per task ({len(names)}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}; all in "
+        "WORKDIR/vocabulary.json), e.g. each task name encoded offline by a CLIP text encoder"
+    )
+    if not path.is_file():
+        raise MosaicSegError(f"{path}: task-embeddings file not found. Fix: {fix}, saved as .npy or .json.")
+    try:
+        if path.suffix == ".npy":
+            rows = np.load(path, allow_pickle=False)
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):
+                missing = [n for n in names if n not in data]
+                if missing:
+                    raise MosaicSegError(f"{path}: no embedding for tasks {missing}. Fix: {fix}.")
+                data = [data[n] for n in names]
+            rows = np.asarray(data, dtype=np.float64)
+        else:
+            raise MosaicSegError(f"{path}: task embeddings must be .npy or .json. Fix: {fix}.")
+    except (ValueError, OSError) as err:
+        raise MosaicSegError(f"{path}: cannot read task embeddings ({err}). Fix: {fix}.") from err
+    if rows.ndim != 2 or rows.shape[0] != len(names) or rows.shape[1] < 1 or not np.isfinite(rows).all():
+        raise MosaicSegError(
+            f"{path}: task embeddings have shape {list(rows.shape)}, the model has {len(names)} tasks (and needs "
+            f"finite values). Fix: {fix}."
+        )
+    return torch.as_tensor(rows, dtype=torch.float32)
+
+
+@register_recipe("clip", options={**NETWORK_OPTIONS, "task_embeddings": None})
+def clip(ctx: RecipeContext) -> Recipe:
+    """The CLIP-driven universal model: DoDNet's controller fed by the user's per-task text embeddings."""
+    vocabulary = _collection_vocabulary(ctx)
+    path = ctx.options.get("task_embeddings")
+    if path is None:
+        raise MosaicSegError(
+            "the clip recipe needs per-task text embeddings and downloads nothing. Fix: pass --task-embeddings "
+            "FILE (.npy of shape (tasks, width) in the order of WORKDIR/vocabulary.json, or .json mapping each task "
+            "name to its vector), made offline, e.g. by encoding 'a computed tomography of a {task}' with CLIP's text "
+            "encoder."
+        )
+    embeddings = read_task_embeddings(path, vocabulary)
+    model = DynamicHeadNet(**_body_arguments(ctx, vocabulary), embedding_shape=list(embeddings.shape))
+    model.set_task_embeddings(embeddings)
+    return _baseline(ctx, vocabulary, model)
+
+
+@register_recipe("uniseg", options=NETWORK_OPTIONS)
+def uniseg(ctx: RecipeContext) -> Recipe:
+    """UniSeg: a learnable prompt per task joined to the bottleneck; the decoder runs per asked task."""
+    vocabulary = _collection_vocabulary(ctx)
+    model = PromptNet(**_body_arguments(ctx, vocabulary), deep_supervision=ctx.config.deep_supervision)
+    return _baseline(ctx, vocabulary, model)
+
+
+@register_recipe("multidecoder", options=NETWORK_OPTIONS)
+def multidecoder(ctx: RecipeContext) -> Recipe:
+    """The shared encoder with one decoder and task head per dataset."""
+    vocabulary = _collection_vocabulary(ctx)
+    per_dataset = [[int(k) for k in np.flatnonzero(vocabulary.label_mask(d))] for d in vocabulary.datasets]
+    model = MultiDecoderNet(
+        **_body_arguments(ctx, vocabulary), dataset_tasks=per_dataset, deep_supervision=ctx.config.deep_supervision
+    )
+    return _baseline(ctx, vocabulary, model)

@@ -85,11 +85,15 @@ def load_matching(model: nn.Module, vocabulary: Vocabulary, ckpt: dict[str, Any]
                 continue
             old = old_state[name]
             if name in rows:
-                if old.shape[1:] != tensor.shape[1:] or old.shape[0] != len(old_names):
+                # rows past the tasks belong to no task (Hermes' null token): copied when both have as many
+                extra = old.shape[0] - len(old_names)
+                if old.shape[1:] != tensor.shape[1:] or extra < 0 or extra != tensor.shape[0] - len(new_names):
                     report.mismatched.append(name)
                     continue
                 for j, i in pairs:
                     tensor[j].copy_(old[i])
+                if extra:
+                    tensor[len(new_names) :].copy_(old[len(old_names) :])
                 report.task_rows.append(name)
             elif old.shape == tensor.shape:
                 tensor.copy_(old)

@@ -1,0 +1,189 @@
+"""Hermes (models/priors.py, the ``hermes`` recipe): vectorised task padding, fusion, prototypes, the ablation
+switches, the auxiliary modality loss, and a run that trains, checkpoints and predicts on the synthetic set."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mosaicseg.config import TrainConfig
+from mosaicseg.errors import MosaicSegError
+from mosaicseg.inference.predictor import Predictor
+from mosaicseg.models import HermesNet, build_from_config, task_parameter_names
+from mosaicseg.models.priors import NOT_ASKED, FusionLayer, PriorPool, select_tasks
+from mosaicseg.runtime import load_checkpoint
+from mosaicseg.training.loop import Trainer
+from mosaicseg.training.losses import modality_loss
+
+PLAN = {
+    "patch_size": [32, 32, 32],
+    "features": [4, 8, 16, 16, 16],
+    "kernel_sizes": [[3, 3, 3]] * 5,
+    "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4,
+}
+
+
+def _net(**hermes: Any) -> HermesNet:
+    torch.manual_seed(0)
+    return HermesNet(PLAN, {"T1": 1, "CT": 2}, 5, hermes={"head_dim": 8, "fusion_depth": 1, **hermes})
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_select_tasks_puts_each_samples_tasks_first_and_pads_with_the_null_token():
+    tasks = torch.tensor([[0, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    index, valid = select_tasks(tasks)
+    assert index.tolist() == [[1, 3, 4], [0, 1, 2], [3, 4, 4]]  # 4 = K: the null token
+    assert valid.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
+
+
+def test_a_batch_with_mixed_task_counts_gives_each_sample_its_own_result():
+    model = _net().eval()
+    x = torch.randn(3, 2, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    modality = torch.tensor([0, 1, 0])
+    tasks = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [1, 0, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        batch = model(x, modality, tasks)
+        for b in range(3):
+            alone = model(x[b : b + 1], modality[b : b + 1], tasks[b : b + 1])
+            torch.testing.assert_close(alone.logits[0], batch.logits[0][b : b + 1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(alone.extras["modality_logits"], batch.extras["modality_logits"][b : b + 1])
+    # tasks a sample did not ask are absent; the asked ones are not constant
+    out = batch.logits[0]
+    assert torch.all(out[~tasks] == NOT_ASKED)
+    assert all(out[b, k].std() > 0 for b, k in tasks.nonzero().tolist())
+
+
+def test_padding_keys_are_masked_in_the_image_update():
+    """A null token's content must not reach the image: changing it leaves the fused map unchanged."""
+    torch.manual_seed(0)
+    pool = PriorPool(3, 1, 2, 8, modality_prior=True)
+    layer = FusionLayer(pool, 8, depth=1, head_dim=4, two_way=True).eval()
+    x = torch.randn(1, 8, 4, 4, 4)
+    index, valid = select_tasks(torch.tensor([[True, False, True]]))
+    index, valid = torch.cat([index, torch.tensor([[3]])], 1), torch.cat([valid, torch.tensor([[False]])], 1)
+    before, _ = layer(x, index, valid, torch.tensor([0]))
+    with torch.no_grad():
+        pool.task[3].normal_()
+    after, _ = layer(x, index, valid, torch.tensor([0]))
+    torch.testing.assert_close(before, after)
+
+
+def test_ablation_switches_change_the_model_as_stated():
+    full = _net()
+    assert full.fused_stages == [2, 3, 4] and full.config["hermes"]["scales"] == [4, 8, 16]
+    single = _net(scales=[16])  # Table 4's "single scale": the 16x stage only
+    assert single.fused_stages == [4] and len(single.fusion) == 1 and _params(single) < _params(full)
+    one_way = _net(two_way=False)  # tokens read the image, the image is not updated
+    assert not any("image_from_tokens" in n for n, _ in one_way.named_parameters())
+    assert _params(one_way) < _params(full)
+    layer = one_way.fusion[0]
+    x = torch.randn(2, 16, 8, 8, 8)
+    index, valid = select_tasks(torch.ones(2, 5, dtype=torch.bool))
+    fused, _ = layer(x, index, valid, torch.tensor([0, 1]))
+    assert torch.equal(fused, x)
+    no_modality = _net(modality_prior=False)
+    assert all(layer.pool.modality is None for layer in no_modality.fusion)
+    assert no_modality.modality_head is None and _params(no_modality) < _params(full)
+    out = no_modality.eval()(torch.randn(1, 2, 32, 32, 32), torch.tensor([1]))
+    assert "modality_logits" not in out.extras
+    with pytest.raises(MosaicSegError, match=r"scales=\[3\].*\[1, 2, 4, 8, 16\]"):
+        _net(scales=[3])
+    with pytest.raises(MosaicSegError, match="no option"):
+        _net(depth=3)
+
+
+def test_task_tokens_and_biases_are_per_task_rows_for_init_from():
+    model = _net()
+    names = task_parameter_names(model)
+    assert names == {"fusion.0.pool.task", "fusion.1.pool.task", "fusion.2.pool.task", "task_bias"}
+    assert model.fusion[0].pool.task.shape[0] == 5 + 1  # + the null token
+
+
+def test_modality_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    expected = -(math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(math.e / (1 + math.e))) / 2
+    assert modality_loss(logits, torch.tensor([0, 1])).item() == pytest.approx(expected)
+
+
+def _cfg(**kw: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(
+        recipe="hermes", iterations=4, iterations_per_epoch=2, seed=3, device="cpu", val_max_cases=1, amp=False
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_hermes_trains_resumes_checkpoints_and_predicts_the_asked_tasks(tiny_workdir_2d, tmp_path):
+    trainer = Trainer(tiny_workdir_2d, _cfg(), tmp_path / "run", progress=False)
+    assert isinstance(trainer.model, HermesNet)
+    first = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    terms = records[-1]["loss_terms"]
+    # λ = 0.001 times a cross-entropy of order 1
+    assert set(terms) == {"segmentation", "modality"} and 0 < terms["modality"] < 0.01
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint_final.pt")
+    assert ckpt["model_config"]["kind"] == "hermes"
+    # the token pools and prototypes were trained and round-trip through the checkpoint
+    assert not torch.equal(ckpt["model"]["fusion.0.pool.task"], first["fusion.0.pool.task"])
+    rebuilt = build_from_config(ckpt["model_config"])
+    rebuilt.load_state_dict(ckpt["model"])
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in rebuilt.state_dict().items())
+    # the head prior starts each task's bias at its voxel share
+    prior = torch.sigmoid(first["task_bias"][:-1])
+    assert torch.all((prior > 0) & (prior < 0.5)) and prior.std() > 0
+
+    predictor = Predictor.from_checkpoint(tmp_path / "run", precision="fp32")
+    assert isinstance(predictor.models[0], HermesNet)
+    raw = tiny_workdir_2d.parent / "data" / "Dataset912_SynthCT" / "imagesTr"
+    image = sorted(raw.iterdir())[0]
+    report = predictor.predict_files(
+        [image], tmp_path / "pred", dataset="Dataset912_SynthCT", progress=False, save_probabilities=True
+    )
+    assert len(report["cases"]) == 1 and Path(report["cases"][0]["files"][0]).is_file()
+    # one probability map per task of the dataset: the model was asked for exactly those
+    files = report["cases"][0]["files"]
+    labels = json.loads((raw.parent / "dataset.json").read_text())["labels"]
+    assert len([f for f in files if "_prob_" in Path(f).name]) == len([k for k in labels if k != "background"])
+
+
+def test_hermes_rejects_bad_options_before_writing(tiny_workdir_2d, tmp_path):
+    with pytest.raises(MosaicSegError, match=r"recipe 'hermes' has no option 'two_ways'.*two_way"):
+        Trainer(tiny_workdir_2d, _cfg(recipe_options={"two_ways": False}), tmp_path / "a")
+    with pytest.raises(MosaicSegError, match="modality_loss_weight"):
+        Trainer(tiny_workdir_2d, _cfg(recipe_options={"modality_loss_weight": -1}), tmp_path / "b")
+    with pytest.raises(MosaicSegError, match="swinunetr"):
+        Trainer(tiny_workdir_2d, _cfg(architecture="swinunetr"), tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    # an --overwrite with a bad option leaves the run it was to replace intact
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(MosaicSegError, match="two_ways"):
+        Trainer(tiny_workdir_2d, _cfg(recipe_options={"two_ways": 1}), tmp_path / "kept", overwrite=True)
+    assert (tmp_path / "kept" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_train_preset_hermes_sets_the_papers_training_under_what_is_typed(tiny_workdir_2d, tmp_path):
+    from typer.testing import CliRunner
+
+    from mosaicseg.cli import app
+
+    base = ["train", str(tiny_workdir_2d), "--recipe", "hermes", "--preset", "hermes", "--iterations", "1"]
+    base += ["--iterations-per-epoch", "1", "--val-max-cases", "1", "--precision", "fp32"]
+    result = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "a" / "config.json").read_text())["train_config"]
+    chosen = (config["optimizer"], config["lr"], config["schedule"], config["sampling"])
+    assert chosen == ("lamb", 2e-3, "exp", "uniform")
+    typed = CliRunner().invoke(app, [*base, "--lr", "1e-3", "-o", str(tmp_path / "b")])
+    assert typed.exit_code == 0, typed.output
+    config = json.loads((tmp_path / "b" / "config.json").read_text())["train_config"]
+    assert config["optimizer"] == "lamb" and config["lr"] == 1e-3
