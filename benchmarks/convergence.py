@@ -50,6 +50,8 @@ CONFIGS: dict[str, list[str]] = {
     "after-64": ["--patch-size", "64,64,64"],
     "after-lr1e-3": ["--lr", "1e-3"],
     "after-prior-0.003": ["--recipe-option", "head_prior=0.003"],
+    # Hermes (issue 8's recipe) with the same defaults: a first look on real data
+    "hermes": ["--recipe", "hermes"],
 }  # fmt: skip
 
 

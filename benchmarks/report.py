@@ -661,6 +661,17 @@ SECTIONS = {
 }
 
 
+# studies whose Dice figures include Dataset002-004 (IXI); those sets were rebuilt on this date (the earlier
+# copies held intensities wrapped into uint8, i.e. noise), so such figures measured before it are void
+IXI_DICE_STUDIES = ("paradigms", "ensemble", "nnunet")
+IXI_REBUILT = "2026-12-01"
+IXI_VOID = (
+    "**Void for the IXI sets (Dataset002–004):** this run predates their rebuild on 2026-12-01 (the earlier copies "
+    "held intensities wrapped into uint8, i.e. noise). Its IXI rows are shown only until the study is re-run and "
+    "must not be cited; its other rows stand."
+)
+
+
 def write_report() -> Path:
     from mosaicseg.atomic import atomic_write
 
@@ -675,7 +686,10 @@ def write_report() -> Path:
     for name in names:
         if name in results:
             section = _hermes_ablation if name.startswith("hermes-ablation-") else SECTIONS.get(name, _convergence)
-            lines += section(results[name])
+            body = section(results[name])
+            if name in IXI_DICE_STUDIES and results[name]["machine"]["date"] < IXI_REBUILT:
+                body[1:1] = ["", IXI_VOID]
+            lines += body
             if name == "nnunet":
                 lines += _nnunet_why(results[name], results.get("speed"))
             lines.append(

@@ -430,3 +430,13 @@ def test_task_frequencies_count_old_caches_from_the_label_map(tiny_workdir_2d, t
     del meta["label_voxels"]
     meta_path.write_text(json.dumps(meta))
     np.testing.assert_allclose(task_frequencies(tiny_workdir_2d, vocab, cases), with_counts)
+
+
+@pytest.mark.parametrize(("width", "features"), [("small", [2, 4, 8]), ("base", [4, 8, 16]), ("large", [8, 16, 32])])
+def test_width_presets_scale_every_stage_of_the_plan(tiny_workdir_2d, width, features):
+    for recipe in ("universal", "hermes"):
+        cfg = _cfg(recipe=recipe, width=width)
+        model = RECIPES.get(recipe).build(_context(tiny_workdir_2d, cfg, [])).model
+        assert model.config["network_plan"]["features"] == features
+    with pytest.raises(MosaicSegError, match="width 'huge' is unknown"):
+        _cfg(width="huge")

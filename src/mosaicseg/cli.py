@@ -280,6 +280,9 @@ def train(
     only: Annotated[list[str] | None, typer.Option("--datasets", help="Train on these datasets only (repeat)")] = None,
     fold: Annotated[str, typer.Option(help="Fold number or all")] = "0",
     architecture: Annotated[str, typer.Option("--network", help="unet, resenc_unet or swinunetr")] = "unet",
+    width: Annotated[
+        str, typer.Option(help="Width preset: small, base or large (the plan's features x 0.5, 1, 2)")
+    ] = "base",
     iterations: Annotated[int | None, typer.Option(help="Total training iterations")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (of --iterations-per-epoch)")] = None,
     iterations_per_epoch: Annotated[int, typer.Option(help="Iterations per epoch")] = 50,
@@ -353,6 +356,7 @@ def train(
     cfg = TrainConfig(
         recipe=recipe,
         architecture=architecture,
+        width=width,
         dataset=dataset,
         datasets=tuple(only) if only else None,
         fold=_parse_fold(fold),

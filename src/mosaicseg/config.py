@@ -276,6 +276,9 @@ def apply_preset(
     return {k: (presets[name].get(k) if v is None else v) for k, v in given.items()}
 
 
+# network width presets (the model-scaling study): every stage's feature count of the plan × this factor
+WIDTHS: dict[str, float] = {"small": 0.5, "base": 1.0, "large": 2.0}
+
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "lamb")
 SCHEDULES: tuple[str, ...] = ("poly", "exp", "constant")
 # nnU-Net: SGD-Nesterov 1e-2 with poly decay; AdamW 3e-3 with poly decay: the CPU convergence study's best
@@ -295,6 +298,7 @@ class TrainConfig:
 
     recipe: str = "universal"
     architecture: str = "unet"
+    width: str = "base"  # a WIDTHS preset: the plan's features × 0.5 / 1 / 2
     dataset: str | None = None  # the one dataset of the ``single`` recipe
     datasets: tuple[str, ...] | None = None  # subset of the collection's datasets (universal)
     fold: int | str = 0
@@ -341,6 +345,8 @@ class TrainConfig:
         def bad(what: str, fix: str) -> None:
             problems.append(Problem("error", "train-config", "training settings", what, fix))
 
+        if self.width not in WIDTHS:
+            bad(f"width '{self.width}' is unknown", f"use one of {', '.join(WIDTHS)}")
         if self.optimizer not in OPTIMIZERS:
             bad(f"optimizer '{self.optimizer}' is unknown", f"use one of {', '.join(OPTIMIZERS)}")
         if self.schedule is not None and self.schedule not in SCHEDULES:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mosaicseg.config import TrainConfig
+from mosaicseg.config import WIDTHS, TrainConfig
 from mosaicseg.data.sampling import BatchPolicy, CaseSampler
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
@@ -275,10 +275,13 @@ def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
 
 
 def network_plan(ctx: RecipeContext) -> dict[str, Any]:
-    """plans.json's ``network`` with the run's ``patch_size`` override."""
+    """plans.json's ``network`` with the run's ``patch_size`` override and ``width`` preset (features × factor)."""
     plan = dict(ctx.plans["network"])
     if ctx.config.patch_size is not None:
         plan["patch_size"] = list(ctx.config.patch_size)
+    factor = WIDTHS[ctx.config.width]
+    if factor != 1.0:
+        plan["features"] = [max(2, round(f * factor)) for f in plan["features"]]
     return plan
 
 
