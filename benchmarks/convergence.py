@@ -27,19 +27,32 @@ ISSUE_SETTINGS = [
     "--optimizer", "adamw", "--lr", "1e-3", "--precision", "mixed", "--iterations-per-epoch", "100",
     "--val-every", "2", "--val-max-cases", "4",
 ]  # fmt: skip
+
+
+def _flags(*parts: list[str]) -> list[str]:
+    """Flag lists joined as the command line would resolve them: a later value of a flag (of a recipe option,
+    by its name) replaces the earlier one in place, so the table shows each setting once."""
+    resolved: dict[str, tuple[str, str]] = {}
+    for part in parts:
+        for flag, value in zip(part[::2], part[1::2], strict=True):
+            key = f"{flag} {value.split('=', 1)[0]}" if flag == "--recipe-option" else flag
+            resolved[key] = (flag, value)
+    return [x for pair in resolved.values() for x in pair]
+
+
 CONFIGS: dict[str, list[str]] = {
     # the train command's defaults before this study (SGD, float32, validation every 50 iterations)
-    "defaults-before": [*BEFORE, "--optimizer", "sgd", "--precision", "fp32", "--iterations-per-epoch", "50"],
-    "issue-settings": [*BEFORE, *ISSUE_SETTINGS],
-    "head-prior": [*BEFORE, *ISSUE_SETTINGS, "--recipe-option", "head_prior=0.003"],
+    "defaults-before": _flags(BEFORE, ["--optimizer", "sgd", "--precision", "fp32", "--iterations-per-epoch", "50"]),
+    "issue-settings": _flags(BEFORE, ISSUE_SETTINGS),
+    "head-prior": _flags(BEFORE, ISSUE_SETTINGS, ["--recipe-option", "head_prior=0.003"]),
     # issue 7's third try (a smaller patch, so more iterations, and a larger learning rate) with the prior
-    "prior-48-lr3e-3": [
-        *BEFORE, *ISSUE_SETTINGS, "--recipe-option", "head_prior=0.003", "--patch-size", "48,48,48", "--lr", "3e-3",
-    ],
+    "prior-48-lr3e-3": _flags(
+        BEFORE, ISSUE_SETTINGS, ["--recipe-option", "head_prior=0.003", "--patch-size", "48,48,48", "--lr", "3e-3"]
+    ),
     # the prior with foreground voxels weighted 20x in the BCE (a task whose outputs collapsed to ~0 gets a pull)
-    "prior-posweight20": [
-        *BEFORE, *ISSUE_SETTINGS, "--recipe-option", "head_prior=0.003", "--recipe-option", "bce_pos_weight=20",
-    ],
+    "prior-posweight20": _flags(
+        BEFORE, ISSUE_SETTINGS, ["--recipe-option", "head_prior=0.003", "--recipe-option", "bce_pos_weight=20"]
+    ),
     # the train command's defaults after this study, nothing typed (plan: 48³ on CPU; AdamW 3e-3; bf16 on
     # native-bf16 CPUs; validation within 10 % of the time; head_prior "auto", each task's voxel share)
     "defaults-after": [],

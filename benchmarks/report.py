@@ -672,6 +672,14 @@ IXI_VOID = (
 )
 
 
+def with_void_note(name: str, result: dict[str, Any], body: list[str]) -> list[str]:
+    """``body`` (a section, heading first) with :data:`IXI_VOID` under the heading when its IXI figures predate
+    the rebuild."""
+    if name in IXI_DICE_STUDIES and result["machine"]["date"] < IXI_REBUILT:
+        return [body[0], "", IXI_VOID, *body[1:]]
+    return body
+
+
 def write_report() -> Path:
     from mosaicseg.atomic import atomic_write
 
@@ -686,10 +694,7 @@ def write_report() -> Path:
     for name in names:
         if name in results:
             section = _hermes_ablation if name.startswith("hermes-ablation-") else SECTIONS.get(name, _convergence)
-            body = section(results[name])
-            if name in IXI_DICE_STUDIES and results[name]["machine"]["date"] < IXI_REBUILT:
-                body[1:1] = ["", IXI_VOID]
-            lines += body
+            lines += with_void_note(name, results[name], section(results[name]))
             if name == "nnunet":
                 lines += _nnunet_why(results[name], results.get("speed"))
             lines.append(

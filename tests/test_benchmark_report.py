@@ -308,3 +308,36 @@ def test_convergence_table_means_each_dataset_s_tasks() -> None:
     text = "\n".join(report._convergence(result))
     assert "| base | `--optimizer adamw` | 600 | 1.00 | 1.5 | 0.600 | 0.100 |" in text
     assert "| A/X_R | 0.700 |" in text and "convergence-ixi3-10m.png" in text
+
+
+def test_ixi_figures_measured_before_the_rebuild_are_marked_void() -> None:
+    body = ["## Paradigms", "", "| table |"]
+    old = report.with_void_note("paradigms", {"machine": {"date": "2026-11-24 13:46"}}, body)
+    assert old[0] == "## Paradigms" and old[2] == report.IXI_VOID and old[3:] == body[1:]
+    assert report.with_void_note("paradigms", {"machine": {"date": "2026-12-01 15:00"}}, body) == body
+    assert report.with_void_note("speed", {"machine": {"date": "2026-11-24 11:37"}}, body) == body  # no IXI Dice
+
+
+def test_hippocampus_table_compares_the_defaults_with_before() -> None:
+    run = {"iterations": 10, "train_s": 60.0, "final_pseudo_dice": 0.8, "dice_mean": 0.85, "dice_per_label": {"A": 0.9}}
+    setting = {"network": "unet", "patch_size": [8], "batch_size": 2, "features": [4], "optimizer": "defaults",
+               "budget": "30m wall clock", "fold": 0, "held_out_cases": 3}  # fmt: skip
+    result = {**run, "setting": setting, "before": {**run, "dice_mean": 0.8, "iterations": 7}}
+    text = "\n".join(report._hippocampus(result))
+    assert "| before | 7 | 60 | 0.8000 | 0.8000 | A 0.9000 |" in text
+    assert "| defaults | 10 | 60 | 0.8000 | 0.8500 | A 0.9000 |" in text
+    assert "defaults − before: +0.0500" in text
+
+
+def test_hermes_ablation_table_means_and_sds_over_seeds() -> None:
+    from benchmarks.hermes import report as ablation
+
+    rows = {
+        "task prior, 16× only": {"options": ["scales=[16]"], "parameters": 1234, "train_s": 10.0,
+                                 "dice": {"Dataset001_A": (0.5, 0.1)}, "mean": (0.5, 0.1)},
+        "+ auxiliary loss (Hermes)": {"options": [], "parameters": 2000, "train_s": 12.0,
+                                      "dice": {"Dataset001_A": (0.6, 0.0)}, "mean": (0.6, 0.0)},
+    }  # fmt: skip
+    text = "\n".join(ablation({"collection": "mri7", "iterations": 5, "seeds": [0, 1, 2], "rows": rows}))
+    assert "| task prior, 16× only | `scales=[16]` | 1,234 | 10 | 0.500 ± 0.100 | 0.500 ± 0.100 |" in text
+    assert "| + auxiliary loss (Hermes) | none (the recipe's defaults) | 2,000 | 12 | 0.600 ± 0.000 |" in text
