@@ -268,10 +268,7 @@ def network(ctx: RecipeContext, vocabulary: Vocabulary) -> nn.Module:
         deep_supervision=ctx.config.deep_supervision,
         **ctx.config.model_options,
     )
-    prior = head_prior(ctx, vocabulary)
-    if prior is not None:
-        model.set_output_prior(prior)
-    return model
+    return with_prior(ctx, vocabulary, model)
 
 
 def network_plan(ctx: RecipeContext) -> dict[str, Any]:
@@ -372,12 +369,8 @@ def hermes(ctx: RecipeContext) -> Recipe:
     if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
         raise MosaicSegError(f"recipe option modality_loss_weight={weight!r} is not >= 0. Fix: e.g. 0.001 or 0.")
     model = HermesNet(
-        network_plan(ctx),
-        modality_channels(ctx.plans, vocabulary),
-        vocabulary.num_tasks,
-        architecture=ctx.config.architecture,
+        **_body_arguments(ctx, vocabulary),
         deep_supervision=ctx.config.deep_supervision,
-        options=ctx.config.model_options,
         hermes={k: ctx.options[k] for k in HERMES_OPTIONS},
     )
     return Recipe(
