@@ -623,6 +623,10 @@ def main() -> None:
                 budget = args.budget_min if args.budget_min is not None else 20
                 return study_nnunet(args.datasets or default, python, budget, args.subset, quick=QUICK)
 
+            if args.datasets and sorted(args.datasets) != sorted(default):
+                # another set of datasets is a study of its own: the default one's results stay
+                name = "nnunet-" + "-".join(sorted(d.split("_")[0].removeprefix("Dataset") for d in args.datasets))
+
         if name == "hermes-ablation":
             from benchmarks.hermes import study_hermes_ablation
 

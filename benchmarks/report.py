@@ -211,7 +211,8 @@ def _nnunet(r: dict[str, Any]) -> list[str]:
         "(i) *equal iterations*: nnU-Net's stock 3d_fullres plan for "
         f"{s['iterations']} iterations (a trainer subclass), MosaicSeg the same number with that plan's network, "
         f"patch, batch and spacing; learning rate: {s.get('schedule', OLD_SCHEDULE)}; (ii) *equal wall clock* "
-        f"({s['budget_min']} min): each tool's own CPU plan (nnU-Net: its stock plan). Dice by `mosaicseg "
+        f"({s['budget_min']} min): each tool's own CPU plan (nnU-Net: its stock plan; MosaicSeg: its flags are "
+        "listed per dataset). Dice by `mosaicseg "
         f"evaluate` on the first held-out cases ({s['subset_cases']}); predict s/case includes process "
         "start-up; peak RSS of the whole process. Finished steps are cached (`work/bench/nnunet/steps.json`) and "
         "reused across sittings, so the commit and seconds below are the last invocation's, not every step's.",
@@ -223,7 +224,13 @@ def _nnunet(r: dict[str, Any]) -> list[str]:
             f"**{dataset}** — nnU-Net plan in MosaicSeg axes: patch {nn['patch_size']}, batch {nn['batch_size']}, "
             f"features {nn['features']}, spacing {d['nnunet_spacing_in_mosaicseg_axes']}; "
             f"MosaicSeg CPU plan: patch {d['mosaicseg_cpu_plan']['patch_size']}, batch "
-            f"{d['mosaicseg_cpu_plan']['batch_size']}, features {d['mosaicseg_cpu_plan']['features']}.",
+            f"{d['mosaicseg_cpu_plan']['batch_size']}, features {d['mosaicseg_cpu_plan']['features']}; "
+            "MosaicSeg wall-clock flags: "
+            + (
+                f"`{' '.join(d['mosaicseg_time_flags'])}` (the train defaults otherwise)."
+                if "mosaicseg_time_flags" in d
+                else "`--optimizer adamw --iterations-per-epoch 100` (AdamW's default rate then, 1e-3)."
+            ),
             "",
             "| comparison | tool | iterations | s/iteration | Dice | Dice +TTA | predict s/case | +TTA s/case "
             "| train peak RSS MB | predict peak RSS MB |",
@@ -691,11 +698,13 @@ def write_report() -> Path:
 
     names = [n for n in SECTIONS if n in results] + sorted(n for n in results if n.startswith("convergence-"))
     names += sorted(n for n in results if n.startswith("hermes-ablation-"))
+    names += sorted(n for n in results if n.startswith("nnunet-"))  # other dataset sets than the default
     for name in names:
         if name in results:
             section = _hermes_ablation if name.startswith("hermes-ablation-") else SECTIONS.get(name, _convergence)
+            section = _nnunet if name.startswith("nnunet-") else section
             lines += with_void_note(name, results[name], section(results[name]))
-            if name == "nnunet":
+            if name.split("-")[0] == "nnunet":
                 lines += _nnunet_why(results[name], results.get("speed"))
             lines.append(
                 f"<sub>{name}: commit {results[name]['machine']['commit']}, "

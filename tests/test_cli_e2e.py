@@ -19,6 +19,9 @@ def test_demo_end_to_end_reaches_dice_0_6_on_every_held_out_synthetic_dataset(tm
     assert set(dice) == {"Dataset911_SynthDerm", "Dataset912_SynthCT", "Dataset913_SynthMR", "Dataset914_SynthMulti"}
     assert all(v >= 0.6 for v in dice.values()), dice
     assert "dataset-averaged" in result.output
+    # not a terminal: progress as plain lines every few seconds, not one carriage-return redraw per iteration
+    assert "\r" not in result.output
+    assert len(result.output) < 20_000, len(result.output)
     # predictions are real files in the inputs' numbering, evaluated per dataset
     assert sorted(p.name for p in (out / "evaluation").iterdir()) == sorted(dice)
     # running again reuses everything: training is finished, predictions are kept

@@ -47,6 +47,7 @@ SHARED = {
     "mosaicseg.atomic",
     "mosaicseg.errors",
     "mosaicseg.runtime",
+    "mosaicseg.progress",
     "mosaicseg.data.workdir",
 }
 # leaf modules of a later stage → the stages that may import them (the training loop's validation)

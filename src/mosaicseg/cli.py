@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +64,7 @@ def check(
     from mosaicseg.data.checks import check_collection, render_report
 
     t0 = time.perf_counter()
-    report = check_collection(collection, folds=folds, workers=workers, progress=sys.stderr.isatty())
+    report = check_collection(collection, folds=folds, workers=workers, progress=True)
     typer.echo(printable(render_report(report)))
     typer.echo(f"checked in {time.perf_counter() - t0:.1f} s")
     if json_out:
@@ -147,7 +146,7 @@ def plan(
         from mosaicseg.data.checks import check_collection
         from mosaicseg.errors import raise_if_errors
 
-        report = check_collection(collection, workers=workers, progress=sys.stderr.isatty())
+        report = check_collection(collection, workers=workers, progress=True)
         raise_if_errors(report.problems, f"{collection}: mosaicseg check")
         warnings = sum(p.severity == "warning" for p in report.problems)
         typer.echo(
@@ -408,8 +407,13 @@ PREDICT_STAGES = ("read_s", "preprocess_s", "network_s", "export_s")
 @app.command()
 @_user_errors
 def predict(
-    model: Annotated[Path, typer.Option("-m", "--model", help="Run folder (fold_* inside) or checkpoint")],
-    inputs: Annotated[list[Path], typer.Option("-i", "--input", help="Image files or folders (repeat)")],
+    model: Annotated[
+        Path, typer.Option("-m", "--model", help="Run folder (fold_* inside), checkpoint or bundle (mosaicseg export)")
+    ],
+    inputs: Annotated[
+        list[Path],
+        typer.Option("-i", "--input", help="Image files, folders of them, or DICOM series folders (repeat)"),
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")],
     dataset: Annotated[str | None, typer.Option(help="Dataset whose preprocessing and tasks apply")] = None,
     tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Tasks (repeat; all: every task)")] = None,
@@ -434,12 +438,30 @@ def predict(
             "bf16 (AVX512-BF16, AMX), else fp32"
         ),
     ] = "auto",
+    merged: Annotated[
+        bool,
+        typer.Option(help="One label map over every asked task (1..N in task order; names in OUT/dataset.json)"),
+    ] = False,
+    statistics: Annotated[
+        bool, typer.Option(help="Per-case, per-task voxel counts and volumes (mL) in OUT/statistics.csv and .json")
+    ] = False,
+    thresholds: Annotated[
+        list[str] | None,
+        typer.Option("--threshold", help="TASK=VALUE: probability threshold of a task (repeat; default 0.5)"),
+    ] = None,
+    dicom_seg: Annotated[
+        bool, typer.Option(help="Also write a DICOM-SEG per DICOM series input (needs mosaicseg[dicom])")
+    ] = False,
 ) -> None:
-    """Predict label maps (each source dataset's own numbering) in the input's exact geometry."""
+    """Predict label maps (each source dataset's own numbering, or --merged) in the input's exact geometry."""
+    from mosaicseg.inference.outputs import parse_thresholds, require_highdicom
     from mosaicseg.inference.predictor import Predictor
 
     if checkpoint not in ("final", "latest", "best"):
         raise MosaicSegError(f"--checkpoint {checkpoint!r} is unknown. Fix: use final, latest or best.")
+    parse_thresholds(thresholds or [])  # malformed values fail before the model is loaded
+    if dicom_seg:
+        require_highdicom()
     predictor = Predictor.from_checkpoint(
         model, folds=folds, checkpoint=checkpoint, device=device, jit=jit, precision=precision
     )
@@ -453,6 +475,10 @@ def predict(
         save_probabilities=save_probabilities,
         largest_component=largest_component,
         overwrite=overwrite,
+        merged=merged,
+        statistics=statistics,
+        thresholds=thresholds or (),
+        dicom_seg=dicom_seg,
     )
     from mosaicseg.atomic import write_json_atomic
 
@@ -473,7 +499,16 @@ def predict(
             else ""
         )
         + (f"; kept {len(report['skipped'])} existing (use --overwrite)" if report["skipped"] else "")
+        + (f"; volumes in {output / 'statistics.csv'}" if statistics else "")
     )
+    if report.get("statistics_missing"):
+        typer.secho(
+            f"warning: no statistics for {len(report['statistics_missing'])} kept case(s) predicted earlier without "
+            f"--statistics or other thresholds ({', '.join(report['statistics_missing'][:5])}). Fix: rerun with "
+            "--overwrite.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
 @app.command()
@@ -504,7 +539,7 @@ def evaluate(
         nsd_tolerance_mm=nsd_tolerance,
         output_dir=output,
         workers=workers,
-        progress=sys.stderr.isatty(),
+        progress=True,
         overwrite=overwrite,
         missing_as_empty=missing_as_empty,
     )
@@ -537,6 +572,56 @@ def demo(
     )
 
 
+@app.command()
+@_user_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder (fold_* inside), fold folder or checkpoint_*.pt")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Bundle file to write, e.g. model.mosaic")],
+    folds: Annotated[list[str] | None, typer.Option("--folds", help="Folds to bundle (repeat; default all)")] = None,
+    checkpoint: Annotated[str, typer.Option(help="final, latest or best")] = "final",
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="Work folder the run was trained from, for the split's case ids (default: found above RUN)"),
+    ] = None,
+    checksums: Annotated[
+        str,
+        typer.Option(
+            help="Raw data checksums: manifest (dataset.json + file names and sizes; fast) or content (also every "
+            "file's SHA-256; reads all data)"
+        ),
+    ] = "manifest",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle file")] = False,
+) -> None:
+    """Write a run as ONE file (safetensors weights of every fold + JSON model card; no pickle) for predict -m."""
+    from mosaicseg.inference.bundle import export_bundle
+
+    if checkpoint not in ("final", "latest", "best"):
+        raise MosaicSegError(f"--checkpoint {checkpoint!r} is unknown. Fix: use final, latest or best.")
+    card = export_bundle(
+        run, output, folds=folds, checkpoint=checkpoint, workdir=workdir, checksums=checksums, overwrite=overwrite
+    )
+    vocabulary = card["vocabulary"]
+    for note in card["provenance"]["notes"]:
+        typer.echo(printable(f"note: {note}"))
+    typer.echo(
+        f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): {len(card['folds'])} fold(s), "
+        f"{len(vocabulary['tasks'])} task(s) of {len(vocabulary['datasets'])} dataset(s); mosaicseg info {output}"
+    )
+
+
+@app.command()
+@_user_errors
+def info(
+    bundle: Annotated[Path, typer.Argument(help="Bundle file written by mosaicseg export")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole model card as JSON")] = False,
+) -> None:
+    """Print a bundle's model card: tasks per dataset, modalities, network, folds, licences, versions."""
+    from mosaicseg.inference.bundle import model_card, read_metadata
+
+    metadata = read_metadata(bundle)
+    typer.echo(json.dumps(metadata, indent=2) if as_json else printable(model_card(metadata, bundle)))
+
+
 def _describe_plans(plans: dict[str, Any]) -> str:
     net = plans["network"]
     lines = [
@@ -555,6 +640,45 @@ def _describe_plans(plans: dict[str, Any]) -> str:
             f"{d['median_shape']}{sep}; {norm}"
         )
     return "\n".join(lines)
+
+
+@app.command()
+@_user_errors
+def report(
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            help="Run folder (fold_* inside, or one fold), prediction folder with summary.json, or demo folder"
+        ),
+    ],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="HTML file (default FOLDER/report.html)")
+    ] = None,
+    pred: Annotated[Path | None, typer.Option(help="Predicted label maps (default: summary.json's folder)")] = None,
+    gt: Annotated[Path | None, typer.Option(help="Reference label maps (default: summary.json's folder)")] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Images CASE_0000.* (default: imagesTr/imagesTs beside the dataset.json)")
+    ] = None,
+    dataset_json: Annotated[Path | None, typer.Option(help="dataset.json of the references")] = None,
+    cases: Annotated[int, typer.Option(help="Best and worst cases drawn per task")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report")] = False,
+) -> None:
+    """One self-contained HTML page: metric tables, training curves, best/worst case overlays, provenance."""
+    from mosaicseg.evaluation.html import render_report
+
+    path, found = render_report(
+        folder,
+        output,
+        pred=pred,
+        gt=gt,
+        images=images,
+        dataset_json=dataset_json,
+        n_cases=cases,
+        overwrite=overwrite,
+    )
+    for note in found.missing:
+        typer.echo(printable(f"note: {note}"))
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:

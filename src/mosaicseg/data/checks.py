@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from mosaicseg.config import CollectionConfig, load_collection
 from mosaicseg.data.collection import open_collection
@@ -29,6 +28,7 @@ from mosaicseg.data.manifest import DatasetManifest, inside_folder
 from mosaicseg.data.splits import patient_of, suspected_grouping
 from mosaicseg.data.vocabulary import Vocabulary, build_vocabulary
 from mosaicseg.errors import MosaicSegError, Problem, Severity
+from mosaicseg.progress import progress_bar
 
 MIN_AXIS_VOXELS = 8  # networks halve every axis several times; fewer voxels than this is suspicious
 ANISOTROPY_RATIO = 3.0  # nnU-Net treats axes this much coarser than the finest as thick slices
@@ -386,7 +386,7 @@ def _init_worker() -> None:
 
 def _run_jobs(jobs: list[_CaseJob], workers: int, progress: bool) -> list[_CaseResult]:
     def bar(results: Iterable[_CaseResult]) -> Iterable[_CaseResult]:
-        return tqdm(results, total=len(jobs), desc="checking cases", unit="case", disable=not progress)
+        return progress_bar(results, total=len(jobs), desc="checking cases", unit="case", disable=not progress)
 
     if workers <= 1 or len(jobs) < 2:
         return list(bar(map(_check_case, jobs)))

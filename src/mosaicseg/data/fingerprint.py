@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from mosaicseg.atomic import write_json_atomic
 from mosaicseg.data.collection import OpenCollection, open_collection
@@ -66,6 +65,7 @@ from mosaicseg.data.preprocess import (
 from mosaicseg.data.vocabulary import channel_signature
 from mosaicseg.data.workdir import PLANS_VERSION, read_json
 from mosaicseg.errors import MosaicSegError
+from mosaicseg.progress import progress_bar
 
 FINGERPRINT_VERSION = 2  # 2: non-finite voxels replaced before sampling; no fixed-window statistics
 SAMPLES_PER_CASE = 10_000
@@ -209,7 +209,7 @@ def _files_hash(manifest: DatasetManifest, seed: int) -> str:
 def _run_pool(fn: Any, jobs: list[Any], workers: int, progress: bool, desc: str) -> list[Any]:
     """``fn`` over ``jobs`` in ``workers`` processes with a progress bar; results in job order."""
     results: list[Any] = [None] * len(jobs)
-    with tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress or not jobs) as bar:
+    with progress_bar(total=len(jobs), desc=desc, unit="case", disable=not progress or not jobs) as bar:
         if workers <= 1 or len(jobs) <= 1:
             for i, job in enumerate(jobs):
                 results[i] = fn(job)

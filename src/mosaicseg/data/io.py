@@ -382,3 +382,118 @@ def read_header(path: str | Path) -> dict[str, Any]:
         "shape": tuple(reader.GetSize()),
         "channels": reader.GetNumberOfComponents(),
     }
+
+
+# --------------------------------------------------------------------------------------------- DICOM series
+DICOM_ENDINGS = (".dcm", ".ima")
+_SERIES_DESCRIPTION = "0008|103e"
+
+
+def _quiet_gdcm(call: Any, *args: Any) -> Any:
+    """``call(*args)`` without ITK's "No Series were found" warning, which is an answer here, not a problem."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return call(*args)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _series_description(first_file: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(first_file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return "unreadable"
+    if not reader.HasMetaDataKey(_SERIES_DESCRIPTION):
+        return "no description"
+    return reader.GetMetaData(_SERIES_DESCRIPTION).strip() or "no description"
+
+
+def dicom_series_files(folder: str | Path) -> tuple[Path, ...] | None:
+    """The slice files of the one DICOM series in ``folder`` (GDCM's order: along the slice normal), or None
+    when the folder holds no DICOM series. Sub-folders are not searched.
+
+    Raises :class:`MosaicSegError` listing every series (UID, description, number of files) when the folder
+    holds several, since a case is one series.
+    """
+    folder = Path(folder)
+    uids = _quiet_gdcm(sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(folder))
+    if not uids:
+        return None
+    files = {uid: _quiet_gdcm(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, str(folder), uid) for uid in uids}
+    if len(uids) > 1:
+        listing = "; ".join(
+            f"{uid} ('{_series_description(names[0])}', {len(names)} files)" for uid, names in files.items()
+        )
+        raise MosaicSegError(
+            f"{folder}: holds {len(uids)} DICOM series ({listing}), but a case is one series. Fix: move each "
+            "series into its own folder (named after the case) and pass those folders, or their parent folder, "
+            "with -i."
+        )
+    return tuple(Path(f) for f in files[uids[0]])
+
+
+def read_dicom_series(files: tuple[Path, ...] | list[Path]) -> tuple[np.ndarray, Geometry]:
+    """Read one DICOM series (its slice files, as :func:`dicom_series_files` orders them) like
+    :func:`read_image` reads a file: ``(C, X, Y[, Z])`` in canonical orientation, and the series' geometry
+    (origin, spacing, direction as SimpleITK's ImageSeriesReader computes them from the slice positions) as
+    the "file" geometry, so :func:`write_image` writes outputs (e.g. NIfTI) on the series' grid."""
+    folder = Path(files[0]).parent
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise MosaicSegError(
+            f"{folder}: cannot read the DICOM series ({first}). Fix: check that every slice file is complete "
+            "(re-export or re-download the series)."
+        ) from exc
+    return sitk_to_array(image, folder)
+
+
+def sitk_to_array(image: sitk.Image, source: str | Path) -> tuple[np.ndarray, Geometry]:
+    """A SimpleITK image → ``(C, X, Y[, Z])`` array in canonical orientation and its :class:`Geometry`, as
+    :func:`read_image` returns them (``source`` names the input in errors)."""
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise MosaicSegError(f"{source}: image has {dim} dimensions, expected 2 or 3. Fix: split it per channel.")
+    file_geom = dict(
+        file_ndim=dim,
+        file_shape=tuple(int(s) for s in image.GetSize()),
+        file_spacing=tuple(float(s) for s in image.GetSpacing()),
+        file_origin=tuple(float(s) for s in image.GetOrigin()),
+        file_direction=tuple(float(s) for s in image.GetDirection()),
+        orientation=_orientation_of(image),
+    )
+    if dim == 3:
+        image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+    arr = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C])
+    arr = np.moveaxis(arr, -1, 0) if image.GetNumberOfComponentsPerPixel() > 1 else arr[None]
+    arr = np.transpose(arr, (0, *range(arr.ndim - 1, 0, -1)))  # -> (C, X, Y[, Z])
+    spacing = tuple(float(s) for s in image.GetSpacing())
+    squeezed = None
+    singleton = [i for i, s in enumerate(arr.shape[1:]) if s == 1]
+    if dim == 3 and len(singleton) == 1:  # a one-slice series is a 2D image, as a one-slice NIfTI is
+        squeezed = singleton[0]
+        arr = np.take(arr, 0, axis=squeezed + 1)
+        spacing = tuple(s for i, s in enumerate(spacing) if i != squeezed)
+    geometry = Geometry(
+        **file_geom, shape=tuple(int(s) for s in arr.shape[1:]), spacing=spacing, squeezed_axis=squeezed
+    )
+    return np.ascontiguousarray(arr), geometry
+
+
+def to_file_order(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """``array`` ``(X, Y[, Z])`` on the canonical grid → the file's own voxel grid in numpy order ``(Z, Y, X)``
+    (for a DICOM series: frame ``z`` lies on slice file ``z``), the inverse of :func:`read_image`'s reorientation."""
+    arr = array.view(np.uint8) if array.dtype == bool else array  # ITK has no bool pixel type
+    arr = arr if geometry.squeezed_axis is None else np.expand_dims(arr, geometry.squeezed_axis)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr)))
+    if geometry.file_ndim == 3:
+        image.SetDirection(_canonical_direction(geometry))
+        image = sitk.DICOMOrient(image, geometry.orientation)
+    out = sitk.GetArrayFromImage(image)
+    return out.view(bool) if array.dtype == bool else out

@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 from mosaicseg.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
 from mosaicseg.data.collection import open_collection
@@ -56,6 +55,7 @@ from mosaicseg.data.workdir import (
     planned_collection,
 )
 from mosaicseg.errors import MosaicSegError
+from mosaicseg.progress import progress_bar
 
 FG_LOCATIONS_PER_LABEL = 10_000
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net: an axis whose spacing exceeds 3× the finest is resampled separately
@@ -439,7 +439,7 @@ def preprocess(
             jobs.append(
                 _Job(workdir, name, case, plans["datasets"][name], dict(manifest.labels), phash, int(config.seed))
             )
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress or not jobs)
+    bar = progress_bar(total=len(jobs), desc="preprocess", unit="case", disable=not progress or not jobs)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:

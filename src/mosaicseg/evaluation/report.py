@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from mosaicseg.atomic import atomic_write, write_json_atomic
 from mosaicseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_image
 from mosaicseg.data.manifest import _as_labels, _parse_json, _parse_labels
 from mosaicseg.errors import MosaicSegError, Problem, raise_if_errors
 from mosaicseg.evaluation.metrics import METRICS, case_metrics, region_mask
+from mosaicseg.progress import progress_bar
 
 SUMMARY_NAME = "summary.json"
 CSV_NAME = "metrics.csv"
@@ -297,7 +297,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def _run(jobs: list[_CaseJob], workers: int, progress: bool) -> list[list[dict[str, Any]]]:
-    bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress or not jobs)
+    bar = progress_bar(total=len(jobs), desc="evaluate", unit="case", disable=not progress or not jobs)
     with bar:
         if workers <= 1 or len(jobs) <= 1:
             results = []

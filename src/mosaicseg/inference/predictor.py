@@ -11,6 +11,7 @@ RGB PNG is one file). Output layout: ``OUT/CASE.ext`` when the chosen tasks come
 from __future__ import annotations
 
 import functools
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -20,16 +21,35 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from mosaicseg.data.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_image, write_image
+from mosaicseg.data.io import (
+    DICOM_ENDINGS,
+    SUPPORTED_ENDINGS,
+    Geometry,
+    dicom_series_files,
+    file_ending,
+    read_dicom_series,
+    read_image,
+    write_image,
+)
 from mosaicseg.data.laterality import LATERAL_AXIS
 from mosaicseg.data.preprocess import preprocess_arrays
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.inference.postprocess import labels_from_resampled
+from mosaicseg.inference.outputs import (
+    DICOM_SEG_SUFFIX,
+    StatisticsTable,
+    export_case,
+    merged_dataset_json,
+    merged_label_names,
+    require_highdicom,
+    task_thresholds,
+    write_dataset_json,
+    write_dicom_seg,
+)
 from mosaicseg.inference.sliding_window import FrozenForward, TileModel, bind_modality, predict_logits
 from mosaicseg.models import build_from_config, use_device_layout
+from mosaicseg.progress import progress_bar
 from mosaicseg.runtime import MODEL_KEYS, find_checkpoints, load_checkpoint, native_bf16, resolve_device
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -37,19 +57,56 @@ _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 @dataclass(frozen=True)
 class InputCase:
+    """One case: its channel files (``dicom``: the slice files of one DICOM series, in the series reader's
+    order) and the ending of its outputs."""
+
     case_id: str
     files: tuple[Path, ...]
     ending: str
+    dicom: bool = False
+
+
+DICOM_OUTPUT_ENDING = ".nii.gz"
+
+
+def _dicom_cases(folder: Path) -> list[InputCase]:
+    """The DICOM series in ``folder`` (one case named after it) or, if none, in its sub-folders (one each)."""
+    name = folder.resolve().name
+    slices = dicom_series_files(folder)
+    if slices is not None:
+        return [InputCase(name, slices, DICOM_OUTPUT_ENDING, dicom=True)]
+    out = []
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        slices = dicom_series_files(sub)
+        if slices is not None:
+            out.append(InputCase(sub.name, slices, DICOM_OUTPUT_ENDING, dicom=True))
+    return out
 
 
 def group_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
-    """Files and folders → cases; ``CASE_XXXX`` files are the channels of ``CASE`` (sorted by channel)."""
+    """Files and folders → cases; ``CASE_XXXX`` files are the channels of ``CASE`` (sorted by channel). A folder
+    without image files is read as a DICOM series (one case named after the folder), or as a folder of DICOM
+    series folders (one case each)."""
     files: list[Path] = []
+    series: list[InputCase] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.is_file() and file_ending(f) and not f.name.startswith("."))
+            found = sorted(f for f in p.iterdir() if f.is_file() and file_ending(f) and not f.name.startswith("."))
+            if not found:
+                series += _dicom_cases(p)
+            elif any(f.suffix.lower() in DICOM_ENDINGS for f in p.iterdir() if f.is_file()):
+                raise MosaicSegError(
+                    f"{p}: holds both image files ({found[0].name}, ...) and DICOM files. Fix: keep each DICOM "
+                    "series in a folder of its own."
+                )
+            files += found
         elif p.is_file():
+            if p.suffix.lower() in DICOM_ENDINGS:
+                raise MosaicSegError(
+                    f"{p}: a single DICOM file is unsupported as input; a series is read from its folder. Fix: pass "
+                    "the folder holding the series (-i FOLDER)."
+                )
             if not file_ending(p):
                 raise MosaicSegError(f"{p}: unsupported file type. Fix: use one of {', '.join(SUPPORTED_ENDINGS)}.")
             files.append(p)
@@ -64,10 +121,10 @@ def group_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
         case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
         groups.setdefault(case, []).append((channel, f))
         endings[case] = ending
-    if not groups:
+    if not groups and not series:
         raise MosaicSegError(
             f"no image files in {[str(i) for i in inputs]}. Fix: pass files or folders holding "
-            f"{', '.join(SUPPORTED_ENDINGS)} images."
+            f"{', '.join(SUPPORTED_ENDINGS)} images, or DICOM series folders (one series per folder)."
         )
     out = []
     for case, chans in sorted(groups.items()):
@@ -79,13 +136,29 @@ def group_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
                 f"{len(numbers) - 1}. Fix: name channels CASE_0000, CASE_0001, ... without gaps."
             )
         out.append(InputCase(case, tuple(f for _, f in chans), endings[case]))
-    return out
+    seen = {c.case_id: c.files[0].parent for c in out}
+    for c in series:
+        if c.case_id in seen:
+            raise MosaicSegError(
+                f"{c.files[0].parent}: case id '{c.case_id}' (the DICOM folder's name) is also the case of "
+                f"{seen[c.case_id]}; their outputs would overwrite each other. Fix: rename one of the folders."
+            )
+        seen[c.case_id] = c.files[0].parent
+    return sorted(out + series, key=lambda c: c.case_id)
 
 
 def _save_probability(t: int, p: np.ndarray, *, paths: list[Path], geometry: Geometry, written: list[str]) -> None:
     """Write task ``t``'s probability map ``(*S)``: float32, or 0–255 for PNG."""
     arr = np.round(p * 255).astype(np.uint8) if paths[t].name.endswith(".png") else p
     written.append(str(write_image(paths[t], arr, geometry, overwrite=True)))
+
+
+def _save_probabilities(
+    t: int, p: np.ndarray, *, paths: dict[int, list[Path]], geometry: Geometry, written: list[str]
+) -> None:
+    """Write task ``t``'s probability map ``(*S)`` to each of ``paths[t]`` (a shared task: one per dataset)."""
+    for path in paths.get(t, []):
+        _save_probability(0, p, paths=[path], geometry=geometry, written=written)
 
 
 PRECISIONS = ("auto", "fp32", "mixed")
@@ -102,6 +175,112 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
     if precision == "auto":
         return device.type == "cuda" or native_bf16()
     return precision == "mixed"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What :meth:`Predictor.predict` returns for one image; every array lies in the input's own voxel grid
+    ``S``: a numpy input's axes, or a file's voxels as stored (``sitk.GetArrayFromImage(image).T``, nibabel's
+    array order; a PNG as PIL reads it, ``(H, W)``).
+
+    ``masks``: task name (``Dataset/label``) → ``(*S)`` bool, probability > 0.5 (its largest component if asked);
+    ``probabilities``: task name → ``(*S)`` float32, the folds' mean; ``label_maps``: source dataset → ``(*S)``
+    uint8/int16 in that dataset's own numbering, what ``mosaicseg predict`` writes; ``dataset``: whose plan
+    (spacing, normalisation, modality) preprocessed the image.
+    """
+
+    masks: dict[str, np.ndarray]
+    probabilities: dict[str, np.ndarray]
+    label_maps: dict[str, np.ndarray]
+    dataset: str
+
+
+def _array_input(
+    image: np.ndarray,
+    spacing: Sequence[float] | None,
+    origin: Sequence[float] | None,
+    direction: Sequence[float] | None,
+    dim: int,
+) -> tuple[np.ndarray, Geometry]:
+    """A caller's array ``(X, Y[, Z])`` or ``(C, X, Y[, Z])`` (ITK index order, as a file's voxels) with its
+    geometry → ``(C, *S_canonical)`` float32 and the :class:`Geometry` :func:`read_image` would give the same
+    voxels in a file (3D: reoriented to the canonical orientation)."""
+    import SimpleITK as sitk
+
+    from mosaicseg.data.io import CANONICAL_ORIENTATION
+
+    arr = np.asarray(image)
+    if arr.ndim == dim:
+        arr = arr[None]
+    axes = ", ".join("XYZ"[:dim])
+    if arr.ndim != dim + 1:
+        raise MosaicSegError(
+            f"image array of shape {arr.shape}: the model is {dim}D. Fix: pass ({axes}) or (C, {axes}) arrays."
+        )
+    if arr.size == 0:
+        raise MosaicSegError(f"image array of shape {arr.shape} is empty. Fix: pass an image with voxels.")
+    if spacing is None:
+        raise MosaicSegError(f"image array of shape {arr.shape} without spacing. Fix: pass spacing=({axes} in mm).")
+
+    def floats(name: str, values: Sequence[float], n: int) -> tuple[float, ...]:
+        out = tuple(float(v) for v in values)
+        if len(out) != n or not all(np.isfinite(out)):
+            raise MosaicSegError(f"{name}={list(values)} for a {dim}D image. Fix: give {n} finite numbers.")
+        return out
+
+    spacing_ = floats("spacing", spacing, dim)
+    if min(spacing_) <= 0:
+        raise MosaicSegError(f"spacing={list(spacing_)}: spacings must be positive. Fix: give the voxel size in mm.")
+    origin_ = floats("origin", origin, dim) if origin is not None else (0.0,) * dim
+    identity = tuple(float(v) for v in np.eye(dim).ravel())
+    direction_ = floats("direction", direction, dim * dim) if direction is not None else identity
+    arr = arr.astype(np.float32, copy=False)
+    shape = tuple(int(s) for s in arr.shape[1:])
+    file_geometry = dict(file_ndim=dim, file_shape=shape, file_spacing=spacing_, file_origin=origin_)
+    if dim == 2:  # read_image does not reorient 2D images either
+        geometry = Geometry(**file_geometry, file_direction=direction_, orientation="", shape=shape, spacing=spacing_)
+        return np.ascontiguousarray(arr), geometry
+    channels = []
+    for channel in arr:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(channel.T))
+        img.SetSpacing(spacing_)
+        img.SetOrigin(origin_)
+        try:
+            img.SetDirection(direction_)
+        except RuntimeError as exc:
+            raise MosaicSegError(
+                f"direction={list(direction_)} is not a rotation matrix. Fix: pass the image's direction "
+                "cosines (row-major, as SimpleITK's GetDirection())."
+            ) from exc
+        canonical = sitk.DICOMOrient(img, CANONICAL_ORIENTATION)
+        channels.append(sitk.GetArrayFromImage(canonical).T)
+    geometry = Geometry(
+        **file_geometry,
+        file_direction=direction_,
+        orientation=sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction_),
+        shape=tuple(int(s) for s in channels[0].shape),
+        spacing=tuple(float(s) for s in canonical.GetSpacing()),
+    )
+    return np.ascontiguousarray(np.stack(channels)), geometry
+
+
+def _to_input_grid(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """``(*S_canonical)`` as :func:`read_image` returns it → ``(*S_file)``, the input's own voxel order (the
+    reorientation :func:`write_image` applies, in memory)."""
+    import SimpleITK as sitk
+
+    from mosaicseg.data.io import CANONICAL_ORIENTATION, _canonical_direction
+
+    if geometry.file_ndim != 3:
+        return array
+    arr = array if geometry.squeezed_axis is None else np.expand_dims(array, geometry.squeezed_axis)
+    if geometry.orientation == CANONICAL_ORIENTATION:
+        return np.ascontiguousarray(arr)
+    source = arr.astype(np.uint8) if arr.dtype == bool else arr  # ITK has no bool pixels
+    img = sitk.GetImageFromArray(np.ascontiguousarray(source.T))
+    img.SetDirection(_canonical_direction(geometry))
+    out = np.ascontiguousarray(sitk.GetArrayFromImage(sitk.DICOMOrient(img, geometry.orientation)).T)
+    return out.astype(bool) if arr.dtype == bool else out
 
 
 class Predictor:
@@ -156,7 +335,12 @@ class Predictor:
     ) -> Predictor:
         """Load ``run``: a ``.pt`` checkpoint, a fold folder, or a run folder whose ``fold_*`` folders (or
         ``folds``) are ensembled; ``checkpoint`` picks ``checkpoint_{final,best,latest}.pt`` in folders.
-        ``precision``: ``auto`` | ``fp32`` | ``mixed`` (:func:`resolve_precision`)."""
+        ``precision``: ``auto`` | ``fp32`` | ``mixed`` (:func:`resolve_precision`). A bundle file
+        (``mosaicseg export``) is loaded by :meth:`from_bundle` (``checkpoint`` is then the one exported)."""
+        from mosaicseg.inference.bundle import is_bundle
+
+        if is_bundle(run):
+            return cls.from_bundle(run, folds=folds, device=device, jit=jit, precision=precision)
         dev = resolve_device(device)
         amp = resolve_precision(precision, dev)
         models: list[torch.nn.Module] = []
@@ -170,11 +354,7 @@ class Predictor:
                     f"{path}: this fold was trained with other plans or tasks than the first fold. "
                     "Fix: ensemble only folds of one run (--folds)."
                 )
-            model = build_from_config(ckpt["model_config"])
-            model.load_state_dict(ckpt["model"])
-            model = model.to(dev).eval()
-            use_device_layout(model, dev)
-            models.append(model)
+            models.append(cls._load_model(ckpt["model_config"], ckpt["model"], dev))
         assert first is not None  # find_checkpoints returns at least one path or raises
         return cls(
             models,
@@ -186,6 +366,56 @@ class Predictor:
             jit=jit,
         )
 
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path,
+        folds: Sequence[str] | None = None,
+        device: str = "cpu",
+        jit: bool = True,
+        precision: str = "auto",
+    ) -> Predictor:
+        """Load a one-file model written by ``mosaicseg export`` (:mod:`mosaicseg.inference.bundle`): its folds
+        (or ``folds``, by name) are ensembled as those of the run folder were; predictions are identical."""
+        from mosaicseg.inference.bundle import load_bundle
+
+        bundle = load_bundle(path, folds)
+        dev = resolve_device(device)
+        amp = resolve_precision(precision, dev)
+        models = []
+        for fold in bundle.folds:
+            try:
+                models.append(cls._load_model(fold.model_config, fold.state_dict, dev))
+            except MosaicSegError as exc:
+                raise MosaicSegError(f"{bundle.path}: fold {fold.name}: {exc}") from exc
+            except (RuntimeError, TypeError, KeyError, ValueError) as exc:  # weights that do not fit the config
+                first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise MosaicSegError(
+                    f"{bundle.path}: fold {fold.name}'s weights do not fit its model config ({first[:200]}; an "
+                    "edited or damaged bundle). Fix: export it again with mosaicseg export RUN -o FILE."
+                ) from exc
+        meta = bundle.metadata
+        return cls(
+            models,
+            Vocabulary.from_dict(meta["vocabulary"]),
+            meta["plans"],
+            meta["patch_size"],
+            dev,
+            amp=amp,
+            jit=jit,
+        )
+
+    @staticmethod
+    def _load_model(
+        config: dict[str, Any], state_dict: dict[str, torch.Tensor], device: torch.device
+    ) -> torch.nn.Module:
+        """The model ``config`` describes with ``state_dict`` loaded, on ``device`` in eval mode."""
+        model = build_from_config(config)
+        model.load_state_dict(state_dict)
+        model = model.to(device).eval()
+        use_device_layout(model, device)
+        return model
+
     # ----------------------------------------------------------------------------------------- choices
     def resolve_tasks(self, dataset: str | None, tasks: Sequence[str] | None) -> list[int]:
         """Task indices: ``tasks`` (names ``Dataset/label``, or ``label`` within ``dataset``; ``["all"]``: every
@@ -196,12 +426,27 @@ class Predictor:
         if tasks:
             out = []
             for name in tasks:
+                if dataset is None and "/" not in name:
+                    out.append(self._bare_label(name))
+                    continue
                 full = f"{dataset}/{name}" if dataset and "/" not in name else name
                 out.append(v.task_index(full))
             return sorted(set(out))
         if dataset is not None:
             return [k for k, _, _ in v.dataset_tasks(self._check_dataset(dataset))]
         return list(range(v.num_tasks))
+
+    def _bare_label(self, label: str) -> int:
+        """The one task with a member named ``label`` (a task name without ``Dataset/`` and no --dataset)."""
+        found = sorted({t.index for t in self.vocabulary.tasks for _, lbl in t.members if lbl == label})
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise MosaicSegError(
+                f"task '{label}' is ambiguous: {[self.vocabulary.tasks[k].name for k in found]} all have that "
+                "label. Fix: name it Dataset/label, or pass --dataset."
+            )
+        return self.vocabulary.task_index(label)  # raises, listing the known tasks
 
     def _check_dataset(self, dataset: str) -> str:
         if dataset not in self.vocabulary.datasets:
@@ -220,10 +465,29 @@ class Predictor:
             return self.vocabulary.datasets[0]
         if len(owners) == 1:
             return owners.pop()
+        candidates = [d for d in self.vocabulary.datasets if d in owners]
+        # datasets that preprocess alike and share a modality (hence the model's stem) are interchangeable here
+        if len({self._preprocessing_key(d) for d in candidates}) == 1:
+            return candidates[0]
         raise MosaicSegError(
-            f"the model knows {len(self.vocabulary.datasets)} datasets; say which one the input "
-            f"images are like (spacing, normalisation, modality). Fix: pass --dataset with one of "
-            f"{list(self.vocabulary.datasets)}."
+            f"the model knows {len(self.vocabulary.datasets)} datasets with different preprocessing or modality; "
+            f"say which one the input images are like (spacing, normalisation, modality). Fix: pass --dataset "
+            f"with one of {list(self.vocabulary.datasets)}."
+        )
+
+    def _preprocessing_key(self, dataset: str) -> str:
+        """What of ``dataset``'s plan and modality decides how an input is preprocessed and read by the model."""
+        plan = self.plans["datasets"][dataset]
+        normalization = [{k: v for k, v in c.items() if k != "reason"} for c in plan["normalization"]]
+        return json.dumps(
+            [
+                self.vocabulary.dataset_modality[dataset],
+                [float(s) for s in plan["target_spacing"]],
+                plan.get("separate_axis"),
+                int(plan.get("image_order", 3)),
+                normalization,
+            ],
+            sort_keys=True,
         )
 
     # ----------------------------------------------------------------------------------------- predict
@@ -297,6 +561,79 @@ class Predictor:
             timings.update(preprocess_s=t1 - t0, network_s=time.perf_counter() - t1)
         return prob, meta
 
+    def predict(
+        self,
+        image: np.ndarray | str | Path | Sequence[str | Path],
+        *,
+        spacing: Sequence[float] | None = None,
+        origin: Sequence[float] | None = None,
+        direction: Sequence[float] | None = None,
+        dataset: str | None = None,
+        tasks: Sequence[str] | None = None,
+        tta: bool = False,
+        largest_component: bool = False,
+    ) -> Prediction:
+        """Predict one image in memory: per task a mask and a probability map, per source dataset the label map
+        ``mosaicseg predict`` would write, all in the input's voxel grid (:class:`Prediction`).
+
+        ``image``: a file, or the channel files of one case (``CASE_0000``, ``CASE_0001``, ...), read with their
+        geometry; or an array ``(X, Y[, Z])`` / ``(C, X, Y[, Z])`` in ITK index order with its ``spacing`` (mm)
+        and optionally ``origin`` and ``direction`` (row-major cosines; default identity). ``dataset`` and
+        ``tasks`` choose as in :meth:`predict_files`."""
+        from mosaicseg.inference.postprocess import keep_largest_component, labels_from_resampled
+
+        task_ids = self.resolve_tasks(dataset, tasks)
+        source = self.preprocessing_dataset(dataset, task_ids)
+        n_channels = len(self.plans["datasets"][source]["normalization"])
+        paths = [image] if isinstance(image, (str, Path)) else image
+        if isinstance(paths, (list, tuple)) and paths and all(isinstance(p, (str, Path)) for p in paths):
+            if spacing is not None or origin is not None or direction is not None:
+                raise MosaicSegError(
+                    f"{paths[0]}: spacing, origin and direction are read from the file. Fix: leave them out."
+                )
+            cases = group_inputs(paths)
+            if len(cases) != 1:
+                raise MosaicSegError(
+                    f"{[str(p) for p in paths]}: {len(cases)} cases ({', '.join(c.case_id for c in cases)}); "
+                    "predict() takes one. Fix: pass the channel files of one case, or use predict_files."
+                )
+            holder = list(self._read(cases[0], n_channels))
+            geometry, where = holder.pop(), cases[0].files[0]
+        else:
+            arr, geometry = _array_input(np.asarray(image), spacing, origin, direction, len(self.patch_size))
+            if arr.shape[0] != n_channels:
+                raise MosaicSegError(
+                    f"image array with {arr.shape[0]} channel(s); dataset {source}'s plan expects {n_channels}. "
+                    "Fix: pass (C, X, Y[, Z]) with its channels in dataset.json order, or choose another dataset."
+                )
+            holder, where = [arr], "image array"
+            del arr
+        prob, meta = self.predict_resampled(holder, geometry, source, task_ids, tta=tta, source=where)
+        restored: dict[int, np.ndarray] = {}
+        label_maps: dict[str, np.ndarray] = {}
+        for d, rows in self.outputs_by_dataset(task_ids).items():
+            order = self.vocabulary.regions_class_order.get(d)
+            order = [order[r[1]] for r in rows] if order else None
+            seg = labels_from_resampled(
+                prob,
+                meta,
+                [r[3] for r in rows],
+                order,
+                largest_component,
+                # a task shared by several datasets is restored once per dataset, identically
+                on_probability=lambda t, p, rows=rows: restored.setdefault(task_ids[rows[t][0]], p),
+                channels=[r[0] for r in rows],
+            )
+            label_maps[d] = _to_input_grid(seg, geometry)
+        del prob
+        masks, probabilities = {}, {}
+        for k in task_ids:
+            name = self.vocabulary.tasks[k].name
+            mask = restored[k] > 0.5
+            masks[name] = _to_input_grid(keep_largest_component(mask) if largest_component else mask, geometry)
+            probabilities[name] = _to_input_grid(restored.pop(k), geometry)
+        return Prediction(masks, probabilities, label_maps, source)
+
     def outputs_by_dataset(self, task_ids: Sequence[int]) -> dict[str, list[tuple[int, int, str, tuple[int, ...]]]]:
         """Source dataset → ``(position in task_ids, position among the dataset's labels, label name, label
         values)`` of its chosen tasks, in the dataset's label order."""
@@ -324,29 +661,71 @@ class Predictor:
         largest_component: bool = False,
         overwrite: bool = False,
         progress: bool = True,
+        merged: bool = False,
+        statistics: bool = False,
+        thresholds: Sequence[str] = (),
+        dicom_seg: bool = False,
     ) -> dict[str, Any]:
         """Predict every case of ``inputs`` into ``output``; returns per-case seconds (in all, and per stage:
-        ``read_s``, ``preprocess_s``, ``network_s``, ``export_s``) and what was written."""
+        ``read_s``, ``preprocess_s``, ``network_s``, ``export_s``) and what was written.
+
+        ``merged``: one label map ``OUT/CASE.ext`` over every asked task (1..N, ``OUT/dataset.json``) instead of
+        one per source dataset; ``statistics``: per-task voxel counts and volumes in ``OUT/statistics.{csv,json}``;
+        ``thresholds``: ``TASK=VALUE`` items (default 0.5); ``dicom_seg``: also ``OUT/CASE.seg.dcm`` for DICOM
+        series inputs (:mod:`mosaicseg.inference.outputs`)."""
         output = Path(output)
         if output.exists() and not output.is_dir():
             raise MosaicSegError(f"{output}: is a file, not a folder. Fix: choose an output folder (-o).")
+        if dicom_seg:
+            require_highdicom()
         cases = group_inputs(inputs)  # the input's own problems first: they are the likeliest
+        if dicom_seg and not any(c.dicom for c in cases):
+            raise MosaicSegError(
+                f"--dicom-seg: no DICOM series among the inputs {[str(i) for i in inputs]}. Fix: pass DICOM series "
+                "folders with -i, or drop --dicom-seg."
+            )
         task_ids = self.resolve_tasks(dataset, tasks)
         source = self.preprocessing_dataset(dataset, task_ids)
-        groups = self.outputs_by_dataset(task_ids)
-        flat = len(groups) == 1
-        n_channels = len(self.plans["datasets"][source]["normalization"])
+        cut = task_thresholds(thresholds, task_ids, lambda name: self.resolve_tasks(dataset, [name])[0])
+        names = [self.vocabulary.tasks[k].name for k in task_ids]
+        labels = merged_label_names(self.vocabulary, task_ids)
+        groups = {} if merged else self.outputs_by_dataset(task_ids)
+        regions = {
+            d: [order[r[1]] for r in rows] if (order := self.vocabulary.regions_class_order.get(d)) else None
+            for d, rows in groups.items()
+        }
+        # where each asked task's label maps (and probability maps) go: "" is the merged map
+        folders = {"": output} if merged else {d: output if len(groups) == 1 else output / d for d in groups}
+        prob_names: dict[str, list[tuple[int, str]]] = (
+            {"": [(t, name.replace("/", "_")) for t, name in enumerate(labels)]}
+            if merged
+            else {d: [(r[0], r[2]) for r in rows] for d, rows in groups.items()}
+        )
+        plan = self.plans["datasets"][source]
+        n_channels = len(plan["normalization"])
         report: dict[str, Any] = {
             "cases": [],
             "skipped": [],
             "dataset": source,
-            "tasks": [self.vocabulary.tasks[k].name for k in task_ids],
+            "tasks": names,
+            "thresholds": dict(zip(names, cut, strict=True)),
+            "merged": merged,
         }
         output.mkdir(parents=True, exist_ok=True)
-        for case in tqdm(cases, desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
-            targets = {d: (output if flat else output / d) / f"{case.case_id}{case.ending}" for d in groups}
-            if not overwrite and all(p.exists() for p in targets.values()):
+        if merged:
+            channels = [c.get("channel", str(i)) for i, c in enumerate(plan["normalization"])]
+            about = merged_dataset_json(labels, cases[0].ending, channels, names, cut)
+            report["dataset_json"] = str(write_dataset_json(output / "dataset.json", about, overwrite))
+        table = StatisticsTable(output, names, cut) if statistics else None
+        if table is not None:
+            report["statistics_missing"] = []
+        for case in progress_bar(cases, desc="predict", unit="case", disable=not progress):
+            targets = {d: f / f"{case.case_id}{case.ending}" for d, f in folders.items()}
+            seg_path = output / f"{case.case_id}{DICOM_SEG_SUFFIX}" if dicom_seg and case.dicom else None
+            if not overwrite and all(p.exists() for p in [*targets.values(), *([seg_path] if seg_path else [])]):
                 report["skipped"].append(case.case_id)
+                if table is not None and not table.keep(case.case_id):
+                    report["statistics_missing"].append(case.case_id)
                 continue
             t0 = time.perf_counter()
             image, geometry = self._read(case, n_channels)
@@ -358,30 +737,46 @@ class Predictor:
             )
             t_export = time.perf_counter()
             written: list[str] = []
-            for d, rows in groups.items():
-                order = self.vocabulary.regions_class_order.get(d)
-                order = [order[r[1]] for r in rows] if order else None
-
-                paths = [targets[d].with_name(f"{case.case_id}_prob_{r[2]}{case.ending}") for r in rows]
-                save = functools.partial(_save_probability, paths=paths, geometry=geometry, written=written)
-                seg = labels_from_resampled(
-                    prob,
-                    meta,
-                    [r[3] for r in rows],
-                    order,
-                    largest_component,
-                    on_probability=save if save_probabilities else None,
-                    channels=[r[0] for r in rows],
-                )
+            prob_paths: dict[int, list[Path]] = {}
+            for d, items in prob_names.items():
+                for t, name in items:
+                    path = targets[d].with_name(f"{case.case_id}_prob_{name}{case.ending}")
+                    prob_paths.setdefault(t, []).append(path)
+            save = functools.partial(_save_probabilities, paths=prob_paths, geometry=geometry, written=written)
+            maps = export_case(
+                prob,
+                meta,
+                groups,
+                regions,
+                cut,
+                largest_component=largest_component,
+                merged=merged,
+                keep_masks=seg_path is not None,
+                on_probability=save if save_probabilities else None,
+            )
+            del prob
+            for d, seg in ({"": maps.merged} if merged else maps.labels).items():
                 written.insert(0, str(write_image(targets[d], seg, geometry, overwrite=True)))
+            if seg_path is not None:
+                assert maps.masks is not None  # asked for with keep_masks
+                written.append(str(write_dicom_seg(seg_path, maps.masks, geometry, labels, case.files)))
+            if table is not None:
+                table.add(case.case_id, maps.voxels, geometry)
+                table.write()  # after every case: an interrupted run keeps the statistics of the cases it wrote
             done = time.perf_counter()
             stages["export_s"] = done - t_export  # back to the original grid, label rule, writing
             report["cases"].append({"case_id": case.case_id, "seconds": done - t0, **stages, "files": written})
+        if table is not None:
+            report["statistics"] = [str(p) for p in table.write()]
         return report
 
     def _read(self, case: InputCase, n_channels: int) -> tuple[np.ndarray, Geometry]:
-        arrays, geometry = [], None
-        for f in case.files:
+        if case.dicom:  # one series: its slice files are one image, not channels
+            series, geometry = read_dicom_series(case.files)
+            arrays: list[np.ndarray] = [series]
+        else:
+            arrays, geometry = [], None
+        for f in () if case.dicom else case.files:
             arr, geo = read_image(f)
             if geometry is None:
                 geometry = geo

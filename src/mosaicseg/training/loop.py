@@ -60,6 +60,7 @@ from mosaicseg.errors import MosaicSegError
 from mosaicseg.evaluation.metrics import dice_from_counts
 from mosaicseg.inference.sliding_window import TileModel, bind_modality, predict_logits
 from mosaicseg.models import use_device_layout
+from mosaicseg.progress import progress_bar
 from mosaicseg.runtime import load_checkpoint, native_bf16, resolve_device, save_checkpoint
 from mosaicseg.training.logging import append_record, plot_progress, read_records, truncate_records
 from mosaicseg.training.optim import build_optimizer, learning_rate
@@ -162,8 +163,8 @@ class Trainer:
         self.epoch_losses: list[float] = []
         self.epoch_terms: dict[str, list[float]] = {}  # the recipe's named loss terms, per step of the epoch
         self.best: dict[str, Any] = {"val_mean": -math.inf, "iteration": None}
-        if resume and (self.run_dir / "checkpoint_latest.pt").is_file():
-            self._restore(load_checkpoint(self.run_dir / "checkpoint_latest.pt", self.device))
+        if resume and (ckpt := self._resume_checkpoint()) is not None:
+            self._restore(ckpt)
         self.ddp_model = self._wrap_distributed(self.model)
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -223,8 +224,8 @@ class Trainer:
                 "progress.png",
             ):
                 (self.run_dir / n).unlink(missing_ok=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
+        if self.is_main:  # on several nodes the other ranks' run folders may be other disks: they write nothing
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             # temporary files of writes that a killed run never renamed; the files they were to replace are intact
             for stale in self.run_dir.glob(".*.tmp*"):
                 stale.unlink(missing_ok=True)
@@ -297,6 +298,17 @@ class Trainer:
             save_checkpoint(path, state)
         return path
 
+    def _resume_checkpoint(self) -> dict[str, Any] | None:
+        """``checkpoint_latest.pt`` as rank 0 reads it, sent to every rank: only rank 0 writes the run folder, and
+        on several nodes the others may not see it (a rank resuming from nothing would train out of step)."""
+        path = self.run_dir / "checkpoint_latest.pt"
+        ckpt = load_checkpoint(path, "cpu") if self.is_main and path.is_file() else None
+        if self.world_size > 1:
+            box = [ckpt]
+            torch.distributed.broadcast_object_list(box, src=0)
+            ckpt = box[0]
+        return ckpt
+
     def _restore(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("vocabulary") != self.vocabulary.to_dict():
             raise MosaicSegError(
@@ -348,6 +360,16 @@ class Trainer:
 
     def finished(self) -> bool:
         return self.progress_fraction() >= 1.0
+
+    def _agree(self) -> None:
+        """Every rank takes the largest elapsed time and any rank's stop request. The learning rate of a time budget
+        follows the elapsed time, and the budget's end and a Ctrl-C on one node end the loop: ranks that measured
+        their own would step with different rates (different weights) and leave at different iterations (a hang)."""
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL reduces CUDA tensors only
+        state = torch.tensor([self.elapsed_s, float(self.stop_requested)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(state, op=torch.distributed.ReduceOp.MAX)
+        self.elapsed_s = float(state[0])
+        self.stop_requested = bool(state[1] > 0)
 
     def request_stop(self) -> None:
         """Stop after the current step, saving ``checkpoint_latest.pt`` (SIGINT/SIGTERM call this too)."""
@@ -533,13 +555,12 @@ class Trainer:
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
             signal.signal(s, lambda *_: self.request_stop())
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_iterations,
             initial=self.iteration,
             disable=not (self.progress and self.is_main),
             desc=f"train {cfg.recipe}",
             unit="it",
-            dynamic_ncols=True,
         )
         losses = self.epoch_losses
         epoch_start = time.perf_counter()
@@ -553,9 +574,11 @@ class Trainer:
                 now = time.perf_counter()
                 self.elapsed_s += now - tick
                 tick = now
+                if self.world_size > 1:
+                    self._agree()
                 losses.append(loss)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", epoch=self.epoch)
+                bar.set_postfix(loss=f"{loss:.3f}", epoch=self.epoch, refresh=False)
                 done = self.finished()
                 epoch_end = self.iteration % cfg.iterations_per_epoch == 0
                 if epoch_end or done:
