@@ -147,3 +147,15 @@ def link_all(paths: list[Path], into: Path) -> Path:
         if not link.exists():
             link.symlink_to(p)
     return into
+
+
+def mean_sd(values: list[float | None]) -> str:
+    """``"m ± sd"`` over the values that are not None (one value: itself; none: a dash), for the report tables."""
+    import statistics
+
+    present = [v for v in values if v is not None]
+    if not present:
+        return "–"
+    if len(present) == 1:
+        return f"{present[0]:.3f}"
+    return f"{statistics.mean(present):.3f} ± {statistics.stdev(present):.3f}"

@@ -65,7 +65,12 @@ CONFIGS: dict[str, list[str]] = {
     "after-prior-0.003": ["--recipe-option", "head_prior=0.003"],
     # Hermes (issue 8's recipe) with the same defaults: a first look on real data
     "hermes": ["--recipe", "hermes"],
+    # one `single` run per dataset on the same plan, the budget split evenly: equal total time (see _singles)
+    "singles": ["--recipe", "single"],
 }  # fmt: skip
+SINGLES = "singles"
+# the universal run that the singles are held against
+UNIVERSAL = "defaults-after"
 
 
 def _plan(collection: str) -> Path:
@@ -113,6 +118,9 @@ def study_convergence(collection: str, configs: list[str], budget_min: float) ->
     runs: dict[str, Any] = {}
     budget = f"{budget_min:g}m"
     for name in configs:
+        if name == SINGLES:
+            runs[name] = _singles(workdir, datasets, budget_min)
+            continue
         run = workdir / "runs" / f"{name}_{budget}"
         if not (run / "checkpoint_final.pt").is_file():
             args = ["train", str(workdir), "--fold", "0", "--seed", "0", "--device", "cpu", "--time-budget", budget,
@@ -138,6 +146,42 @@ def study_convergence(collection: str, configs: list[str], budget_min: float) ->
     return {"collection": collection, "datasets": datasets, "budget_min": budget_min, "runs": runs}
 
 
+def _singles(workdir: Path, datasets: list[str], budget_min: float) -> dict[str, Any]:
+    """Each dataset's own ``single`` model, trained for ``budget_min / len(datasets)`` minutes on the collection's
+    plan (same preprocessing, fold and seed as the universal run), scored on its held-out cases: together they
+    take the universal run's total time. Returned in a run's shape (summed iterations and minutes), with each
+    dataset's part under ``per_dataset``."""
+    share_s = budget_min * 60 / len(datasets)
+    parts: dict[str, Any] = {}
+    for dataset in datasets:
+        run = workdir / "runs" / f"{SINGLES}-{dataset.split('_')[0]}_{budget_min:g}m"
+        if not (run / "checkpoint_final.pt").is_file():
+            args = ["train", str(workdir), "--recipe", "single", "--dataset", dataset, "--fold", "0", "--seed", "0",
+                    "--device", "cpu", "--time-budget", f"{share_s:.0f}s", "-o", str(run)]  # fmt: skip
+            if (run / "checkpoint_latest.pt").is_file():
+                args.append("--resume")
+            run_cli(args, WORK / "logs" / f"conv_{workdir.name}_{run.name}.log")
+        records = _records(run)
+        parts[dataset] = {
+            "iterations": records[-1]["iteration"],
+            "train_min": records[-1]["elapsed_s"] / 60,
+            "validation_min": sum(r.get("val_time_s", 0.0) for r in records) / 60,
+            "heldout_dice": _score(workdir, run, [dataset], 2 if QUICK else None)[dataset],
+        }
+    iterations = sum(p["iterations"] for p in parts.values())
+    train_min = sum(p["train_min"] for p in parts.values())
+    return {
+        "flags": ["--recipe", "single", "--dataset", "EACH", "--time-budget", f"{share_s:.0f}s"],
+        "iterations": iterations,
+        "train_min": train_min,
+        "s_per_iteration": train_min * 60 / max(1, iterations),
+        "validation_min": sum(p["validation_min"] for p in parts.values()),
+        "curve": [],  # one curve per dataset: see per_dataset
+        "heldout_dice": {d: p["heldout_dice"] for d, p in parts.items()},
+        "per_dataset": parts,
+    }
+
+
 def plot(result: dict[str, Any], path: Path) -> Path:
     """Mean validation pseudo-Dice over the collection's datasets against training minutes, one line a run."""
     import matplotlib
@@ -147,6 +191,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name, run in result["runs"].items():
+        if not run["curve"]:
+            continue  # the singles: several runs, each on its own dataset
         xs = [p["minutes"] for p in run["curve"]]
         ys = [sum(p["val_dice"].values()) / len(p["val_dice"]) for p in run["curve"]]
         ax.plot(xs, ys, marker="o", label=name)

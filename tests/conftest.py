@@ -161,3 +161,17 @@ class StopAt:
     def on_step_end(self, trainer, batch, outputs, losses) -> None:
         if trainer.iteration == self.iteration:
             trainer.request_stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_run_3d(tiny_workdir_3d: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder (``fold_0`` inside) of 2 universal AdamW iterations on the tiny 3D collection; read-only."""
+    from mosaicseg.config import TrainConfig
+    from mosaicseg.training.loop import Trainer
+
+    run = tmp_path_factory.mktemp("tiny_run_3d")
+    cfg = TrainConfig(
+        recipe="universal", optimizer="adamw", iterations=2, iterations_per_epoch=2, device="cpu", val_max_cases=1
+    )
+    Trainer(tiny_workdir_3d, cfg, run / "fold_0", progress=False).fit()
+    return run

@@ -310,6 +310,28 @@ def test_convergence_table_means_each_dataset_s_tasks() -> None:
     assert "| A/X_R | 0.700 |" in text and "convergence-ixi3-10m.png" in text
 
 
+def test_universal_is_held_against_each_dataset_s_single_model_within_two_points() -> None:
+    a, b = "Dataset002_A", "Dataset003_B"
+    universal = {
+        "flags": [], "iterations": 900, "train_min": 60.0, "s_per_iteration": 4.0, "validation_min": 5.0,
+        "curve": [{"minutes": 60.0, "iteration": 900, "val_dice": {a: 0.8, b: 0.7}}],
+        "heldout_dice": {a: {"X_L": 0.82, "X_R": 0.90}, b: {"Y": 0.70}},
+    }  # fmt: skip
+    singles = {
+        "flags": ["--recipe", "single", "--dataset", "EACH", "--time-budget", "1800s"],
+        "iterations": 1000, "train_min": 60.0, "s_per_iteration": 3.6, "validation_min": 4.0, "curve": [],
+        "heldout_dice": {a: {"X_L": 0.84, "X_R": 0.90}, b: {"Y": 0.75}},
+        "per_dataset": {a: {"iterations": 400}, b: {"iterations": 600}},
+    }  # fmt: skip
+    result = {"collection": "mri7", "datasets": [a, b], "budget_min": 60,
+              "runs": {"defaults-after": universal, "singles": singles}}  # fmt: skip
+    text = "\n".join(report._convergence(result))
+    # A: 0.86 against 0.87 (−0.01: within); B: 0.70 against 0.75 (−0.05: not)
+    assert "| A | 400 | 0.870 | 0.860 | -0.010 | yes |" in text
+    assert "| B | 600 | 0.750 | 0.700 | -0.050 | no |" in text
+    assert "1800s each, 60 min in all" in text
+
+
 def test_ixi_figures_measured_before_the_rebuild_are_marked_void() -> None:
     body = ["## Paradigms", "", "| table |"]
     old = report.with_void_note("paradigms", {"machine": {"date": "2026-11-24 13:46"}}, body)
@@ -341,3 +363,39 @@ def test_hermes_ablation_table_means_and_sds_over_seeds() -> None:
     text = "\n".join(ablation({"collection": "mri7", "iterations": 5, "seeds": [0, 1, 2], "rows": rows}))
     assert "| task prior, 16× only | `scales=[16]` | 1,234 | 10 | 0.500 ± 0.100 | 0.500 ± 0.100 |" in text
     assert "| + auxiliary loss (Hermes) | none (the recipe's defaults) | 2,000 | 12 | 0.600 ± 0.000 |" in text
+
+
+def test_paradigms_mri7_table_checks_hermes_claim_on_the_average() -> None:
+    from benchmarks.paradigms import report as paradigms_report
+
+    a, b = "Dataset001_A", "Dataset002_B"
+
+    def run(recipe, seed, dice, tasks, dataset=None, **extra):
+        return {"recipe": recipe, "dataset": dataset, "seed": seed, "s_per_iteration": 1.0, "train_peak_rss_mb": 900.0,
+                "val_dice": dice, "val_dice_tasks": tasks, **extra}  # fmt: skip
+
+    runs = {
+        "single_A_s0": run(
+            "single", 0, {a: 0.8}, {f"{a}/x": 0.8}, a, predict_cost={"s_per_case": 2.0, "peak_rss_mb": 500}
+        ),
+        "single_B_s0": run("single", 0, {b: 0.6}, {f"{b}/y": 0.6}, b, generalisation={"mean": 0.3}),
+        "universal_s0": run("universal", 0, {a: 0.9, b: 0.7}, {f"{a}/x": 0.9, f"{b}/y": 0.7}),
+        "universal_s1": run(
+            "universal", 1, {a: 0.7, b: 0.7}, {f"{a}/x": 0.7, f"{b}/y": 0.7}, generalisation={"mean": 0.5}
+        ),
+        "dodnet_s0": run("dodnet", 0, {a: 0.75, b: 0.75}, {}),
+        "hermes_s0": run("hermes", 0, {a: 0.6, b: 0.6}, {}),
+    }  # fmt: skip
+    setting = {
+        "network": {"patch_size": [48, 48, 48], "features": [16, 32], "batch_size": 2}, "training": "defaults",
+        "iterations_multi": 70, "iterations_single": 35, "fold": 0, "seeds": [0, 1], "clip_embeddings": "random",
+        "generalisation": "g", "cost_cases": "c",
+    }  # fmt: skip
+    r = {"setting": setting, "datasets": [a, b], "paradigms": ["single", "universal", "dodnet", "hermes"], "runs": runs}
+    text = "\n".join(paradigms_report(r))
+    assert "| A | 0.800 | 0.800 ± 0.141 | 0.750 | 0.600 |" in text
+    # averages: single (0.8+0.6)/2 = 0.7, universal (0.8+0.7)/2 = 0.75, dodnet 0.75, hermes 0.6
+    assert "| **average** | 0.700 | 0.750 | 0.750 | 0.600 |" in text
+    assert "**fails** (hermes is 0.150 below the better of universal and dodnet)" in text
+    assert "| universal | 0.500 |" in text and "| single | 0.300 |" in text
+    assert "| single | 1.00 | 900 | 2.0 | 500 |" in text and "| hermes | 1.00 | 900 | – | – |" in text

@@ -12,7 +12,6 @@ import SimpleITK as sitk
 import torch
 from scipy.spatial.transform import Rotation
 
-from mosaicseg.config import TrainConfig
 from mosaicseg.data.io import dicom_series_files, read_dicom_series, read_image
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.predictor import group_inputs
@@ -114,15 +113,8 @@ def test_a_folder_with_several_series_is_an_error_that_lists_them(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_3d(tiny_workdir_3d, tmp_path_factory):
-    from mosaicseg.training.loop import Trainer
-
-    run = tmp_path_factory.mktemp("dicom_run")
-    cfg = TrainConfig(
-        recipe="universal", optimizer="adamw", iterations=2, iterations_per_epoch=2, device="cpu", val_max_cases=1
-    )
-    Trainer(tiny_workdir_3d, cfg, run / "fold_0", progress=False).fit()
-    return run
+def run_3d(tiny_run_3d):
+    return tiny_run_3d
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from mosaicseg.config import TrainConfig
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.predictor import Predictor
 from mosaicseg.models import HermesNet, build_from_config, task_parameter_names
-from mosaicseg.models.priors import NOT_ASKED, FusionLayer, PriorPool, select_tasks
+from mosaicseg.models.backbones import einops_available
+from mosaicseg.models.priors import NOT_ASKED, FusionLayer, PriorKeyValueAttention, PriorPool, select_tasks
 from mosaicseg.runtime import load_checkpoint
 from mosaicseg.training.loop import Trainer
 from mosaicseg.training.losses import modality_loss
@@ -160,9 +161,7 @@ def test_hermes_rejects_bad_options_before_writing(tiny_workdir_2d, tmp_path):
         Trainer(tiny_workdir_2d, _cfg(recipe_options={"two_ways": False}), tmp_path / "a")
     with pytest.raises(MosaicSegError, match="modality_loss_weight"):
         Trainer(tiny_workdir_2d, _cfg(recipe_options={"modality_loss_weight": -1}), tmp_path / "b")
-    with pytest.raises(MosaicSegError, match="swinunetr"):
-        Trainer(tiny_workdir_2d, _cfg(architecture="swinunetr"), tmp_path / "c")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     # an --overwrite with a bad option leaves the run it was to replace intact
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "metrics.jsonl").write_text("{}\n")
@@ -187,3 +186,76 @@ def test_train_preset_hermes_sets_the_papers_training_under_what_is_typed(tiny_w
     assert typed.exit_code == 0, typed.output
     config = json.loads((tmp_path / "b" / "config.json").read_text())["train_config"]
     assert config["optimizer"] == "lamb" and config["lr"] == 1e-3
+
+
+# ------------------------------------------------------------------------------------------ SwinUNETR
+needs_einops = pytest.mark.skipif(not einops_available(), reason="swinunetr needs the optional 'einops' package")
+SWIN_PLAN = {"patch_size": [32, 64], "features": [4, 8], "kernel_sizes": [[3, 3]] * 2, "strides": [[1, 1], [2, 2]]}
+SWIN = {"feature_size": 12, "depths": [2, 2, 1, 1], "num_heads": [1, 2, 2, 4], "window_size": 4}
+
+
+def _swin(**hermes: Any) -> HermesNet:
+    torch.manual_seed(0)
+    return HermesNet(
+        SWIN_PLAN, {"T1": 1, "CT": 2}, 5, architecture="swinunetr", options=SWIN,
+        hermes={"head_dim": 12, "fusion_depth": 1, **hermes},
+    )  # fmt: skip
+
+
+@needs_einops
+def test_swin_prior_keys_masked_out_leave_monai_attention_unchanged_and_shifted_windows_keep_their_mask():
+    """The priors as extra keys/values: with every token masked the wrapped attention is MONAI's exactly (shifted
+    windows included); with tokens visible the output moves; each window sees its own sample's tokens."""
+    model = _swin().eval()
+    layer = model.backbone.net.swinViT.layers2[0]
+    for block in layer.blocks:  # the last one is wrapped in a capture of its output
+        assert isinstance(getattr(block, "module", block).attn, PriorKeyValueAttention)
+    shifted = layer.blocks[1].module.attn  # the second block of a layer works on shifted windows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * 4, 16, 24, generator=g)  # 2 samples × 4 windows of 4×4 tokens, width 24
+    mask = torch.zeros(4, 16, 16).masked_fill(torch.rand(4, 16, 16, generator=g) > 0.7, -100.0)
+    tokens = torch.randn(2, 3, 24, generator=g)
+    with torch.no_grad():
+        plain = shifted.attention(x, mask)
+        shifted.context = (tokens, torch.zeros(2, 3, dtype=torch.bool))
+        torch.testing.assert_close(shifted(x, mask), plain, rtol=1e-5, atol=1e-6)
+        shifted.context = (tokens, torch.tensor([[True, False, True], [False, False, False]]))
+        seen = shifted(x, mask)
+        shifted.context = None
+    assert not torch.allclose(seen[:4], plain[:4])  # sample 0 sees two tokens
+    torch.testing.assert_close(seen[4:], plain[4:], rtol=1e-5, atol=1e-6)  # sample 1 sees none
+
+
+@needs_einops
+def test_hermes_on_swinunetr_gives_each_sample_its_own_result_and_the_switches_hold():
+    model = _swin().eval()
+    assert model.fused_stages == [2, 3, 4] and model.config["hermes"]["scales"] == [4, 8, 16]
+    x = torch.randn(3, 2, 32, 64, generator=torch.Generator().manual_seed(1))
+    modality = torch.tensor([0, 1, 0])
+    tasks = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [1, 0, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        batch = model(x, modality, tasks)
+        for b in range(3):
+            alone = model(x[b : b + 1], modality[b : b + 1], tasks[b : b + 1])
+            torch.testing.assert_close(alone.logits[0], batch.logits[0][b : b + 1], rtol=1e-4, atol=1e-5)
+    assert batch.logits[0].shape == (3, 5, 32, 64)
+    assert torch.all(batch.logits[0][~tasks] == NOT_ASKED)
+    assert batch.extras["modality_logits"].shape == (3, 2)
+    # every attention's context is cleared after a forward (nothing leaks into a later one)
+    assert all(a.context is None for wrapped in model._swin_attention for a in wrapped)
+    # the image reads the tokens: another task token changes the features, hence the other tasks' outputs
+    with torch.no_grad():
+        model.fusion[0].pool.task[2].normal_()
+        moved = model(x[2:], modality[2:], tasks[2:])
+    assert not torch.allclose(moved.logits[0][0, 0], batch.logits[0][2, 0])
+    one_way = _swin(two_way=False)  # tokens read the image only: no attention is wrapped
+    assert not any(isinstance(m, PriorKeyValueAttention) for m in one_way.modules())
+    assert sum(p.numel() for p in one_way.parameters()) == sum(p.numel() for p in _swin().parameters())
+    assert _swin(scales=[16]).fused_stages == [4] and len(_swin(scales=[16]).fusion) == 1
+    with pytest.raises(MosaicSegError, match=r"scales=\[32\].*\[2, 4, 8, 16\]"):
+        _swin(scales=[32])
+    # round trip through the config, as checkpoints and the predictor rebuild it
+    rebuilt = build_from_config(model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x[2:], modality[2:], tasks[2:]).logits[0], moved.logits[0])

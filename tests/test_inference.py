@@ -9,10 +9,10 @@ import torch
 
 from mosaicseg.config import TrainConfig
 from mosaicseg.errors import MosaicSegError
+from mosaicseg.inference.outputs import export_case
 from mosaicseg.inference.postprocess import (
     keep_largest_component,
     labels_from_probabilities,
-    labels_from_resampled,
     restore_probabilities,
 )
 from mosaicseg.inference.predictor import Predictor, group_inputs
@@ -190,9 +190,16 @@ def test_streaming_export_equals_restoring_every_task_at_once(regions, largest):
     order = (1, 2, 3) if regions else None
     want = labels_from_probabilities(restore_probabilities(prob, meta), values, order, largest)
     seen = {}
-    got = labels_from_resampled(
-        prob.astype(np.float16), meta, values, order, largest, on_probability=lambda t, p: seen.setdefault(t, p)
-    )
+    rows = [(t, t, f"label{t}", v) for t, v in enumerate(values)]
+    got = export_case(
+        prob.astype(np.float16),
+        meta,
+        {"D": rows},
+        {"D": list(order) if order else None},
+        [0.5] * 3,
+        largest_component=largest,
+        on_probability=lambda t, p: seen.setdefault(t, p),
+    ).labels["D"]
     half = labels_from_probabilities(
         restore_probabilities(prob.astype(np.float16).astype(np.float32), meta), values, order, largest
     )

@@ -10,7 +10,6 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from mosaicseg.config import TrainConfig
 from mosaicseg.data.io import Geometry
 from mosaicseg.data.vocabulary import Task, Vocabulary
 from mosaicseg.errors import MosaicSegError
@@ -23,7 +22,7 @@ from mosaicseg.inference.outputs import (
     task_thresholds,
     write_dataset_json,
 )
-from mosaicseg.inference.postprocess import labels_from_resampled
+from mosaicseg.inference.postprocess import labels_from_probabilities, restore_probabilities
 from mosaicseg.inference.predictor import Predictor
 
 CT, MR, MULTI = "Dataset901_SynthCT", "Dataset902_SynthMR", "Dataset903_SynthMulti"
@@ -112,7 +111,7 @@ def test_merged_map_takes_the_most_probable_task_above_its_threshold():
 
 
 @pytest.mark.parametrize("regions", [False, True])
-def test_dataset_label_maps_with_default_thresholds_equal_the_streaming_label_rule(regions):
+def test_dataset_label_maps_with_default_thresholds_equal_the_whole_volume_label_rule(regions):
     rng = np.random.default_rng(0)
     prob = rng.uniform(0, 1, size=(3, 7, 9, 5)).astype(np.float32)
     meta = {
@@ -128,9 +127,11 @@ def test_dataset_label_maps_with_default_thresholds_equal_the_streaming_label_ru
     order = [1, 2] if regions else None
     groups = {"D": [(0, 0, "a", values[0]), (2, 1, "b", values[1])], "E": [(1, 0, "c", (1,))]}
     maps = export_case(prob, meta, groups, {"D": order, "E": None}, [0.5] * 3, largest_component=True)
-    want = labels_from_resampled(prob, meta, values, order, True, channels=[0, 2])
+    # the whole-volume rule: every task restored at once, then labelled
+    restored = restore_probabilities(prob, meta)
+    want = labels_from_probabilities(restored[[0, 2]], values, order, True)
     np.testing.assert_array_equal(maps.labels["D"], want)
-    np.testing.assert_array_equal(maps.labels["E"], labels_from_resampled(prob, meta, [(1,)], None, True, channels=[1]))
+    np.testing.assert_array_equal(maps.labels["E"], labels_from_probabilities(restored[[1]], [(1,)], None, True))
     assert maps.merged is None and maps.masks is None
 
 
@@ -208,15 +209,8 @@ def test_statistics_are_voxel_counts_times_the_voxel_volume_and_resume_with_the_
 
 # ------------------------------------------------------------------------------------------ with a tiny model
 @pytest.fixture(scope="module")
-def run_3d(tiny_workdir_3d, tmp_path_factory):
-    from mosaicseg.training.loop import Trainer
-
-    run = tmp_path_factory.mktemp("outputs_run")
-    cfg = TrainConfig(
-        recipe="universal", optimizer="adamw", iterations=2, iterations_per_epoch=2, device="cpu", val_max_cases=1
-    )
-    Trainer(tiny_workdir_3d, cfg, run / "fold_0", progress=False).fit()
-    return run
+def run_3d(tiny_run_3d):
+    return tiny_run_3d
 
 
 def _read(path) -> tuple[np.ndarray, sitk.Image]:

@@ -681,6 +681,21 @@ def report(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+@_user_errors
+def priors(
+    model: Annotated[Path, typer.Argument(help="Run folder (fold_* inside), checkpoint or .mosaic bundle")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the CSV and PNG files")],
+    fold: Annotated[str | None, typer.Option(help="Fold to read (default: the first)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing files")] = False,
+) -> None:
+    """Cosine similarity of the learned task (and modality) priors: CSV and labelled heatmaps (Hermes Fig. 4/5)."""
+    from mosaicseg.evaluation.priors import write_priors
+
+    for name, path in write_priors(model, output, fold=fold, overwrite=overwrite).items():
+        typer.echo(f"{name}: {path}")
+
+
 def main() -> None:
     app()
 

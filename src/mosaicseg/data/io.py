@@ -277,41 +277,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     image = _read_sitk(path)
     if ending in (".nii", ".nii.gz"):
         image = _restore_nonfinite(path, image)
-    dim = image.GetDimension()
-    if dim not in (2, 3):
-        raise MosaicSegError(
-            f"{path}: image has {dim} dimensions, expected 2 or 3. Fix: split 4D series into one file "
-            "per channel (CASE_0000, CASE_0001, ...)."
-        )
-    file_geom = dict(
-        file_ndim=dim,
-        file_shape=tuple(int(s) for s in image.GetSize()),
-        file_spacing=tuple(float(s) for s in image.GetSpacing()),
-        file_origin=tuple(float(s) for s in image.GetOrigin()),
-        file_direction=tuple(float(s) for s in image.GetDirection()),
-        orientation=_orientation_of(image),
-    )
-    if dim == 3:
-        image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
-    arr = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C]) in numpy order
-    components = image.GetNumberOfComponentsPerPixel()
-    arr = np.moveaxis(arr, -1, 0) if components > 1 else arr[None]
-    arr = np.transpose(arr, (0, *range(arr.ndim - 1, 0, -1)))  # -> (C, X, Y[, Z])
-    spacing = tuple(float(s) for s in image.GetSpacing())
-    squeezed = None
-    singleton = [i for i, s in enumerate(arr.shape[1:]) if s == 1]
-    if dim == 3 and len(singleton) == 1:
-        # A one-slice volume is a 2D image whatever axis the slice lies on after reorientation.
-        squeezed = singleton[0]
-        arr = np.take(arr, 0, axis=squeezed + 1)
-        spacing = tuple(s for i, s in enumerate(spacing) if i != squeezed)
-    geometry = Geometry(
-        **file_geom,
-        shape=tuple(int(s) for s in arr.shape[1:]),
-        spacing=spacing,
-        squeezed_axis=squeezed,
-    )
-    return np.ascontiguousarray(arr), geometry
+    return sitk_to_array(image, path)
 
 
 def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, overwrite: bool = False) -> Path:
@@ -459,7 +425,10 @@ def sitk_to_array(image: sitk.Image, source: str | Path) -> tuple[np.ndarray, Ge
     :func:`read_image` returns them (``source`` names the input in errors)."""
     dim = image.GetDimension()
     if dim not in (2, 3):
-        raise MosaicSegError(f"{source}: image has {dim} dimensions, expected 2 or 3. Fix: split it per channel.")
+        raise MosaicSegError(
+            f"{source}: image has {dim} dimensions, expected 2 or 3. Fix: split 4D series into one file "
+            "per channel (CASE_0000, CASE_0001, ...)."
+        )
     file_geom = dict(
         file_ndim=dim,
         file_shape=tuple(int(s) for s in image.GetSize()),
@@ -476,7 +445,8 @@ def sitk_to_array(image: sitk.Image, source: str | Path) -> tuple[np.ndarray, Ge
     spacing = tuple(float(s) for s in image.GetSpacing())
     squeezed = None
     singleton = [i for i, s in enumerate(arr.shape[1:]) if s == 1]
-    if dim == 3 and len(singleton) == 1:  # a one-slice series is a 2D image, as a one-slice NIfTI is
+    if dim == 3 and len(singleton) == 1:
+        # A one-slice volume (or DICOM series) is a 2D image whatever axis the slice lies on after reorientation.
         squeezed = singleton[0]
         arr = np.take(arr, 0, axis=squeezed + 1)
         spacing = tuple(s for i, s in enumerate(spacing) if i != squeezed)

@@ -8,7 +8,7 @@ on top). Optional largest-connected-component filtering per task.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import cc3d
@@ -73,44 +73,4 @@ def labels_from_probabilities(
     lut = np.array([v[0] for v in values], dtype=dtype)
     any_fg = masks.any(axis=0)
     seg[any_fg] = lut[winner[any_fg]]
-    return seg
-
-
-def labels_from_resampled(
-    prob: np.ndarray,
-    meta: dict[str, Any],
-    values: Sequence[Sequence[int]],
-    regions_class_order: Sequence[int] | None = None,
-    largest_component: bool = False,
-    on_probability: Callable[[int, np.ndarray], None] | None = None,
-    channels: Sequence[int] | None = None,
-) -> np.ndarray:
-    """``labels_from_probabilities(restore_probabilities(prob[channels], meta), ...)`` one task at a time.
-
-    ``prob`` ``(K, *S_resampled)`` (float16 or float32; ``channels[t]`` is task ``t``'s channel, default
-    ``t``) → label map ``(*S_original)``. Only one task's map
-    exists at the original resolution at any time (plus the running best probability), so a 24-task model on
-    a 512×512×400 CT needs ~1 GB here instead of ~10 GB. ``on_probability(t, p)`` receives each task's
-    restored map ``(*S_original)`` (to save it) before it is dropped.
-    """
-    shape = tuple(meta["shape_original"])
-    dtype = np.uint8 if max((max(v) for v in values), default=0) < 256 else np.int16
-    seg = np.zeros(shape, dtype=dtype)
-    best = np.full(shape, -1.0, dtype=np.float32) if regions_class_order is None and len(values) else None
-    for t in range(len(values)):
-        c = channels[t] if channels is not None else t
-        p = restore_probabilities(prob[c : c + 1].astype(np.float32), meta)[0]
-        if on_probability is not None:
-            on_probability(t, p)
-        mask = p > 0.5
-        if largest_component:
-            mask = keep_largest_component(mask)
-        if regions_class_order is not None:
-            seg[mask] = regions_class_order[t]
-            continue
-        assert best is not None
-        # strictly greater: on ties the earlier task wins, as np.argmax does in labels_from_probabilities
-        win = mask & (p > best)
-        best[win] = p[win]
-        seg[win] = values[t][0]
     return seg

@@ -356,15 +356,7 @@ class Predictor:
                 )
             models.append(cls._load_model(ckpt["model_config"], ckpt["model"], dev))
         assert first is not None  # find_checkpoints returns at least one path or raises
-        return cls(
-            models,
-            Vocabulary.from_dict(first["vocabulary"]),
-            first["plans"],
-            first["patch_size"],
-            dev,
-            amp=amp,
-            jit=jit,
-        )
+        return cls._of(models, first, dev, amp, jit)
 
     @classmethod
     def from_bundle(
@@ -394,12 +386,19 @@ class Predictor:
                     f"{bundle.path}: fold {fold.name}'s weights do not fit its model config ({first[:200]}; an "
                     "edited or damaged bundle). Fix: export it again with mosaicseg export RUN -o FILE."
                 ) from exc
-        meta = bundle.metadata
+        return cls._of(models, bundle.metadata, dev, amp, jit)
+
+    @classmethod
+    def _of(
+        cls, models: list[torch.nn.Module], about: dict[str, Any], dev: torch.device, amp: bool, jit: bool
+    ) -> Predictor:
+        """The predictor of ``models`` with the vocabulary, plans and patch size that ``about`` (a checkpoint or a
+        bundle's metadata) records."""
         return cls(
             models,
-            Vocabulary.from_dict(meta["vocabulary"]),
-            meta["plans"],
-            meta["patch_size"],
+            Vocabulary.from_dict(about["vocabulary"]),
+            about["plans"],
+            about["patch_size"],
             dev,
             amp=amp,
             jit=jit,
@@ -512,8 +511,8 @@ class Predictor:
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Probabilities ``(T, *S_resampled)`` of ``task_ids`` on the preprocessed grid for one raw image
         ``(C, *S_original)`` (preprocessed with ``dataset``'s plan; TTA averaged in logits, folds in
-        probabilities), and the meta that maps them back (:func:`labels_from_resampled`). Large outputs are
-        float16 (see :func:`predict_logits`).
+        probabilities), and the meta that maps them back (:func:`~mosaicseg.inference.outputs.export_case`).
+        Large outputs are float16 (see :func:`predict_logits`).
 
         ``images`` is a one-element list that this method empties: the raw image is released once it is
         preprocessed, before the sliding window allocates its output (a 512×512×400 CT is 0.4 GB).
@@ -572,16 +571,16 @@ class Predictor:
         tasks: Sequence[str] | None = None,
         tta: bool = False,
         largest_component: bool = False,
+        thresholds: Sequence[str] | None = None,
     ) -> Prediction:
         """Predict one image in memory: per task a mask and a probability map, per source dataset the label map
         ``mosaicseg predict`` would write, all in the input's voxel grid (:class:`Prediction`).
 
         ``image``: a file, or the channel files of one case (``CASE_0000``, ``CASE_0001``, ...), read with their
         geometry; or an array ``(X, Y[, Z])`` / ``(C, X, Y[, Z])`` in ITK index order with its ``spacing`` (mm)
-        and optionally ``origin`` and ``direction`` (row-major cosines; default identity). ``dataset`` and
-        ``tasks`` choose as in :meth:`predict_files`."""
-        from mosaicseg.inference.postprocess import keep_largest_component, labels_from_resampled
-
+        and optionally ``origin`` and ``direction`` (row-major cosines; default identity). ``dataset``, ``tasks``
+        and ``thresholds`` (``TASK=VALUE`` items, default 0.5) as in :meth:`predict_files`: the same label rule
+        (:func:`~mosaicseg.inference.outputs.export_case`)."""
         task_ids = self.resolve_tasks(dataset, tasks)
         source = self.preprocessing_dataset(dataset, task_ids)
         n_channels = len(self.plans["datasets"][source]["normalization"])
@@ -609,30 +608,36 @@ class Predictor:
             holder, where = [arr], "image array"
             del arr
         prob, meta = self.predict_resampled(holder, geometry, source, task_ids, tta=tta, source=where)
-        restored: dict[int, np.ndarray] = {}
-        label_maps: dict[str, np.ndarray] = {}
-        for d, rows in self.outputs_by_dataset(task_ids).items():
-            order = self.vocabulary.regions_class_order.get(d)
-            order = [order[r[1]] for r in rows] if order else None
-            seg = labels_from_resampled(
-                prob,
-                meta,
-                [r[3] for r in rows],
-                order,
-                largest_component,
-                # a task shared by several datasets is restored once per dataset, identically
-                on_probability=lambda t, p, rows=rows: restored.setdefault(task_ids[rows[t][0]], p),
-                channels=[r[0] for r in rows],
-            )
-            label_maps[d] = _to_input_grid(seg, geometry)
+        names = [self.vocabulary.tasks[k].name for k in task_ids]
+        groups = self.outputs_by_dataset(task_ids)
+        probabilities: dict[str, np.ndarray] = {}
+
+        def keep(t: int, p: np.ndarray) -> None:
+            probabilities[names[t]] = _to_input_grid(p, geometry)
+
+        maps = export_case(
+            prob,
+            meta,
+            groups,
+            self._regions(groups),
+            task_thresholds(thresholds or [], task_ids, lambda name: self.resolve_tasks(dataset, [name])[0]),
+            largest_component=largest_component,
+            keep_masks=True,
+            on_probability=keep,
+        )
         del prob
-        masks, probabilities = {}, {}
-        for k in task_ids:
-            name = self.vocabulary.tasks[k].name
-            mask = restored[k] > 0.5
-            masks[name] = _to_input_grid(keep_largest_component(mask) if largest_component else mask, geometry)
-            probabilities[name] = _to_input_grid(restored.pop(k), geometry)
+        assert maps.masks is not None  # keep_masks
+        masks = {name: _to_input_grid(maps.masks[t], geometry) for t, name in enumerate(names)}
+        label_maps = {d: _to_input_grid(seg, geometry) for d, seg in maps.labels.items()}
         return Prediction(masks, probabilities, label_maps, source)
+
+    def _regions(self, groups: dict[str, list[tuple[int, int, str, tuple[int, ...]]]]) -> dict[str, list[int] | None]:
+        """Per source dataset of ``groups`` (:meth:`outputs_by_dataset`): the ``regions_class_order`` value of each
+        of its rows, or None (the highest-probability rule)."""
+        return {
+            d: [order[r[1]] for r in rows] if (order := self.vocabulary.regions_class_order.get(d)) else None
+            for d, rows in groups.items()
+        }
 
     def outputs_by_dataset(self, task_ids: Sequence[int]) -> dict[str, list[tuple[int, int, str, tuple[int, ...]]]]:
         """Source dataset → ``(position in task_ids, position among the dataset's labels, label name, label
@@ -690,10 +695,7 @@ class Predictor:
         names = [self.vocabulary.tasks[k].name for k in task_ids]
         labels = merged_label_names(self.vocabulary, task_ids)
         groups = {} if merged else self.outputs_by_dataset(task_ids)
-        regions = {
-            d: [order[r[1]] for r in rows] if (order := self.vocabulary.regions_class_order.get(d)) else None
-            for d, rows in groups.items()
-        }
+        regions = self._regions(groups)
         # where each asked task's label maps (and probability maps) go: "" is the merged map
         folders = {"": output} if merged else {d: output if len(groups) == 1 else output / d for d in groups}
         prob_names: dict[str, list[tuple[int, str]]] = (

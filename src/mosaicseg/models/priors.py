@@ -9,6 +9,11 @@ posterior prototypes as the per-task classifiers (model kind ``hermes``).
   tokens, each followed by an MLP, pre-norm and residual. The fused map replaces the stage's output, so it
   feeds the deeper stages and the skip connection. One pool and ``fusion_depth`` blocks per fused scale
   (default: the plan's 4×, 8× and 16× stages), as in the authors' code, since the scales differ in width.
+- **SwinUNETR** (:class:`PriorKeyValueAttention`): the prior tokens of a fused scale join the keys and values of
+  every window attention of the Swin layer working at it (``layers2``/``3``/``4`` at 4×/8×/16×, through the
+  attention's own key/value projection, without position bias, visible from every window, shifted or not):
+  that is the image ← tokens way. The tokens ← image way is the fusion layer's token update on the layer's
+  output. ``two_way=False`` leaves MONAI's attention as it is.
 - **Prototypes** (eq. 2): each scale's posterior task tokens go through an MLP, the scales are concatenated
   and a second MLP gives one prototype per task; a linear map per deep-supervision level matches the
   decoder's width there. Logit of task k = ``⟨prototype_k, decoder feature⟩ + b_k``.
@@ -31,6 +36,7 @@ sample's result does not depend on what else is in the batch (tested against one
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -176,21 +182,92 @@ class FusionLayer(nn.Module):
         self.pool = pool
         self.blocks = nn.ModuleList(FusionBlock(dim, head_dim, two_way) for _ in range(depth))
 
-    def forward(
-        self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, modality: torch.Tensor
+    def prior(
+        self, index: torch.Tensor, valid: torch.Tensor, modality: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.pool(index, modality).to(x.dtype)
+        """The samples' prior tokens ``(B, P, C)`` and which of them are attention keys ``(B, P)`` bool."""
+        tokens = self.pool(index, modality).to(dtype)
         keep = valid
         if tokens.shape[1] > valid.shape[1]:  # modality tokens are always keys
             keep = torch.cat([valid, valid.new_ones(valid.shape[0], tokens.shape[1] - valid.shape[1])], dim=1)
         # a sample asking nothing (possible only without modality tokens) keeps its first (null) token as key
         keep = keep.clone()
         keep[:, 0] |= ~keep.any(1)
+        return tokens, keep
+
+    def forward(
+        self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, modality: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, keep = self.prior(index, valid, modality, x.dtype)
         b, c, *spatial = x.shape
         image = x.reshape(b, c, -1).transpose(1, 2)
         for block in self.blocks:
             image, tokens = block(image, tokens, keep)
         return image.transpose(1, 2).reshape(b, c, *spatial), tokens
+
+
+class PriorKeyValueAttention(nn.Module):
+    """MONAI's Swin window attention whose keys and values also hold the window's sample's prior tokens (the
+    image ← tokens way of the fusion for SwinUNETR): the tokens go through the attention's own key/value
+    projection, carry no relative-position bias and are visible from every window, shifted or not; tokens a
+    sample did not ask are masked. Without a context (set by :class:`HermesNet` for one forward) it is the
+    wrapped attention unchanged.
+
+    ``forward(x (B·nW, N, C), mask (nW, N, N) | None)``; context: tokens ``(B, P, C)``, keep ``(B, P)`` bool.
+    """
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+        self.context: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.context is None:
+            return self.attention(x, mask)
+        tokens, keep = self.context
+        a = self.attention
+        b, n, c = x.shape
+        batch, p = tokens.shape[:2]
+        windows = b // batch  # MONAI partitions sample by sample: window w belongs to sample w // windows
+        heads = a.num_heads
+        q, k, v = a.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        bias = None if a.qkv.bias is None else a.qkv.bias[c:]
+        kv = F.linear(tokens.to(x.dtype), a.qkv.weight[c:], bias).reshape(batch, p, 2, heads, c // heads)
+        kv = kv.permute(2, 0, 3, 1, 4).repeat_interleave(windows, dim=1)  # (2, B·nW, heads, P, C/heads)
+        k, v = torch.cat([k, kv[0]], dim=2), torch.cat([v, kv[1]], dim=2)
+        position = a.relative_position_bias_table[a.relative_position_index.clone()[:n, :n].reshape(-1)]
+        image_bias = position.reshape(n, n, heads).permute(2, 0, 1).unsqueeze(0).expand(b, heads, n, n)
+        if mask is not None:  # the shifted windows' mask, between image keys only
+            nw = mask.shape[0]
+            image_bias = (image_bias.reshape(b // nw, nw, heads, n, n) + mask.reshape(1, nw, 1, n, n)).reshape(
+                b, heads, n, n
+            )
+        token_bias = torch.zeros(batch, p, dtype=image_bias.dtype, device=x.device).masked_fill(~keep, float("-inf"))
+        token_bias = token_bias.repeat_interleave(windows, dim=0)[:, None, None, :].expand(b, heads, n, p)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.cat([image_bias, token_bias], dim=-1).to(q.dtype), scale=a.scale
+        )
+        return a.proj_drop(a.proj(y.transpose(1, 2).reshape(b, n, c)))
+
+
+class _Capture(nn.Module):
+    """A module run as before, keeping its last output (``(B, *S, C)`` for a Swin block) for the token update."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.output: torch.Tensor | None = None
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        self.output = self.module(*args)
+        return self.output
+
+
+def _swin_layers(backbone: nn.Module) -> dict[int, tuple[nn.Module, int]]:
+    """Down-sampling factor → (MONAI Swin layer whose attention works at it, its width) of a SwinUNETR backbone:
+    ``layers1`` at 2× (``feature_size`` wide), ``layers2`` at 4× (2×), ``layers3`` at 8×, ``layers4`` at 16×."""
+    vit = backbone.net.swinViT
+    return {2**i: (getattr(vit, f"layers{i}")[0], int(vit.embed_dim) * 2 ** (i - 1)) for i in range(1, 5)}
 
 
 @MODEL_KINDS.register("hermes")
@@ -219,11 +296,6 @@ class HermesNet(nn.Module):
         hermes: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if architecture not in ("unet", "resenc_unet"):
-            raise MosaicSegError(
-                f"the hermes model fuses priors into a conv encoder; architecture '{architecture}' has none. "
-                "Fix: use --network unet or resenc_unet."
-            )
         settings = {**HERMES_OPTIONS, **dict(hermes or {})}
         unknown = sorted(set(settings) - set(HERMES_OPTIONS))
         if unknown:
@@ -233,22 +305,44 @@ class HermesNet(nn.Module):
         self.spatial_dims = topology.spatial_dims
         self.num_tasks = int(num_tasks)
         self.deep_supervision = bool(deep_supervision)
-        settings["scales"] = self._fused_stages(settings["scales"])
-        stage_of = {max(s): i for i, s in enumerate(self.backbone.skip_scales)}
-        self.fused_stages = [stage_of[s] for s in settings["scales"]]
-        widths = [self.backbone.skip_channels[i] for i in self.fused_stages]
+        # SwinUNETR: the priors join the keys/values of the Swin attention at each fused scale (image ← tokens),
+        # and the fusion layers update the tokens from that scale's features (tokens ← image)
+        self.swin = architecture == "swinunetr"
+        swin_layers = _swin_layers(self.backbone) if self.swin else {}
+        have = sorted(swin_layers) if self.swin else sorted({max(s) for s in self.backbone.skip_scales})
+        settings["scales"] = self._fused_stages(settings["scales"], have)
+        if self.swin:
+            self.fused_stages = [int(math.log2(s)) for s in settings["scales"]]
+            widths = [swin_layers[s][1] for s in settings["scales"]]
+        else:
+            stage_of = {max(s): i for i, s in enumerate(self.backbone.skip_scales)}
+            self.fused_stages = [stage_of[s] for s in settings["scales"]]
+            widths = [self.backbone.skip_channels[i] for i in self.fused_stages]
         n_mod = len(self.stems.modalities)
         length, head_dim = int(settings["modality_tokens"]), int(settings["head_dim"])
+        two_way = bool(settings["two_way"])
         self.fusion = nn.ModuleList(
             FusionLayer(
                 PriorPool(self.num_tasks, n_mod, length, w, bool(settings["modality_prior"])),
                 w,
                 int(settings["fusion_depth"]),
                 head_dim,
-                bool(settings["two_way"]),
+                two_way and not self.swin,  # in Swin the image reads the tokens inside its own attention
             )
             for w in widths
         )
+        # per fused scale: the wrapped attentions (if two-way) and the capture of the layer's last block
+        self._swin_attention: list[list[PriorKeyValueAttention]] = []
+        self._swin_capture: list[_Capture] = []
+        for s in settings["scales"] if self.swin else []:
+            layer = swin_layers[s][0]
+            wrapped = []
+            for block in layer.blocks if two_way else []:
+                block.attn = PriorKeyValueAttention(block.attn)
+                wrapped.append(block.attn)
+            self._swin_attention.append(wrapped)
+            layer.blocks[-1] = _Capture(layer.blocks[-1])
+            self._swin_capture.append(layer.blocks[-1])
         hidden = int(settings["prototype_dim"])
         depth = int(settings["mlp_depth"])
         if depth < 1:
@@ -270,9 +364,9 @@ class HermesNet(nn.Module):
             hermes=settings,
         )  # fmt: skip
 
-    def _fused_stages(self, scales: Sequence[int] | None) -> list[int]:
-        """The fused down-sampling factors: ``scales`` checked against the encoder's, or the default ones it has."""
-        have = sorted({max(s) for s in self.backbone.skip_scales})
+    def _fused_stages(self, scales: Sequence[int] | None, have: list[int]) -> list[int]:
+        """The fused down-sampling factors: ``scales`` checked against the encoder's (``have``), or the default
+        ones it has."""
         if scales is None:
             chosen = [s for s in DEFAULT_SCALES if s in have]
             if not chosen:
@@ -328,7 +422,10 @@ class HermesNet(nn.Module):
             x, posterior[j] = self.fusion[j](x, index, valid, modality)
             return x
 
-        maps = self.backbone.decode(self.backbone.encode(self.stems(image, modality), after_stage=fuse))
+        if self.swin:
+            maps = self._swin_forward(self.stems(image, modality), index, valid, modality, posterior)
+        else:
+            maps = self.backbone.decode(self.backbone.encode(self.stems(image, modality), after_stage=fuse))
         t = index.shape[1]
         per_scale = [mlp(posterior[j][:, :t]) for j, mlp in enumerate(self.scale_mlps)]
         prototypes = self.prototype_mlp(torch.cat(per_scale, dim=-1))  # (B, T, hidden)
@@ -346,3 +443,29 @@ class HermesNet(nn.Module):
             mod_tokens = torch.cat([posterior[j][:, t:] for j in range(len(self.fusion))], dim=-1)  # (B, l, ΣC)
             extras["modality_logits"] = self.modality_head(self.modality_norm(mod_tokens).mean(1))
         return ModelOutput(logits, extras)
+
+    def _swin_forward(
+        self,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        valid: torch.Tensor,
+        modality: torch.Tensor,
+        posterior: dict[int, torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """SwinUNETR's encoder with each fused layer's prior tokens among its attention's keys/values, then the
+        tokens updated from that layer's output ``(B, *S, C)``; fills ``posterior``, returns the decoder maps."""
+        priors = [layer.prior(index, valid, modality, x.dtype) for layer in self.fusion]
+        for wrapped, context in zip(self._swin_attention, priors, strict=True):
+            for attention in wrapped:
+                attention.context = context
+        try:
+            skips = self.backbone.encode(x)
+        finally:
+            for wrapped in self._swin_attention:
+                for attention in wrapped:
+                    attention.context = None
+        for j, (layer, capture) in enumerate(zip(self.fusion, self._swin_capture, strict=True)):
+            features, capture.output = capture.output, None
+            assert features is not None  # the encoder ran the layer
+            _, posterior[j] = layer(features.movedim(-1, 1), index, valid, modality)
+        return self.backbone.decode(skips)

@@ -1,0 +1,267 @@
+"""``python -m benchmarks paradigms-mri7``: every paradigm on Dataset001–005, 007 and 008 (``collections/mri7.yaml``:
+T1 crops and heads, FLAIR+T1c, cine, LGE), at an equal total number of iterations (a busy machine cannot bias
+it), with the ``train`` defaults (AdamW 3e-3 poly, bf16 where native, head prior ``auto``) and the collection's
+CPU plan, fold 0, seeds 0 and 1:
+
+- ``single`` trains ``iterations / 7`` on each dataset; every multi-dataset paradigm (``universal``,
+  ``multidecoder``, ``dodnet``, ``uniseg``, ``hermes``, ``clip``) ``iterations`` on all seven; ``clip`` with a
+  fixed random task-embedding file (seeded; no text encoder is downloaded), so it measures the controller, not
+  CLIP's language prior;
+- validation pseudo-Dice per dataset and task on every held-out case of fold 0, final checkpoint;
+- generalisation: Dataset003's ``Hippocampus_L`` and ``Hippocampus_R`` predicted on Dataset001's held-out crops
+  (resampled by Dataset003's plan) and scored, L ∪ R, against Dataset001's anterior ∪ posterior;
+- cost: training s/iteration, ``predict --tasks all`` s/case (start-up included) on held-out cases of one
+  dataset, and each process's peak RSS.
+
+Every finished run and step is reused (a killed study resumes); ``MOSAICSEG_BENCH_QUICK=1`` checks the plumbing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import QUICK, ROOT, SHARED, WORK, held_out_cases, held_out_files, link_all, run_cli
+from benchmarks.common import mean_sd as _ms
+
+MRI7 = ROOT / "collections" / "mri7.yaml"
+PARADIGMS = ("single", "universal", "multidecoder", "dodnet", "uniseg", "hermes", "clip")
+SEEDS = (0, 1)
+# generalisation: the hippocampus of the IXI limbic set against the Decathlon hippocampus crops
+SOURCE, TARGET = "Dataset003_IXILimbic", "Dataset001_Hippocampus"
+SOURCE_TASKS = ("Hippocampus_L", "Hippocampus_R")
+# the cost of prediction is measured on this dataset's held-out cases (a whole head: the slowest input)
+COST_DATASET = "Dataset002_IXIDeepGrey"
+CLIP_WIDTH = 512  # CLIP ViT-B's text embedding width, as the CLIP-driven universal model uses
+
+
+def _workdir() -> Path:
+    workdir = WORK / "mri7"
+    if not (workdir / "runs").is_dir():  # a resumed study keeps the plan its first runs were trained with
+        run_cli(["plan", str(MRI7), "-o", str(workdir), "--overwrite"], WORK / "logs" / "mri7_plan.log")
+    return workdir
+
+
+def _clip_embeddings(workdir: Path) -> Path:
+    """A fixed random ``(K, 512)`` embedding per task (seed 0), written once."""
+    path = workdir / "clip_random_embeddings.npy"
+    if not path.is_file():
+        k = len(json.loads((workdir / "vocabulary.json").read_text())["tasks"])
+        np.save(path, np.random.default_rng(0).standard_normal((k, CLIP_WIDTH)).astype(np.float32))
+    return path
+
+
+def _last(run: Path) -> dict[str, Any]:
+    metrics = run / "metrics.jsonl"
+    return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
+
+
+def _train(workdir: Path, recipe: str, dataset: str | None, iterations: int, seed: int) -> dict[str, Any]:
+    name = f"{recipe}{'_' + dataset.split('_')[0] if dataset else ''}_s{seed}"
+    run = workdir / "runs" / name
+    if not ((run / "checkpoint_final.pt").is_file() and _last(run).get("iteration") == iterations):
+        args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(iterations), "--seed", str(seed),
+                "--fold", "0", "--device", "cpu", "--iterations-per-epoch", str(min(100, iterations)),
+                "--val-every", "100000", "--val-max-cases", "2" if QUICK else "0", "-o", str(run)]  # fmt: skip
+        if dataset:
+            args += ["--dataset", dataset]
+        if recipe == "clip":
+            args += ["--task-embeddings", str(_clip_embeddings(workdir))]
+        if (run / "checkpoint_latest.pt").is_file():
+            args.append("--resume")
+        done = run_cli(args, WORK / "logs" / f"mri7_{name}.log")
+        peak = done.peak_rss_mb
+    else:
+        peak = None  # reused: its process is gone
+    final = _last(run)
+    return {
+        "recipe": recipe,
+        "dataset": dataset,
+        "seed": seed,
+        "run": str(run),
+        "iterations": iterations,
+        "train_s": final["elapsed_s"],
+        "s_per_iteration": final["elapsed_s"] / iterations,
+        "train_peak_rss_mb": peak,
+        "val_dice": final.get("val_dice", {}),
+        "val_dice_tasks": final.get("val_dice_tasks", {}),
+    }
+
+
+def _case_dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    both = pred.sum() + ref.sum()
+    return float(2 * np.logical_and(pred, ref).sum() / both) if both else float("nan")
+
+
+def generalisation(workdir: Path, run: Path, cases: list[str]) -> dict[str, Any]:
+    """Dice of ``run``'s Dataset003 hippocampus (L ∪ R) on Dataset001's ``cases`` (anterior ∪ posterior)."""
+    from mosaicseg.data.io import read_image
+
+    _, files = held_out_files(TARGET, cases)
+    base = run / "generalisation"
+    images = link_all([f for f in files if "imagesTr" in str(f)], base / "images")
+    pred = base / "pred"
+    tasks = [x for t in SOURCE_TASKS for x in ("--tasks", f"{SOURCE}/{t}")]
+    if not all((pred / f.name).exists() for f in files if "labelsTr" in str(f)):
+        run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", SOURCE, *tasks,
+                 "--overwrite"], base / "predict.log")  # fmt: skip
+    source_labels = json.loads((SHARED / SOURCE / "dataset.json").read_text())["labels"]
+    values = [int(source_labels[t]) for t in SOURCE_TASKS]
+    dice = {}
+    for label_file in (f for f in files if "labelsTr" in str(f)):
+        predicted, _ = read_image(pred / label_file.name)
+        reference, _ = read_image(label_file)
+        dice[label_file.name] = _case_dice(np.isin(predicted[0], values), reference[0] > 0)
+    scored = [v for v in dice.values() if v == v]
+    return {"cases": dice, "mean": float(np.mean(scored)) if scored else float("nan")}
+
+
+def _predict_cost(workdir: Path, run: Path, cases: list[str]) -> dict[str, Any]:
+    """``predict --tasks all`` on ``cases`` of :data:`COST_DATASET`: s/case (start-up included), peak RSS."""
+    _, files = held_out_files(COST_DATASET, cases)
+    base = run / "cost"
+    images = link_all([f for f in files if "imagesTr" in str(f)], base / "images")
+    record = base / "cost.json"
+    if not record.is_file():
+        done = run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(base / "pred"), "--dataset",
+                        COST_DATASET, "--tasks", "all", "--overwrite"], base / "predict.log")  # fmt: skip
+        record.write_text(json.dumps({"s_per_case": done.seconds / len(cases), "peak_rss_mb": done.peak_rss_mb}))
+    return json.loads(record.read_text())
+
+
+def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
+    """See the module docstring. ``iterations``: each paradigm's total (a single run: a seventh of it)."""
+    from mosaicseg.training.recipes import RECIPES
+
+    workdir = _workdir()
+    datasets = json.loads((workdir / "vocabulary.json").read_text())["datasets"]
+    landed = [p for p in PARADIGMS if p in RECIPES]
+    seeds = SEEDS[:1] if QUICK else SEEDS
+    n_general = 2 if QUICK else 10
+    n_cost = 1 if QUICK else 3
+    general_cases = held_out_cases(workdir, TARGET)[:n_general] if TARGET in datasets else []
+    cost_cases = held_out_cases(workdir, COST_DATASET)[:n_cost]
+    runs: dict[str, Any] = {}
+    for seed in seeds:
+        for recipe in landed:
+            jobs = (
+                [(d, max(1, iterations // len(datasets))) for d in datasets]
+                if recipe == "single"
+                else [(None, iterations)]
+            )
+            for dataset, its in jobs:
+                entry = _train(workdir, recipe, dataset, its, seed)
+                run = Path(entry["run"])
+                if general_cases and (recipe != "single" or dataset == SOURCE):
+                    entry["generalisation"] = generalisation(workdir, run, general_cases)
+                if seed == seeds[0] and (recipe != "single" or dataset == COST_DATASET):
+                    entry["predict_cost"] = _predict_cost(workdir, run, cost_cases)
+                runs[f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"] = entry
+    plans = json.loads((workdir / "plans.json").read_text())
+    return {
+        "setting": {
+            "collection": "mri7",
+            "network": {k: plans["network"][k] for k in ("patch_size", "batch_size", "features")},
+            "spacing": {d: plans["datasets"][d]["target_spacing"] for d in datasets},
+            "training": "the train defaults: AdamW 3e-3 poly, bf16 where native, head prior auto",
+            "iterations_multi": iterations,
+            "iterations_single": max(1, iterations // len(datasets)),
+            "fold": 0,
+            "seeds": list(seeds),
+            "clip_embeddings": f"fixed random (seed 0, width {CLIP_WIDTH}): not CLIP's text prior",
+            "generalisation": f"{SOURCE} {'+'.join(SOURCE_TASKS)} on {len(general_cases)} held-out {TARGET} cases",
+            "cost_cases": f"{len(cost_cases)} held-out {COST_DATASET} cases, --tasks all",
+        },
+        "datasets": datasets,
+        "paradigms": landed,
+        "runs": runs,
+    }
+
+
+def _short(dataset: str) -> str:
+    return dataset.split("_", 1)[-1]
+
+
+def report(r: dict[str, Any]) -> list[str]:
+    """The BENCHMARKS.md section: Dice per dataset (mean ± sd over seeds), Hermes' claim checked on the average,
+    Dice per task, generalisation and cost."""
+    s, runs, names, datasets = r["setting"], r["runs"], r["paradigms"], r["datasets"]
+
+    def runs_of(recipe: str) -> list[dict[str, Any]]:
+        return [v for v in runs.values() if v["recipe"] == recipe]
+
+    def dice(recipe: str, dataset: str) -> list[float]:
+        # per seed; a single run scores its own dataset only
+        return [v["val_dice"][dataset] for v in runs_of(recipe) if dataset in v["val_dice"]]
+
+    def average(recipe: str) -> float | None:
+        means = [statistics.mean(x) for d in datasets if (x := dice(recipe, d))]
+        return statistics.mean(means) if len(means) == len(datasets) else None
+
+    label = {n: f"{n} (random embeddings)" if n == "clip" else n for n in names}
+    lines = [
+        f"## Paradigms on {len(datasets)} MR datasets (mri7, equal total iterations, {len(s['seeds'])} seeds)",
+        "",
+        f"`python -m benchmarks paradigms-mri7 --iterations {s['iterations_multi']}` — `collections/mri7.yaml` "
+        f"planned once (patch {s['network']['patch_size']}, features {s['network']['features']}, batch "
+        f"{s['network']['batch_size']}); {s['training']}; every multi-dataset paradigm {s['iterations_multi']} "
+        f"iterations, `single` {s['iterations_single']} on each dataset; fold {s['fold']}, seeds {s['seeds']}; "
+        f"validation pseudo-Dice (mean ± sd over seeds) on every held-out case, final checkpoint; `clip`: "
+        f"{s['clip_embeddings']}.",
+        "",
+        "| dataset | " + " | ".join(label[n] for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for d in datasets:
+        lines.append(f"| {_short(d)} | " + " | ".join(_ms(dice(n, d)) for n in names) + " |")
+    avg = {n: average(n) for n in names}
+    lines.append("| **average** | " + " | ".join("–" if avg[n] is None else f"{avg[n]:.3f}" for n in names) + " |")
+    if all(avg.get(n) is not None for n in ("hermes", "universal", "dodnet", "single")):
+        h, u, dd, one = avg["hermes"], avg["universal"], avg["dodnet"], avg["single"]
+        holds = h >= max(u, dd) and min(u, dd) >= one
+        lines += [
+            "",
+            f"Hermes' claim (hermes ≥ universal, dodnet ≥ single, on the average): hermes {h:.3f}, universal "
+            f"{u:.3f}, dodnet {dd:.3f}, single {one:.3f}: **{'holds' if holds else 'fails'}**"
+            + ("." if holds else f" ({_why(h, u, dd, one)})."),
+        ]
+    order = {d: i for i, d in enumerate(datasets)}
+    seen = dict.fromkeys(t for v in runs.values() for t in v["val_dice_tasks"])  # each run's task order
+    tasks = sorted(seen, key=lambda t: order.get(t.split("/")[0], len(order)))  # stable: by dataset, then as seen
+    lines += ["", "Validation pseudo-Dice per task (mean over seeds):", "",
+              "| task | " + " | ".join(label[n] for n in names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+    for t in tasks:
+        cells = []
+        for n in names:
+            xs = [v["val_dice_tasks"][t] for v in runs_of(n) if t in v["val_dice_tasks"]]
+            cells.append(f"{statistics.mean(xs):.3f}" if xs else "–")
+        lines.append(f"| {_short(t)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Generalisation: {s['generalisation']}, Dice of L ∪ R against anterior ∪ posterior:", "",
+              "| paradigm | Dice (mean ± sd over seeds) |", "|---|---|"]  # fmt: skip
+    for n in names:
+        general = [v["generalisation"]["mean"] for v in runs_of(n) if "generalisation" in v]
+        lines.append(f"| {label[n]} | {_ms(general)} |")
+    lines += ["", f"Cost ({s['cost_cases']}; a single model: the one of that dataset):", "",
+              "| paradigm | training s/iteration | train peak RSS MB | predict s/case | predict peak RSS MB |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for n in names:
+        its = [v["s_per_iteration"] for v in runs_of(n)]
+        rss = [v["train_peak_rss_mb"] for v in runs_of(n) if v.get("train_peak_rss_mb")]
+        cost = next((v["predict_cost"] for v in runs_of(n) if "predict_cost" in v), None)
+        peak = f"{max(rss):.0f}" if rss else "–"
+        predict = f"{cost['s_per_case']:.1f} | {cost['peak_rss_mb']:.0f}" if cost else "– | –"
+        lines.append(f"| {label[n]} | {statistics.mean(its):.2f} | {peak} | {predict} |")
+    return [*lines, ""]
+
+
+def _why(h: float, u: float, dd: float, one: float) -> str:
+    out = []
+    if h < max(u, dd):
+        out.append(f"hermes is {max(u, dd) - h:.3f} below the better of universal and dodnet")
+    if min(u, dd) < one:
+        out.append(f"{'universal' if u < dd else 'dodnet'} is {one - min(u, dd):.3f} below single")
+    return "; ".join(out)

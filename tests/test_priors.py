@@ -1,0 +1,81 @@
+"""``mosaicseg priors``: cosine-similarity matrices of the learned task and modality priors (Hermes Fig. 4/5)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mosaicseg.cli import app
+from mosaicseg.config import TrainConfig
+from mosaicseg.data.workdir import load_vocabulary
+from mosaicseg.errors import MosaicSegError
+from mosaicseg.evaluation.priors import cosine_matrix, prior_vectors, read_matrix, write_priors
+from mosaicseg.models import HermesNet
+from mosaicseg.training.loop import Trainer
+
+
+def test_cosine_matrix_by_hand():
+    m = cosine_matrix(np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [0.0, 0.0]]))
+    h = 1 / math.sqrt(2)
+    np.testing.assert_allclose(m, [[1, 0, h, 0], [0, 1, h, 0], [h, h, 1, 0], [0, 0, 0, 0]], atol=1e-12)
+
+
+def test_hermes_vectors_are_each_tasks_tokens_over_every_scale_without_the_null_token():
+    plan = {
+        "patch_size": [32, 32], "features": [4, 8, 16], "kernel_sizes": [[3, 3]] * 3,
+        "strides": [[1, 1]] + [[2, 2]] * 2,
+    }  # fmt: skip
+    torch.manual_seed(0)
+    model = HermesNet(plan, {"T1": 1, "CT": 1}, 3, hermes={"head_dim": 4, "fusion_depth": 1, "modality_tokens": 2})
+    assert model.fused_stages == [2]  # the 4x stage, 16 wide
+    v = prior_vectors(model, ["A/x", "A/y", "B/z"], ["T1", "CT"])
+    torch.testing.assert_close(torch.from_numpy(v.tasks), model.fusion[0].pool.task[:3].detach())
+    torch.testing.assert_close(torch.from_numpy(v.modalities), model.fusion[0].pool.modality.detach().mean(1))
+    assert v.sources == ["fusion.0.pool.task", "fusion.0.pool.modality"]  # task_bias: one number per task
+
+
+def _run(workdir: Path, tmp: Path, recipe: str) -> Path:
+    cfg = TrainConfig(recipe=recipe, iterations=2, iterations_per_epoch=2, val_max_cases=1, seed=0, amp=False)
+    run = tmp / recipe / "fold_0"
+    Trainer(workdir, cfg, run, progress=False).fit()
+    return run.parent
+
+
+def test_priors_of_a_hermes_run_write_labelled_symmetric_matrices_and_heatmaps(tiny_workdir_2d, tmp_path):
+    run = _run(tiny_workdir_2d, tmp_path, "hermes")
+    out = tmp_path / "priors"
+    written = write_priors(run, out)
+    assert set(written) == {"tasks_csv", "tasks_png", "modalities_csv", "modalities_png"}
+    vocab = load_vocabulary(tiny_workdir_2d)
+    names, tasks = read_matrix(out / "task_priors.csv")
+    assert names == [t.name for t in vocab.tasks] and tasks.shape == (vocab.num_tasks, vocab.num_tasks)
+    np.testing.assert_allclose(tasks, tasks.T, atol=1e-6)
+    np.testing.assert_allclose(np.diag(tasks), 1.0, atol=1e-6)
+    assert not np.allclose(tasks, 1.0)  # learned tokens, not copies
+    names, modalities = read_matrix(out / "modality_priors.csv")
+    assert names == list(vocab.modalities) and modalities.shape == (len(names), len(names))
+    for png in ("task_priors.png", "modality_priors.png"):
+        with Image.open(out / png) as image:
+            assert image.size[0] > 400 and len(np.unique(np.asarray(image.convert("L")))) > 10
+    with pytest.raises(MosaicSegError, match=r"exists already.*--overwrite"):
+        write_priors(run, out)
+    assert write_priors(run, out, overwrite=True) == written
+
+
+def test_priors_of_a_universal_run_from_its_heads_and_a_kind_without_task_vectors_is_refused(tiny_workdir_2d, tmp_path):
+    run = _run(tiny_workdir_2d, tmp_path, "universal")
+    result = CliRunner().invoke(app, ["priors", str(run), "-o", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    names, tasks = read_matrix(tmp_path / "p" / "task_priors.csv")
+    assert len(names) == tasks.shape[0] == load_vocabulary(tiny_workdir_2d).num_tasks
+    assert not (tmp_path / "p" / "modality_priors.csv").exists()  # no modality prior in a universal model
+    dodnet = _run(tiny_workdir_2d, tmp_path, "dodnet")
+    result = CliRunner().invoke(app, ["priors", str(dodnet), "-o", str(tmp_path / "q")])
+    assert result.exit_code == 2 and "no per-task vectors" in result.output
+    assert not (tmp_path / "q").exists()
