@@ -197,9 +197,11 @@ def _nnunet(r: dict[str, Any]) -> list[str]:
     s = r["setting"]
     quick = " --quick" if s.get("quick") else ""
     lines = [
-        "## MosaicSeg vs. nnU-Net v2" + (" (quick plumbing check)" if s.get("quick") else ""),
+        f"## MosaicSeg vs. nnU-Net v2 ({', '.join(r['datasets'])})"
+        + (" (quick plumbing check)" if s.get("quick") else ""),
         "",
-        f"`python -m benchmarks nnunet{quick}` — fold 0 of MosaicSeg's split (also nnU-Net's splits_final.json); "
+        f"`python -m benchmarks nnunet{quick} --datasets {' '.join(r['datasets'])}` — fold 0 of MosaicSeg's split "
+        "(also nnU-Net's splits_final.json); "
         "(i) *equal iterations*: nnU-Net's stock 3d_fullres plan for "
         f"{s['iterations']} iterations (a trainer subclass), MosaicSeg the same number with that plan's network, "
         f"patch, batch and spacing; learning rate: {s.get('schedule', OLD_SCHEDULE)}; (ii) *equal wall clock* "

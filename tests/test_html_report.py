@@ -228,6 +228,8 @@ def test_report_of_a_prediction_folder_finds_the_run_through_predict_json(run_an
     provenance = text[text.index("id='provenance'") :]
     for needle in ("Training settings", "universal", "model_config", "predict.json", "nsd_tolerance_mm", "torch"):
         assert needle in provenance, needle
+    # an unset setting says what it meant for the run (the default optimiser's rate), not a bare null
+    assert "0.003 (adamw&#x27;s default)" in provenance and "poly (adamw&#x27;s default)" in provenance
     # self-contained: no script, style sheet link, frame or reference outside the page
     assert not page.links and not {"script", "link", "iframe"} & page.tags
 

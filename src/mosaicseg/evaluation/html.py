@@ -772,6 +772,27 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _with_defaults(train: dict[str, Any]) -> dict[str, Any]:
+    """``train_config`` with what an unset (null) setting meant for this run spelled out: the optimiser's default
+    rate, decay and schedule, automatic precision, the plan's patch and batch (a bare ``null`` says nothing)."""
+    from mosaicseg.config import TrainConfig
+
+    shown = dict(train)
+    try:
+        cfg = TrainConfig.from_dict(train)
+    except (MosaicSegError, TypeError, ValueError, KeyError):
+        return shown  # a config of another version: shown as written
+    for key, value in (("lr", cfg.resolved_lr), ("weight_decay", cfg.resolved_weight_decay),
+                       ("schedule", cfg.resolved_schedule)):  # fmt: skip
+        if train.get(key) is None:
+            shown[key] = f"{value} ({cfg.optimizer}'s default)"
+    meaning = {"amp": "auto (bf16/fp16 where native)", "patch_size": "the plan's", "batch_size": "the plan's"}
+    for key, text in meaning.items():
+        if key in train and train[key] is None:
+            shown[key] = text
+    return shown
+
+
 def _kv_grid(data: dict[str, Any]) -> str:
     """Settings as a grid of ``key value`` cells: strings as they are, everything else as compact JSON (as
     the JSON files hold it); long values take a wider cell."""
@@ -833,7 +854,7 @@ def _provenance_section(inputs: Inputs) -> str:
         else:
             train = data.get("train_config") if isinstance(data.get("train_config"), dict) else None
             if train is not None:
-                out += ["<h4>Training settings (train_config)</h4>", _kv_grid(train)]
+                out += ["<h4>Training settings (train_config)</h4>", _kv_grid(_with_defaults(train))]
             rest = {k: v for k, v in data.items() if k != "train_config"}
             if rest:
                 out += ["<h4>Run</h4>", _kv_grid(rest)]
