@@ -45,17 +45,25 @@ def test_select_tasks_puts_each_samples_tasks_first_and_pads_with_the_null_token
     assert valid.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
 
 
-def test_a_batch_with_mixed_task_counts_gives_each_sample_its_own_result():
-    model = _net().eval()
-    x = torch.randn(3, 2, 32, 32, 32, generator=torch.Generator().manual_seed(1))
-    modality = torch.tensor([0, 1, 0])
-    tasks = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [1, 0, 1, 1, 1]], dtype=torch.bool)
+# three samples asking 2, 1 and 4 of the 5 tasks: each pads to 4 in a batch
+MIXED_TASKS = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [1, 0, 1, 1, 1]], dtype=torch.bool)
+
+
+def _batch_equals_each_sample_alone(model: HermesNet, x: torch.Tensor, modality: torch.Tensor) -> Any:
+    """The batch's output, after checking each sample's logits and modality logits against its forward alone."""
     with torch.no_grad():
-        batch = model(x, modality, tasks)
-        for b in range(3):
-            alone = model(x[b : b + 1], modality[b : b + 1], tasks[b : b + 1])
+        batch = model(x, modality, MIXED_TASKS)
+        for b in range(len(x)):
+            alone = model(x[b : b + 1], modality[b : b + 1], MIXED_TASKS[b : b + 1])
             torch.testing.assert_close(alone.logits[0], batch.logits[0][b : b + 1], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(alone.extras["modality_logits"], batch.extras["modality_logits"][b : b + 1])
+    return batch
+
+
+def test_a_batch_with_mixed_task_counts_gives_each_sample_its_own_result():
+    x = torch.randn(3, 2, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    tasks = MIXED_TASKS
+    batch = _batch_equals_each_sample_alone(_net().eval(), x, torch.tensor([0, 1, 0]))
     # tasks a sample did not ask are absent; the asked ones are not constant
     out = batch.logits[0]
     assert torch.all(out[~tasks] == NOT_ASKED)
@@ -231,13 +239,8 @@ def test_hermes_on_swinunetr_gives_each_sample_its_own_result_and_the_switches_h
     model = _swin().eval()
     assert model.fused_stages == [2, 3, 4] and model.config["hermes"]["scales"] == [4, 8, 16]
     x = torch.randn(3, 2, 32, 64, generator=torch.Generator().manual_seed(1))
-    modality = torch.tensor([0, 1, 0])
-    tasks = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [1, 0, 1, 1, 1]], dtype=torch.bool)
-    with torch.no_grad():
-        batch = model(x, modality, tasks)
-        for b in range(3):
-            alone = model(x[b : b + 1], modality[b : b + 1], tasks[b : b + 1])
-            torch.testing.assert_close(alone.logits[0], batch.logits[0][b : b + 1], rtol=1e-4, atol=1e-5)
+    modality, tasks = torch.tensor([0, 1, 0]), MIXED_TASKS
+    batch = _batch_equals_each_sample_alone(model, x, modality)
     assert batch.logits[0].shape == (3, 5, 32, 64)
     assert torch.all(batch.logits[0][~tasks] == NOT_ASKED)
     assert batch.extras["modality_logits"].shape == (3, 2)

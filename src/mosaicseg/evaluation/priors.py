@@ -59,11 +59,11 @@ def prior_vectors(model: torch.nn.Module, task_names: list[str], modality_names:
             f"model kind '{kind}' has no per-task vectors to compare (its tasks are asked through a generated or "
             "per-dataset head). Fix: use a universal, hermes or uniseg run."
         )
-    modal = [state[n] for n in sorted(state) if n.endswith("pool.modality")]
+    modal = [n for n in sorted(state) if n.endswith("pool.modality")]
     modalities = None
     if modal:
-        modalities = torch.cat([m.float().mean(1) for m in modal], dim=1).numpy()  # (M, l, C) → (M, ΣC)
-        sources += [n for n in sorted(state) if n.endswith("pool.modality")]
+        modalities = torch.cat([state[n].float().mean(1) for n in modal], dim=1).numpy()  # (M, l, C) → (M, ΣC)
+        sources += modal
     return PriorVectors(torch.cat(rows, dim=1).numpy(), list(task_names), modalities, list(modality_names), sources)
 
 
