@@ -114,6 +114,13 @@ def plan(
     verify: Annotated[
         bool, typer.Option("--check/--no-check", help="Run mosaicseg check first and stop on errors")
     ] = True,
+    network_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Use this run's (fold folder, checkpoint or bundle) network instead of sizing one, so that its "
+            "weights fit (for mosaicseg train --init-from; finetune and extend do it themselves)"
+        ),
+    ] = None,
 ) -> None:
     """Check the datasets, fingerprint them, write editable plans (JSON) and, unless told not to, preprocess."""
     from mosaicseg.config import PLAN_PRESETS, apply_preset
@@ -153,9 +160,16 @@ def plan(
             f"checked in {time.perf_counter() - t0:.1f} s: no errors, {warnings} warning(s)"
             + (f" (mosaicseg check {collection} lists them)" if warnings else "")
         )
+    network = None
+    if network_from is not None:
+        from mosaicseg.inference.bundle import read_model
+        from mosaicseg.training.transfer import source_network
+
+        network = source_network(read_model(network_from))
     plans = make_plan(
         collection,
         output,
+        network=network,
         device=device,
         memory_budget_gb=memory_budget_gb,
         common_spacing=common_spacing,
@@ -275,6 +289,21 @@ def train(
         Path | None,
         typer.Option(help="Start from this run/fold folder or checkpoint: matching weights, tasks matched by name"),
     ] = None,
+    freeze: Annotated[
+        str, typer.Option(help="Parts that never train: none, encoder (stems + encoder) or backbone (all but the head)")
+    ] = "none",
+    head_epochs: Annotated[
+        int, typer.Option(help="Train the head alone for this many epochs first, its learning rate rising linearly")
+    ] = 0,
+    warmup_epochs: Annotated[
+        int, typer.Option(help="Then warm up the rest linearly over this many epochs (after --head-epochs)")
+    ] = 0,
+    cases: Annotated[
+        int | None, typer.Option(help="Train on this many of each dataset's training cases (drawn with --seed)")
+    ] = None,
+    fraction: Annotated[
+        float | None, typer.Option(help="Train on this share of each dataset's training cases (drawn with --seed)")
+    ] = None,
     dataset: Annotated[str | None, typer.Option(help="The dataset of the single recipe")] = None,
     only: Annotated[list[str] | None, typer.Option("--datasets", help="Train on these datasets only (repeat)")] = None,
     fold: Annotated[str, typer.Option(help="Fold number or all")] = "0",
@@ -335,7 +364,6 @@ def train(
     """Train one model on the preprocessed collection (Ctrl-C saves checkpoint_latest.pt; --resume continues)."""
     from mosaicseg.config import TrainConfig
     from mosaicseg.inference.predictor import PRECISIONS
-    from mosaicseg.training.loop import Trainer
 
     if precision not in PRECISIONS:
         raise MosaicSegError(f"--precision {precision!r} is unknown. Fix: use one of {', '.join(PRECISIONS)}.")
@@ -382,8 +410,27 @@ def train(
             **({"task_embeddings": str(task_embeddings)} if task_embeddings is not None else {}),
         },
         init_from=str(init_from) if init_from is not None else None,
+        freeze=freeze,
+        head_epochs=head_epochs,
+        warmup_epochs=warmup_epochs,
+        cases=cases,
+        fraction=fraction,
     )
-    trainer = Trainer(workdir, cfg, output, resume=resume, overwrite=overwrite)
+    _fit(workdir, cfg, output, resume, overwrite)
+
+
+def _fit(
+    workdir: Path, cfg: Any, output: Path | None, resume: bool, overwrite: bool, source: dict[str, Any] | None = None
+) -> None:
+    """Train ``cfg`` (a TrainConfig) on ``workdir`` into ``output``, reporting as ``mosaicseg train`` does;
+    ``source``: the model ``cfg.init_from`` names, read here (default: read from it, bundles included)."""
+    from mosaicseg.inference.bundle import read_model
+    from mosaicseg.training.loop import Trainer
+
+    if source is None and cfg.init_from is not None:
+        source = read_model(cfg.init_from)
+    trainer = Trainer(workdir, cfg, output, resume=resume, overwrite=overwrite, source=source)
+    del source
     for note in trainer.notes:
         typer.echo(f"note: {note}")
     typer.echo(
@@ -397,6 +444,113 @@ def train(
     if record.get("val_dice"):
         for d, v in record["val_dice"].items():
             typer.echo(f"  {d}: validation pseudo-Dice {v:.4f}")
+
+
+def _adapt(mode: str, run: Path, data: Path | None, workdir: Path | None, output: Path | None, **flags: Any) -> None:
+    """``finetune`` and ``extend``: plan/preprocess the new data on the model's network if needed, then train."""
+    from mosaicseg.inference.bundle import read_model
+    from mosaicseg.training.loop import run_folder_for
+    from mosaicseg.training.transfer import adaptation_config, adaptation_workdir
+
+    resume, overwrite, workers = flags.pop("resume"), flags.pop("overwrite"), flags.pop("workers")
+    time_budget, precision, fold = flags.pop("time_budget"), flags.pop("precision"), flags.pop("fold")
+    if precision not in ("auto", "fp32", "mixed"):
+        raise MosaicSegError(f"--precision {precision!r} is unknown. Fix: use auto, mixed or fp32.")
+    ckpt = read_model(run)
+    folder = adaptation_workdir(ckpt, str(run), data, workdir, workers=workers)
+    cfg = adaptation_config(
+        ckpt,
+        str(run),
+        mode,
+        fold=_parse_fold(fold),
+        time_budget_s=parse_duration(time_budget) if time_budget else None,
+        amp={"auto": None, "fp32": False, "mixed": True}[precision],
+        **flags,
+    )
+    if output is None:
+        default = run_folder_for(folder, cfg)
+        output = default.parent.with_name(f"{mode}_{default.parent.name}") / default.name
+    _fit(folder, cfg, output, resume, overwrite, source=ckpt)
+
+
+_ADAPT_DATA = (
+    "The new data: a dataset folder (nnU-Net raw) or collection file, planned into --workdir on the model's network"
+)
+
+
+@app.command()
+@_user_errors
+def finetune(
+    run: Annotated[
+        Path, typer.Argument(help="The pre-trained model: a fold folder, a checkpoint or a one-fold bundle")
+    ],
+    dataset: Annotated[Path | None, typer.Option("--dataset", help=_ADAPT_DATA)] = None,
+    workdir: Annotated[Path | None, typer.Option("-w", "--workdir", help="Work folder of the new data")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Run folder")] = None,
+    head_epochs: Annotated[int, typer.Option(help="Head only, learning rate rising linearly (MultiTalent: 10)")] = 10,
+    warmup_epochs: Annotated[int, typer.Option(help="Then the whole network, linear warm-up (MultiTalent: 50)")] = 50,
+    freeze: Annotated[str, typer.Option(help="none, encoder or backbone: parts that never train")] = "none",
+    cases: Annotated[int | None, typer.Option(help="Train on this many cases of each dataset (seeded)")] = None,
+    fraction: Annotated[float | None, typer.Option(help="Train on this share of each dataset's cases (seeded)")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Total training iterations")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (of --iterations-per-epoch)")] = None,
+    iterations_per_epoch: Annotated[int, typer.Option(help="Iterations per epoch")] = 50,
+    time_budget: Annotated[str | None, typer.Option(help="Wall-clock budget, e.g. 30m")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="Default: the pre-trained run's")] = None,
+    lr: Annotated[float | None, typer.Option(help="Default: the pre-trained run's")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (also draws --cases/--fraction)")] = 0,
+    fold: Annotated[str, typer.Option(help="Fold number or all")] = "0",
+    val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, mixed or fp32 (as mosaicseg train)")] = "auto",
+    workers: Annotated[int, typer.Option(help="Parallel workers for planning and preprocessing")] = 2,
+    resume: Annotated[bool, typer.Option(help="Continue the run in the run folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start the run folder again")] = False,
+) -> None:
+    """Fine-tune a pre-trained model on new data: matching weights loaded (init_report.json says what was
+    loaded, new and dropped), new heads or task tokens for new tasks, MultiTalent's head-then-warm-up schedule."""
+    _adapt(
+        "finetune", run, dataset, workdir, output, head_epochs=head_epochs, warmup_epochs=warmup_epochs,
+        freeze=freeze, cases=cases, fraction=fraction, iterations=iterations, epochs=epochs,
+        iterations_per_epoch=iterations_per_epoch, time_budget=time_budget, optimizer=optimizer, lr=lr, seed=seed,
+        fold=fold, val_max_cases=val_max_cases or None, device=device, precision=precision, workers=workers,
+        resume=resume, overwrite=overwrite,
+    )  # fmt: skip
+
+
+@app.command()
+@_user_errors
+def extend(
+    run: Annotated[Path, typer.Argument(help="The model to extend: a fold folder, a checkpoint or a one-fold bundle")],
+    dataset: Annotated[Path | None, typer.Option("--dataset", help=_ADAPT_DATA)] = None,
+    workdir: Annotated[Path | None, typer.Option("-w", "--workdir", help="Work folder of the new data")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Run folder")] = None,
+    cases: Annotated[int | None, typer.Option(help="Train on this many cases of each dataset (seeded)")] = None,
+    fraction: Annotated[float | None, typer.Option(help="Train on this share of each dataset's cases (seeded)")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Total training iterations")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (of --iterations-per-epoch)")] = None,
+    iterations_per_epoch: Annotated[int, typer.Option(help="Iterations per epoch")] = 50,
+    time_budget: Annotated[str | None, typer.Option(help="Wall-clock budget, e.g. 30m")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="Default: the model's run's")] = None,
+    lr: Annotated[float | None, typer.Option(help="Default: the model's run's")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (also draws --cases/--fraction)")] = 0,
+    fold: Annotated[str, typer.Option(help="Fold number or all")] = "0",
+    val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, mixed or fp32 (as mosaicseg train)")] = "auto",
+    workers: Annotated[int, typer.Option(help="Parallel workers for planning and preprocessing")] = 2,
+    resume: Annotated[bool, typer.Option(help="Continue the run in the run folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start the run folder again")] = False,
+) -> None:
+    """Add the new data's tasks to a model (Hermes' incremental learning): everything the model has stays frozen,
+    only the new tasks' rows (task tokens or head channels, and a new modality's stem and tokens) train. The
+    result predicts old and new tasks; old outputs are bit-identical to the model's."""
+    _adapt(
+        "extend", run, dataset, workdir, output, cases=cases, fraction=fraction, iterations=iterations,
+        epochs=epochs, iterations_per_epoch=iterations_per_epoch, time_budget=time_budget, optimizer=optimizer,
+        lr=lr, seed=seed, fold=fold, val_max_cases=val_max_cases or None, device=device, precision=precision,
+        workers=workers, resume=resume, overwrite=overwrite,
+    )  # fmt: skip
 
 
 # the predict command's record in its output folder, and the per-case stages it times

@@ -281,6 +281,7 @@ WIDTHS: dict[str, float] = {"small": 0.5, "base": 1.0, "large": 2.0}
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "lamb")
 SCHEDULES: tuple[str, ...] = ("poly", "exp", "constant")
+FREEZE: tuple[str, ...] = ("none", "encoder", "backbone")  # TrainConfig.freeze
 # nnU-Net: SGD-Nesterov 1e-2 with poly decay; AdamW 3e-3 with poly decay: the CPU convergence study's best
 # (BENCHMARKS.md, convergence: with 48³ patches, 0.72/0.21/0.65 IXI held-out Dice in 10 minutes against
 # 0.43/0.00/0.54 for 1e-3 and 64³); Hermes: LAMB 2e-3, exponential.
@@ -338,6 +339,16 @@ class TrainConfig:
     # a checkpoint (.pt), fold folder or run folder whose matching weights start this run (tasks matched by
     # name: new tasks get new head rows; init_report.json lists what was loaded, new and dropped)
     init_from: str | None = None
+    # fine-tuning (MultiTalent's schedule): the head alone for head_epochs, its learning rate rising linearly, then
+    # every trained part with a linear warm-up over warmup_epochs, then the normal schedule (0, 0: no phases)
+    head_epochs: int = 0
+    warmup_epochs: int = 0
+    freeze: str = "none"  # parts that never train: none, encoder (stems + encoder) or backbone (all but the head)
+    # Hermes' incremental learning: init_from's model grows this work folder's datasets as new tasks; only their
+    # rows (task tokens or head channels, and a new modality's stem and tokens) train, old outputs stay identical
+    extend: bool = False
+    cases: int | None = None  # train on this many of each dataset's training cases, drawn with ``seed``
+    fraction: float | None = None  # or on this share of them (at least one case each)
 
     def __post_init__(self) -> None:
         problems = []
@@ -365,6 +376,7 @@ class TrainConfig:
             "val_every",
             "val_max_cases",
             "checkpoint_every",
+            "cases",
         ):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -377,6 +389,20 @@ class TrainConfig:
             bad(f"fold {self.fold!r} is not a fold", "use 0, 1, ... or 'all'")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not str(self.device).startswith("cuda:"):
             bad(f"device '{self.device}' is unknown", "use auto, cpu, cuda or mps")
+        for name in ("head_epochs", "warmup_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(f"{name} must be a non-negative integer, got {v!r}", f"give {name} >= 0")
+        if self.freeze not in FREEZE:
+            bad(f"freeze '{self.freeze}' is unknown", f"use one of {', '.join(FREEZE)}")
+        if self.extend and self.init_from is None:
+            bad("extend needs the model to extend", "give init_from (mosaicseg extend RUN ...)")
+        if self.extend and self.freeze != "none":
+            bad("extend already freezes everything but the new tasks' rows", "leave freeze at none")
+        if self.cases is not None and self.fraction is not None:
+            bad("both cases and fraction are given", "give one of them")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            bad(f"fraction must be in (0, 1], got {self.fraction!r}", "use e.g. 0.1 (a tenth of the cases)")
         if self.val_share is not None and not 0 < self.val_share <= 1:
             bad(f"val_share must be in (0, 1], got {self.val_share!r}", "use e.g. 0.1 (a tenth of the time)")
         if not 0 <= self.oversample_foreground <= 1:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -637,6 +638,7 @@ def plan(
     workers: int = 2,
     overwrite: bool = False,
     progress: bool = True,
+    network: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fingerprint ``collection`` (reusing an earlier fingerprint in ``workdir`` for unchanged datasets), derive
     plans and write ``collection.json``, ``vocabulary.json``, ``fingerprint.json`` and ``plans.json`` into
@@ -646,7 +648,9 @@ def plan(
     every dataset to one isotropic spacing; ``ct_normalization`` is ``percentile`` (nnU-Net) or ``fixed``
     (Hermes: [-990, 500] HU, per-image z-score); ``mr_clip_percentiles`` ``(lo, hi)`` with
     ``0 <= lo < hi <= 100`` clips grey-level images to their percentiles before the z-score (default: none,
-    as nnU-Net). A changed normalisation changes the dataset's plan, so ``preprocess`` redoes its cases."""
+    as nnU-Net). A changed normalisation changes the dataset's plan, so ``preprocess`` redoes its cases.
+    ``network``: another plan's ``network`` section to use instead of sizing one (fine-tuning: the pre-trained
+    model's, so that its weights fit); it must have the collection's number of spatial dimensions."""
     mr_clip = _check_options(device, memory_budget_gb, common_spacing, ct_normalization, mr_clip_percentiles)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -657,6 +661,15 @@ def plan(
     previous = read_json(fp_path, damaged) if fp_path.is_file() else None
     fingerprint = compute_fingerprint(opened, workers=workers, progress=progress, reuse=previous)
     plans = make_plans(fingerprint, opened, device, memory_budget_gb, common_spacing, ct_normalization, mr_clip)
+    if network is not None:
+        if len(network["patch_size"]) != plans["dim"]:
+            raise MosaicSegError(
+                f"{collection}: the data is {plans['dim']}D but the pre-trained network is "
+                f"{len(network['patch_size'])}D (patch {list(network['patch_size'])}); its weights cannot be used. "
+                f"Fix: fine-tune a {plans['dim']}D model, or train this data from scratch with mosaicseg train."
+            )
+        own = plans["network"]
+        plans["network"] = {**network, "in_channels": own["in_channels"], "out_channels": own["out_channels"]}
     if plans_path.is_file() and not overwrite:
         existing = read_json(plans_path, damaged)
         if existing != plans:

@@ -171,6 +171,33 @@ class Vocabulary:
             regions_class_order={d: self.regions_class_order.get(d) for d in datasets},
         )
 
+    def extended_by(self, new: Vocabulary, source: str = "the model") -> Vocabulary:
+        """This vocabulary followed by ``new``'s datasets: old tasks and modalities keep their indices, ``new``'s
+        tasks come after them and its unknown modalities after the old ones (``mosaicseg extend``). A dataset
+        both have is an error (task names are ``Dataset/label``, so they cannot clash otherwise): extending adds
+        tasks, fine-tuning re-trains known ones."""
+        clash = sorted(set(self.datasets) & set(new.datasets))
+        if clash:
+            raise MosaicSegError(
+                f"{source} already has {clash}; extend only adds datasets and tasks the model does not know. Fix: "
+                "rename the new dataset (its folder and dataset.json name), or use mosaicseg finetune to train "
+                "known tasks again."
+            )
+        offset = self.num_tasks
+        shifted = tuple(Task(t.index + offset, t.name, t.members) for t in new.tasks)
+        return Vocabulary(
+            datasets=self.datasets + new.datasets,
+            tasks=self.tasks + shifted,
+            modalities=self.modalities + tuple(m for m in new.modalities if m not in self.modalities),
+            dataset_modality={**self.dataset_modality, **new.dataset_modality},
+            label_map={
+                **self.label_map,
+                **{d: tuple((k + offset, v) for k, v in m) for d, m in new.label_map.items()},
+            },
+            ignore_value={**self.ignore_value, **new.ignore_value},
+            regions_class_order={**self.regions_class_order, **new.regions_class_order},
+        )
+
     def dataset_tasks(self, dataset: str) -> list[tuple[int, str, tuple[int, ...]]]:
         """``(global task index, label name, label values)`` of every label of ``dataset``, in file order."""
         names = {m: t.index for t in self.tasks for m in t.members}

@@ -432,6 +432,33 @@ def load_bundle(path: str | Path, folds: Sequence[str] | None = None) -> Bundle:
     return Bundle(path, metadata, tuple(out))
 
 
+def read_model(source: str | Path) -> dict[str, Any]:
+    """The model behind ``source`` as a checkpoint dict (``MODEL_KEYS`` and ``train_config`` where known), for
+    ``init_from``, ``finetune`` and ``extend``: a one-fold bundle, or what
+    :func:`~mosaicseg.training.transfer.read_source` reads (a checkpoint, a fold folder, a one-fold run)."""
+    from mosaicseg.training.transfer import read_source
+
+    if not is_bundle(source):
+        return read_source(source)
+    bundle = load_bundle(source)
+    if len(bundle.folds) != 1:
+        names = [f.name for f in bundle.folds]
+        raise MosaicSegError(
+            f"{source}: the bundle holds {len(names)} folds ({names}); init_from starts from one model. Fix: "
+            "export one fold (mosaicseg export RUN --folds N -o FILE) or pass one fold folder of the run."
+        )
+    fold, meta = bundle.folds[0], bundle.metadata
+    card = next(c for c in meta["folds"] if str(c["name"]) == fold.name)
+    return {
+        "model": fold.state_dict,
+        "model_config": fold.model_config,
+        "vocabulary": meta["vocabulary"],
+        "plans": meta["plans"],
+        "patch_size": meta["patch_size"],
+        "train_config": card.get("train_config"),
+    }
+
+
 # --------------------------------------------------------------------------------------------- model card
 def _licence_text(licence: Any) -> str:
     if licence is None:

@@ -11,6 +11,8 @@ from mosaicseg.models.factory import (
     UniversalNet,
     build_from_config,
     build_model,
+    modality_parameter_names,
+    parameter_parts,
     task_parameter_names,
     use_device_layout,
 )
@@ -27,6 +29,8 @@ __all__ = [
     "UniversalNet",
     "build_from_config",
     "build_model",
+    "modality_parameter_names",
+    "parameter_parts",
     "task_parameter_names",
     "use_device_layout",
 ]

@@ -144,6 +144,8 @@ class Backbone(nn.Module):
     skip_channels: list[int]
     skip_scales: list[tuple[int, ...]]
     divisor: tuple[int, ...]  # every input axis must be a multiple of this
+    # names (relative to the backbone) that start an encoder parameter; the rest is decoder (``--freeze``)
+    ENCODER_PREFIXES: ClassVar[tuple[str, ...]] = ("encoder.",)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
         """``(B, in_channels, *S)`` → skips, full resolution first, bottleneck last."""
@@ -301,6 +303,7 @@ class SwinUNETRBackbone(Backbone):
         "use_v2": False,
     }
     DIVISOR = 32
+    ENCODER_PREFIXES: ClassVar[tuple[str, ...]] = ("net.swinViT.", "net.encoder")
 
     def __init__(
         self,

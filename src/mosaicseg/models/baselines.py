@@ -72,6 +72,9 @@ class DynamicHeadNet(nn.Module):
     records only their shape.
     """
 
+    # fine-tuning's head (models.parameter_parts): the task-conditioned part
+    HEAD_PATTERNS: ClassVar[tuple[str, ...]] = (r"precls\.", r"controller\.", r"text_to_vision\.", r"embeddings$")
+
     def __init__(
         self,
         network_plan: Mapping[str, Any],
@@ -196,6 +199,10 @@ class PromptNet(nn.Module):
     the bottleneck (concatenation, 1×1 conv, norm, activation); the decoder and a one-output head then run per
     (sample, asked task). ``logits``: ``[(B, K, *S_level)]`` per deep-supervision level."""
 
+    # fine-tuning's head (models.parameter_parts): the prompts and the output layer; the join is the bottleneck's
+    HEAD_PATTERNS: ClassVar[tuple[str, ...]] = (r"prompts$", r"head\.", r"task_bias$")
+    OTHER_PART: ClassVar[str] = "encoder"
+
     task_parameters: ClassVar[tuple[str, ...]] = ("prompts", "task_bias")
 
     def __init__(
@@ -284,6 +291,9 @@ class MultiDecoderNet(nn.Module):
     """The shared encoder with one decoder and task head per dataset. ``dataset_tasks[d]``: the global tasks of
     dataset d; a task annotated by several datasets is produced by the first one's decoder. A sample runs the
     decoders of the tasks it asks. ``logits``: ``[(B, K, *S_level)]`` per deep-supervision level."""
+
+    # fine-tuning's head (models.parameter_parts); the per-dataset decoders are decoder
+    HEAD_PATTERNS: ClassVar[tuple[str, ...]] = (r"heads\.",)
 
     def __init__(
         self,

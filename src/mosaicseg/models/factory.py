@@ -13,12 +13,15 @@ Every model kind (in :data:`MODEL_KINDS`: ``universal`` here; recipes register t
   ``(B,)`` long, ``prompts`` whatever the kind documents (e.g. boxes). A kind ignores what it does not need.
 - ``config``: a JSON-ready dict with ``kind`` and everything that rebuilds the architecture, so a checkpoint
   stores it next to the weights and :func:`build_from_config` restores it for the predictor and for resume;
-- ``modalities`` (the modality vocabulary the ``modality`` index points into) and ``spatial_dims``.
+- ``modalities`` (the modality vocabulary the ``modality`` index points into) and ``spatial_dims``;
+- optionally ``HEAD_PATTERNS`` (regular expressions over parameter names; default: ``head.``): the parameters
+  :func:`parameter_parts` calls the head, which fine-tuning trains first and ``--freeze`` never freezes.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -146,6 +149,7 @@ class UniversalNet(nn.Module):
         deep_supervision_levels: int | None = None,
         options: Mapping[str, Any] | None = None,
         head: str = "task",
+        task_blocks: list[int] | None = None,
     ) -> None:
         super().__init__()
         body = build_body(network_plan, modality_channels, architecture, options)
@@ -164,6 +168,15 @@ class UniversalNet(nn.Module):
             "universal", topology, modality_channels, num_tasks, architecture, resolved, deep_supervision, levels,
             head=head,
         )  # fmt: skip
+        self.set_task_blocks(task_blocks)
+
+    def set_task_blocks(self, blocks: list[int] | None) -> None:
+        """The head's output blocks (``TaskHead.set_task_blocks``; ``extend`` adds one), kept in :attr:`config`."""
+        self.head.set_task_blocks(blocks)  # type: ignore[operator]
+        if blocks is not None and len(blocks) > 1:
+            self._config["task_blocks"] = [int(b) for b in blocks]
+        else:
+            self._config.pop("task_blocks", None)
 
     def set_channels_last(self, enabled: bool) -> UniversalNet:
         """Keep conv weights and activations ``torch.channels_last_3d`` (``enabled``) or contiguous.
@@ -259,6 +272,40 @@ def task_parameter_names(model: nn.Module) -> set[str]:
             if check(name):
                 out.add(f"{prefix}.{name}" if prefix else name)
     return out
+
+
+PARTS = ("encoder", "decoder", "head")
+
+
+def parameter_parts(model: nn.Module) -> dict[str, str]:
+    """Parameter name → ``encoder``, ``decoder`` or ``head``: what fine-tuning's schedule and ``--freeze`` act on.
+
+    A name matching one of the model's ``HEAD_PATTERNS`` (regular expressions, default ``head.``) is head; the
+    stems and the backbone's ``ENCODER_PREFIXES`` are encoder; the rest of the backbone is decoder. A parameter
+    none of these claims (a kind's own modules, e.g. Hermes' fusion blocks) takes the model's
+    ``OTHER_PART`` (default ``decoder``)."""
+    heads = [re.compile(p) for p in getattr(model, "HEAD_PATTERNS", (r"head\.",))]
+    backbone = getattr(model, "backbone", None)
+    encoder = tuple(getattr(backbone, "ENCODER_PREFIXES", ()))
+    other = getattr(model, "OTHER_PART", "decoder")
+    out: dict[str, str] = {}
+    for name, _ in model.named_parameters():
+        if any(p.match(name) for p in heads):
+            out[name] = "head"
+        elif name.startswith("stems."):
+            out[name] = "encoder"
+        elif name.startswith("backbone."):
+            out[name] = "encoder" if name[len("backbone.") :].startswith(encoder) else "decoder"
+        else:
+            out[name] = other
+    return out
+
+
+def modality_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters whose first axis has one row per modality (Hermes' modality tokens and modality
+    classifier), which ``init_from`` maps modality by modality; a model lists them in ``MODALITY_PARAMETERS``."""
+    names = set(getattr(model, "MODALITY_PARAMETERS", ()))
+    return {n for n, _ in model.named_parameters() if any(n == m or n.endswith("." + m) for m in names)}
 
 
 def use_device_layout(model: nn.Module, device: torch.device, *, mixed_precision: bool = False) -> None:

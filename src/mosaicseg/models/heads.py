@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks.dynunet_block import UnetOutBlock
 from torch import nn
 
@@ -58,10 +59,37 @@ class TaskHead(nn.Module):
             UnetOutBlock(spatial_dims, channels[i], num_tasks) for i in range(deep_supervision_levels)
         )
 
+        self.blocks: tuple[int, ...] | None = None
+
+    def set_task_blocks(self, blocks: Sequence[int] | None) -> None:
+        """Compute the outputs in consecutive blocks of ``blocks[j]`` tasks, one convolution each (None: one for
+        all). ``extend`` appends a block for the new tasks so that the old tasks' logits come from a convolution
+        of the very shape they were trained with: one conv over more output channels may round differently
+        (oneDNN blocks the channels), and old outputs must stay bit-identical."""
+        if blocks is not None and (sum(blocks) != self.num_tasks or min(blocks) < 1):
+            raise ValueError(f"task blocks {list(blocks)} do not split {self.num_tasks} tasks")
+        self.blocks = tuple(int(b) for b in blocks) if blocks is not None and len(blocks) > 1 else None
+
     def forward(self, features: Sequence[torch.Tensor], levels: int | None = None) -> list[torch.Tensor]:
         """``[(B, c_i, *S_i), ...]`` → ``[(B, K, *S_i)]`` for the first ``levels`` maps (default: all heads)."""
         n = self.levels if levels is None else levels
-        return [self.convs[i](features[i]) for i in range(n)]
+        if self.blocks is None:
+            return [self.convs[i](features[i]) for i in range(n)]
+        conv = F.conv3d if features[0].ndim == 5 else F.conv2d
+        out = []
+        for i in range(n):
+            layer = self.convs[i].conv.conv
+            starts = [sum(self.blocks[:j]) for j in range(len(self.blocks))]
+            out.append(
+                torch.cat(
+                    [
+                        conv(features[i], layer.weight[a : a + b], layer.bias[a : a + b])
+                        for a, b in zip(starts, self.blocks, strict=True)
+                    ],
+                    dim=1,
+                )
+            )
+        return out
 
     def is_task_parameter(self, name: str) -> bool:
         """Whether parameter ``name`` (relative to this head) has one row per task on its first axis."""

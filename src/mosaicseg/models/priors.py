@@ -283,6 +283,14 @@ class HermesNet(nn.Module):
 
     # rows of the task pools and biases belong to tasks (the last row, the null token, to none)
     task_parameters: ClassVar[tuple[str, ...]] = ("pool.task", "task_bias")
+    # fine-tuning's "head" (models.parameter_parts): the priors and everything from posterior tokens to logits;
+    # the fusion blocks work inside the encoder
+    HEAD_PATTERNS: ClassVar[tuple[str, ...]] = (
+        r"fusion\.\d+\.pool\.", r"scale_mlps\.", r"prototype_", r"task_bias$", r"modality_",
+    )  # fmt: skip
+    OTHER_PART: ClassVar[str] = "encoder"
+    # one row per modality: init_from maps them by modality name
+    MODALITY_PARAMETERS: ClassVar[tuple[str, ...]] = ("pool.modality", "modality_head.weight", "modality_head.bias")
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ Run folder::
     RUN/checkpoint_best.pt        best validation mean pseudo-Dice (a convenience, not for reporting)
     RUN/metrics.jsonl             one record per epoch
     RUN/init_report.json          with ``init_from``: what was loaded, what is new, what was dropped
+    RUN/train_cases.json          the ``(dataset, case)`` pairs it trains on (``--cases``/``--fraction`` draw them)
     RUN/progress.png              loss, per-dataset validation Dice, learning rate, epoch time
 
 Checkpoints are plain dicts of tensors and primitives written atomically with :func:`torch.save` and read
@@ -28,6 +29,7 @@ with ``weights_only=True``: loading never executes code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -42,7 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mosaicseg.atomic import write_json_atomic
-from mosaicseg.config import TrainConfig
+from mosaicseg.config import WIDTHS, TrainConfig
 from mosaicseg.data.augment import AugmentConfig
 from mosaicseg.data.preprocess import load_case
 from mosaicseg.data.sampling import BatchPolicy, DrawSampler, PatchDataset, cached_loader, collate
@@ -65,8 +67,29 @@ from mosaicseg.runtime import load_checkpoint, native_bf16, resolve_device, save
 from mosaicseg.training.logging import append_record, plot_progress, read_records, truncate_records
 from mosaicseg.training.optim import build_optimizer, learning_rate
 from mosaicseg.training.recipes import RECIPES, Losses, Recipe, RecipeContext, StepResult
-from mosaicseg.training.transfer import load_matching, read_source
+from mosaicseg.training.transfer import adapted_groups, extended_plans, load_matching, read_source
 from mosaicseg.types import Batch, ModelOutput
+
+
+def subset_cases(
+    train: Sequence[tuple[str, str]], cases: int | None, fraction: float | None, seed: int
+) -> list[tuple[str, str]]:
+    """``cases`` (or ``ceil(fraction × n)``, at least 1) of each dataset's ``n`` training cases, drawn without
+    replacement by a generator seeded with ``seed``; sorted."""
+    by_dataset: dict[str, list[str]] = {}
+    for d, c in train:
+        by_dataset.setdefault(d, []).append(c)
+    rng = np.random.default_rng(seed)
+    out = []
+    for d, ids in sorted(by_dataset.items()):
+        n = cases if cases is not None else max(1, math.ceil((fraction or 1.0) * len(ids)))
+        if n > len(ids):
+            raise MosaicSegError(
+                f"--cases {n}: dataset {d} has only {len(ids)} training cases in this fold. Fix: give --cases "
+                f"{len(ids)} or fewer, or --fraction."
+            )
+        out += [(d, ids[i]) for i in rng.choice(len(ids), size=n, replace=False)]
+    return sorted(out)
 
 
 def run_folder_for(workdir: str | Path, config: TrainConfig) -> Path:
@@ -79,7 +102,8 @@ class Trainer:
     """Trains the recipe's model on the preprocessed collection in ``workdir`` into ``run_dir``.
 
     ``resume``: continue from ``checkpoint_latest.pt``; ``overwrite``: start again in a run folder that
-    holds a run. Without either, an existing run is never touched.
+    holds a run. Without either, an existing run is never touched. ``source``: the model ``config.init_from``
+    names, already read (how the command line passes a bundle, which this stage does not read).
     """
 
     def __init__(
@@ -91,6 +115,7 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
         progress: bool = True,
+        source: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.config = config
@@ -114,10 +139,23 @@ class Trainer:
         self.plans = load_plans(self.workdir)
         self.collection = load_collection_config(self.workdir)
         full_vocab = load_vocabulary(self.workdir)
+        resuming = resume and (self.run_dir / "checkpoint_latest.pt").is_file()
+        if source is None and config.init_from is not None:
+            source = read_source(config.init_from)
+        trained_datasets: tuple[str, ...] | None = None
+        if config.extend:
+            assert source is not None  # TrainConfig requires init_from with extend
+            new_vocab = full_vocab.restrict(list(config.datasets)) if config.datasets else full_vocab
+            trained_datasets = new_vocab.datasets
+            full_vocab = Vocabulary.from_dict(source["vocabulary"]).extended_by(new_vocab, config.init_from)
+            width = WIDTHS[config.width]
+            plans = extended_plans(source, self.plans, width, config.init_from, self.workdir)
+            self.plans = {**plans, "datasets": {d: plans["datasets"][d] for d in full_vocab.datasets}}
         spec = RECIPES.get(config.recipe)
         torch.manual_seed(config.seed)  # model initialisation is part of the seeded run
         ctx = RecipeContext(
-            config=config,
+            # extend: the datasets chosen are the new ones; the model's vocabulary is all of full_vocab
+            config=dataclasses.replace(config, datasets=None) if config.extend else config,
             plans=self.plans,
             vocabulary=full_vocab,
             sampling=self.collection.sampling,
@@ -129,18 +167,38 @@ class Trainer:
         self.recipe: Recipe = spec.build(ctx)
         self.vocabulary = self.recipe.vocabulary
         self.model = self.recipe.model.to(self.device)
+        if trained_datasets is not None:
+            self.recipe.datasets = trained_datasets  # extend trains and validates on the new datasets only
+            if hasattr(self.model, "set_task_blocks"):  # the old tasks' logits from a conv of their old shape
+                old = source["model_config"].get("task_blocks") or [source["model_config"]["num_tasks"]]
+                self.model.set_task_blocks([*old, self.vocabulary.num_tasks - sum(old)])
         self.init_report = None
-        if config.init_from is not None and not (resume and (self.run_dir / "checkpoint_latest.pt").is_file()):
-            self.init_report = load_matching(
-                self.model, self.vocabulary, read_source(config.init_from), config.init_from
-            )
+        if source is not None and not resuming:
+            self.init_report = load_matching(self.model, self.vocabulary, source, config.init_from or "")
         use_device_layout(self.model, self.device, mixed_precision=self.amp)
         self.patch_size = tuple(int(p) for p in (config.patch_size or self.plans["network"]["patch_size"]))
         self.batch_size = int(config.batch_size or self.plans["network"]["batch_size"])
         self.param_groups = self.recipe.param_groups(self.model)
+        if config.extend or config.freeze != "none" or config.head_epochs or config.warmup_epochs:
+            old_vocab = Vocabulary.from_dict(source["vocabulary"]) if source is not None else None
+            self.param_groups = adapted_groups(
+                self.model,
+                self.param_groups,
+                config,
+                new_tasks=list(range(old_vocab.num_tasks, self.vocabulary.num_tasks)) if old_vocab else None,
+                new_modalities=[
+                    i for i, m in enumerate(self.vocabulary.modalities) if old_vocab and m not in old_vocab.modalities
+                ],
+            )
+        del source  # the source's weights are in the model now
         self._freeze_outside_groups()
         self.optimizer = build_optimizer(
-            [{"params": g.params, "name": g.name} for g in self.param_groups if g.params], config
+            [
+                {"params": g.params, "name": g.name, **({"weight_decay": 0.0} if g.rows is not None else {})}
+                for g in self.param_groups
+                if g.params
+            ],
+            config,
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.train_cases, self.val_cases, self.notes = self._split()
@@ -156,6 +214,8 @@ class Trainer:
         self._prepare_run_folder(resume, overwrite)  # nothing is written or removed before this point
         if self.init_report is not None and self.is_main:
             write_json_atomic(self.run_dir / "init_report.json", self.init_report.to_dict())
+        if self.is_main:
+            write_json_atomic(self.run_dir / "train_cases.json", [list(c) for c in self.train_cases])
         self.iteration = 0
         self.epoch = 0
         self.elapsed_s = 0.0
@@ -185,6 +245,13 @@ class Trainer:
         for p in self.model.parameters():
             if id(p) not in seen:
                 p.requires_grad_(False)
+        for g in self.param_groups:
+            for p in g.params if g.rows is not None else []:
+                frozen = sorted(set(range(p.shape[0])) - set(g.rows))
+                if frozen:
+                    index = torch.tensor(frozen, device=p.device)
+                    # index_fill, not a multiplication: a frozen row stays exactly still even if its gradient is nan
+                    p.register_hook(lambda grad, index=index: grad.index_fill(0, index, 0))
         self.trained_parameters = [p for g in self.param_groups for p in g.params]
 
     def _wrap_distributed(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -232,8 +299,10 @@ class Trainer:
 
     def _task_frequencies(self, vocabulary: Vocabulary) -> np.ndarray:
         """``(K,)`` share of voxels per task of ``vocabulary`` over this fold's training cases."""
-        cases = {d: ids for d, ids in list_cases(self.workdir, self.plans).items() if d in vocabulary.datasets}
+        cases = {d: ids for d, ids in list_cases(self.workdir).items() if d in vocabulary.datasets}
         train, _, _ = fold_cases(self.collection, cases, self.config.fold)
+        if self.config.cases is not None or self.config.fraction is not None:  # the prior sees only what trains
+            train = subset_cases(train, self.config.cases, self.config.fraction, self.config.seed)
         return task_frequencies(self.workdir, vocabulary, train)
 
     def _split(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
@@ -246,6 +315,10 @@ class Trainer:
             )
         cases = {d: ids for d, ids in cases.items() if d in wanted}
         train, val, notes = fold_cases(self.collection, cases, self.config.fold)
+        if self.config.cases is not None or self.config.fraction is not None:
+            train = subset_cases(train, self.config.cases, self.config.fraction, self.config.seed)
+            counts = {d: sum(1 for x, _ in train if x == d) for d in sorted({x for x, _ in train})}
+            notes.append(f"training on a seeded subset of the training cases (seed {self.config.seed}): {counts}")
         return train, val, notes
 
     def _check_patch_fits(self) -> None:

@@ -77,6 +77,9 @@ class ParamGroup:
     The group's learning rate at iteration ``it`` is ``schedule(progress) × lr_scale × ramp``, where ``ramp`` is
     0 before ``start`` (the group is still frozen: its weights stay bit-identical), then rises linearly over
     ``warmup`` iterations to 1 (``(it − start + 1) / warmup``), then stays 1.
+
+    ``rows``: only these rows (first axis) of every parameter of the group train; the Trainer zeroes the other
+    rows' gradients and gives the group no weight decay, so they stay bit-identical (``extend``'s new tasks).
     """
 
     name: str
@@ -84,6 +87,7 @@ class ParamGroup:
     lr_scale: float = 1.0
     start: int = 0
     warmup: int = 0
+    rows: tuple[int, ...] | None = None
 
     def factor(self, iteration: int) -> float:
         """``lr_scale × ramp`` at ``iteration`` (0-based: the step about to run)."""
