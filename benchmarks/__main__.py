@@ -27,6 +27,9 @@ Studies:
   paradigms-mri7  every paradigm on Dataset001-005, 007, 008 at equal total iterations (--iterations N, default
                   3500), train defaults, 2 seeds: validation Dice per dataset and task, Dataset003's hippocampus on
                   Dataset001 (generalisation), s/iteration, predict --tasks all s/case, peak RSS
+  transfer        pre-train (universal, hermes on Dataset002-005, 007), then finetune / extend on Dataset001 and
+                  Dataset008 against training from scratch, 3 seeds, 1/8/32/all cases (MultiTalent Table 2, Hermes
+                  Table 3 in miniature), and the iterations fine-tuning needs to reach scratch's Dice
   report          only regenerate BENCHMARKS.md
 """
 
@@ -532,6 +535,7 @@ STUDIES = {
     "memory": study_memory,
     "ensemble": study_ensemble,
     "speed": lambda: __import__("benchmarks.speed", fromlist=["study_speed"]).study_speed(),
+    "transfer": lambda: __import__("benchmarks.transfer", fromlist=["study_transfer"]).study_transfer(),
 }
 
 

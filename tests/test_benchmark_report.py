@@ -399,3 +399,34 @@ def test_paradigms_mri7_table_checks_hermes_claim_on_the_average() -> None:
     assert "**fails** (hermes is 0.150 below the better of universal and dodnet)" in text
     assert "| universal | 0.500 |" in text and "| single | 0.300 |" in text
     assert "| single | 1.00 | 900 | 2.0 | 500 |" in text and "| hermes | 1.00 | 900 | – | – |" in text
+
+
+def test_transfer_report_pairs_seeds_and_finds_where_finetuning_reaches_scratch() -> None:
+    from benchmarks.transfer import paired_greater, reach, report
+
+    assert reach([(10, 60.0, 0.2), (20, 120.0, 0.5), (30, 180.0, 0.7)], 0.5) == (20, 120.0)
+    assert reach([(10, 60.0, 0.2)], 0.5) is None
+    # fine-tuned better on every seed by 0.1, 0.2, 0.3: t = mean/sd·√3 = 0.2/0.1·√3 ≈ 3.46, 2 dof, p ≈ 0.037
+    assert paired_greater([0.6, 0.7, 0.8], [0.5, 0.5, 0.5]) == pytest.approx(0.0370, abs=5e-4)
+    assert paired_greater([0.6], [0.5]) is None
+
+    def curve(final: float) -> list[list[float]]:
+        return [[100, 60.0, final / 2], [200, 120.0, final]]
+
+    a = {}
+    for seed, (scratch, tuned) in enumerate([(0.5, 0.6), (0.5, 0.7), (0.5, 0.8)]):
+        for mode, final in (("scratch", scratch), ("finetune", tuned)):
+            a[f"001/{mode}/s{seed}"] = {"dataset": "Dataset001_Hippocampus", "mode": mode, "seed": seed,
+                                        "curve": curve(final)}  # fmt: skip
+    modes = (("scratch", 0.3), ("finetune", 0.5), ("extend", 0.4))
+    b = {f"{m}/n{n}_s{s}": {"mode": m, "cases": n, "seed": s, "dice": d, "train_cases": 64 if n is None else n}
+         for m, d in modes for n in (1, None) for s in (0, 1)}  # fmt: skip
+    setting = {"pretraining": "mri5", "network": {"patch_size": [48] * 3, "features": [16], "batch_size": 2},
+               "a_iterations": 200, "b_iterations": 100, "schedule": "s", "seeds": [0, 1, 2], "sizes": [1, None],
+               "training": "t"}  # fmt: skip
+    text = "\n".join(report({"setting": setting, "a": a, "b": b}))
+    assert "| Dataset001_Hippocampus | 0.500 ± 0.000 | 0.700 ± 0.100 | +0.200 | 0.037 |" in text
+    # finetune's halfway validation (0.3, 0.35, 0.4) is below scratch's 0.5: it gets there at the end, 200 its
+    assert "s0: 200 its (2.0 min); s1: 200 its (2.0 min); s2: 200 its (2.0 min)" in text
+    assert "| 1 | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in text
+    assert "| 64 (all) | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in text

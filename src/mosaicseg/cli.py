@@ -500,6 +500,7 @@ def finetune(
     lr: Annotated[float | None, typer.Option(help="Default: the pre-trained run's")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (also draws --cases/--fraction)")] = 0,
     fold: Annotated[str, typer.Option(help="Fold number or all")] = "0",
+    val_every: Annotated[int, typer.Option(help="Validate every N epochs")] = 1,
     val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, mixed or fp32 (as mosaicseg train)")] = "auto",
@@ -513,7 +514,8 @@ def finetune(
         "finetune", run, dataset, workdir, output, head_epochs=head_epochs, warmup_epochs=warmup_epochs,
         freeze=freeze, cases=cases, fraction=fraction, iterations=iterations, epochs=epochs,
         iterations_per_epoch=iterations_per_epoch, time_budget=time_budget, optimizer=optimizer, lr=lr, seed=seed,
-        fold=fold, val_max_cases=val_max_cases or None, device=device, precision=precision, workers=workers,
+        fold=fold, val_every=val_every, val_max_cases=val_max_cases or None, device=device, precision=precision,
+        workers=workers,
         resume=resume, overwrite=overwrite,
     )  # fmt: skip
 
@@ -535,6 +537,7 @@ def extend(
     lr: Annotated[float | None, typer.Option(help="Default: the model's run's")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (also draws --cases/--fraction)")] = 0,
     fold: Annotated[str, typer.Option(help="Fold number or all")] = "0",
+    val_every: Annotated[int, typer.Option(help="Validate every N epochs")] = 1,
     val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, mixed or fp32 (as mosaicseg train)")] = "auto",
@@ -548,8 +551,8 @@ def extend(
     _adapt(
         "extend", run, dataset, workdir, output, cases=cases, fraction=fraction, iterations=iterations,
         epochs=epochs, iterations_per_epoch=iterations_per_epoch, time_budget=time_budget, optimizer=optimizer,
-        lr=lr, seed=seed, fold=fold, val_max_cases=val_max_cases or None, device=device, precision=precision,
-        workers=workers, resume=resume, overwrite=overwrite,
+        lr=lr, seed=seed, fold=fold, val_every=val_every, val_max_cases=val_max_cases or None, device=device,
+        precision=precision, workers=workers, resume=resume, overwrite=overwrite,
     )  # fmt: skip
 
 

@@ -1,0 +1,241 @@
+"""``python -m benchmarks transfer``: is a pre-trained universal model a better start than random weights?
+
+(a) MultiTalent's Table 2 in miniature: ``universal`` pre-trained on ``collections/mri5.yaml`` (Dataset002–005
+    and 007: no hippocampus crops at 1 mm, no left atrium), then ``mosaicseg finetune`` on Dataset001_Hippocampus
+    and, separately, on Dataset008_LeftAtrium (planned with ``--network-from`` the pre-trained run), against
+    ``mosaicseg train`` from scratch with the same iterations, seeds 0–2; final validation pseudo-Dice on every
+    held-out case of fold 0; mean ± sd and a one-sided paired t-test (fine-tuned > scratch, pairs by seed).
+(b) Hermes' Table 3 in miniature: ``hermes`` pre-trained on the same collection (without Dataset008), then on
+    1, 8, 32 and all training cases of Dataset008 (``--cases``, drawn with the seed): scratch (``train --recipe
+    hermes``) vs ``finetune`` vs ``extend``, draws 0–2, the same iterations each.
+(c) The cost: the first validation of each (a) fine-tuning run at or above the same seed's scratch model's final
+    Dice (iterations and minutes), from the validations every ``VAL_EVERY`` epochs.
+
+Fine-tuning uses MultiTalent's schedule at the study's scale: the paper trains the heads alone for 10 and warms
+the rest up over 50 of 1,000 epochs (1 % and 5 % of training); here an epoch is 1 % of the run's iterations, so
+``--head-epochs 1 --warmup-epochs 5`` are the same shares. Every finished run is reused and an interrupted one
+resumed (``--resume``); ``MOSAICSEG_BENCH_QUICK=1`` checks the plumbing with a few iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import QUICK, ROOT, SHARED, WORK, run_cli
+from benchmarks.common import mean_sd as _ms
+
+MRI5 = ROOT / "collections" / "mri5.yaml"
+TARGETS = ("Dataset001_Hippocampus", "Dataset008_LeftAtrium")
+HERMES_TARGET = "Dataset008_LeftAtrium"
+SEEDS = (0, 1, 2)
+SIZES: tuple[int | None, ...] = (1, 8, 32, None)  # training cases of the target (None: all of fold 0's)
+PRE_ITERATIONS = 3000  # pre-training, each recipe
+A_ITERATIONS = 600  # (a): every fine-tuning and scratch run
+B_ITERATIONS = 300  # (b): every run
+EPOCHS = 100  # epochs per run: an epoch is 1 % of it (MultiTalent's schedule in shares, see the docstring)
+HEAD_EPOCHS, WARMUP_EPOCHS = 1, 5
+VAL_EVERY = 10  # epochs between validations of (a): ten points per curve for (c)
+
+
+def _area() -> Path:
+    return WORK / "transfer"
+
+
+def _last(run: Path) -> dict[str, Any]:
+    metrics = run / "metrics.jsonl"
+    return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
+
+
+def _done(run: Path, iterations: int) -> bool:
+    return (run / "checkpoint_final.pt").is_file() and _last(run).get("iteration") == iterations
+
+
+def _run(args: list[str], run: Path, iterations: int, log: str) -> None:
+    """``mosaicseg ARGS -o RUN`` unless RUN finished; resumed where it stopped."""
+    if _done(run, iterations):
+        return
+    resume = ["--resume"] if (run / "checkpoint_latest.pt").is_file() else []
+    run_cli([*args, "-o", str(run), *resume], _area() / "logs" / f"{log}.log")
+
+
+def _common(iterations: int, seed: int, val_every: int) -> list[str]:
+    per_epoch = max(1, iterations // EPOCHS)
+    return ["--iterations", str(iterations), "--iterations-per-epoch", str(per_epoch), "--seed", str(seed),
+            "--fold", "0", "--device", "cpu", "--val-every", str(val_every), "--val-max-cases", "0"]  # fmt: skip
+
+
+def pretrain(recipe: str, iterations: int) -> Path:
+    """The pre-trained ``recipe`` model on mri5 (its fold folder), trained once."""
+    workdir = _area() / "mri5"
+    if not (workdir / "plans.json").is_file():
+        run_cli(["plan", str(MRI5), "-o", str(workdir)], _area() / "logs" / "mri5_plan.log")
+    run = workdir / "runs" / f"{recipe}_pre"
+    args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(iterations), "--iterations-per-epoch",
+            str(max(1, iterations // 20)), "--seed", "0", "--fold", "0", "--device", "cpu",
+            "--val-every", "100000"]  # fmt: skip
+    _run(args, run, iterations, f"pre_{recipe}")
+    return run
+
+
+def target_workdir(dataset: str, source: Path) -> Path:
+    """``dataset`` planned on ``source``'s network and preprocessed (once)."""
+    workdir = _area() / dataset.split("_")[0]
+    if not (workdir / "plans.json").is_file():
+        run_cli(["plan", str(SHARED / dataset), "-o", str(workdir), "--network-from", str(source)],
+                _area() / "logs" / f"plan_{dataset}.log")  # fmt: skip
+    return workdir
+
+
+def _curve(run: Path, dataset: str) -> list[tuple[int, float, float]]:
+    """``(iteration, elapsed s, validation Dice of dataset)`` of every validated epoch of ``run``."""
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if dataset in (record.get("val_dice") or {}):
+            out.append((int(record["iteration"]), float(record["elapsed_s"]), float(record["val_dice"][dataset])))
+    return out
+
+
+def study_a(source: Path, iterations: int, seeds: tuple[int, ...]) -> dict[str, Any]:
+    runs: dict[str, Any] = {}
+    for dataset in TARGETS:
+        workdir = target_workdir(dataset, source)
+        short = dataset.split("_")[0]
+        for seed in seeds:
+            common = _common(iterations, seed, VAL_EVERY)
+            scratch = workdir / "runs" / f"scratch_s{seed}"
+            _run(
+                ["train", str(workdir), "--recipe", "universal", *common],
+                scratch,
+                iterations,
+                f"a_{short}_scratch_s{seed}",
+            )
+            tuned = workdir / "runs" / f"finetune_s{seed}"
+            _run(["finetune", str(source), "--dataset", str(workdir), *common, "--head-epochs", str(HEAD_EPOCHS),
+                  "--warmup-epochs", str(WARMUP_EPOCHS)], tuned, iterations, f"a_{short}_finetune_s{seed}")  # fmt: skip
+            for mode, run in (("scratch", scratch), ("finetune", tuned)):
+                runs[f"{short}/{mode}/s{seed}"] = {
+                    "dataset": dataset, "mode": mode, "seed": seed, "run": str(run), "curve": _curve(run, dataset),
+                    "init_report": json.loads((run / "init_report.json").read_text()) if mode == "finetune" else None,
+                }  # fmt: skip
+    return runs
+
+
+def study_b(source: Path, iterations: int, seeds: tuple[int, ...], sizes: tuple[int | None, ...]) -> dict[str, Any]:
+    workdir = target_workdir(HERMES_TARGET, source)
+    runs: dict[str, Any] = {}
+    for size in sizes:
+        for seed in seeds:
+            common = _common(iterations, seed, 100000)
+            subset = ["--cases", str(size)] if size is not None else []
+            tag = f"n{size or 'all'}_s{seed}"
+            jobs = {
+                "scratch": ["train", str(workdir), "--recipe", "hermes", *common, *subset],
+                "finetune": ["finetune", str(source), "--dataset", str(workdir), *common, *subset,
+                             "--head-epochs", str(HEAD_EPOCHS), "--warmup-epochs", str(WARMUP_EPOCHS)],
+                "extend": ["extend", str(source), "--dataset", str(workdir), *common, *subset],
+            }  # fmt: skip
+            for mode, args in jobs.items():
+                run = workdir / "runs" / f"hermes_{mode}_{tag}"
+                _run(args, run, iterations, f"b_{mode}_{tag}")
+                trained = json.loads((run / "train_cases.json").read_text())
+                runs[f"{mode}/{tag}"] = {
+                    "mode": mode, "cases": size, "seed": seed, "run": str(run),
+                    "dice": _last(run)["val_dice"][HERMES_TARGET], "train_cases": len(trained),
+                }  # fmt: skip
+    return runs
+
+
+def study_transfer() -> dict[str, Any]:
+    """See the module docstring."""
+    pre_its = 4 if QUICK else PRE_ITERATIONS
+    a_its, b_its = (4, 4) if QUICK else (A_ITERATIONS, B_ITERATIONS)
+    seeds = SEEDS[:1] if QUICK else SEEDS
+    sizes = (1, None) if QUICK else SIZES
+    universal = pretrain("universal", pre_its)
+    hermes = pretrain("hermes", pre_its)
+    plans = json.loads((_area() / "mri5" / "plans.json").read_text())
+    return {
+        "setting": {
+            "pretraining": f"collections/mri5.yaml ({', '.join(plans['datasets'])}), {pre_its} iterations, seed 0",
+            "network": {k: plans["network"][k] for k in ("patch_size", "batch_size", "features")},
+            "a_iterations": a_its,
+            "b_iterations": b_its,
+            "schedule": f"--head-epochs {HEAD_EPOCHS} --warmup-epochs {WARMUP_EPOCHS} of {EPOCHS} epochs",
+            "seeds": list(seeds),
+            "sizes": [s for s in sizes],
+            "training": "the train defaults (AdamW 3e-3 poly, bf16 where native, head prior auto), fold 0",
+        },
+        "a": study_a(universal, a_its, seeds),
+        "b": study_b(hermes, b_its, seeds, sizes),
+    }
+
+
+def paired_greater(x: list[float], y: list[float]) -> float | None:
+    """One-sided paired t-test p-value of mean(x − y) > 0 (None with fewer than 2 pairs or no spread)."""
+    from scipy import stats
+
+    if len(x) < 2 or len(x) != len(y) or statistics.pstdev([a - b for a, b in zip(x, y, strict=True)]) == 0:
+        return None
+    return float(stats.ttest_rel(x, y, alternative="greater").pvalue)
+
+
+def reach(curve: list[tuple[int, float, float]], level: float) -> tuple[int, float] | None:
+    """The first ``(iteration, elapsed s)`` of ``curve`` whose Dice is at least ``level`` (None: never)."""
+    return next(((it, s) for it, s, d in curve if d >= level), None)
+
+
+def report(r: dict[str, Any]) -> list[str]:
+    s, a, b = r["setting"], r["a"], r["b"]
+    lines = [
+        "## Pre-train, then adapt: fine-tuning against training from scratch (transfer)",
+        "",
+        f"`python -m benchmarks transfer` — pre-training: {s['pretraining']} (patch {s['network']['patch_size']}, "
+        f"features {s['network']['features']}, batch {s['network']['batch_size']}); targets planned on that network "
+        f"(`plan --network-from`); {s['training']}; fine-tuning schedule {s['schedule']} (MultiTalent's shares); "
+        "Dice: final validation pseudo-Dice on every held-out case.",
+        "",
+        f"**(a) MultiTalent Table 2 in miniature** — `universal` pre-trained, `finetune` vs scratch, "
+        f"{s['a_iterations']} iterations each, seeds {s['seeds']}:",
+        "",
+        "| target | scratch | finetune | Δ | one-sided paired p | finetune reaches scratch's final Dice at |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset in dict.fromkeys(v["dataset"] for v in a.values()):
+        final = {m: {} for m in ("scratch", "finetune")}
+        curves = {}
+        for v in a.values():
+            if v["dataset"] == dataset and v["curve"]:
+                final[v["mode"]][v["seed"]] = v["curve"][-1][2]
+                curves[(v["mode"], v["seed"])] = v["curve"]
+        seeds = sorted(set(final["scratch"]) & set(final["finetune"]))
+        x = [final["finetune"][i] for i in seeds]
+        y = [final["scratch"][i] for i in seeds]
+        p = paired_greater(x, y)
+        hits = [reach(curves[("finetune", i)], final["scratch"][i]) for i in seeds]
+        cost = "; ".join(
+            f"s{i}: {'never' if h is None else f'{h[0]} its ({h[1] / 60:.1f} min)'}"
+            for i, h in zip(seeds, hits, strict=True)
+        )
+        delta = statistics.mean(x) - statistics.mean(y) if seeds else float("nan")
+        lines.append(
+            f"| {dataset} | {_ms(y)} | {_ms(x)} | {delta:+.3f} | {'–' if p is None else f'{p:.3f}'} | {cost} |"
+        )
+    lines += [
+        "",
+        f"**(b) Hermes Table 3 in miniature** — `hermes` pre-trained without {HERMES_TARGET}; on n of its training "
+        f"cases (drawn per seed), {s['b_iterations']} iterations each, draws {s['seeds']}:",
+        "",
+        "| training cases | scratch | finetune | extend |",
+        "|---|---|---|---|",
+    ]
+    for size in s["sizes"]:
+        cells = []
+        for mode in ("scratch", "finetune", "extend"):
+            cells.append(_ms([v["dice"] for v in b.values() if v["mode"] == mode and v["cases"] == size]))
+        n = next((v["train_cases"] for v in b.values() if v["cases"] == size), size)
+        lines.append(f"| {n if size is None else size}{' (all)' if size is None else ''} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
