@@ -20,7 +20,8 @@ from mosaicseg.inference.predictor import Predictor
 from mosaicseg.models import parameter_parts
 from mosaicseg.runtime import load_checkpoint
 from mosaicseg.training.loop import Trainer, subset_cases
-from mosaicseg.training.transfer import adaptation_config, adaptation_workdir, read_source
+from mosaicseg.training.procedures import adaptation_config, adaptation_workdir
+from mosaicseg.training.transfer import read_source
 
 DERM, CT, MR = "Dataset911_SynthDerm", "Dataset912_SynthCT", "Dataset913_SynthMR"
 

@@ -163,7 +163,7 @@ def plan(
     network = None
     if network_from is not None:
         from mosaicseg.inference.bundle import read_model
-        from mosaicseg.training.transfer import source_network
+        from mosaicseg.training.procedures import source_network
 
         network = source_network(read_model(network_from))
     plans = make_plan(
@@ -450,7 +450,7 @@ def _adapt(mode: str, run: Path, data: Path | None, workdir: Path | None, output
     """``finetune`` and ``extend``: plan/preprocess the new data on the model's network if needed, then train."""
     from mosaicseg.inference.bundle import read_model
     from mosaicseg.training.loop import run_folder_for
-    from mosaicseg.training.transfer import adaptation_config, adaptation_workdir
+    from mosaicseg.training.procedures import adaptation_config, adaptation_workdir
 
     resume, overwrite, workers = flags.pop("resume"), flags.pop("overwrite"), flags.pop("workers")
     time_budget, precision, fold = flags.pop("time_budget"), flags.pop("precision"), flags.pop("fold")

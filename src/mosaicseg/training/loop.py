@@ -66,8 +66,9 @@ from mosaicseg.progress import progress_bar
 from mosaicseg.runtime import load_checkpoint, native_bf16, resolve_device, save_checkpoint
 from mosaicseg.training.logging import append_record, plot_progress, read_records, truncate_records
 from mosaicseg.training.optim import build_optimizer, learning_rate
+from mosaicseg.training.procedures import adapted_groups, extended_plans
 from mosaicseg.training.recipes import RECIPES, Losses, Recipe, RecipeContext, StepResult
-from mosaicseg.training.transfer import adapted_groups, extended_plans, load_matching, read_source
+from mosaicseg.training.transfer import load_matching, read_source
 from mosaicseg.types import Batch, ModelOutput
 
 
