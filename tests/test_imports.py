@@ -38,7 +38,7 @@ PACKAGES = {"mosaicseg": ROOT / "src" / "mosaicseg", "benchmarks": ROOT / "bench
 
 STAGES = ("data", "models", "training", "inference", "evaluation", "cli")
 # top-level modules of the last stage (the command line and the demo it runs)
-LAST_STAGE = {"mosaicseg.cli", "mosaicseg.demo"}
+LAST_STAGE = {"mosaicseg.cli", "mosaicseg.demo", "mosaicseg.fewshot"}
 SHARED = {
     "mosaicseg",
     "mosaicseg.types",

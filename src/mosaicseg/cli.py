@@ -556,6 +556,67 @@ def extend(
     )  # fmt: skip
 
 
+@app.command()
+@_user_errors
+def adapt(
+    target: Annotated[Path, typer.Option("--target", help="The target dataset folder (nnU-Net raw, labelled)")],
+    shots: Annotated[int, typer.Option(help="Labelled target cases to train on, drawn per fold")],
+    workdir: Annotated[Path, typer.Option("-w", "--workdir", help="Work folder: target + pool, planned")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder of the folds' runs and summary.json")],
+    source: Annotated[
+        str, typer.Option(help="The pre-trained model (run/fold folder, checkpoint, bundle), or none (scratch)")
+    ] = "none",
+    aux: Annotated[list[Path] | None, typer.Option("--aux", help="An auxiliary dataset folder (repeat)")] = None,
+    aux_cases: Annotated[int, typer.Option(help="At most this many cases per auxiliary dataset (ASAP: 30)")] = 30,
+    aux_split_by_label: Annotated[
+        bool, typer.Option(help="Every (dataset, label) is its own arm (as ASAP built 30 arms)")
+    ] = False,
+    strategy: Annotated[str, typer.Option(help="asap, finetune (target only), gms, mtl or dal")] = "asap",
+    turns: Annotated[int, typer.Option(help="Training turns (steps), the same for every strategy")] = 500,
+    folds: Annotated[int, typer.Option(help="Repeat over this many seeded draws of the shots")] = 3,
+    eval_cases: Annotated[
+        int | None, typer.Option(help="A fixed evaluation subset of this many target cases (default: the rest)")
+    ] = None,
+    eval_list: Annotated[
+        Path | None, typer.Option(help="A text file of target case ids to evaluate on (one per line)")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="paper (AdamW 3e-4, wd 1e-7, batch 4) or cpu (the plan's batch)")] = "cpu",
+    lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate")] = None,
+    alpha: Annotated[float, typer.Option(help="ASAP: weight of the loss reward at turn 1 (eq. 3)")] = 0.5,
+    alpha_schedule: Annotated[str, typer.Option(help="ASAP: linear (to 0), exponential or constant")] = "linear",
+    beta: Annotated[float, typer.Option(help="ASAP: reward smoothing (eq. 4)")] = 0.1,
+    reward_loss: Annotated[
+        str, typer.Option(help="ASAP: normalized ((L0 - L) / (L0 + L), in [-1, 1]) or raw (-L, the paper's)")
+    ] = "normalized",
+    seed: Annotated[int, typer.Option(help="Seed of the draws and of training")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, mixed or fp32 (as mosaicseg train)")] = "auto",
+) -> None:
+    """Few-shot adaptation of a target with auxiliary datasets chosen by a bandit (ASAP) or a baseline; Dice and
+    IoU per fold and mean ± sd in OUT/summary.json; each fold's arms.jsonl and arms.png show the choices."""
+    from mosaicseg.fewshot import AdaptSettings, run_adaptation
+
+    if precision not in ("auto", "fp32", "mixed"):
+        raise MosaicSegError(f"--precision {precision!r} is unknown. Fix: use auto, mixed or fp32.")
+    ids = None
+    if eval_list is not None:
+        if not eval_list.is_file():
+            raise MosaicSegError(f"{eval_list}: not found. Fix: give a text file of case ids, one per line.")
+        ids = [x.strip() for x in eval_list.read_text().splitlines() if x.strip()]
+    settings = AdaptSettings(
+        target=str(target), shots=shots, source=None if source.lower() == "none" else source,
+        aux=[str(a) for a in aux or []], aux_cases=aux_cases, split_by_label=aux_split_by_label, strategy=strategy,
+        turns=turns, folds=folds, eval_cases=eval_cases, eval_list=ids, preset=preset, lr=lr, seed=seed,
+        device=device, amp={"auto": None, "fp32": False, "mixed": True}[precision], alpha=alpha,
+        alpha_schedule=alpha_schedule, beta=beta, reward_loss=reward_loss,
+    )  # fmt: skip
+    result = run_adaptation(settings, workdir, output, log=typer.echo)
+    typer.echo(
+        f"{strategy}: Dice {result['dice']['mean']:.4f} ± {result['dice']['sd']:.4f}, IoU {result['iou']['mean']:.4f}"
+        f" ± {result['iou']['sd']:.4f} over {len(result['folds'])} folds → {output / 'summary.json'}"
+    )
+
+
 # the predict command's record in its output folder, and the per-case stages it times
 PREDICT_RECORD = "predict.json"
 PREDICT_STAGES = ("read_s", "preprocess_s", "network_s", "export_s")

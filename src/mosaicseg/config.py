@@ -347,6 +347,9 @@ class TrainConfig:
     # Hermes' incremental learning: init_from's model grows this work folder's datasets as new tasks; only their
     # rows (task tokens or head channels, and a new modality's stem and tokens) train, old outputs stay identical
     extend: bool = False
+    # train on exactly these cases (dataset → case ids; datasets left out: none), e.g. few-shot adaptation's
+    # shots and auxiliary cases; the fold's held-out cases among them are not validated on
+    train_case_ids: dict[str, list[str]] | None = None
     cases: int | None = None  # train on this many of each dataset's training cases, drawn with ``seed``
     fraction: float | None = None  # or on this share of them (at least one case each)
 
@@ -399,6 +402,11 @@ class TrainConfig:
             bad("extend needs the model to extend", "give init_from (mosaicseg extend RUN ...)")
         if self.extend and self.freeze != "none":
             bad("extend already freezes everything but the new tasks' rows", "leave freeze at none")
+        if self.train_case_ids is not None and (
+            not isinstance(self.train_case_ids, dict)
+            or not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in self.train_case_ids.values())
+        ):
+            bad(f"train_case_ids must map datasets to lists of case ids, got {self.train_case_ids!r}", "fix it")
         if self.cases is not None and self.fraction is not None:
             bad("both cases and fraction are given", "give one of them")
         if self.fraction is not None and not 0 < self.fraction <= 1:

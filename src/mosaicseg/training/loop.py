@@ -64,6 +64,7 @@ from mosaicseg.inference.sliding_window import TileModel, bind_modality, predict
 from mosaicseg.models import use_device_layout
 from mosaicseg.progress import progress_bar
 from mosaicseg.runtime import load_checkpoint, native_bf16, resolve_device, save_checkpoint
+from mosaicseg.training import auxiliary  # noqa: F401 - registers the recipe "adapt"
 from mosaicseg.training.logging import append_record, plot_progress, read_records, truncate_records
 from mosaicseg.training.optim import build_optimizer, learning_rate
 from mosaicseg.training.procedures import adapted_groups, extended_plans
@@ -91,6 +92,21 @@ def subset_cases(
             )
         out += [(d, ids[i]) for i in rng.choice(len(ids), size=n, replace=False)]
     return sorted(out)
+
+
+def chosen_cases(chosen: dict[str, list[str]], cases: dict[str, list[str]], workdir: Path) -> list[tuple[str, str]]:
+    """``TrainConfig.train_case_ids`` as sorted ``(dataset, case)`` pairs, each checked against the preprocessed
+    ``cases`` (dataset → ids) of ``workdir``."""
+    out = []
+    for d, ids in chosen.items():
+        missing = sorted(set(ids) - set(cases.get(d, [])))
+        if missing:
+            raise MosaicSegError(
+                f"{workdir}: the chosen training cases {missing[:5]} of {d} are not preprocessed there. Fix: "
+                f"choose among its {len(cases.get(d, []))} cases, or run mosaicseg preprocess {workdir}."
+            )
+        out += [(d, c) for c in ids]
+    return sorted(set(out))
 
 
 def run_folder_for(workdir: str | Path, config: TrainConfig) -> Path:
@@ -302,6 +318,9 @@ class Trainer:
         """``(K,)`` share of voxels per task of ``vocabulary`` over this fold's training cases."""
         cases = {d: ids for d, ids in list_cases(self.workdir).items() if d in vocabulary.datasets}
         train, _, _ = fold_cases(self.collection, cases, self.config.fold)
+        if self.config.train_case_ids is not None:
+            chosen = {d: ids for d, ids in self.config.train_case_ids.items() if d in cases}
+            train = chosen_cases(chosen, cases, self.workdir)
         if self.config.cases is not None or self.config.fraction is not None:  # the prior sees only what trains
             train = subset_cases(train, self.config.cases, self.config.fraction, self.config.seed)
         return task_frequencies(self.workdir, vocabulary, train)
@@ -316,6 +335,9 @@ class Trainer:
             )
         cases = {d: ids for d, ids in cases.items() if d in wanted}
         train, val, notes = fold_cases(self.collection, cases, self.config.fold)
+        if self.config.train_case_ids is not None:
+            train = chosen_cases(self.config.train_case_ids, cases, self.workdir)
+            val = [v for v in val if v not in set(train)]
         if self.config.cases is not None or self.config.fraction is not None:
             train = subset_cases(train, self.config.cases, self.config.fraction, self.config.seed)
             counts = {d: sum(1 for x, _ in train if x == d) for d in sorted({x for x, _ in train})}
@@ -468,17 +490,26 @@ class Trainer:
         draws = DrawSampler(
             self.policy, cfg.seed, self.iteration * global_batch, end, self.batch_size, self.rank, self.world_size
         )
-        channels = max(len(d["normalization"]) for n, d in self.plans["datasets"].items() if n in self.recipe.datasets)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=draws,
             num_workers=cfg.num_workers,
-            collate_fn=_Collate(channels),
+            collate_fn=_Collate(self.input_channels),
             persistent_workers=cfg.num_workers > 0,
             prefetch_factor=2 if cfg.num_workers > 0 else None,
             pin_memory=self.device.type == "cuda",
         )
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of a batch: the most any trained dataset has (fewer are zero-padded)."""
+        return max(len(d["normalization"]) for n, d in self.plans["datasets"].items() if n in self.recipe.datasets)
+
+    def collate(self, samples: Sequence[Any]) -> Batch:
+        """Samples of :class:`~mosaicseg.data.sampling.PatchDataset` → a batch, as the loader makes them (for
+        recipes that draw batches of their own, e.g. few-shot adaptation's auxiliary arms)."""
+        return _Collate(self.input_channels)(samples)
 
     # ----------------------------------------------------------------------------------------- steps
     def to_device(self, batch: Batch) -> Batch:

@@ -1,0 +1,243 @@
+"""Few-shot adaptation (ASAP and its baselines): the bandit's arithmetic by hand, the turn's gradients, shot
+draws, resume, the ``adapt`` command end to end and its refusals."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import StopAt  # tests/ is on sys.path under pytest's default import mode
+from typer.testing import CliRunner
+
+from mosaicseg.cli import app
+from mosaicseg.config import TrainConfig
+from mosaicseg.errors import MosaicSegError
+from mosaicseg.fewshot import AdaptSettings, check_request, draw_shots, split_target
+from mosaicseg.runtime import load_checkpoint
+from mosaicseg.training import auxiliary
+from mosaicseg.training.bandit import Exp3Sampler, UCBBandit, alpha_at, cosine, gradient_magnitude_similarity
+from mosaicseg.training.loop import Trainer
+
+DERM, CT, MR = "Dataset911_SynthDerm", "Dataset912_SynthCT", "Dataset913_SynthMR"
+
+
+# ------------------------------------------------------------------------------------------------ the bandit
+def test_initial_pass_pulls_every_arm_once_with_half_loss_half_cosine_reward():
+    b = UCBBandit(3, reward_loss="raw")
+    b.initialise([1.0, 2.0, 0.5], [0.2, -0.4, 1.0])
+    assert b.counts == [1, 1, 1]
+    assert b.estimates == pytest.approx([0.5 * -1.0 + 0.1, 0.5 * -2.0 - 0.2, 0.5 * -0.5 + 0.5])
+    n = UCBBandit(2)  # normalized: L0 = 1.5, R^PM = (1.5 - L) / (1.5 + L)
+    n.initialise([1.0, 2.0], [0.0, 0.0])
+    assert n.reference_loss == 1.5
+    assert n.estimates == pytest.approx([0.5 * 0.5 / 2.5, 0.5 * -0.5 / 3.5])
+
+
+def test_ucb_arithmetic_and_seeded_tie_breaking():
+    b = UCBBandit(3, reward_loss="raw", seed=4)
+    b.initialise([0.0, 0.0, 0.0], [0.5, 0.5, 0.5])  # all equal: R̂ = 0.25, n = 1
+    assert b.ucb(2) == pytest.approx([0.25 + math.sqrt(2 * math.log(2))] * 3)
+    first = b.choose(2)
+    assert first == b.order[0] and sorted(b.order) == [0, 1, 2]
+    assert UCBBandit(3, seed=4).order == b.order  # the same seed, the same order
+    assert any(UCBBandit(3, seed=s).order != b.order for s in range(5))
+    # pulling an arm lowers its bonus: sqrt(2 ln 3 / 2) < sqrt(2 ln 3 / 1); the others win the next turn
+    b.update(first, turn=2, turns=10, loss=0.0, cos=0.5)
+    assert b.counts[first] == 2
+    assert b.choose(3) != first
+    assert b.ucb(3)[first] == pytest.approx(b.estimates[first] + math.sqrt(2 * math.log(3) / 2))
+    assert UCBBandit(2, seed=0).ucb(5) == [math.inf, math.inf]  # never pulled
+
+
+def test_alpha_and_beta_schedules_by_hand():
+    assert [alpha_at(t, 4, 0.5, "linear") for t in (1, 2, 3, 4, 5)] == pytest.approx([0.5, 0.375, 0.25, 0.125, 0.0])
+    assert alpha_at(3, 4, 0.5, "constant") == 0.5
+    assert alpha_at(3, 4, 1.0, "exponential") == pytest.approx(0.01**0.5)
+    b = UCBBandit(1, beta=0.2, alpha0=0.5, reward_loss="raw")
+    b.initialise([1.0], [0.0])  # R̂ = -0.5
+    r = b.update(0, turn=2, turns=4, loss=2.0, cos=0.5)  # α = 0.375: R = 0.375·(-2) + 0.625·0.5
+    assert r == pytest.approx(-0.4375)
+    assert b.estimates[0] == pytest.approx(0.8 * -0.5 + 0.2 * -0.4375)
+
+
+def test_cosine_reward_sign_and_gradient_magnitude_similarity():
+    g_t = np.array([1.0, 2.0, 0.0])
+    assert cosine(2 * g_t, g_t) == pytest.approx(1.0)
+    assert cosine(-g_t, g_t) == pytest.approx(-1.0)
+    assert cosine(np.array([-2.0, 1.0, 0.0]), g_t) == pytest.approx(0.0)
+    assert cosine(np.zeros(3), g_t) == 0.0
+    b = UCBBandit(2, alpha0=0.0, reward_loss="raw")  # α = 0: the reward is the cosine alone
+    b.initialise([1.0, 1.0], [0.0, 0.0])
+    assert b.update(0, 1, 10, 1.0, cosine(g_t, g_t)) > 0 > b.update(1, 1, 10, 1.0, cosine(-g_t, g_t))
+    assert gradient_magnitude_similarity(3.0, 3.0) == 1.0
+    assert gradient_magnitude_similarity(1.0, 3.0) == pytest.approx(2 * 3 / 10)
+
+
+def test_exp3_rewards_aligned_arms():
+    e = Exp3Sampler(2, gamma=0.2)
+    assert e.probabilities() == pytest.approx([0.5, 0.5])
+    assert e.update(0, 1.0) == 1.0 and e.update(1, -1.0) == 0.0
+    assert e.probabilities()[0] > 0.5  # w_0 grew by exp(0.2 · (1 / 0.5) / 2)
+    assert e.log_weights == pytest.approx([0.2, 0.0])
+
+
+# ------------------------------------------------------------------------------------------------ shots
+def test_shot_draws_are_seeded_and_disjoint_from_evaluation():
+    cases = [f"c{i:02d}" for i in range(20)]
+    s = AdaptSettings(target="x", shots=3, eval_cases=8, seed=5)
+    evaluation, pool = split_target(cases, s)
+    assert len(evaluation) == 8 and not set(evaluation) & set(pool) and len(pool) == 12
+    assert split_target(cases, s) == (evaluation, pool)
+    folds = [draw_shots(pool, 3, 5, f) for f in range(3)]
+    assert all(set(f) <= set(pool) for f in folds) and folds == [draw_shots(pool, 3, 5, f) for f in range(3)]
+    assert len({tuple(f) for f in folds}) > 1  # the folds draw differently
+    with pytest.raises(MosaicSegError, match="at least one must stay out"):
+        split_target(cases[:3], AdaptSettings(target="x", shots=3))
+    with pytest.raises(MosaicSegError, match="only 2 target cases"):
+        split_target(cases[:10], AdaptSettings(target="x", shots=3, eval_cases=8))
+    evaluation, pool = split_target(cases, AdaptSettings(target="x", shots=2, eval_list=["c03", "c07"]))
+    assert evaluation == ["c03", "c07"] and "c03" not in pool
+
+
+# ------------------------------------------------------------------------------------------------ turns
+def _cfg(strategy: str, arms: list[list[Any]], **kw: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(
+        recipe="adapt", fold="all", optimizer="adamw", lr=1e-3, iterations=6, iterations_per_epoch=3, seed=2,
+        device="cpu", amp=False, val_every=10**6, train_case_ids=None,
+        recipe_options={"strategy": strategy, "target": DERM, "arms": arms},
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+ARMS = [[CT, None], [MR, None], [CT, "Tumor"]]
+
+
+@pytest.mark.parametrize("strategy", ["asap", "gms", "mtl", "dal", "finetune"])
+def test_every_strategy_runs_turns_and_logs_them(strategy, tiny_workdir_2d, tmp_path):
+    t = Trainer(tiny_workdir_2d, _cfg(strategy, ARMS), tmp_path / strategy, progress=False)
+    assert t.recipe.datasets == ((DERM, CT, MR) if strategy != "finetune" else (DERM,))
+    t.fit()
+    rows = [json.loads(x) for x in (tmp_path / strategy / "arms.jsonl").read_text().splitlines()]
+    assert [r["turn"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    if strategy == "finetune":
+        assert all("arm" not in r for r in rows)
+        return
+    assert (tmp_path / strategy / "arms.png").is_file()
+    if strategy == "asap":
+        initial = json.loads((tmp_path / strategy / "arms_initial.json").read_text())
+        assert len(initial["loss"]) == len(ARMS) and all(-1 <= c <= 1 for c in initial["cosine"])
+        assert all(len(r["ucb"]) == len(ARMS) and r["reward"] is not None for r in rows)
+        counts = t.recipe.hooks[0].bandit.counts
+        assert sum(counts) == len(ARMS) + 6  # the initial pass, then one pull per turn
+    if strategy == "gms":
+        assert len({r["arm"] for r in rows}) == 1
+    if strategy == "mtl":
+        assert {r["arm_name"] for r in rows} == {"mixed"}
+
+
+def test_one_auxiliary_gradient_at_a_time(tiny_workdir_2d, tmp_path, monkeypatch):
+    alive: list[int] = [0]
+    most: list[int] = [0]
+    flat = auxiliary.Auxiliary._flat
+
+    def tracked(params):
+        g = flat(params)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(g, lambda: alive.__setitem__(0, alive[0] - 1))
+        return g
+
+    monkeypatch.setattr(auxiliary.Auxiliary, "_flat", staticmethod(tracked))
+    gc.collect()
+    t = Trainer(tiny_workdir_2d, _cfg("asap", ARMS, iterations=3), tmp_path / "a", progress=False)
+    t.fit()
+    # the target's gradient and one arm's (a turn's "all" copy lives only to make the arm's difference)
+    assert most[0] <= 3
+    assert alive[0] <= 1
+
+
+def test_resume_mid_run_reproduces_the_arm_sequence_and_weights(tiny_workdir_2d, tmp_path):
+    cfg = _cfg("asap", ARMS, iterations=6, iterations_per_epoch=2)
+    Trainer(tiny_workdir_2d, cfg, tmp_path / "whole", progress=False).fit()
+    stopped = Trainer(tiny_workdir_2d, cfg, tmp_path / "parts", progress=False)
+    stopped.recipe.hooks.append(StopAt(3))
+    stopped.fit()
+    Trainer(tiny_workdir_2d, cfg, tmp_path / "parts", resume=True, progress=False).fit()
+    whole = [json.loads(x) for x in (tmp_path / "whole" / "arms.jsonl").read_text().splitlines()]
+    parts = [json.loads(x) for x in (tmp_path / "parts" / "arms.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in parts] == [r["arm"] for r in whole]
+    assert [r["turn"] for r in parts] == list(range(1, 7))
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint_final.pt")
+    b = load_checkpoint(tmp_path / "parts" / "checkpoint_final.pt")
+    assert a["recipe"] == b["recipe"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_recipe_refuses_a_bad_pool(tiny_workdir_2d, tmp_path):
+    with pytest.raises(MosaicSegError, match="needs auxiliary arms"):
+        Trainer(tiny_workdir_2d, _cfg("asap", []), tmp_path / "x", progress=False)
+    with pytest.raises(MosaicSegError, match="also in the auxiliary pool"):
+        Trainer(tiny_workdir_2d, _cfg("asap", [[DERM, None]]), tmp_path / "y", progress=False)
+    with pytest.raises(MosaicSegError, match="has no label 'Spleen'"):
+        Trainer(tiny_workdir_2d, _cfg("asap", [[CT, "Spleen"]]), tmp_path / "z", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def _raw(workdir: Path, name: str) -> Path:
+    return workdir.parent / "data" / name
+
+
+def test_adapt_command_runs_folds_and_writes_dice_and_iou(tiny_workdir_2d, tmp_path):
+    source = tmp_path / "source" / "fold_0"
+    pre = dict(recipe="universal", datasets=(CT, MR), iterations=2, iterations_per_epoch=2, device="cpu", amp=False)
+    Trainer(tiny_workdir_2d, TrainConfig(**pre, val_max_cases=1), source, progress=False).fit()
+    args = ["adapt", "--target", str(_raw(tiny_workdir_2d, DERM)), "--shots", "1", "--source", str(source),
+            "--aux", str(_raw(tiny_workdir_2d, CT)), "--aux", str(_raw(tiny_workdir_2d, MR)), "--aux-split-by-label",
+            "--turns", "2", "--folds", "2", "--aux-cases", "2", "-w", str(tmp_path / "w"), "-o", str(tmp_path / "o"),
+            "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert len(summary["folds"]) == 2 and summary["dice"]["n"] == 2
+    assert 0 <= summary["dice"]["mean"] <= 1 and 0 <= summary["iou"]["mean"] <= 1
+    settings = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert all(len(v) <= 2 for v in settings["aux_case_ids"].values())
+    assert [CT, "Liver"] in settings["arms"]  # split by label
+    for f in range(2):
+        shots = summary["folds"][f]["shots"]
+        evaluated = {p.name.split(".")[0] for p in (tmp_path / "o" / f"fold_{f}" / "reference").iterdir()}
+        assert len(shots) == 1 and not set(shots) & evaluated
+    # the same command again reuses every fold
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and json.loads((tmp_path / "o" / "summary.json").read_text())["dice"] == summary["dice"]
+
+
+def test_adapt_refuses_bad_requests_before_training(tiny_workdir_2d, tiny_workdir_3d, tmp_path):
+    target = str(_raw(tiny_workdir_2d, DERM))
+    with pytest.raises(MosaicSegError, match="needs an auxiliary pool"):
+        check_request(AdaptSettings(target=target, shots=1, strategy="gms"))
+    with pytest.raises(MosaicSegError, match="also in the auxiliary pool"):
+        check_request(AdaptSettings(target=target, shots=1, aux=[target]))
+    unlabelled = tmp_path / "Dataset990_Unlabelled"
+    unlabelled.mkdir()
+    (unlabelled / "dataset.json").write_text(json.dumps({"labels": {"background": 0}, "file_ending": ".nii.gz"}))
+    with pytest.raises(MosaicSegError, match="has no labels"):
+        check_request(AdaptSettings(target=str(unlabelled), shots=1, strategy="finetune"))
+    aux3d = str(tiny_workdir_3d.parent / "data" / "Dataset901_SynthCT")
+    args = ["adapt", "--target", target, "--shots", "1", "--aux", aux3d, "-w", str(tmp_path / "w"),
+            "-o", str(tmp_path / "o"), "--turns", "1", "--folds", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "mixes 2D and 3D" in result.output
+    assert not (tmp_path / "o").exists()
+    args = ["adapt", "--target", target, "--shots", "99", "--strategy", "finetune", "-w", str(tmp_path / "w2"),
+            "-o", str(tmp_path / "o2"), "--turns", "1", "--folds", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "--shots 99" in result.output
