@@ -30,6 +30,9 @@ Studies:
   transfer        pre-train (universal, hermes on Dataset002-005, 007), then finetune / extend on Dataset001 and
                   Dataset008 against training from scratch, 3 seeds, 1/8/32/all cases (MultiTalent Table 2, Hermes
                   Table 3 in miniature), and the iterations fine-tuning needs to reach scratch's Dice
+  fewshot         mosaicseg adapt: asap / finetune / gms / mtl / dal, same turns, 3 folds of 3 shots (and 1, 5):
+                  Dataset001 and Dataset008 from the transfer study's universal model with the 3D pool split by
+                  label, Dataset010 (2D) from scratch and from a 2D universal model; ASAP's arm choices
   report          only regenerate BENCHMARKS.md
 """
 
@@ -536,6 +539,7 @@ STUDIES = {
     "ensemble": study_ensemble,
     "speed": lambda: __import__("benchmarks.speed", fromlist=["study_speed"]).study_speed(),
     "transfer": lambda: __import__("benchmarks.transfer", fromlist=["study_transfer"]).study_transfer(),
+    "fewshot": lambda: __import__("benchmarks.fewshot", fromlist=["study_fewshot"]).study_fewshot(),
 }
 
 

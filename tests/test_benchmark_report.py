@@ -430,3 +430,20 @@ def test_transfer_report_pairs_seeds_and_finds_where_finetuning_reaches_scratch(
     assert "s0: 200 its (2.0 min); s1: 200 its (2.0 min); s2: 200 its (2.0 min)" in text
     assert "| 1 | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in text
     assert "| 64 (all) | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in text
+
+
+def test_fewshot_report_checks_asaps_claim_per_setting() -> None:
+    from benchmarks.fewshot import report
+
+    def run(dices: list[float]) -> dict[str, Any]:
+        folds = [{"dice": d, "iou": d / 2} for d in dices]
+        return {"folds": folds, "dice": {"mean": sum(dices) / len(dices)}, "train_s": {"mean": 120.0}}
+
+    runs = {
+        "a/finetune/3": run([0.50, 0.52]), "a/gms/3": run([0.53, 0.53]), "a/asap/3": run([0.56, 0.56]),
+        "b/finetune/3": run([0.50, 0.50]), "b/mtl/3": run([0.60, 0.60]), "b/asap/3": run([0.55, 0.55]),
+    }  # fmt: skip
+    text = "\n".join(report({"setting": {"turns": 10, "folds": 2}, "runs": runs, "arms_a": {}}))
+    assert "| asap | 3 | 0.560 ± 0.000 | 0.280 ± 0.000 | 2.0 |" in text
+    assert "ASAP's claim (≥ finetune + 3 points, ≥ gms, mtl, dal): **holds**." in text  # 0.56 − 0.51 = 0.05
+    assert "**fails** (mtl scored higher)." in text  # b: +0.05 over finetune, below mtl
