@@ -408,8 +408,13 @@ class Predictor:
     def _load_model(
         config: dict[str, Any], state_dict: dict[str, torch.Tensor], device: torch.device
     ) -> torch.nn.Module:
-        """The model ``config`` describes with ``state_dict`` loaded, on ``device`` in eval mode."""
+        """The model ``config`` describes with ``state_dict`` loaded, on ``device`` in eval mode. A kind with parts
+        only training uses (KA²ER's amalgamation layer) drops them first: ``prediction_only()`` returns their
+        prefix, and their weights are not loaded."""
         model = build_from_config(config)
+        if hasattr(model, "prediction_only"):
+            prefix = model.prediction_only()
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
         model.load_state_dict(state_dict)
         model = model.to(device).eval()
         use_device_layout(model, device)

@@ -3,6 +3,7 @@ kind in :data:`MODEL_KINDS` and rebuilt by :func:`build_from_config`."""
 
 from __future__ import annotations
 
+from mosaicseg.models.amalgamation import KA2ERNet  # registers the model kind "ka2er"
 from mosaicseg.models.baselines import DynamicHeadNet, MultiDecoderNet, PromptNet  # register their kinds
 from mosaicseg.models.factory import (
     HEADS,
@@ -24,6 +25,7 @@ __all__ = [
     "MODEL_KINDS",
     "DynamicHeadNet",
     "HermesNet",
+    "KA2ERNet",
     "MultiDecoderNet",
     "PromptNet",
     "UniversalNet",

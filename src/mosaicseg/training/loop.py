@@ -64,7 +64,7 @@ from mosaicseg.inference.sliding_window import TileModel, bind_modality, predict
 from mosaicseg.models import use_device_layout
 from mosaicseg.progress import progress_bar
 from mosaicseg.runtime import load_checkpoint, native_bf16, resolve_device, save_checkpoint
-from mosaicseg.training import auxiliary  # noqa: F401 - registers the recipe "adapt"
+from mosaicseg.training import auxiliary, ka2er  # noqa: F401 - register the recipes "adapt" and "ka2er"
 from mosaicseg.training.logging import append_record, plot_progress, read_records, truncate_records
 from mosaicseg.training.optim import build_optimizer, learning_rate
 from mosaicseg.training.procedures import adapted_groups, extended_plans

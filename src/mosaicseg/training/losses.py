@@ -197,3 +197,25 @@ def deep_supervision_loss(
 def modality_loss(logits: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
     """Hermes' auxiliary term: cross-entropy of modality logits ``(B, M)`` against modality indices ``(B,)``."""
     return F.cross_entropy(logits.float(), modality.long())
+
+
+def alignment_loss(f_s: torch.Tensor, f_m: torch.Tensor, norm: str = "mse", detach: bool = True) -> torch.Tensor:
+    """KA²ER's feature alignment (eq. 2) between the student's self-attended bottleneck tokens ``f_s (B, N, C)``
+    and the amalgamated ones ``f_m``: ``mse`` = mean over tokens of ``‖f_s − f_m‖² / C``, ``l2`` = mean over tokens
+    of ``‖f_s − f_m‖``. ``detach``: ``f_m`` is the target (no gradient through it), so the student's own path
+    learns what the experts added; the paper does not say (an option of the recipe)."""
+    target = f_m.detach() if detach else f_m
+    diff = (f_s.float() - target.float()).flatten(0, -2)  # (B·N, C)
+    if norm == "mse":
+        return diff.square().mean()
+    if norm == "l2":
+        return diff.norm(dim=-1).mean()
+    raise ValueError(f"alignment norm {norm!r}: use mse or l2")
+
+
+def bernoulli_kl(student_logits: torch.Tensor, expert_probs: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """KL(student ‖ expert) of per-voxel Bernoulli outputs, averaged over every element: ``p log(p/q) + (1 − p)
+    log((1 − p)/(1 − q))``, ``p = σ(student_logits)``, ``q = expert_probs`` clamped to ``[eps, 1 − eps]``."""
+    p = torch.sigmoid(student_logits.float()).clamp(eps, 1 - eps)
+    q = expert_probs.float().clamp(eps, 1 - eps)
+    return (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).mean()

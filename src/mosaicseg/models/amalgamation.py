@@ -1,0 +1,227 @@
+"""KA²ER's student (Gao et al.): a promptable network amalgamating frozen experts (model kind ``ka2er``).
+
+Training: stems + the backbone's encoder → bottleneck tokens ``f`` → self-attention (pre-norm, residual) →
+``f_s`` → cross-attention of ``f_s`` over the tokens of the experts mapped to each sample's sub-tasks (each
+expert's features projected to the student's width by its own linear map) → cross-attention over the external
+expert's tokens → ``f_m``, which replaces the bottleneck for the decoder. ``extras["f_s"]`` and
+``extras["f_m"]`` feed the alignment loss ``‖f_s − f_m‖`` (eq. 2). The decoder's maps and the box prompts
+(:mod:`mosaicseg.models.prompts`) give one mask per asked task.
+
+Inference: the amalgamation layer is skipped (no expert runs; their files need not exist); the decoder reads
+``f_s``. ``prediction_only()`` drops the layer from a loaded model, so a predictor holds only the student, the
+prompt encoder and the mask decoder.
+
+The experts' features arrive through ``prompts``: ``{"experts": [(slot, samples (n,) long, features (n, C_slot,
+*s))], "external": [(samples, features (n, C_x, *s))] or None, "boxes": (B, K, 2, d) in [0, 1], "box_valid":
+(B, K) bool}``, ``s`` the bottleneck's grid. Choices the paper leaves open (options, in the config): attention ``head_dim`` 32, the prompt
+width 32, the decoder map the mask decoder's token reads (the coarsest kept, ``coarse_level`` -1).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from mosaicseg.errors import MosaicSegError
+from mosaicseg.models.factory import (
+    MODEL_KINDS,
+    _instance_norm_as_group_norm,
+    asked_tasks,
+    build_body,
+    check_input,
+    model_config,
+    rebuild,
+)
+from mosaicseg.models.priors import CrossAttention, scatter_tasks, select_tasks
+from mosaicseg.models.prompts import BoxPromptEncoder, MaskDecoder
+from mosaicseg.types import ModelOutput
+
+KA2ER_OPTIONS: dict[str, Any] = {
+    "expert_channels": [],  # the feature width of each expert slot (set by the recipe from the experts)
+    "external_channels": None,  # the external expert's feature width (None: no external expert)
+    "head_dim": 32,
+    "prompt_width": 32,
+    "coarse_level": -1,
+}
+
+
+class Amalgamation(nn.Module):
+    """The two cross-attentions of the hierarchical amalgamation (experts, then the external expert)."""
+
+    def __init__(self, dim: int, expert_channels: Sequence[int], external_channels: int | None, head_dim: int) -> None:
+        super().__init__()
+        self.project = nn.ModuleList(nn.Linear(int(c), dim) for c in expert_channels)
+        self.norm_experts, self.norm_context = nn.LayerNorm(dim), nn.LayerNorm(dim)  # query, expert tokens
+        self.read_experts = CrossAttention(dim, head_dim)
+        self.external = nn.Linear(int(external_channels), dim) if external_channels else None
+        self.norm_external = nn.LayerNorm(dim)
+        self.read_external = CrossAttention(dim, head_dim) if external_channels else None
+
+    def forward(
+        self,
+        f_s: torch.Tensor,
+        experts: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+        external: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> torch.Tensor:
+        """``f_s (B, N, C)`` → ``f_m (B, N, C)``; ``experts``: ``(slot, samples (n,), features (n, C_slot, *s))``,
+        ``external``: ``(samples, features)``. A sample no expert covers passes that step unchanged."""
+        blocks = [(samples, self.project[slot](_tokens(features, f_s.dtype))) for slot, samples, features in experts]
+        f_e = f_s + self._read(self.read_experts, self.norm_experts(f_s), blocks, self.norm_context)
+        if self.read_external is None or not external:
+            return f_e
+        assert self.external is not None
+        blocks = [(samples, self.external(_tokens(features, f_s.dtype))) for samples, features in external]
+        return f_e + self._read(self.read_external, self.norm_external(f_e), blocks, None)
+
+    @staticmethod
+    def _read(
+        attention: CrossAttention,
+        query: torch.Tensor,
+        blocks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        norm: nn.Module | None,
+    ) -> torch.Tensor:
+        """Each sample's query over the tokens of the blocks that cover it (``(samples, tokens (n, P, C))``),
+        padded and masked; zero for a sample none covers."""
+        b, _, c = query.shape
+        counts = torch.zeros(b, dtype=torch.long)
+        for samples, tokens in blocks:
+            counts[samples.cpu()] += tokens.shape[1]
+        width = max(int(counts.max()), 1)
+        context = query.new_zeros(b, width, c)
+        keep = torch.zeros(b, width, dtype=torch.bool, device=query.device)
+        filled = torch.zeros(b, dtype=torch.long)
+        for samples, tokens in blocks:
+            p = tokens.shape[1]
+            for row, sample in enumerate(samples.tolist()):
+                start = int(filled[sample])
+                context[sample, start : start + p] = tokens[row]
+                keep[sample, start : start + p] = True
+                filled[sample] += p
+        covered = keep.any(1)
+        keep[~covered, 0] = True  # an all-masked row would be nan; its result is zeroed below
+        read = attention(query, norm(context) if norm is not None else context, keep)
+        return read * covered.view(b, 1, 1).to(read.dtype)
+
+
+def _tokens(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(n, C, *s)`` → ``(n, Π s, C)``."""
+    return features.flatten(2).transpose(1, 2).to(dtype)
+
+
+class KA2ERNet(nn.Module):
+    """The student (see the module docstring). ``forward(image (B, C_max, *S), modality (B,), tasks (B, K) bool,
+    dataset, prompts)`` → ``logits [(B, K, *S)]`` (one level), tasks not asked at -20."""
+
+    task_parameters: ClassVar[tuple[str, ...]] = ("mask_decoder.tasks", "mask_decoder.task_bias")
+    HEAD_PATTERNS: ClassVar[tuple[str, ...]] = (r"mask_decoder\.", r"prompt_encoder\.")
+    OTHER_PART: ClassVar[str] = "encoder"  # the attention and amalgamation layers work on the bottleneck
+
+    def __init__(
+        self,
+        network_plan: Mapping[str, Any],
+        modality_channels: Mapping[str, int],
+        num_tasks: int,
+        architecture: str = "unet",
+        deep_supervision: bool = False,
+        deep_supervision_levels: int | None = None,
+        options: Mapping[str, Any] | None = None,
+        ka2er: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        settings = {**KA2ER_OPTIONS, **dict(ka2er or {})}
+        unknown = sorted(set(settings) - set(KA2ER_OPTIONS))
+        if unknown:
+            raise MosaicSegError(f"ka2er has no option {unknown}. Fix: use only {sorted(KA2ER_OPTIONS)}.")
+        topology, resolved, self.stems, self.backbone = build_body(
+            network_plan, modality_channels, architecture, options
+        )
+        self.spatial_dims = topology.spatial_dims
+        self.num_tasks = int(num_tasks)
+        dim = int(self.backbone.skip_channels[-1])
+        head_dim = int(settings["head_dim"])
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attention = CrossAttention(dim, head_dim)
+        self.amalgamation: Amalgamation | None = Amalgamation(
+            dim, settings["expert_channels"], settings["external_channels"], head_dim
+        )
+        width = int(settings["prompt_width"])
+        self.coarse_level = int(settings["coarse_level"])
+        out = self.backbone.out_channels
+        self.prompt_encoder = BoxPromptEncoder(self.spatial_dims, width)
+        self.mask_decoder = MaskDecoder(self.spatial_dims, out[0], out[self.coarse_level], width, self.num_tasks)
+        self.deep_supervision = False  # one output, as the paper's mask decoder
+        self.ds_scales: list[tuple[int, ...]] = [self.backbone.scales[0]]
+        _instance_norm_as_group_norm(self.backbone)
+        _instance_norm_as_group_norm(self.stems)
+        self._config = model_config(
+            "ka2er", topology, modality_channels, num_tasks, architecture, resolved, False, None, ka2er=settings
+        )
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.stems.modalities
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return copy.deepcopy(self._config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> KA2ERNet:
+        return rebuild(cls, config)
+
+    def is_task_parameter(self, name: str) -> bool:
+        return name in self.task_parameters
+
+    def set_output_prior(self, prior: np.ndarray) -> None:
+        """Start task k's mask at probability ``prior[k]`` (its bias)."""
+        with torch.no_grad():
+            self.mask_decoder.task_bias[: len(prior)] = torch.as_tensor(
+                np.log(prior / (1 - prior)), dtype=torch.float32
+            )
+
+    def prediction_only(self) -> str:
+        """Drop the amalgamation layer (only training reads the experts); returns its state-dict prefix."""
+        self.amalgamation = None
+        return "amalgamation."
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        modality: torch.Tensor,
+        tasks: torch.Tensor | None = None,
+        dataset: torch.Tensor | None = None,
+        prompts: Mapping[str, Any] | None = None,
+    ) -> ModelOutput:
+        check_input(image, self.spatial_dims, self.backbone.divisor)
+        prompts = prompts or {}
+        skips = self.backbone.encode(self.stems(image, modality))
+        bottleneck = skips[-1]
+        tokens = bottleneck.flatten(2).transpose(1, 2)
+        normed = self.norm_self(tokens)
+        f_s = tokens + self.self_attention(normed, normed)
+        extras: dict[str, torch.Tensor] = {}
+        merged = f_s
+        if self.amalgamation is not None and prompts.get("experts") is not None:
+            merged = self.amalgamation(f_s, prompts["experts"], prompts.get("external"))
+            extras["f_s"], extras["f_m"] = f_s, merged
+        skips = [*skips[:-1], merged.transpose(1, 2).reshape(bottleneck.shape)]
+        maps = self.backbone.decode(skips)
+        index, valid = select_tasks(asked_tasks(tasks, image, self.num_tasks))
+        boxes, box_valid = prompts.get("boxes"), prompts.get("box_valid")
+        if boxes is not None and box_valid is not None:
+            pad_box = torch.zeros_like(boxes[:, :1])
+            boxes = torch.cat([boxes, pad_box], 1).gather(
+                1, index.view(*index.shape, 1, 1).expand(-1, -1, *boxes.shape[2:])
+            )
+            box_valid = torch.cat([box_valid, torch.zeros_like(box_valid[:, :1])], 1).gather(1, index) & valid
+        corners = self.prompt_encoder(boxes, box_valid, tuple(index.shape))
+        asked = self.mask_decoder(maps[0], maps[self.coarse_level], corners, index)
+        return ModelOutput([scatter_tasks(asked, index, self.num_tasks)], extras)
+
+
+MODEL_KINDS.register("ka2er")(KA2ERNet)
