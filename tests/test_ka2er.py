@@ -244,3 +244,78 @@ def test_an_nnunet_expert_folder_loads_and_reads_the_same_region(tmp_path):
     (folder / "fold_0" / "checkpoint_final.pth").unlink()
     with pytest.raises(MosaicSegError, match=r"checkpoint_final\.pth: missing"):
         NnUNetExpert(folder, "Dataset912_SynthCT", image)
+
+
+def test_boxes_reach_the_preprocessed_grid():
+    from mosaicseg.data.io import Geometry
+    from mosaicseg.inference.prompts import canonical_box, preprocessed_box
+
+    # a PSR file of 10 × 20 × 30 voxels is (30, 10, 20) in the canonical LPS grid: L = R reversed, P, S
+    geometry = Geometry(3, (10, 20, 30), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), "PSR",
+                        (30, 10, 20), (1.0, 1.0, 1.0))  # fmt: skip
+    lo, hi = canonical_box([2, 4, 6], [5, 8, 9], geometry)  # file (P, S, R) index box, high exclusive
+    assert lo.tolist() == [21, 2, 4] and hi.tolist() == [24, 5, 8]
+    meta = {"bbox": [[1, 29], [0, 10], [2, 20]], "shape_cropped": [28, 10, 18], "shape_resampled": [14, 10, 9]}
+    plo, phi = preprocessed_box((lo, hi), meta)
+    assert plo.tolist() == [10.0, 2.0, 1.0] and phi.tolist() == [11.5, 5.0, 3.0]
+
+
+def test_a_windowed_forward_gets_each_tiles_place_in_the_mirrored_image():
+    from mosaicseg.inference.sliding_window import predict_logits
+
+    seen: list[tuple[tuple[int, ...], list[tuple[int, int]]]] = []
+
+    class Recorder:
+        wants_window = True
+
+        def __call__(self, x, windows, flip, shape):
+            seen.extend((tuple(flip), w) for w in windows)
+            return torch.zeros(x.shape[0], 1, *x.shape[2:])
+
+    predict_logits(Recorder(), torch.zeros(1, 12, 20), (8, 8), mirror_axes=(1,))
+    assert {f for f, _ in seen} == {(), (1,)}
+    for _, w in seen:
+        assert 0 <= w[0][0] < w[0][1] <= 12 and 0 <= w[1][0] < w[1][1] <= 20 and w[0][1] - w[0][0] == 8
+    # an image smaller than a tile is padded on both sides: the window is given in the image's own coordinates
+    seen.clear()
+    predict_logits(Recorder(), torch.zeros(1, 6, 8), (8, 8))
+    assert seen == [((), [(-1, 7), (0, 8)])]
+
+
+def test_predict_with_boxes_from_references_prompts_and_bad_prompts(experts, tiny_workdir_2d, tmp_path):
+    from typer.testing import CliRunner
+
+    from mosaicseg.cli import app
+
+    cfg = _cfg(recipe="ka2er", datasets=(CT, MR), recipe_options={"experts": _spec(experts, external=False)})
+    Trainer(tiny_workdir_2d, cfg, tmp_path / "s" / "fold_0", progress=False).fit()
+    raw = tiny_workdir_2d.parent / "data" / CT
+    image = sorted((raw / "imagesTr").iterdir())[0]
+    case = image.name.split("_0000")[0]
+    runner = CliRunner()
+    base = ["predict", "-m", str(tmp_path / "s"), "-i", str(image), "--dataset", CT, "--precision", "fp32"]
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "oracle"), "--oracle-boxes", str(raw / "labelsTr")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "oracle" / "predict.json").read_text())["prompts"] == "oracle"
+    boxes = tmp_path / "boxes.json"  # the synthetic 2D images are single-slice NIfTIs: three file axes
+    boxes.write_text(json.dumps({case: {"Liver": {"min": [0, 0, 0], "max": [9, 9, 0]}}}))
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "given"), "--prompts", str(boxes)])
+    assert result.exit_code == 0, result.output
+    predicted = tmp_path / "given" / image.name.replace("_0000", "")
+    from mosaicseg.data.io import read_image
+
+    seg, _ = read_image(predicted)
+    liver = 1  # outside the box (grown by 10 %) the liver is never predicted
+    assert not (seg[0][11:, :] == liver).any() and not (seg[0][:, 11:] == liver).any()
+    boxes.write_text(json.dumps({case: {"Liver": {"min": [0, 0, 0], "max": [999, 9, 0]}}}))
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "bad"), "--prompts", str(boxes), "--overwrite"])
+    assert result.exit_code == 0  # clipped to the image: a box reaching beyond the image is still inside it
+    boxes.write_text(json.dumps({case: {"Liver": {"min": [500, 0, 0], "max": [999, 9, 0]}}}))
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "bad2"), "--prompts", str(boxes)])
+    assert result.exit_code == 2 and f"case '{case}', box of 'Liver'" in result.output and "outside" in result.output
+    boxes.write_text("{not json")
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "bad3"), "--prompts", str(boxes)])
+    assert result.exit_code == 2 and "not valid JSON" in result.output
+    plain = ["predict", "-m", str(experts["ct"].parent), "-i", str(image), "--dataset", CT, "-o", str(tmp_path / "p")]
+    result = runner.invoke(app, [*plain, "--oracle-boxes", str(raw / "labelsTr")])
+    assert result.exit_code == 2 and "takes no prompts" in result.output

@@ -617,6 +617,43 @@ def adapt(
     )
 
 
+def _box_source(
+    predictor: Any,
+    prompts: Path | None,
+    oracle: Path | None,
+    auto: Path | None,
+    dataset: str | None,
+    tasks: list[str] | None,
+    device: str,
+) -> Any:
+    """The one box source predict was given (``--prompts``, ``--oracle-boxes`` or ``--auto-boxes``), or None."""
+    from mosaicseg.inference.prompts import AutoBoxes, OracleBoxes, PromptFile
+
+    given = [x for x in (prompts, oracle, auto) if x is not None]
+    if len(given) > 1:
+        raise MosaicSegError("give one of --prompts, --oracle-boxes and --auto-boxes. Fix: drop the others.")
+    if not given:
+        return None
+    if not hasattr(predictor.models[0], "prompt_encoder"):
+        raise MosaicSegError(
+            f"boxes were given, but the model ({type(predictor.models[0]).__name__}) takes no prompts. Fix: drop "
+            "--prompts/--oracle-boxes/--auto-boxes, or predict with a ka2er model."
+        )
+    if prompts is not None:
+        return PromptFile(prompts)
+    task_ids = predictor.resolve_tasks(dataset, tasks)
+    if oracle is not None:
+        if not oracle.is_dir():
+            raise MosaicSegError(f"{oracle}: not a folder of reference labels. Fix: --oracle-boxes LABELS_FOLDER.")
+        source = predictor.preprocessing_dataset(dataset, task_ids)
+        values = {k: v for k, _, v in predictor.vocabulary.dataset_tasks(source) if k in set(task_ids)}
+        return OracleBoxes(oracle, values)
+    from mosaicseg.inference.predictor import Predictor
+
+    assert auto is not None
+    return AutoBoxes(Predictor.from_checkpoint(auto, device=device), dataset)
+
+
 # the predict command's record in its output folder, and the per-case stages it times
 PREDICT_RECORD = "predict.json"
 PREDICT_STAGES = ("read_s", "preprocess_s", "network_s", "export_s")
@@ -670,6 +707,22 @@ def predict(
     dicom_seg: Annotated[
         bool, typer.Option(help="Also write a DICOM-SEG per DICOM series input (needs mosaicseg[dicom])")
     ] = False,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help='KA²ER boxes: JSON {"CASE": {"TASK": {"min": [x,y,z], "max": [x,y,z], "space": "voxel"|"world"}}} '
+            "(voxel: the file's index order, max inclusive; world: mm)"
+        ),
+    ] = None,
+    oracle_boxes: Annotated[
+        Path | None,
+        typer.Option(
+            help="KA²ER boxes from these reference labels (CASE.ext): evaluation only, marked in predict.json"
+        ),
+    ] = None,
+    auto_boxes: Annotated[
+        Path | None, typer.Option(help="KA²ER boxes from a first pass of this MosaicSeg model (run or bundle)")
+    ] = None,
 ) -> None:
     """Predict label maps (each source dataset's own numbering, or --merged) in the input's exact geometry."""
     from mosaicseg.inference.outputs import parse_thresholds, require_highdicom
@@ -684,6 +737,7 @@ def predict(
         model, folds=folds, checkpoint=checkpoint, device=device, jit=jit, precision=precision
     )
     predictor.use_modality(modality)
+    box_source = _box_source(predictor, prompts, oracle_boxes, auto_boxes, dataset, tasks, device)
     report = predictor.predict_files(
         inputs,
         output,
@@ -697,6 +751,7 @@ def predict(
         statistics=statistics,
         thresholds=thresholds or (),
         dicom_seg=dicom_seg,
+        prompts=box_source,
     )
     from mosaicseg.atomic import write_json_atomic
 

@@ -47,6 +47,7 @@ from mosaicseg.inference.outputs import (
     write_dataset_json,
     write_dicom_seg,
 )
+from mosaicseg.inference.prompts import Box, PromptedTiles, PromptFile, canonical_box, preprocessed_box
 from mosaicseg.inference.sliding_window import FrozenForward, TileModel, bind_modality, predict_logits
 from mosaicseg.models import build_from_config, use_device_layout
 from mosaicseg.progress import progress_bar
@@ -513,6 +514,7 @@ class Predictor:
         tta: bool = False,
         source: str | Path = "image",
         timings: dict[str, float] | None = None,
+        boxes: dict[int, Box] | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Probabilities ``(T, *S_resampled)`` of ``task_ids`` on the preprocessed grid for one raw image
         ``(C, *S_original)`` (preprocessed with ``dataset``'s plan; TTA averaged in logits, folds in
@@ -522,7 +524,8 @@ class Predictor:
         ``images`` is a one-element list that this method empties: the raw image is released once it is
         preprocessed, before the sliding window allocates its output (a 512×512×400 CT is 0.4 GB).
         ``timings``, if given, receives the seconds of ``preprocess_s`` and ``network_s`` (sliding window, TTA,
-        folds, sigmoid)."""
+        folds, sigmoid). ``boxes``: task → box in the read image's (canonical) grid, prompting a promptable
+        model (:class:`~mosaicseg.inference.prompts.PromptedTiles`, eager: a frozen graph takes no prompts)."""
         plan = self.plans["datasets"][dataset]
         t0 = time.perf_counter()
         pre, _, meta = preprocess_arrays(images.pop(), None, geometry, plan, source=source)
@@ -530,7 +533,8 @@ class Predictor:
         x = torch.from_numpy(pre)
         mirror: tuple[int, ...] = tuple(range(pre.ndim - 1)) if tta else ()
         perm = self.vocabulary.lateral_permutation()
-        if bool((perm[list(task_ids)] < 0).any()):
+        if bool((perm[list(task_ids)] < 0).any()) or boxes:
+            # (with boxes too: a mirrored tile's left output would need its right partner's box)
             # a left or right task without its partner cannot be mirrored left-right and stay correct
             mirror = tuple(a for a in mirror if a != LATERAL_AXIS)
         modality = (
@@ -541,9 +545,22 @@ class Predictor:
         # a mirrored tile's left task is read from its right partner's output: ask the model for both
         asked = set(task_ids) | ({int(perm[k]) for k in task_ids} if LATERAL_AXIS in mirror else set())
         prob: np.ndarray | None = None
+        prepared = {k: preprocessed_box(b, meta) for k, b in (boxes or {}).items()}
         for fold in range(len(self.models)):
+            forward = (
+                PromptedTiles(
+                    self.models[fold],
+                    self.vocabulary.num_tasks,
+                    sorted(asked),
+                    self.vocabulary.dataset_index(dataset),
+                    modality,
+                    prepared,
+                )
+                if boxes
+                else bind_modality(self.tile_forward(fold, dataset, sorted(asked)), modality)
+            )
             logits = predict_logits(
-                bind_modality(self.tile_forward(fold, dataset, sorted(asked)), modality),
+                forward,
                 x,
                 self.patch_size,
                 tasks=list(task_ids),
@@ -577,6 +594,7 @@ class Predictor:
         tta: bool = False,
         largest_component: bool = False,
         thresholds: Sequence[str] | None = None,
+        boxes: dict[str, dict[str, Any]] | None = None,
     ) -> Prediction:
         """Predict one image in memory: per task a mask and a probability map, per source dataset the label map
         ``mosaicseg predict`` would write, all in the input's voxel grid (:class:`Prediction`).
@@ -585,7 +603,9 @@ class Predictor:
         geometry; or an array ``(X, Y[, Z])`` / ``(C, X, Y[, Z])`` in ITK index order with its ``spacing`` (mm)
         and optionally ``origin`` and ``direction`` (row-major cosines; default identity). ``dataset``, ``tasks``
         and ``thresholds`` (``TASK=VALUE`` items, default 0.5) as in :meth:`predict_files`: the same label rule
-        (:func:`~mosaicseg.inference.outputs.export_case`)."""
+        (:func:`~mosaicseg.inference.outputs.export_case`). ``boxes``: a promptable model's box per task, ``{task:
+        {"min": [...], "max": [...], "space": "voxel" | "world"}}`` as in a prompts file
+        (:class:`~mosaicseg.inference.prompts.PromptFile`)."""
         task_ids = self.resolve_tasks(dataset, tasks)
         source = self.preprocessing_dataset(dataset, task_ids)
         n_channels = len(self.plans["datasets"][source]["normalization"])
@@ -612,7 +632,11 @@ class Predictor:
                 )
             holder, where = [arr], "image array"
             del arr
-        prob, meta = self.predict_resampled(holder, geometry, source, task_ids, tta=tta, source=where)
+        found = None
+        if boxes:
+            given = PromptFile("boxes argument", {"image": boxes})
+            found = self.case_boxes(given, "image", [], geometry, task_ids, dataset)
+        prob, meta = self.predict_resampled(holder, geometry, source, task_ids, tta=tta, source=where, boxes=found)
         names = [self.vocabulary.tasks[k].name for k in task_ids]
         groups = self.outputs_by_dataset(task_ids)
         probabilities: dict[str, np.ndarray] = {}
@@ -675,6 +699,7 @@ class Predictor:
         statistics: bool = False,
         thresholds: Sequence[str] = (),
         dicom_seg: bool = False,
+        prompts: Any = None,
     ) -> dict[str, Any]:
         """Predict every case of ``inputs`` into ``output``; returns per-case seconds (in all, and per stage:
         ``read_s``, ``preprocess_s``, ``network_s``, ``export_s``) and what was written.
@@ -682,7 +707,8 @@ class Predictor:
         ``merged``: one label map ``OUT/CASE.ext`` over every asked task (1..N, ``OUT/dataset.json``) instead of
         one per source dataset; ``statistics``: per-task voxel counts and volumes in ``OUT/statistics.{csv,json}``;
         ``thresholds``: ``TASK=VALUE`` items (default 0.5); ``dicom_seg``: also ``OUT/CASE.seg.dcm`` for DICOM
-        series inputs (:mod:`mosaicseg.inference.outputs`)."""
+        series inputs (:mod:`mosaicseg.inference.outputs`); ``prompts``: a box source of
+        :mod:`mosaicseg.inference.prompts` (a promptable model's boxes per case; the report names its kind)."""
         output = Path(output)
         if output.exists() and not output.is_dir():
             raise MosaicSegError(f"{output}: is a file, not a folder. Fix: choose an output folder (-o).")
@@ -717,6 +743,7 @@ class Predictor:
             "tasks": names,
             "thresholds": dict(zip(names, cut, strict=True)),
             "merged": merged,
+            "prompts": getattr(prompts, "kind", None),  # "oracle": boxes from the references, for evaluation only
         }
         output.mkdir(parents=True, exist_ok=True)
         if merged:
@@ -739,8 +766,9 @@ class Predictor:
             stages = {"read_s": time.perf_counter() - t0}
             holder = [image]
             del image
+            boxes = self.case_boxes(prompts, case.case_id, case.files, geometry, task_ids, dataset)
             prob, meta = self.predict_resampled(
-                holder, geometry, source, task_ids, tta=tta, source=case.files[0], timings=stages
+                holder, geometry, source, task_ids, tta=tta, source=case.files[0], timings=stages, boxes=boxes
             )
             t_export = time.perf_counter()
             written: list[str] = []
@@ -776,6 +804,25 @@ class Predictor:
         if table is not None:
             report["statistics"] = [str(p) for p in table.write()]
         return report
+
+    def case_boxes(
+        self,
+        prompts: Any,
+        case_id: str,
+        files: Sequence[Path],
+        geometry: Geometry,
+        task_ids: Sequence[int],
+        dataset: str | None,
+    ) -> dict[int, Box] | None:
+        """The boxes of one case from a box source (file-index boxes → the read image's canonical grid), only
+        of the asked tasks; None without a source."""
+        if prompts is None:
+            return None
+        if prompts.kind == "auto":
+            found = prompts.boxes_from_file(files, {k: self.vocabulary.tasks[k].name for k in task_ids})
+        else:
+            found = prompts.boxes(case_id, geometry, lambda name: self.resolve_tasks(dataset, [name])[0])
+        return {k: canonical_box(lo, hi, geometry) for k, (lo, hi) in found.items() if k in set(task_ids)}
 
     def _read(self, case: InputCase, n_channels: int) -> tuple[np.ndarray, Geometry]:
         if case.dicom:  # one series: its slice files are one image, not channels

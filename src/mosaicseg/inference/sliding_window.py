@@ -37,6 +37,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -106,11 +107,22 @@ def predict_logits(
         accumulate = torch.float16 if n_out * image[0].numel() * 4 > HALF_ABOVE_BYTES else torch.float32
 
     select = keep  # outputs to keep, in order; the left/right partners while the lateral axis is mirrored
+    # a forward with ``wants_window`` (prompted prediction) also gets each tile's place in the (mirrored) image
+    windowed = bool(getattr(forward, "wants_window", False))
+    shape = tuple(int(n) for n in image.shape[1:])
+    offset = [max(int(p) - n, 0) // 2 for p, n in zip(patch_size, shape, strict=True)]  # MONAI pads both sides
+    flip: tuple[int, ...] = ()
 
-    def tiles(x: torch.Tensor) -> torch.Tensor:
+    def tiles(x: torch.Tensor, coords: Any = None) -> torch.Tensor:
         # autocast's own dtype per device: bfloat16 on the CPU, float16 on CUDA
         with torch.autocast(device.type, enabled=amp and device.type in ("cpu", "cuda")):
-            out = forward(x.float())
+            if windowed:
+                windows = [
+                    [(int(sl.start) - o, int(sl.stop) - o) for sl, o in zip(c[2:], offset, strict=True)] for c in coords
+                ]
+                out = forward(x.float(), windows, flip, shape)  # type: ignore[call-arg]
+            else:
+                out = forward(x.float())
         out = out.index_select(1, select) if select is not None else out
         return out.to(accumulate)
 
@@ -118,7 +130,7 @@ def predict_logits(
     x = image.unsqueeze(0).to(accumulate)
     total: torch.Tensor | None = None
     flips = mirror_combinations(tuple(mirror_axes))
-    for flip in flips:
+    for flip in flips:  # tiles() reads the current mirroring
         dims = [a + 2 for a in flip]
         select = swapped if LATERAL_AXIS in flip else keep
         xin = torch.flip(x, dims) if dims else x
@@ -135,6 +147,7 @@ def predict_logits(
             sw_device=device,
             device=torch.device("cpu"),
             progress=progress,
+            with_coord=windowed,
         )
         out = torch.flip(out, dims) if dims else out
         total = out if total is None else total.add_(out)

@@ -13,8 +13,9 @@ prompt encoder and the mask decoder.
 
 The experts' features arrive through ``prompts``: ``{"experts": [(slot, samples (n,) long, features (n, C_slot,
 *s))], "external": [(samples, features (n, C_x, *s))] or None, "boxes": (B, K, 2, d) in [0, 1], "box_valid":
-(B, K) bool}``, ``s`` the bottleneck's grid. Choices the paper leaves open (options, in the config): attention ``head_dim`` 32, the prompt
-width 32, the decoder map the mask decoder's token reads (the coarsest kept, ``coarse_level`` -1).
+(B, K) bool}``, ``s`` the bottleneck's grid. Choices the paper leaves open (options, in the config): attention
+``head_dim`` 32, the prompt width 32, the decoder map the mask decoder's token reads (the coarsest kept,
+``coarse_level`` -1).
 """
 
 from __future__ import annotations
