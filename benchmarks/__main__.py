@@ -33,6 +33,8 @@ Studies:
   fewshot         mosaicseg adapt: asap / finetune / gms / mtl / dal, same turns, 3 folds of 3 shots (and 1, 5):
                   Dataset001 and Dataset008 from the transfer study's universal model with the 3D pool split by
                   label, Dataset010 (2D) from scratch and from a 2D universal model; ASAP's arm choices
+  ka2er           the KA²ER student (no / oracle / automatic boxes) against its experts (one an nnU-Net v2 model)
+                  and universal on Dataset002-004, 007, 008, 2 seeds; Dice, HD95, out-of-domain hippocampus, cost
   report          only regenerate BENCHMARKS.md
 """
 
@@ -540,6 +542,7 @@ STUDIES = {
     "speed": lambda: __import__("benchmarks.speed", fromlist=["study_speed"]).study_speed(),
     "transfer": lambda: __import__("benchmarks.transfer", fromlist=["study_transfer"]).study_transfer(),
     "fewshot": lambda: __import__("benchmarks.fewshot", fromlist=["study_fewshot"]).study_fewshot(),
+    "ka2er": lambda: __import__("benchmarks.ka2er", fromlist=["study_ka2er"]).study_ka2er(),
 }
 
 

@@ -4,8 +4,9 @@ It imports nothing from mosaicseg, so nnU-Net can live in its own environment. `
 ``nnUNet_preprocessed`` and ``nnUNet_results`` come from the environment, as for nnU-Net's own commands.
 
     python nnunet_runner.py plan DATASET_ID
-    python nnunet_runner.py train DATASET_ID ITERATIONS ITERATIONS_PER_EPOCH TIMING_JSON
-    python nnunet_runner.py predict DATASET_ID IMAGES_FOLDER OUTPUT_FOLDER {tta,notta}
+    python nnunet_runner.py train DATASET_ID ITERATIONS ITERATIONS_PER_EPOCH TIMING_JSON [PLANS]
+    python nnunet_runner.py shrink DATASET_ID FEATURES_JSON PATCH_JSON PLANS  (a smaller 3d_fullres network as PLANS)
+    python nnunet_runner.py predict DATASET_ID IMAGES_FOLDER OUTPUT_FOLDER {tta,notta} [PLANS]
     python nnunet_runner.py forward FEATURES_JSON PATCH_JSON CLASSES REPEATS    (prints JSON: ms per tile forward)
 
 ``train`` uses nnU-Net's documented extension mechanism: a trainer subclass that only changes the number of
@@ -69,7 +70,30 @@ def _bench_trainer(iterations: int, per_epoch: int) -> type:
     return nnUNetTrainerBench
 
 
-def train(dataset_id: int, iterations: int, per_epoch: int, timing_json: Path) -> None:
+def shrink(dataset_id: int, features: list[int], patch: list[int], plans_name: str) -> None:
+    """Write ``PLANS.json`` beside nnU-Net's plans: its 3d_fullres with the first ``len(features)`` stages at
+    ``features`` and ``patch`` (nnU-Net's documented plan editing; the preprocessed data is shared, since the data
+    identifier is kept), so that a CPU can train it."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    folder = Path(nnUNet_preprocessed) / _dataset_name(dataset_id)
+    plans = load_json(str(folder / "nnUNetPlans.json"))
+    config = plans["configurations"]["3d_fullres"]
+    arch = config["architecture"]["arch_kwargs"]
+    n = len(features)
+    arch["n_stages"] = n
+    arch["features_per_stage"] = list(features)
+    for key in ("kernel_sizes", "strides", "n_conv_per_stage"):
+        arch[key] = arch[key][:n]
+    arch["n_conv_per_stage_decoder"] = arch["n_conv_per_stage_decoder"][: n - 1]
+    config["patch_size"] = list(patch)
+    config["batch_size"] = 2
+    plans["plans_name"] = plans_name
+    save_json(plans, str(folder / f"{plans_name}.json"), sort_keys=False)
+
+
+def train(dataset_id: int, iterations: int, per_epoch: int, timing_json: Path, plans_name: str = "nnUNetPlans") -> None:
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -77,7 +101,7 @@ def train(dataset_id: int, iterations: int, per_epoch: int, timing_json: Path) -
     torch.set_num_threads(multiprocessing.cpu_count())  # what nnUNetv2_train -device cpu does
     name = _dataset_name(dataset_id)
     folder = Path(nnUNet_preprocessed) / name
-    plans = load_json(str(folder / "nnUNetPlans.json"))
+    plans = load_json(str(folder / f"{plans_name}.json"))
     plans["continue_training"] = False  # as nnunetv2.run.run_training.get_trainer_from_args sets it
     dataset_json = load_json(str(folder / "dataset.json"))
     trainer = _bench_trainer(iterations, per_epoch)(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
@@ -105,7 +129,7 @@ def train(dataset_id: int, iterations: int, per_epoch: int, timing_json: Path) -
     )
 
 
-def predict(dataset_id: int, images: Path, output: Path, tta: bool) -> None:
+def predict(dataset_id: int, images: Path, output: Path, tta: bool, plans_name: str = "nnUNetPlans") -> None:
     import nnunetv2.inference.predict_from_raw_data as inference
     from nnunetv2.paths import nnUNet_results
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -114,7 +138,7 @@ def predict(dataset_id: int, images: Path, output: Path, tta: bool) -> None:
     # schedule, so the stock trainer rebuilds the identical network
     inference.recursive_find_trainer_class_by_name = lambda name: nnUNetTrainer
     torch.set_num_threads(multiprocessing.cpu_count())
-    model = Path(nnUNet_results) / _dataset_name(dataset_id) / "nnUNetTrainerBench__nnUNetPlans__3d_fullres"
+    model = Path(nnUNet_results) / _dataset_name(dataset_id) / f"nnUNetTrainerBench__{plans_name}__3d_fullres"
     predictor = inference.nnUNetPredictor(
         tile_step_size=0.5,
         use_gaussian=True,
@@ -177,9 +201,11 @@ def main(argv: list[str]) -> None:
     if command == "plan":
         plan(dataset_id)
     elif command == "train":
-        train(dataset_id, int(argv[2]), int(argv[3]), Path(argv[4]))
+        train(dataset_id, int(argv[2]), int(argv[3]), Path(argv[4]), *argv[5:6])
+    elif command == "shrink":
+        shrink(dataset_id, json.loads(argv[2]), json.loads(argv[3]), argv[4])
     elif command == "predict":
-        predict(dataset_id, Path(argv[2]), Path(argv[3]), argv[4] == "tta")
+        predict(dataset_id, Path(argv[2]), Path(argv[3]), argv[4] == "tta", *argv[5:6])
     else:
         raise SystemExit(f"unknown command {command!r}; see the module docstring")
 

@@ -447,3 +447,24 @@ def test_fewshot_report_checks_asaps_claim_per_setting() -> None:
     assert "| asap | 3 | 0.560 ± 0.000 | 0.280 ± 0.000 | 2.0 |" in text
     assert "ASAP's claim (≥ finetune + 3 points, ≥ gms, mtl, dal): **holds**." in text  # 0.56 − 0.51 = 0.05
     assert "**fails** (mtl scored higher)." in text  # b: +0.05 over finetune, below mtl
+
+
+def test_ka2er_report_checks_the_claim_in_and_out_of_domain() -> None:
+    from benchmarks.ka2er import report
+
+    a, b = "Dataset002_IXIDeepGrey", "Dataset008_LeftAtrium"
+    rows = {f"expert/{a}": {"dice": 0.80, "hd95": 3.0}, f"expert/{b}": {"dice": 0.90, "hd95": 4.0}}
+    for seed in (0, 1):
+        rows[f"universal_s{seed}/{a}"] = rows[f"universal_s{seed}/{b}"] = {"dice": 0.7, "hd95": 5.0}
+        for mode in ("none", "oracle", "auto"):
+            rows[f"ka2er_{mode}_s{seed}/{a}"] = {"dice": 0.79, "hd95": 3.5}
+            rows[f"ka2er_{mode}_s{seed}/{b}"] = {"dice": 0.85, "hd95": 4.5}
+    nn_net = {"features": [8], "patch": [16] * 3}
+    setting = {"expert_iterations": 10, "student_iterations": 20, "nnunet_iterations": 5, "seeds": [0, 1],
+               "nnunet_network": nn_net, "network": {}, "cases": 2, "ood_cases": 3}  # fmt: skip
+    ood = {"expert": 0.5, "universal_s0": 0.6, "universal_s1": 0.6, "ka2er_s0": 0.7, "ka2er_s1": 0.7}
+    cost = {"student_s": 1.0, "experts_s": 5.0, "student_rss_mb": 100.0, "experts_rss_mb": 200.0}
+    text = "\n".join(report({"setting": setting, "datasets": [a, b], "rows": rows, "ood": ood, "cost": cost}))
+    assert f"| {a} | 0.800 / 3.0 | 0.700 ± 0.000 / 5.000 ± 0.000 | 0.790 ± 0.000 / 3.500 ± 0.000 |" in text
+    # 0.79 is within 2 points of 0.80; 0.85 is 5 points below 0.90: the claim fails on Dataset008 alone
+    assert f"**fails** (in-domain gaps beyond 2 points: {b} -0.050; out of domain 0.700 vs the expert's 0.500)." in text

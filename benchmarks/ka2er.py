@@ -1,0 +1,267 @@
+"""``python -m benchmarks ka2er``: KA²ER's student against its experts and the universal model, CPU.
+
+Sub-tasks, one expert each: Dataset002, 003 and 004 (three groups of structures of the same T1 heads) and
+Dataset007 vs Dataset008 (cine vs LGE cardiac MR). Every expert is a ``single`` MosaicSeg run of
+``EXPERT_ITERATIONS``, except the Dataset004 one: an nnU-Net v2 model trained by nnU-Net itself (its own plan,
+shrunk to a CPU-sized 3d_fullres network by nnU-Net's plan editing, ``NNUNET_ITERATIONS``) and read from its
+model folder. The external, task-agnostic expert is a ``universal`` run on Dataset001 and 005.
+
+Rows, per dataset on its first ``CASES`` held-out cases of fold 0 (Dice and HD95 by ``mosaicseg evaluate``):
+each expert on its own sub-task; ``universal`` on all five datasets; the ``ka2er`` student without boxes, with
+oracle boxes (from the references, for evaluation only) and with automatic boxes (a first pass of the same
+seed's ``universal`` model). Student and universal: ``STUDENT_ITERATIONS`` each, seeds 0 and 1 (equal student
+budget). Out of domain: each model's Dataset003 hippocampus (L ∪ R) on Dataset001 crops (anterior ∪ posterior).
+Cost: predicting one held-out case of each dataset with the student (no expert) against with every expert.
+
+Every finished step is reused; the nnU-Net side runs in the nnU-Net Python (``benchmarks/nnunet_runner.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import QUICK, SHARED, WORK, held_out_cases, held_out_files, link_all, run_cli
+from benchmarks.common import mean_sd as _ms
+
+SUBTASKS = {
+    "deepgrey": "Dataset002_IXIDeepGrey",
+    "limbic": "Dataset003_IXILimbic",
+    "ventricles": "Dataset004_IXIVentricles",
+    "cine": "Dataset007_ACDC",
+    "lge": "Dataset008_LeftAtrium",
+}
+NNUNET_SUBTASK = "ventricles"
+NNUNET_PLANS = "nnUNetPlansCPU"
+NNUNET_NETWORK = {"features": [16, 32, 64, 128], "patch": [64, 64, 64]}
+EXTERNAL = ("Dataset001_Hippocampus", "Dataset005_BraTS")
+EXPERT_ITERATIONS, STUDENT_ITERATIONS, NNUNET_ITERATIONS = 1500, 3000, 1500
+SEEDS = (0, 1)
+CASES, OOD_CASES = 8, 10
+
+
+def _area() -> Path:
+    return WORK / "ka2er"
+
+
+def _log(name: str) -> Path:
+    return _area() / "logs" / f"{name}.log"
+
+
+def _planned(name: str, datasets: tuple[str, ...] | list[str]) -> Path:
+    """A collection of ``datasets`` (read in place) planned and preprocessed once."""
+    import yaml
+
+    workdir = _area() / name
+    if not (workdir / "plans.json").is_file():
+        collection = _area() / f"{name}.yaml"
+        collection.parent.mkdir(parents=True, exist_ok=True)
+        entries = [{"path": str(SHARED / d)} for d in datasets]
+        collection.write_text(yaml.safe_dump({"name": name, "folds": 5, "datasets": entries}))
+        run_cli(["plan", str(collection), "-o", str(workdir)], _log(f"plan_{name}"))
+    return workdir
+
+
+def _train(workdir: Path, name: str, iterations: int, *args: str) -> Path:
+    run = workdir / "runs" / name
+    if not (run / "checkpoint_final.pt").is_file():
+        resume = ["--resume"] if (run / "checkpoint_latest.pt").is_file() else []
+        run_cli(["train", str(workdir), "--iterations", str(iterations), "--iterations-per-epoch",
+                 str(max(1, iterations // 20)), "--val-every", "100000", "--device", "cpu", *args, "-o", str(run),
+                 *resume], _log(f"train_{name}"))  # fmt: skip
+    return run
+
+
+def _nnunet(workdir: Path, dataset: str, iterations: int) -> tuple[Path, dict[str, str], Any]:
+    """nnU-Net's own model of ``dataset`` on MosaicSeg's fold-0 split (its model folder, env, runner call)."""
+    from benchmarks.nnunet import RUNNER, _raw_dataset, _run, default_nnunet_python
+
+    root = _area() / "nnunet"
+    env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+           "nnUNet_results": str(root / "results")}  # fmt: skip
+    python = default_nnunet_python()
+    did = str(int(dataset[len("Dataset") : len("Dataset") + 3]))
+
+    def nn(*args: str, log: str) -> Any:
+        return _run([python, str(RUNNER), *args], _log(f"nnunet_{log}"), env)
+
+    folder = root / "results" / dataset / f"nnUNetTrainerBench__{NNUNET_PLANS}__3d_fullres"
+    if not (folder / "fold_0" / "checkpoint_final.pth").is_file():
+        _raw_dataset(root / "raw", dataset)
+        if not (root / "preprocessed" / dataset / "nnUNetPlans.json").is_file():
+            nn("plan", did, log="plan")
+        held = held_out_cases(workdir, dataset)
+        cases = sorted(p.name.split(".")[0] for p in (SHARED / dataset / "labelsTr").iterdir())
+        splits = [{"train": [c for c in cases if c not in held], "val": held}]
+        (root / "preprocessed" / dataset / "splits_final.json").write_text(json.dumps(splits))
+        nn("shrink", did, json.dumps(NNUNET_NETWORK["features"]), json.dumps(NNUNET_NETWORK["patch"]), NNUNET_PLANS,
+           log="shrink")  # fmt: skip
+        nn("train", did, str(iterations), str(min(250, iterations)), str(root / "timing.json"), NNUNET_PLANS,
+           log="train")  # fmt: skip
+    return folder, env, nn
+
+
+def _subset(dataset: str, cases: list[str], into: Path) -> tuple[Path, Path]:
+    _, files = held_out_files(dataset, cases)
+    images = link_all([f for f in files if "imagesTr" in str(f)], into / "images")
+    labels = link_all([f for f in files if "labelsTr" in str(f)], into / "labels")
+    return images, labels
+
+
+def _scores(pred: Path, labels: Path, dataset: str) -> dict[str, Any]:
+    if not (pred / "summary.json").is_file():
+        run_cli(["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"),
+                 "--overwrite"], _log("evaluate"))  # fmt: skip
+    summary = next(iter(json.loads((pred / "summary.json").read_text())["datasets"].values()))
+    return {"dice": summary["mean"]["dice"], "hd95": summary["mean"]["hd95"]}
+
+
+def _predict(model: Path, images: Path, out: Path, dataset: str, *extra: str) -> dict[str, float]:
+    record = out / "cost.json"
+    if not record.is_file():
+        done = run_cli(["predict", "-m", str(model), "-i", str(images), "-o", str(out), "--dataset", dataset,
+                        "--overwrite", *extra], _log("predict"))  # fmt: skip
+        record.write_text(json.dumps({"seconds": done.seconds, "peak_rss_mb": done.peak_rss_mb}))
+    return json.loads(record.read_text())
+
+
+def study_ka2er() -> dict[str, Any]:
+    from benchmarks.paradigms import generalisation
+
+    e_its, s_its, n_its = (4, 4, 2) if QUICK else (EXPERT_ITERATIONS, STUDENT_ITERATIONS, NNUNET_ITERATIONS)
+    seeds = SEEDS[:1] if QUICK else SEEDS
+    n_cases = 1 if QUICK else CASES
+    workdir = _planned("sub5", list(SUBTASKS.values()))
+    experts: dict[str, Any] = {}
+    for name, dataset in SUBTASKS.items():
+        if name == NNUNET_SUBTASK:
+            folder, _env, nn = _nnunet(workdir, dataset, n_its)
+            experts[name] = {"nnunet": str(folder), "fold": 0}
+        else:
+            run = _train(workdir, f"expert_{name}", e_its, "--recipe", "single", "--dataset", dataset)
+            experts[name] = {"run": str(run)}
+    external = _train(_planned("ext2", EXTERNAL), "universal_ext", e_its)
+    spec = {"subtasks": {n: {"dataset": d} for n, d in SUBTASKS.items()}, "experts": experts,
+            "external": {"run": str(external)}}  # fmt: skip
+    spec_path = _area() / "experts.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    students, universals = {}, {}
+    for seed in seeds:
+        universals[seed] = _train(workdir, f"universal_s{seed}", s_its, "--seed", str(seed))
+        students[seed] = _train(workdir, f"ka2er_s{seed}", s_its, "--seed", str(seed), "--recipe", "ka2er",
+                                "--recipe-option", f"experts={spec_path}")  # fmt: skip
+    rows: dict[str, Any] = {}
+    cost: dict[str, float] = {"student_s": 0.0, "experts_s": 0.0, "student_rss_mb": 0.0, "experts_rss_mb": 0.0}
+    for name, dataset in SUBTASKS.items():
+        cases = held_out_cases(workdir, dataset)[:n_cases]
+        images, labels = _subset(dataset, cases, _area() / "subsets" / dataset)
+        base = _area() / "pred" / dataset
+        if name == NNUNET_SUBTASK:
+            out = base / "expert"
+            if not (out / "cost.json").is_file():
+                done = nn("predict", str(int(dataset[7:10])), str(images), str(out), "notta", NNUNET_PLANS,
+                          log="predict")  # fmt: skip
+                (out / "cost.json").write_text(json.dumps({"seconds": done.seconds, "peak_rss_mb": done.peak_rss_mb}))
+            expert_cost = json.loads((out / "cost.json").read_text())
+        else:
+            expert_cost = _predict(Path(experts[name]["run"]), images, base / "expert", dataset)
+        rows[f"expert/{dataset}"] = _scores(base / "expert", labels, dataset)
+        cost["experts_s"] += expert_cost["seconds"] / len(cases)
+        cost["experts_rss_mb"] = max(cost["experts_rss_mb"], expert_cost["peak_rss_mb"])
+        for seed in seeds:
+            _predict(universals[seed], images, base / f"universal_s{seed}", dataset)
+            rows[f"universal_s{seed}/{dataset}"] = _scores(base / f"universal_s{seed}", labels, dataset)
+            auto = ["--auto-boxes", str(universals[seed])]
+            modes = {"none": [], "oracle": ["--oracle-boxes", str(labels)], "auto": auto}
+            for mode, extra in modes.items():
+                out = base / f"ka2er_{mode}_s{seed}"
+                student_cost = _predict(students[seed], images, out, dataset, *extra)
+                rows[f"ka2er_{mode}_s{seed}/{dataset}"] = _scores(out, labels, dataset)
+                if mode == "none" and seed == seeds[0]:
+                    cost["student_s"] += student_cost["seconds"] / len(cases)
+                    cost["student_rss_mb"] = max(cost["student_rss_mb"], student_cost["peak_rss_mb"])
+    ood_cases = held_out_cases(_planned("ext2", EXTERNAL), "Dataset001_Hippocampus")[: 2 if QUICK else OOD_CASES]
+    ood = {"expert": generalisation(workdir, Path(experts["limbic"]["run"]), ood_cases)["mean"]}
+    for seed in seeds:
+        ood[f"universal_s{seed}"] = generalisation(workdir, universals[seed], ood_cases)["mean"]
+        ood[f"ka2er_s{seed}"] = generalisation(workdir, students[seed], ood_cases)["mean"]
+    plans = json.loads((workdir / "plans.json").read_text())
+    return {
+        "setting": {
+            "network": {k: plans["network"][k] for k in ("patch_size", "batch_size", "features")},
+            "expert_iterations": e_its,
+            "student_iterations": s_its,
+            "nnunet_iterations": n_its,
+            "nnunet_network": NNUNET_NETWORK,
+            "seeds": list(seeds),
+            "cases": n_cases,
+            "ood_cases": len(ood_cases),
+        },
+        "datasets": list(SUBTASKS.values()),
+        "rows": rows,
+        "ood": ood,
+        "cost": cost,
+    }
+
+
+def report(r: dict[str, Any]) -> list[str]:
+    s, rows, datasets = r["setting"], r["rows"], r["datasets"]
+    seeds = s["seeds"]
+
+    def cell(prefix: str, d: str, metric: str) -> str:
+        values = [rows[f"{prefix}_s{x}/{d}"][metric] for x in seeds if f"{prefix}_s{x}/{d}" in rows]
+        return _ms(values)
+
+    lines = [
+        "## KA²ER: a promptable student amalgamating frozen experts",
+        "",
+        f"`python -m benchmarks ka2er` — experts: `single` runs of {s['expert_iterations']} iterations (Dataset004: "
+        f"nnU-Net v2 itself, its plan shrunk to features {s['nnunet_network']['features']}, patch "
+        f"{s['nnunet_network']['patch']}, {s['nnunet_iterations']} iterations); external expert: `universal` on "
+        f"Dataset001 and 005; `universal` and the `ka2er` student: {s['student_iterations']} iterations on the five "
+        f"sub-task datasets, seeds {seeds}; network {s['network']}; Dice / HD95 (mm) on the first {s['cases']} "
+        "held-out cases of each dataset.",
+        "",
+        "| dataset | expert | universal | ka2er, no box | ka2er, oracle boxes | ka2er, auto boxes |",
+        "|---|---|---|---|---|---|",
+    ]
+    claim = []
+    for d in datasets:
+        expert = rows.get(f"expert/{d}", {})
+        cells = [f"{expert.get('dice', float('nan')):.3f} / {expert.get('hd95', float('nan')):.1f}"]
+        for prefix in ("universal", "ka2er_none", "ka2er_oracle", "ka2er_auto"):
+            cells.append(f"{cell(prefix, d, 'dice')} / {cell(prefix, d, 'hd95')}")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        student = [rows[f"ka2er_none_s{x}/{d}"]["dice"] for x in seeds if f"ka2er_none_s{x}/{d}" in rows]
+        if student and expert:
+            claim.append((d, statistics.mean(student) - expert["dice"]))
+    ood = r["ood"]
+    student_ood = statistics.mean([ood[f"ka2er_s{x}"] for x in seeds])
+    lines += [
+        "",
+        f"Out of domain (Dataset003's hippocampus on {s['ood_cases']} Dataset001 crops, Dice of L ∪ R): expert "
+        f"{ood['expert']:.3f}, universal {_ms([ood[f'universal_s{x}'] for x in seeds])}, ka2er "
+        f"{_ms([ood[f'ka2er_s{x}'] for x in seeds])}.",
+        "",
+        f"Cost per case (one held-out case per dataset): the student alone {r['cost']['student_s']:.1f} s (peak RSS "
+        f"{r['cost']['student_rss_mb']:.0f} MB) against every expert {r['cost']['experts_s']:.1f} s (largest peak "
+        f"{r['cost']['experts_rss_mb']:.0f} MB).",
+        "",
+    ]
+    within = [d for d, gap in claim if gap >= -0.02]
+    holds = len(within) == len(claim) and student_ood > ood["expert"]
+    misses = [f"{d} {gap:+.3f}" for d, gap in claim if gap < -0.02]
+    lines.append(
+        f"KA²ER's claim (the student within 2 Dice points of each expert in-domain and better out of domain): "
+        f"**{'holds' if holds else 'fails'}**"
+        + (
+            "."
+            if holds
+            else f" (in-domain gaps beyond 2 points: {', '.join(misses) or 'none'}; out of domain "
+            f"{student_ood:.3f} vs the expert's {ood['expert']:.3f})."
+        )
+    )
+    return [*lines, ""]
