@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mosaicseg.errors import MosaicSegError
+from mosaicseg.models.baselines import _logit
 from mosaicseg.models.factory import (
     MODEL_KINDS,
     _instance_norm_as_group_norm,
@@ -163,13 +164,8 @@ class KA2ERNet(nn.Module):
             "ka2er", topology, modality_channels, num_tasks, architecture, resolved, False, None, ka2er=settings
         )
 
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return self.stems.modalities
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return copy.deepcopy(self._config)
+    modalities = property(lambda self: self.stems.modalities)
+    config = property(lambda self: copy.deepcopy(self._config))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> KA2ERNet:
@@ -179,11 +175,9 @@ class KA2ERNet(nn.Module):
         return name in self.task_parameters
 
     def set_output_prior(self, prior: np.ndarray) -> None:
-        """Start task k's mask at probability ``prior[k]`` (its bias)."""
+        """Start task k's mask at probability ``prior[k]`` (its bias; the padding row's stays 0)."""
         with torch.no_grad():
-            self.mask_decoder.task_bias[: len(prior)] = torch.as_tensor(
-                np.log(prior / (1 - prior)), dtype=torch.float32
-            )
+            self.mask_decoder.task_bias[: len(prior)] = _logit(prior)
 
     def prediction_only(self) -> str:
         """Drop the amalgamation layer (only training reads the experts); returns its state-dict prefix."""
