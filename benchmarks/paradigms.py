@@ -161,8 +161,10 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
                 if seed == seeds[0] and (recipe != "single" or dataset == COST_DATASET):
                     entry["predict_cost"] = _predict_cost(workdir, run, cost_cases)
                 runs[f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"] = entry
+    priors = _hermes_priors(runs)
     plans = json.loads((workdir / "plans.json").read_text())
     return {
+        "priors": priors,
         "setting": {
             "collection": "mri7",
             "network": {k: plans["network"][k] for k in ("patch_size", "batch_size", "features")},
@@ -180,6 +182,26 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
         "paradigms": landed,
         "runs": runs,
     }
+
+
+def _hermes_priors(runs: dict[str, Any]) -> dict[str, str] | None:
+    """``mosaicseg priors`` of the first seed's Hermes run, its heatmaps copied next to the results (issue 9)."""
+    from benchmarks.common import RESULTS
+
+    entry = next((v for k, v in runs.items() if v["recipe"] == "hermes"), None)
+    if entry is None:
+        return None
+    out = Path(entry["run"]) / "priors"
+    if not (out / "task_priors.png").is_file():
+        run_cli(["priors", entry["run"], "-o", str(out)], WORK / "logs" / "mri7_priors.log")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    copied = {}
+    for name in ("task_priors", "modality_priors"):
+        if (out / f"{name}.png").is_file():
+            target = RESULTS / f"paradigms-mri7-hermes-{name}.png"
+            target.write_bytes((out / f"{name}.png").read_bytes())
+            copied[name] = f"benchmarks/results/{target.name}"
+    return copied
 
 
 def _short(dataset: str) -> str:
@@ -255,6 +277,10 @@ def report(r: dict[str, Any]) -> list[str]:
         peak = f"{max(rss):.0f}" if rss else "–"
         predict = f"{cost['s_per_case']:.1f} | {cost['peak_rss_mb']:.0f}" if cost else "– | –"
         lines.append(f"| {label[n]} | {statistics.mean(its):.2f} | {peak} | {predict} |")
+    if r.get("priors"):
+        about = "Hermes' learned priors (seed 0): cosine similarity of the task and of the modality tokens"
+        lines += ["", f"{about} (`mosaicseg priors`):", ""]
+        lines += [f"![{name}]({path})" for name, path in r["priors"].items()]
     return [*lines, ""]
 
 
