@@ -13,6 +13,7 @@ import torch
 
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.models import MODEL_KINDS, build_from_config
+from mosaicseg.models.amalgamation import KA2ERNet
 from mosaicseg.models.baselines import DynamicHeadNet, MultiDecoderNet, PromptNet
 from mosaicseg.models.factory import UniversalNet
 from mosaicseg.models.priors import NOT_ASKED, HermesNet
@@ -45,6 +46,10 @@ def build(kind: str) -> torch.nn.Module:
         return PromptNet(**common)
     if kind == "multidecoder":
         return MultiDecoderNet(**common, dataset_tasks=DATASET_TASKS)
+    if kind == "ka2er":  # one expert slot and an external expert (unused without their features: prediction)
+        return KA2ERNet(
+            **common, ka2er={"expert_channels": [6], "external_channels": 3, "head_dim": 8, "prompt_width": 8}
+        )
     raise AssertionError(f"no builder for model kind {kind}: add one here")
 
 
@@ -84,11 +89,14 @@ def test_outputs_per_level_and_tasks_not_asked(kind):
 def test_a_mixed_batch_equals_one_sample_at_a_time(kind):
     model = build(kind).eval()
     image, modality = _inputs()
+    # ka2er: attention over a batch rounds differently from one sample (4.6e-7 here), and the mask decoder's
+    # per-voxel LayerNorm over this test net's 4 channels amplifies that to 2.4e-5 at its flattest voxel
+    atol = 1e-4 if kind == "ka2er" else 1e-5
     with torch.no_grad():
         together = model(image, modality, tasks=TASKS).logits[0]
         for b in range(3):
             alone = model(image[b : b + 1], modality[b : b + 1], tasks=TASKS[b : b + 1]).logits[0]
-            torch.testing.assert_close(alone[0][TASKS[b]], together[b][TASKS[b]], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(alone[0][TASKS[b]], together[b][TASKS[b]], rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -135,6 +135,8 @@ class MaskDecoder(nn.Module):
         base = full.flatten(2) + pe  # (B, c0, N)
         shifted = base.unsqueeze(1) + self.to_map(token).unsqueeze(-1)  # (B, T, c0, N)
         normed = self.norm_map(shifted.transpose(2, 3))  # (B, T, N, c0)
-        logits = torch.einsum("btnc,btc->btn", normed, self.score(token))
+        # a product and a sum over channels, not a batched matmul: the result of one (sample, task) does not depend
+        # on how many others are in the batch (a matmul's blocking does, by float rounding)
+        logits = (normed * self.score(token).unsqueeze(2)).sum(-1)
         logits = logits + self.task_bias[index].unsqueeze(-1)
         return logits.view(b, t, *size)
