@@ -137,3 +137,14 @@ def find_checkpoints(run: str | Path, folds: Sequence[str] | None = None, name: 
             "choose --folds, or use --checkpoint latest."
         )
     return [d / f"checkpoint_{name}.pt" for d in fold_dirs]
+
+
+def load_one_model(source: str | Path, use: str) -> dict[str, Any]:
+    """The one model checkpoint behind ``source`` (a ``.pt``, a fold folder, or a run folder with exactly one
+    fold); ``use`` names what needs one model in the error (e.g. ``init_from starts from``)."""
+    paths = find_checkpoints(source)
+    if len(paths) != 1:
+        raise MosaicSegError(
+            f"{source}: holds {len(paths)} folds; {use} one model. Fix: pass one fold folder or one checkpoint_*.pt."
+        )
+    return load_checkpoint(paths[0], require=MODEL_KEYS)

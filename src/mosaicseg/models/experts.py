@@ -173,12 +173,9 @@ class Expert:
 
 def read_run(source: str | Path) -> dict[str, Any]:
     """The one checkpoint of a MosaicSeg run, fold folder or ``.pt`` that serves as an expert."""
-    from mosaicseg.runtime import MODEL_KEYS, find_checkpoints, load_checkpoint
+    from mosaicseg.runtime import load_one_model
 
-    paths = find_checkpoints(source)
-    if len(paths) != 1:
-        raise MosaicSegError(f"{source}: holds {len(paths)} folds; an expert is one model. Fix: pass one fold folder.")
-    return load_checkpoint(paths[0], require=MODEL_KEYS)
+    return load_one_model(source, "an expert is")
 
 
 def _readable(expert: Expert, channels: int, normalization: Sequence[dict[str, Any]]) -> bool:

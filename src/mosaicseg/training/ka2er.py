@@ -100,7 +100,7 @@ def read_experts_file(spec: Any) -> dict[str, Any]:
 
 
 def _load_expert(entry: Any, dataset: str, level: int, raw_image: Path | None, where: str) -> Expert:
-    if not isinstance(entry, dict) or not ({"run"} <= set(entry) or {"nnunet"} <= set(entry)):
+    if not isinstance(entry, dict) or not ({"run", "nnunet"} & set(entry)):
         raise MosaicSegError(
             f"{where}: an expert is {{run: FOLDER}} or {{nnunet: FOLDER, fold: F}}. Fix the entry {entry!r}."
         )
@@ -157,7 +157,7 @@ def build_slots(
     external = None
     if spec.get("external") is not None:
         entry = spec["external"]
-        if not isinstance(entry, dict) or not ({"run"} <= set(entry) or {"nnunet"} <= set(entry)):
+        if not isinstance(entry, dict) or not ({"run", "nnunet"} & set(entry)):
             raise MosaicSegError(f"{where}: the external expert is {{run: FOLDER}} or {{nnunet: FOLDER, image: FILE}}.")
         image = Path(entry["image"]) if entry.get("image") else None
         external = ExternalExpert(entry, level, image)

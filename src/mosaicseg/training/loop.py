@@ -318,12 +318,21 @@ class Trainer:
         """``(K,)`` share of voxels per task of ``vocabulary`` over this fold's training cases."""
         cases = {d: ids for d, ids in list_cases(self.workdir).items() if d in vocabulary.datasets}
         train, _, _ = fold_cases(self.collection, cases, self.config.fold)
-        if self.config.train_case_ids is not None:
-            chosen = {d: ids for d, ids in self.config.train_case_ids.items() if d in cases}
+        # the prior sees only what trains (the vocabulary may cover fewer datasets than the chosen cases)
+        return task_frequencies(self.workdir, vocabulary, self._trained(train, cases, only_these=True))
+
+    def _trained(
+        self, train: list[tuple[str, str]], cases: dict[str, list[str]], only_these: bool = False
+    ) -> list[tuple[str, str]]:
+        """The fold's ``train`` cases as the config narrows them: ``train_case_ids`` (with ``only_these``: of the
+        datasets in ``cases`` only), then the seeded ``cases``/``fraction`` subset."""
+        cfg = self.config
+        if cfg.train_case_ids is not None:
+            chosen = {d: ids for d, ids in cfg.train_case_ids.items() if d in cases or not only_these}
             train = chosen_cases(chosen, cases, self.workdir)
-        if self.config.cases is not None or self.config.fraction is not None:  # the prior sees only what trains
-            train = subset_cases(train, self.config.cases, self.config.fraction, self.config.seed)
-        return task_frequencies(self.workdir, vocabulary, train)
+        if cfg.cases is not None or cfg.fraction is not None:
+            train = subset_cases(train, cfg.cases, cfg.fraction, cfg.seed)
+        return train
 
     def _split(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
         cases = list_cases(self.workdir)
@@ -335,11 +344,11 @@ class Trainer:
             )
         cases = {d: ids for d, ids in cases.items() if d in wanted}
         train, val, notes = fold_cases(self.collection, cases, self.config.fold)
-        if self.config.train_case_ids is not None:
-            train = chosen_cases(self.config.train_case_ids, cases, self.workdir)
-            val = [v for v in val if v not in set(train)]
+        train = self._trained(train, cases)
+        if self.config.train_case_ids is not None:  # a chosen case is never validated on, subset or not
+            chosen = set(chosen_cases(self.config.train_case_ids, cases, self.workdir))
+            val = [v for v in val if v not in chosen]
         if self.config.cases is not None or self.config.fraction is not None:
-            train = subset_cases(train, self.config.cases, self.config.fraction, self.config.seed)
             counts = {d: sum(1 for x, _ in train if x == d) for d in sorted({x for x, _ in train})}
             notes.append(f"training on a seeded subset of the training cases (seed {self.config.seed}): {counts}")
         return train, val, notes

@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from mosaicseg.data.vocabulary import Vocabulary
-from mosaicseg.errors import MosaicSegError
 from mosaicseg.models import modality_parameter_names, task_parameter_names
-from mosaicseg.runtime import MODEL_KEYS, find_checkpoints, load_checkpoint
+from mosaicseg.runtime import load_one_model
 
 
 @dataclass
@@ -63,13 +62,7 @@ class InitReport:
 def read_source(source: str | Path) -> dict[str, Any]:
     """The checkpoint behind ``source`` (a ``.pt``, a fold folder, or a run folder with exactly one fold); a
     bundle (``mosaicseg export``) is read by :func:`mosaicseg.inference.bundle.read_model`, a later stage."""
-    paths = find_checkpoints(source)
-    if len(paths) != 1:
-        raise MosaicSegError(
-            f"{source}: holds {len(paths)} folds; init_from starts from one model. Fix: pass one fold folder or "
-            "one checkpoint_*.pt."
-        )
-    return load_checkpoint(paths[0], require=MODEL_KEYS)
+    return load_one_model(source, "init_from starts from")
 
 
 def load_matching(model: nn.Module, vocabulary: Vocabulary, ckpt: dict[str, Any], source: str = "") -> InitReport:
