@@ -709,7 +709,10 @@ IXI_VOID = (
 def with_void_note(name: str, result: dict[str, Any], body: list[str]) -> list[str]:
     """``body`` (a section, heading first) with :data:`IXI_VOID` under the heading when its IXI figures predate
     the rebuild."""
-    if name in IXI_DICE_STUDIES and result["machine"]["date"] < IXI_REBUILT:
+    # a study re-run on the rebuilt sets keeps its older non-IXI parts in the old file: no IXI dataset, no note
+    text = json.dumps(result.get("datasets", result))
+    has_ixi = any(f"{d}_IXI" in text for d in ("Dataset002", "Dataset003", "Dataset004"))
+    if name in IXI_DICE_STUDIES and result["machine"]["date"] < IXI_REBUILT and has_ixi:
         return [body[0], "", IXI_VOID, *body[1:]]
     return body
 

@@ -334,10 +334,14 @@ def test_universal_is_held_against_each_dataset_s_single_model_within_two_points
 
 def test_ixi_figures_measured_before_the_rebuild_are_marked_void() -> None:
     body = ["## Paradigms", "", "| table |"]
-    old = report.with_void_note("paradigms", {"machine": {"date": "2026-11-24 13:46"}}, body)
+    ixi = {"Dataset003_IXILimbic": {}}
+    old = report.with_void_note("paradigms", {"machine": {"date": "2026-11-24 13:46"}, "datasets": ixi}, body)
     assert old[0] == "## Paradigms" and old[2] == report.IXI_VOID and old[3:] == body[1:]
-    assert report.with_void_note("paradigms", {"machine": {"date": "2026-12-01 15:00"}}, body) == body
-    assert report.with_void_note("speed", {"machine": {"date": "2026-11-24 11:37"}}, body) == body  # no IXI Dice
+    assert report.with_void_note("paradigms", {"machine": {"date": "2026-12-01 15:00"}, "datasets": ixi}, body) == body
+    assert report.with_void_note("speed", {"machine": {"date": "2026-11-24 11:37"}, "datasets": ixi}, body) == body
+    # an old result whose IXI rows were re-run elsewhere and dropped from it keeps its other rows, unmarked
+    hippo = {"Dataset001_Hippocampus": {}}
+    assert report.with_void_note("nnunet", {"machine": {"date": "2026-11-24 13:46"}, "datasets": hippo}, body) == body
 
 
 def test_hippocampus_table_compares_the_defaults_with_before() -> None:
