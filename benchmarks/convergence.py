@@ -20,8 +20,11 @@ from benchmarks.common import QUICK, RESULTS, ROOT, SHARED, WORK, held_out_cases
 COLLECTIONS = {"ixi3": ROOT / "collections" / "ixi3.yaml", "mri7": ROOT / "collections" / "mri7.yaml"}
 
 # the settings before this study that later defaults changed, spelled out so those runs stay what they were:
-# the CPU plan's 64³ patch, AdamW at 1e-3, validation unbounded, output biases at the layer's initialisation
-BEFORE = ["--patch-size", "64,64,64", "--val-share", "1", "--recipe-option", "head_prior=null"]
+# the CPU plan's 64³ patch, AdamW at 1e-3, validation of whole cases, unbounded, output biases at the layer's
+# initialisation
+BEFORE = [
+    "--patch-size", "64,64,64", "--val-share", "1", "--val-mode", "cases", "--recipe-option", "head_prior=null",
+]  # fmt: skip
 # what issue 7 ran: AdamW, bf16 autocast, validation on 4 cases every 2 epochs of 100 iterations
 ISSUE_SETTINGS = [
     "--optimizer", "adamw", "--lr", "1e-3", "--precision", "mixed", "--iterations-per-epoch", "100",
@@ -60,6 +63,8 @@ CONFIGS: dict[str, list[str]] = {
     "after-no-prior": ["--recipe-option", "head_prior=null"],
     "after-fp32": ["--precision", "fp32"],
     "after-val-unbounded": ["--val-share", "1"],
+    # validation by sliding-window prediction of whole cases (the default before patch validation)
+    "after-val-cases": ["--val-mode", "cases"],
     "after-64": ["--patch-size", "64,64,64"],
     "after-lr1e-3": ["--lr", "1e-3"],
     "after-prior-0.003": ["--recipe-option", "head_prior=0.003"],
@@ -71,6 +76,13 @@ CONFIGS: dict[str, list[str]] = {
 SINGLES = "singles"
 # the universal run that the singles are held against
 UNIVERSAL = "defaults-after"
+
+
+def run_folder(workdir: Path, name: str, budget: str) -> Path:
+    """A configuration's run folder. Runs on the default validation are kept apart from those trained before
+    patch validation became the default (their cached runs validated whole cases, on another schedule)."""
+    pinned = any(flag == "--val-mode" for flag in CONFIGS[name][::2])
+    return workdir / "runs" / (f"{name}_{budget}" if pinned else f"{name}_{budget}_patchval")
 
 
 def _plan(collection: str) -> Path:
@@ -121,7 +133,7 @@ def study_convergence(collection: str, configs: list[str], budget_min: float) ->
         if name == SINGLES:
             runs[name] = _singles(workdir, datasets, budget_min)
             continue
-        run = workdir / "runs" / f"{name}_{budget}"
+        run = run_folder(workdir, name, budget)
         if not (run / "checkpoint_final.pt").is_file():
             args = ["train", str(workdir), "--fold", "0", "--seed", "0", "--device", "cpu", "--time-budget", budget,
                     *CONFIGS[name], "-o", str(run)]  # fmt: skip
@@ -154,7 +166,7 @@ def _singles(workdir: Path, datasets: list[str], budget_min: float) -> dict[str,
     share_s = budget_min * 60 / len(datasets)
     parts: dict[str, Any] = {}
     for dataset in datasets:
-        run = workdir / "runs" / f"{SINGLES}-{dataset.split('_')[0]}_{budget_min:g}m"
+        run = workdir / "runs" / f"{SINGLES}-{dataset.split('_')[0]}_{budget_min:g}m_patchval"
         if not (run / "checkpoint_final.pt").is_file():
             args = ["train", str(workdir), "--recipe", "single", "--dataset", dataset, "--fold", "0", "--seed", "0",
                     "--device", "cpu", "--time-budget", f"{share_s:.0f}s", "-o", str(run)]  # fmt: skip

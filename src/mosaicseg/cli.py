@@ -342,11 +342,21 @@ def train(
     val_share: Annotated[
         float | None,
         typer.Option(
-            help="With --time-budget: skip validations while they took more than this share of the time (default "
-            "0.1: validation took 28 %% of a 30-minute IXI run without it, BENCHMARKS.md)"
+            help="With --time-budget: run a validation only if, at its predicted cost, validation stays within this "
+            "share of the time, and keep the final validation's cost free at the end of the budget (default 0.1: "
+            "validation took 28 %% of a 30-minute IXI run without it, BENCHMARKS.md)"
         ),
     ] = 0.1,
     val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
+    val_mode: Annotated[
+        str,
+        typer.Option(
+            help="patches: nnU-Net's pseudo-Dice on --val-patches fixed patches per case, its cost set by the "
+            "number of cases (default: a whole-case pass took 200 s of a 30-minute seven-dataset run, "
+            "BENCHMARKS.md); cases: each held-out case predicted whole"
+        ),
+    ] = "patches",
+    val_patches: Annotated[int, typer.Option(help="Validation patches per case with --val-mode patches")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     workers: Annotated[int, typer.Option(help="Data-loader worker processes")] = 0,
     precision: Annotated[
@@ -402,6 +412,8 @@ def train(
         val_every=val_every,
         val_share=val_share,
         val_max_cases=val_max_cases or None,
+        val_mode=val_mode,
+        val_patches=val_patches,
         device=device,
         num_workers=workers,
         amp={"auto": None, "fp32": False, "mixed": True}[precision],

@@ -282,6 +282,7 @@ WIDTHS: dict[str, float] = {"small": 0.5, "base": 1.0, "large": 2.0}
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "lamb")
 SCHEDULES: tuple[str, ...] = ("poly", "exp", "constant")
 FREEZE: tuple[str, ...] = ("none", "encoder", "backbone")  # TrainConfig.freeze
+VAL_MODES: tuple[str, ...] = ("patches", "cases")  # TrainConfig.val_mode
 # nnU-Net: SGD-Nesterov 1e-2 with poly decay; AdamW 3e-3 with poly decay: the CPU convergence study's best
 # (BENCHMARKS.md, convergence: with 48³ patches, 0.72/0.21/0.65 IXI held-out Dice in 10 minutes against
 # 0.43/0.00/0.54 for 1e-3 and 64³); Hermes: LAMB 2e-3, exponential.
@@ -318,8 +319,13 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1  # epochs
     val_max_cases: int | None = 8  # per dataset; None: every held-out case
-    # time-budget runs: skip an epoch's validation while validation has taken more than this share of the
-    # elapsed time (the final validation always runs); None: validate every val_every epochs
+    # "patches": nnU-Net's online pseudo-Dice on val_patches fixed, seeded patches per held-out case (cost ~ the
+    # number of cases, whatever their size); "cases": sliding-window prediction of each whole held-out case
+    val_mode: str = "patches"
+    val_patches: int = 2  # per case: every other one centred on a foreground voxel, the rest uniform
+    # time-budget runs: an epoch's validation runs only if, with its predicted cost, validation stays within this
+    # share of the elapsed time; the final validation's predicted cost is kept free at the end of the budget.
+    # None: validate every val_every epochs
     val_share: float | None = 0.1
     deep_supervision: bool = True
     grad_clip: float = 12.0
@@ -378,6 +384,7 @@ class TrainConfig:
             "batch_size",
             "val_every",
             "val_max_cases",
+            "val_patches",
             "checkpoint_every",
             "cases",
         ):
@@ -411,6 +418,8 @@ class TrainConfig:
             bad("both cases and fraction are given", "give one of them")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             bad(f"fraction must be in (0, 1], got {self.fraction!r}", "use e.g. 0.1 (a tenth of the cases)")
+        if self.val_mode not in VAL_MODES:
+            bad(f"val_mode '{self.val_mode}' is unknown", f"use one of {', '.join(VAL_MODES)}")
         if self.val_share is not None and not 0 < self.val_share <= 1:
             bad(f"val_share must be in (0, 1], got {self.val_share!r}", "use e.g. 0.1 (a tenth of the time)")
         if not 0 <= self.oversample_foreground <= 1:
@@ -449,6 +458,8 @@ class TrainConfig:
         d.setdefault("recipe_options", {})  # runs written before recipes had options
         d.setdefault("init_from", None)
         d.setdefault("val_share", None)
+        d.setdefault("val_mode", "cases")  # runs written before patch validation validated whole cases
+        d.setdefault("val_patches", 2)
         for key in ("datasets", "patch_size"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])

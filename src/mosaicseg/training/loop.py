@@ -34,7 +34,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,9 @@ from tqdm import tqdm
 
 from mosaicseg.atomic import write_json_atomic
 from mosaicseg.config import WIDTHS, TrainConfig
-from mosaicseg.data.augment import AugmentConfig
+from mosaicseg.data.augment import AugmentConfig, sample_patch
 from mosaicseg.data.preprocess import load_case
-from mosaicseg.data.sampling import BatchPolicy, DrawSampler, PatchDataset, cached_loader, collate
+from mosaicseg.data.sampling import BatchPolicy, DrawSampler, PatchDataset, cached_loader, choose_center, collate
 from mosaicseg.data.splits import fold_cases
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.data.workdir import (
@@ -237,6 +237,9 @@ class Trainer:
         self.epoch = 0
         self.elapsed_s = 0.0
         self.val_s = 0.0  # seconds spent validating (part of elapsed_s)
+        self.val_tile_s: float | None = None  # measured seconds per forward tile of the last validation
+        self.val_reserve_s = 0.0  # the end of a time budget kept free for the final validation
+        self._val_tile_count: int | None = None
         self.epoch_losses: list[float] = []
         self.epoch_terms: dict[str, list[float]] = {}  # the recipe's named loss terms, per step of the epoch
         self.best: dict[str, Any] = {"val_mean": -math.inf, "iteration": None}
@@ -385,6 +388,7 @@ class Trainer:
             "epoch": self.epoch,
             "elapsed_s": self.elapsed_s,
             "val_s": self.val_s,
+            "val_tile_s": self.val_tile_s,
             "epoch_losses": list(self.epoch_losses),  # a resumed epoch logs the mean over all its iterations
             "epoch_terms": {k: list(v) for k, v in self.epoch_terms.items()},
             "train_config": self.config.to_dict(),
@@ -436,6 +440,7 @@ class Trainer:
         self.epoch = int(ckpt["epoch"])
         self.elapsed_s = float(ckpt["elapsed_s"])
         self.val_s = float(ckpt.get("val_s", 0.0))
+        self.val_tile_s = ckpt.get("val_tile_s")
         self.epoch_losses = [float(v) for v in ckpt.get("epoch_losses", [])]
         self.epoch_terms = {k: [float(x) for x in v] for k, v in ckpt.get("epoch_terms", {}).items()}
         self.best = dict(ckpt.get("best") or self.best)
@@ -460,7 +465,9 @@ class Trainer:
         if self.total_iterations:
             parts.append(self.iteration / self.total_iterations)
         if self.config.time_budget_s:
-            parts.append(self.elapsed_s / self.config.time_budget_s)
+            # training ends early enough for the final validation to fit in the budget (at most half of it)
+            budget = self.config.time_budget_s
+            parts.append(self.elapsed_s / max(budget - self.val_reserve_s, 0.5 * budget))
         return max(parts)
 
     def finished(self) -> bool:
@@ -471,10 +478,13 @@ class Trainer:
         follows the elapsed time, and the budget's end and a Ctrl-C on one node end the loop: ranks that measured
         their own would step with different rates (different weights) and leave at different iterations (a hang)."""
         device = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL reduces CUDA tensors only
-        state = torch.tensor([self.elapsed_s, float(self.stop_requested)], dtype=torch.float64, device=device)
+        state = torch.tensor(
+            [self.elapsed_s, float(self.stop_requested), self.val_reserve_s], dtype=torch.float64, device=device
+        )
         torch.distributed.all_reduce(state, op=torch.distributed.ReduceOp.MAX)
         self.elapsed_s = float(state[0])
         self.stop_requested = bool(state[1] > 0)
+        self.val_reserve_s = float(state[2])  # only rank 0 validates, so only it has measured the cost
 
     def request_stop(self) -> None:
         """Stop after the current step, saving ``checkpoint_latest.pt`` (SIGINT/SIGTERM call this too)."""
@@ -585,38 +595,37 @@ class Trainer:
         tile = TileModel.asking(self.model, self.vocabulary.num_tasks, tasks, self.vocabulary.dataset_index(dataset))
         return bind_modality(tile, self.vocabulary.modality_index(dataset))
 
+    def _val_selection(self) -> dict[str, list[str]]:
+        """The held-out cases each validation uses: per dataset the first ``val_max_cases`` in sorted order."""
+        per_dataset: dict[str, list[str]] = {}
+        for d, c in self.val_cases:
+            per_dataset.setdefault(d, []).append(c)
+        n = self.config.val_max_cases
+        return {d: sorted(cases)[:n] if n is not None else sorted(cases) for d, cases in per_dataset.items()}
+
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
         """Per-dataset pseudo-Dice on the fold's held-out cases (preprocessed space, threshold 0.5).
 
-        Counts are summed over cases per task (nnU-Net's pseudo-Dice; the evaluator's Dice of the summed
-        counts), then averaged over each dataset's tasks; at most ``val_max_cases`` cases per dataset, the first
-        in sorted order.
+        ``val_mode`` "cases": each case predicted whole by the sliding window; "patches": ``val_patches``
+        patches per case at centres drawn once from the run's seed (the same patches every time, so passes
+        compare), the first of each case on a foreground voxel when it has one. Counts are summed over cases
+        per task (nnU-Net's pseudo-Dice; the evaluator's Dice of the summed counts), then averaged over each
+        dataset's tasks.
         """
         self.model.eval()
-        per_dataset: dict[str, list[tuple[str, str]]] = {}
-        for d, c in self.val_cases:
-            per_dataset.setdefault(d, []).append((d, c))
         counts: dict[tuple[str, int], np.ndarray] = {}
-        for d, cases in per_dataset.items():
-            if self.config.val_max_cases is not None:
-                cases = sorted(cases)[: self.config.val_max_cases]
+        for d, cases in self._val_selection().items():
             tasks = self.vocabulary.dataset_tasks(d)
             task_ids = [k for k, _, _ in tasks]
             forward = self.tile_forward(d, task_ids)
-            for _, case_id in cases:
-                case = load_case(self.workdir, d, case_id, mmap=True)
-                image = torch.from_numpy(np.array(case.image, dtype=np.float32))  # mmap is read-only
-                logits = predict_logits(
-                    forward,
-                    image,
-                    self.patch_size,
-                    tile_batch=self.batch_size,
-                    tasks=task_ids,
-                    device=self.device,
-                    amp=self.amp,
-                )
-                seg = np.asarray(case.seg)
+            # (tasks, *spatial) logits with the (*spatial) label map they are scored against
+            scored = (
+                self._case_logits(d, cases, forward, task_ids)
+                if self.config.val_mode == "cases"
+                else (self._patch_logits(d, cases, forward))
+            )
+            for logits, seg in scored:
                 valid = ~self.vocabulary.ignore_mask(d, seg)
                 for j, (k, _, values) in enumerate(tasks):
                     pred = (logits[j].numpy() > 0) & valid
@@ -626,7 +635,7 @@ class Trainer:
                     c += (tp, np.count_nonzero(pred) - tp, np.count_nonzero(ref) - tp)
         task_dice: dict[str, float] = {}
         dataset_dice: dict[str, float] = {}
-        for d in per_dataset:
+        for d in self._val_selection():
             values = []
             for k, _, _ in self.vocabulary.dataset_tasks(d):
                 tp, fp, fn = counts.get((d, k), np.zeros(3, dtype=np.int64))
@@ -641,6 +650,42 @@ class Trainer:
             "val_dice_tasks": task_dice,
             "val_mean": float(np.mean(finite)) if finite else math.nan,
         }
+
+    def _case_logits(
+        self, dataset: str, cases: list[str], forward: Callable[[torch.Tensor], torch.Tensor], task_ids: list[int]
+    ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """Each whole case's sliding-window logits ``(K, *S)`` and label map ``(*S)``."""
+        for case_id in cases:
+            case = load_case(self.workdir, dataset, case_id, mmap=True)
+            image = torch.from_numpy(np.array(case.image, dtype=np.float32))  # mmap is read-only
+            logits = predict_logits(
+                forward, image, self.patch_size, tile_batch=self.batch_size, tasks=task_ids, device=self.device,
+                amp=self.amp,
+            )  # fmt: skip
+            yield logits, np.asarray(case.seg)
+
+    def _patch_logits(
+        self, dataset: str, cases: list[str], forward: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """Logits ``(K, *P)`` and label map ``(*P)`` of the validation patches of ``cases``, batched."""
+        index = self.vocabulary.dataset_index(dataset)
+        patches: list[tuple[np.ndarray, np.ndarray]] = []
+        for case_id in cases:
+            case = load_case(self.workdir, dataset, case_id, mmap=True)
+            image, seg = np.asarray(case.image), np.asarray(case.seg)
+            # one generator per case from the seed and the case's name: the same centres at every validation,
+            # after a resume, and whichever other cases are held out
+            rng = np.random.default_rng([self.config.seed, index, *case_id.encode()])
+            for p in range(self.config.val_patches):
+                centre = choose_center(seg.shape, self.patch_size, case.fg_locations, p % 2 == 0, rng)
+                patches.append(sample_patch(image, seg, centre, self.patch_size, AugmentConfig.off(), rng))
+        for start in range(0, len(patches), self.batch_size):
+            chunk = patches[start : start + self.batch_size]
+            x = torch.from_numpy(np.stack([im for im, _ in chunk])).to(self.device)
+            with torch.autocast(self.device.type, enabled=self.amp and self.device.type in ("cpu", "cuda")):
+                logits = forward(x).float().cpu()
+            for j, (_, seg) in enumerate(chunk):
+                yield logits[j], seg
 
     # ----------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
@@ -688,6 +733,8 @@ class Trainer:
                 now = time.perf_counter()
                 self.elapsed_s += now - tick
                 tick = now
+                if cfg.time_budget_s is not None and self.val_cases:
+                    self.val_reserve_s = self.expected_validation_s()
                 if self.world_size > 1:
                     self._agree()
                 losses.append(loss)
@@ -698,6 +745,8 @@ class Trainer:
                 if epoch_end or done:
                     record = self._end_epoch(losses, time.perf_counter() - epoch_start, validate=epoch_end or done)
                     epoch_start = time.perf_counter()
+                    if done:  # no step follows to count the final validation in the run's time; ranks may differ
+                        self.elapsed_s += epoch_start - tick
                 elif cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                     self.save("latest")
                 if done:
@@ -735,6 +784,9 @@ class Trainer:
             record.update(self.validate())
             record["val_time_s"] = time.perf_counter() - t0
             self.val_s += record["val_time_s"]
+            if self.finished():  # the record of the last epoch says when the run ended
+                record["elapsed_s"] = self.elapsed_s + record["val_time_s"]
+            self.val_tile_s = record["val_time_s"] / max(1, self.validation_tiles())
             if not math.isnan(record["val_mean"]) and record["val_mean"] > self.best["val_mean"]:
                 self.best = {"val_mean": record["val_mean"], "iteration": self.iteration}
                 self.save("best")
@@ -753,11 +805,38 @@ class Trainer:
         return record
 
     def _validation_affordable(self) -> bool:
-        """Whether a due validation fits ``val_share`` of a time budget (always, without either)."""
+        """Whether a due validation, at its predicted cost, keeps validation within ``val_share`` of the elapsed
+        time of a time budget (always, without either)."""
         cfg = self.config
         if cfg.val_share is None or cfg.time_budget_s is None:
             return True
-        return self.val_s <= cfg.val_share * self.elapsed_s
+        return self.val_s + self.expected_validation_s() <= cfg.val_share * self.elapsed_s
+
+    def expected_validation_s(self) -> float:
+        """Predicted seconds of one validation pass: its forward tiles times the seconds per tile of the last
+        pass or, before any, a third of a training step's time per sample (a forward without the backward)."""
+        if self.val_tile_s is not None:
+            per_tile = self.val_tile_s
+        elif self.iteration:
+            per_tile = (self.elapsed_s - self.val_s) / self.iteration / (3 * self.batch_size)
+        else:
+            return 0.0
+        return per_tile * self.validation_tiles()
+
+    def validation_tiles(self) -> int:
+        """Forward tiles of one validation pass: ``val_patches`` per case, or each case's sliding windows."""
+        if self._val_tile_count is None:
+            selection = self._val_selection()
+            if self.config.val_mode == "patches":
+                count = self.config.val_patches * sum(len(c) for c in selection.values())
+            else:
+                count = sum(
+                    _window_count(load_case(self.workdir, d, c, mmap=True).seg.shape, self.patch_size)
+                    for d, cases in selection.items()
+                    for c in cases
+                )
+            self._val_tile_count = count
+        return self._val_tile_count
 
     def _finish(self, record: dict[str, Any]) -> dict[str, Any]:
         self.save("final")
@@ -765,6 +844,15 @@ class Trainer:
         if self.world_size > 1:
             torch.distributed.barrier()
         return record
+
+
+def _window_count(shape: Sequence[int], patch: Sequence[int], overlap: float = 0.5) -> int:
+    """Sliding windows of ``patch`` over ``shape`` at ``overlap`` (MONAI's tiling; smaller axes are padded)."""
+    n = 1
+    for s, p in zip(shape, patch, strict=True):
+        step = max(1, int(p * (1 - overlap)))
+        n *= 1 if s <= p else math.ceil((s - p) / step) + 1
+    return n
 
 
 def _skip(*_: Any) -> None:
