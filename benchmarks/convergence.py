@@ -148,6 +148,8 @@ def study_convergence(collection: str, configs: list[str], budget_min: float) ->
             "train_min": last["elapsed_s"] / 60,
             "s_per_iteration": last["elapsed_s"] / max(1, last["iteration"]),
             "validation_min": sum(r.get("val_time_s", 0.0) for r in records) / 60,
+            # runs from before patch validation have no val_mode: they validated whole cases
+            "val_mode": json.loads((run / "config.json").read_text())["train_config"].get("val_mode", "cases"),
             "curve": [
                 {"minutes": r["elapsed_s"] / 60, "iteration": r["iteration"], "val_dice": r["val_dice"]}
                 for r in records

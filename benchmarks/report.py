@@ -622,19 +622,21 @@ def _convergence(r: dict[str, Any]) -> list[str]:
         "",
         f"`python -m benchmarks convergence --collection {r['collection']} --budget-min {r['budget_min']:g}` — "
         "`mosaicseg train --time-budget` on the collection's plan, fold 0, seed 0, one run per configuration "
-        "(its flags below); curve: the run's validation pseudo-Dice; end point: `predict` + `evaluate` on every "
-        "held-out case (Dice in the original geometry, mean over each dataset's tasks).",
+        "(its flags below); curve: the run's validation pseudo-Dice (column 'validation': on fixed patches, "
+        "foreground-centred in part, so higher than on whole cases, or on whole cases; curves of the two kinds do "
+        "not compare); end point: `predict` + `evaluate` on every held-out case (Dice in the original geometry, "
+        "mean over each dataset's tasks).",
         "",
         f"![convergence](benchmarks/results/convergence-{r['collection']}-{r['budget_min']:g}m.png)",
         "",
-        f"| configuration | flags | iterations | s/it | validation min | {' | '.join(short)} |",
-        "|---|---|---|---|---|" + "---|" * len(short),
+        f"| configuration | flags | iterations | s/it | validation | validation min | {' | '.join(short)} |",
+        "|---|---|---|---|---|---|" + "---|" * len(short),
     ]
     for name, run in r["runs"].items():
         means = [statistics.mean(run["heldout_dice"][d].values()) for d in datasets]
         lines.append(
             f"| {name} | {('`' + ' '.join(run['flags']) + '`') if run['flags'] else 'none (the defaults)'} | "
-            f"{run['iterations']} | {run['s_per_iteration']:.2f} | "
+            f"{run['iterations']} | {run['s_per_iteration']:.2f} | {run.get('val_mode', 'cases')} | "
             f"{run['validation_min']:.1f} | {' | '.join(f'{m:.3f}' for m in means)} |"
         )
     lines += _universal_vs_singles(r)

@@ -306,7 +306,10 @@ def test_convergence_table_means_each_dataset_s_tasks() -> None:
     }
     result = {"collection": "ixi3", "datasets": [a, b], "budget_min": 10, "runs": {"base": run}}
     text = "\n".join(report._convergence(result))
-    assert "| base | `--optimizer adamw` | 600 | 1.00 | 1.5 | 0.600 | 0.100 |" in text
+    # a run from before patch validation (no val_mode) validated whole cases
+    assert "| base | `--optimizer adamw` | 600 | 1.00 | cases | 1.5 | 0.600 | 0.100 |" in text
+    run["val_mode"] = "patches"
+    assert "| 1.00 | patches | 1.5 |" in "\n".join(report._convergence(result))
     assert "| A/X_R | 0.700 |" in text and "convergence-ixi3-10m.png" in text
 
 
