@@ -281,6 +281,8 @@ def _train_paradigm(
         "100000",
         "--val-max-cases",
         "2" if QUICK else "0",  # quick: the final validation of every held-out case takes minutes
+        "--val-mode",
+        "cases",  # the reported Dice: whole held-out cases
         "--device",
         "cpu",
         "--precision",

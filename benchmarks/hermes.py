@@ -45,7 +45,8 @@ def _run(workdir: Path, name: str, options: list[str], iterations: int, seed: in
     if not ((run / "checkpoint_final.pt").is_file() and last().get("iteration") == iterations):
         args = ["train", str(workdir), "--recipe", "hermes", "--fold", "0", "--seed", str(seed), "--device", "cpu",
                 "--iterations", str(iterations), "--iterations-per-epoch", str(min(100, iterations)),
-                "--val-every", "100000", "--val-max-cases", "2" if QUICK else "0", "-o", str(run)]  # fmt: skip
+                "--val-every", "100000", "--val-max-cases", "2" if QUICK else "0", "--val-mode", "cases",
+                "-o", str(run)]  # fmt: skip
         for option in options:
             args += ["--recipe-option", option]
         if (run / "checkpoint_latest.pt").is_file():

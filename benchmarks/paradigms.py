@@ -66,7 +66,8 @@ def _train(workdir: Path, recipe: str, dataset: str | None, iterations: int, see
     if not ((run / "checkpoint_final.pt").is_file() and _last(run).get("iteration") == iterations):
         args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(iterations), "--seed", str(seed),
                 "--fold", "0", "--device", "cpu", "--iterations-per-epoch", str(min(100, iterations)),
-                "--val-every", "100000", "--val-max-cases", "2" if QUICK else "0", "-o", str(run)]  # fmt: skip
+                "--val-every", "100000", "--val-max-cases", "2" if QUICK else "0", "--val-mode", "cases",
+                "-o", str(run)]  # fmt: skip
         if dataset:
             args += ["--dataset", dataset]
         if recipe == "clip":

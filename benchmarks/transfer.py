@@ -64,7 +64,8 @@ def _run(args: list[str], run: Path, iterations: int, log: str) -> None:
 def _common(iterations: int, seed: int, val_every: int) -> list[str]:
     per_epoch = max(1, iterations // EPOCHS)
     return ["--iterations", str(iterations), "--iterations-per-epoch", str(per_epoch), "--seed", str(seed),
-            "--fold", "0", "--device", "cpu", "--val-every", str(val_every), "--val-max-cases", "0"]  # fmt: skip
+            "--fold", "0", "--device", "cpu", "--val-every", str(val_every), "--val-max-cases", "0",
+            "--val-mode", "cases"]  # fmt: skip
 
 
 def pretrain(recipe: str, iterations: int) -> Path:
