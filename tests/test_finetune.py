@@ -231,7 +231,8 @@ def test_finetune_and_extend_commands_plan_new_data_on_the_models_network(tiny_w
     raw = tiny_workdir_2d.parent / "data" / MR
     runner = CliRunner()
     args = ["--dataset", str(raw), "-w", str(tmp_path / "w"), "--iterations", "2", "--iterations-per-epoch", "2",
-            "--device", "cpu", "--precision", "fp32", "--val-max-cases", "1", "--workers", "1"]  # fmt: skip
+            "--device", "cpu", "--precision", "fp32", "--val-max-cases", "1", "--workers", "1",
+            "--val-mode", "cases"]  # fmt: skip
     result = runner.invoke(app, ["finetune", str(source_run), *args, "-o", str(tmp_path / "ft")])
     assert result.exit_code == 0, result.output
     assert "init_from" in result.output and "new" in result.output
@@ -239,6 +240,7 @@ def test_finetune_and_extend_commands_plan_new_data_on_the_models_network(tiny_w
     assert report["new_tasks"] and not report["kept_tasks"] and report["new_modalities"] == ["T1"]
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert config["train_config"]["head_epochs"] == 10 and config["train_config"]["warmup_epochs"] == 50
+    assert config["train_config"]["val_mode"] == "cases"
     plans = json.loads((tmp_path / "w" / "plans.json").read_text())
     source_plans = json.loads((tiny_workdir_2d / "plans.json").read_text())
     assert plans["network"]["features"] == source_plans["network"]["features"]
@@ -246,6 +248,7 @@ def test_finetune_and_extend_commands_plan_new_data_on_the_models_network(tiny_w
     result = runner.invoke(app, ["extend", str(source_run), *args, "-o", str(tmp_path / "ext")])
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(tmp_path / "ext" / "checkpoint_final.pt")
+    assert ckpt["train_config"]["val_mode"] == "cases"
     assert ckpt["vocabulary"]["datasets"] == [DERM, CT, MR]
     assert set(ckpt["plans"]["datasets"]) == {DERM, CT, MR}
     # from an exported one-fold bundle, on the work folder planned above

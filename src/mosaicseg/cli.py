@@ -257,6 +257,17 @@ def _parse_fold(fold: str) -> int | str:
         raise MosaicSegError(f"--fold {fold!r} is not a fold. Fix: use 0, 1, ... or all.") from None
 
 
+# the validation of train, finetune and extend
+ValMode = Annotated[
+    str,
+    typer.Option(
+        help="patches: nnU-Net's pseudo-Dice on --val-patches fixed patches per case, its cost set by the number "
+        "of cases (default: a whole-case pass took 200 s of a 30-minute seven-dataset run, BENCHMARKS.md); "
+        "cases: each held-out case predicted whole"
+    ),
+]
+
+
 @app.command()
 @_user_errors
 def train(
@@ -348,14 +359,7 @@ def train(
         ),
     ] = 0.1,
     val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
-    val_mode: Annotated[
-        str,
-        typer.Option(
-            help="patches: nnU-Net's pseudo-Dice on --val-patches fixed patches per case, its cost set by the "
-            "number of cases (default: a whole-case pass took 200 s of a 30-minute seven-dataset run, "
-            "BENCHMARKS.md); cases: each held-out case predicted whole"
-        ),
-    ] = "patches",
+    val_mode: ValMode = "patches",
     val_patches: Annotated[int, typer.Option(help="Validation patches per case with --val-mode patches")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     workers: Annotated[int, typer.Option(help="Data-loader worker processes")] = 0,
@@ -514,6 +518,7 @@ def finetune(
     fold: Annotated[str, typer.Option(help="Fold number or all")] = "0",
     val_every: Annotated[int, typer.Option(help="Validate every N epochs")] = 1,
     val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
+    val_mode: ValMode = "patches",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, mixed or fp32 (as mosaicseg train)")] = "auto",
     workers: Annotated[int, typer.Option(help="Parallel workers for planning and preprocessing")] = 2,
@@ -526,9 +531,8 @@ def finetune(
         "finetune", run, dataset, workdir, output, head_epochs=head_epochs, warmup_epochs=warmup_epochs,
         freeze=freeze, cases=cases, fraction=fraction, iterations=iterations, epochs=epochs,
         iterations_per_epoch=iterations_per_epoch, time_budget=time_budget, optimizer=optimizer, lr=lr, seed=seed,
-        fold=fold, val_every=val_every, val_max_cases=val_max_cases or None, device=device, precision=precision,
-        workers=workers,
-        resume=resume, overwrite=overwrite,
+        fold=fold, val_every=val_every, val_max_cases=val_max_cases or None, val_mode=val_mode, device=device,
+        precision=precision, workers=workers, resume=resume, overwrite=overwrite,
     )  # fmt: skip
 
 
@@ -551,6 +555,7 @@ def extend(
     fold: Annotated[str, typer.Option(help="Fold number or all")] = "0",
     val_every: Annotated[int, typer.Option(help="Validate every N epochs")] = 1,
     val_max_cases: Annotated[int, typer.Option(help="Held-out cases per dataset per validation (0: all)")] = 8,
+    val_mode: ValMode = "patches",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, mixed or fp32 (as mosaicseg train)")] = "auto",
     workers: Annotated[int, typer.Option(help="Parallel workers for planning and preprocessing")] = 2,
@@ -563,8 +568,8 @@ def extend(
     _adapt(
         "extend", run, dataset, workdir, output, cases=cases, fraction=fraction, iterations=iterations,
         epochs=epochs, iterations_per_epoch=iterations_per_epoch, time_budget=time_budget, optimizer=optimizer,
-        lr=lr, seed=seed, fold=fold, val_every=val_every, val_max_cases=val_max_cases or None, device=device,
-        precision=precision, workers=workers, resume=resume, overwrite=overwrite,
+        lr=lr, seed=seed, fold=fold, val_every=val_every, val_max_cases=val_max_cases or None, val_mode=val_mode,
+        device=device, precision=precision, workers=workers, resume=resume, overwrite=overwrite,
     )  # fmt: skip
 
 
