@@ -65,6 +65,9 @@ CONFIGS: dict[str, list[str]] = {
     "after-val-unbounded": ["--val-share", "1"],
     # validation by sliding-window prediction of whole cases (the default before patch validation)
     "after-val-cases": ["--val-mode", "cases"],
+    # every dataset drawn equally often (as each one's single run gets an equal share of the time), instead of
+    # MultiTalent's sqrt of its size
+    "after-uniform": ["--sampling", "uniform"],
     "after-64": ["--patch-size", "64,64,64"],
     "after-lr1e-3": ["--lr", "1e-3"],
     "after-prior-0.003": ["--recipe-option", "head_prior=0.003"],

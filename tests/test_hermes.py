@@ -194,6 +194,11 @@ def test_train_preset_hermes_sets_the_papers_training_under_what_is_typed(tiny_w
     assert typed.exit_code == 0, typed.output
     config = json.loads((tmp_path / "b" / "config.json").read_text())["train_config"]
     assert config["optimizer"] == "lamb" and config["lr"] == 1e-3
+    typed = CliRunner().invoke(app, [*base, "--sampling", "inv_sqrt", "-o", str(tmp_path / "c")])
+    assert typed.exit_code == 0, typed.output
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["train_config"]["sampling"] == "inv_sqrt"
+    bad = CliRunner().invoke(app, [*base, "--sampling", "sqrt", "-o", str(tmp_path / "d")])
+    assert bad.exit_code == 2 and "sampling 'sqrt' is unknown" in bad.output and not (tmp_path / "d").exists()
 
 
 # ------------------------------------------------------------------------------------------ SwinUNETR

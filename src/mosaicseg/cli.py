@@ -287,6 +287,14 @@ def train(
         str | None,
         typer.Option(help="hermes: the Hermes paper's training (LAMB 2e-3, exponential decay, uniform dataset draws)"),
     ] = None,
+    sampling: Annotated[
+        str | None,
+        typer.Option(
+            help="How batches draw datasets: inv_sqrt (MultiTalent: each case by 1/sqrt of its dataset's size, so a "
+            "dataset by sqrt of it), uniform (each dataset equally) or weights (the collection's); default: the "
+            "collection file's sampling (inv_sqrt unless it says otherwise)"
+        ),
+    ] = None,
     recipe_option: Annotated[
         list[str] | None,
         typer.Option(
@@ -392,7 +400,10 @@ def train(
     from mosaicseg.config import TRAIN_PRESETS, apply_preset
 
     chosen = apply_preset(
-        TRAIN_PRESETS, preset, {"optimizer": optimizer, "lr": lr, "schedule": schedule, "sampling": None}, "--preset"
+        TRAIN_PRESETS,
+        preset,
+        {"optimizer": optimizer, "lr": lr, "schedule": schedule, "sampling": sampling},
+        "--preset",
     )
     cfg = TrainConfig(
         recipe=recipe,
