@@ -240,6 +240,7 @@ class Trainer:
         self.val_tile_s: float | None = None  # measured seconds per forward tile of the last validation
         self.val_reserve_s = 0.0  # the end of a time budget kept free for the final validation
         self._val_tile_count: int | None = None
+        self._tile_probe_s: float | None = None
         self.epoch_losses: list[float] = []
         self.epoch_terms: dict[str, list[float]] = {}  # the recipe's named loss terms, per step of the epoch
         self.best: dict[str, Any] = {"val_mean": -math.inf, "iteration": None}
@@ -814,14 +815,38 @@ class Trainer:
 
     def expected_validation_s(self) -> float:
         """Predicted seconds of one validation pass: its forward tiles times the seconds per tile of the last
-        pass or, before any, a third of a training step's time per sample (a forward without the backward)."""
-        if self.val_tile_s is not None:
-            per_tile = self.val_tile_s
-        elif self.iteration:
-            per_tile = (self.elapsed_s - self.val_s) / self.iteration / (3 * self.batch_size)
-        else:
+        pass or, before any, of a timed forward of one batch of validation tiles (:meth:`probe_tile_s`)."""
+        if not self.val_cases:
             return 0.0
+        per_tile = self.val_tile_s if self.val_tile_s is not None else self.probe_tile_s()
         return per_tile * self.validation_tiles()
+
+    @torch.no_grad()
+    def probe_tile_s(self) -> float:
+        """Seconds per tile of an evaluation forward, timed once on a batch of the first validation case's centre
+        patch (the second of two calls: the first pays one-off allocations). A forward in eval mode without
+        gradients changes no weight, statistic or random stream, so a seeded run stays what it was."""
+        if self._tile_probe_s is None:
+            dataset, cases = next(iter(self._val_selection().items()))
+            case = load_case(self.workdir, dataset, cases[0], mmap=True)
+            centre = (np.asarray(case.seg.shape, dtype=np.float64) - 1) / 2
+            image, _ = sample_patch(
+                np.asarray(case.image), np.asarray(case.seg), centre, self.patch_size, AugmentConfig.off(),
+                np.random.default_rng(0),
+            )  # fmt: skip
+            x = torch.from_numpy(np.stack([image] * self.batch_size)).to(self.device)
+            forward = self.tile_forward(dataset, [k for k, _, _ in self.vocabulary.dataset_tasks(dataset)])
+            self.model.eval()
+            seconds = math.inf
+            for _ in range(2):
+                t0 = time.perf_counter()
+                with torch.autocast(self.device.type, enabled=self.amp and self.device.type in ("cpu", "cuda")):
+                    forward(x)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                seconds = time.perf_counter() - t0
+            self._tile_probe_s = seconds / self.batch_size
+        return self._tile_probe_s
 
     def validation_tiles(self) -> int:
         """Forward tiles of one validation pass: ``val_patches`` per case, or each case's sliding windows."""
