@@ -218,6 +218,10 @@ def test_adapt_command_runs_folds_and_writes_dice_and_iou(tiny_workdir_2d, tmp_p
     # the same command again reuses every fold
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and json.loads((tmp_path / "o" / "summary.json").read_text())["dice"] == summary["dice"]
+    # finetune with the same pool given (as a study comparing strategies gives it) trains on the target alone
+    tuned = [*args[: args.index("-o")], "-o", str(tmp_path / "ft"), "--device", "cpu", "--precision", "fp32"]
+    result = CliRunner().invoke(app, [*tuned, "--strategy", "finetune", "--folds", "1"])
+    assert result.exit_code == 0, result.output
 
 
 def test_adapt_refuses_bad_requests_before_training(tiny_workdir_2d, tiny_workdir_3d, tmp_path):

@@ -195,7 +195,8 @@ def run_adaptation(
         cfg = TrainConfig(
             recipe="adapt",
             fold="all",
-            train_case_ids={target: shots, **aux_ids},
+            # finetune trains on the target alone: the pool's cases are not its training cases
+            train_case_ids={target: shots, **(aux_ids if s.strategy != "finetune" else {})},
             iterations=s.turns,
             iterations_per_epoch=min(s.iterations_per_epoch, s.turns),
             val_every=10**6,  # evaluated below, in the original geometry
