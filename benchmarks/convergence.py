@@ -81,11 +81,15 @@ SINGLES = "singles"
 UNIVERSAL = "defaults-after"
 
 
+# runs on the default (patch) validation are kept apart from the cached ones trained before it became the default,
+# which validated whole cases on another schedule
+PATCHVAL = "_patchval"
+
+
 def run_folder(workdir: Path, name: str, budget: str) -> Path:
-    """A configuration's run folder. Runs on the default validation are kept apart from those trained before
-    patch validation became the default (their cached runs validated whole cases, on another schedule)."""
+    """A configuration's run folder (:data:`PATCHVAL` unless its flags set ``--val-mode``)."""
     pinned = any(flag == "--val-mode" for flag in CONFIGS[name][::2])
-    return workdir / "runs" / (f"{name}_{budget}" if pinned else f"{name}_{budget}_patchval")
+    return workdir / "runs" / f"{name}_{budget}{'' if pinned else PATCHVAL}"
 
 
 def _plan(collection: str) -> Path:
@@ -171,7 +175,7 @@ def _singles(workdir: Path, datasets: list[str], budget_min: float) -> dict[str,
     share_s = budget_min * 60 / len(datasets)
     parts: dict[str, Any] = {}
     for dataset in datasets:
-        run = workdir / "runs" / f"{SINGLES}-{dataset.split('_')[0]}_{budget_min:g}m_patchval"
+        run = workdir / "runs" / f"{SINGLES}-{dataset.split('_')[0]}_{budget_min:g}m{PATCHVAL}"
         if not (run / "checkpoint_final.pt").is_file():
             args = ["train", str(workdir), "--recipe", "single", "--dataset", dataset, "--fold", "0", "--seed", "0",
                     "--device", "cpu", "--time-budget", f"{share_s:.0f}s", "-o", str(run)]  # fmt: skip

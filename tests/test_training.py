@@ -243,11 +243,22 @@ def test_expected_validation_cost_before_and_after_a_measured_pass(tiny_workdir_
 
 
 def test_window_count_matches_monais_tiling():
+    from mosaicseg.inference.sliding_window import predict_logits
     from mosaicseg.training.loop import _window_count
 
     assert _window_count((64, 64), (64, 64)) == 1
     assert _window_count((30, 100), (64, 64)) == 1 * 3  # (100 - 64) / 32 -> 2 steps: 3 windows
     assert _window_count((65, 64, 10), (64, 64, 4)) == 2 * 1 * 4  # step 2 on the last axis: 0, 2, 4, 6
+    # the tiles the sliding window really runs (one forward per tile)
+    for shape, patch in (((30, 100), (16, 24)), ((9, 40, 7), (8, 16, 4))):
+        calls = []
+
+        def forward(x, calls=calls):
+            calls.append(x.shape[0])
+            return x[:, :1]
+
+        predict_logits(forward, torch.zeros((1, *shape)), patch, tile_batch=1)
+        assert len(calls) == _window_count(shape, patch)
 
 
 def test_patch_validation_scores_the_same_patches_every_time(tiny_workdir_2d, tmp_path):

@@ -616,7 +616,8 @@ class Trainer:
         """
         self.model.eval()
         counts: dict[tuple[str, int], np.ndarray] = {}
-        for d, cases in self._val_selection().items():
+        selection = self._val_selection()
+        for d, cases in selection.items():
             tasks = self.vocabulary.dataset_tasks(d)
             task_ids = [k for k, _, _ in tasks]
             forward = self.tile_forward(d, task_ids)
@@ -624,7 +625,7 @@ class Trainer:
             scored = (
                 self._case_logits(d, cases, forward, task_ids)
                 if self.config.val_mode == "cases"
-                else (self._patch_logits(d, cases, forward))
+                else self._patch_logits(d, cases, forward)
             )
             for logits, seg in scored:
                 valid = ~self.vocabulary.ignore_mask(d, seg)
@@ -636,7 +637,7 @@ class Trainer:
                     c += (tp, np.count_nonzero(pred) - tp, np.count_nonzero(ref) - tp)
         task_dice: dict[str, float] = {}
         dataset_dice: dict[str, float] = {}
-        for d in self._val_selection():
+        for d in selection:
             values = []
             for k, _, _ in self.vocabulary.dataset_tasks(d):
                 tp, fp, fn = counts.get((d, k), np.zeros(3, dtype=np.int64))
@@ -651,6 +652,10 @@ class Trainer:
             "val_dice_tasks": task_dice,
             "val_mean": float(np.mean(finite)) if finite else math.nan,
         }
+
+    def _eval_autocast(self) -> torch.autocast:
+        """Mixed precision of a validation forward, as the sliding window runs it (bf16 on the CPU, fp16 on CUDA)."""
+        return torch.autocast(self.device.type, enabled=self.amp and self.device.type in ("cpu", "cuda"))
 
     def _case_logits(
         self, dataset: str, cases: list[str], forward: Callable[[torch.Tensor], torch.Tensor], task_ids: list[int]
@@ -683,7 +688,7 @@ class Trainer:
         for start in range(0, len(patches), self.batch_size):
             chunk = patches[start : start + self.batch_size]
             x = torch.from_numpy(np.stack([im for im, _ in chunk])).to(self.device)
-            with torch.autocast(self.device.type, enabled=self.amp and self.device.type in ("cpu", "cuda")):
+            with self._eval_autocast():
                 logits = forward(x).float().cpu()
             for j, (_, seg) in enumerate(chunk):
                 yield logits[j], seg
@@ -837,10 +842,9 @@ class Trainer:
             x = torch.from_numpy(np.stack([image] * self.batch_size)).to(self.device)
             forward = self.tile_forward(dataset, [k for k, _, _ in self.vocabulary.dataset_tasks(dataset)])
             self.model.eval()
-            seconds = math.inf
             for _ in range(2):
                 t0 = time.perf_counter()
-                with torch.autocast(self.device.type, enabled=self.amp and self.device.type in ("cpu", "cuda")):
+                with self._eval_autocast():
                     forward(x)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
