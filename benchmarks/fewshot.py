@@ -33,6 +33,8 @@ POOL_3D = ("Dataset002_IXIDeepGrey", "Dataset003_IXILimbic", "Dataset004_IXIVent
            "Dataset007_ACDC", "Dataset008_LeftAtrium")  # fmt: skip
 POOL_2D_SHARED = ("Dataset011_PH2", "Dataset012_LIDCNoduleSlices")
 PRE_2D_ITERATIONS = 2000
+# each setting's fixed evaluation subset (cases of the target outside the shots)
+EVAL_CASES = {"a": 40, "b": 20, "c": 20}
 
 
 def _area() -> Path:
@@ -97,31 +99,33 @@ def _source_2d(pool: list[Path], iterations: int) -> Path:
 def study_fewshot() -> dict[str, Any]:
     turns, folds = (3, 1) if QUICK else (TURNS, FOLDS)
     strategies = ("finetune", "asap") if QUICK else STRATEGIES
+    evals = {part: 2 if QUICK else n for part, n in EVAL_CASES.items()}
     source = _source_3d(4 if QUICK else 3000)
     pool3d = [SHARED / d for d in POOL_3D]
     runs: dict[str, Any] = {}
     for strategy in strategies:
         runs[f"a/{strategy}/3"] = _adapt("a001", "Dataset001_Hippocampus", source, pool3d, 3, strategy,
-                                         2 if QUICK else 40, turns, folds)  # fmt: skip
+                                         evals["a"], turns, folds)  # fmt: skip
     for shots in () if QUICK else (1, 5):
         for strategy in ("finetune", "asap"):
             runs[f"a/{strategy}/{shots}"] = _adapt("a001", "Dataset001_Hippocampus", source, pool3d, shots,
-                                                   strategy, 40, turns, folds)  # fmt: skip
+                                                   strategy, evals["a"], turns, folds)  # fmt: skip
     pool_b = [p for p in pool3d if p.name != "Dataset008_LeftAtrium"]
     for strategy in strategies:
         runs[f"b/{strategy}/3"] = _adapt("b008", "Dataset008_LeftAtrium", source, pool_b, 3, strategy,
-                                         2 if QUICK else 20, turns, folds)  # fmt: skip
+                                         evals["b"], turns, folds)  # fmt: skip
     pool2d = _pool_2d()
     source2d = _source_2d(pool2d, 4 if QUICK else PRE_2D_ITERATIONS)
     for name, src in (("none", None), ("universal2d", source2d)):
         for strategy in strategies:
             runs[f"c-{name}/{strategy}/3"] = _adapt(f"c010_{name}", "Dataset010_DRIVE", src, pool2d, 3, strategy,
-                                                    2 if QUICK else 20, turns, folds)  # fmt: skip
+                                                    evals["c"], turns, folds)  # fmt: skip
     arms = _arm_choices(runs, "a/asap/3")
     return {
         "setting": {
             "turns": turns,
             "folds": folds,
+            "eval_cases": evals,
             "source_3d": str(source),
             "source_2d": str(source2d),
             "pool_3d": list(POOL_3D),
@@ -168,11 +172,14 @@ def report(r: dict[str, Any]) -> list[str]:
         "training per fold.",
         "",
     ]
+    n = s.get("eval_cases", EVAL_CASES)  # results written before the count was recorded used EVAL_CASES
     titles = {
-        "a": "(a) 3D, target Dataset001_Hippocampus (40 evaluation cases), source universal on Dataset002–005, 007",
-        "b": "(b) 3D, target Dataset008_LeftAtrium (LGE, a modality the source never saw; 20 evaluation cases)",
-        "c-none": "(c) 2D, target Dataset010_DRIVE (20 evaluation cases), from scratch",
-        "c-universal2d": "(c) 2D, target Dataset010_DRIVE, source a 2D universal model on the pool",
+        "a": f"(a) 3D, target Dataset001_Hippocampus ({n['a']} evaluation cases), source universal on "
+        "Dataset002–005, 007",
+        "b": f"(b) 3D, target Dataset008_LeftAtrium (LGE, a modality the source never saw; {n['b']} evaluation cases)",
+        "c-none": f"(c) 2D, target Dataset010_DRIVE ({n['c']} evaluation cases), from scratch",
+        "c-universal2d": f"(c) 2D, target Dataset010_DRIVE ({n['c']} evaluation cases), source a 2D universal "
+        "model on the pool",
     }
     for part, title in titles.items():
         keys = [k for k in runs if k.split("/")[0] == part]

@@ -450,7 +450,11 @@ def test_fewshot_report_checks_asaps_claim_per_setting() -> None:
         "a/finetune/3": run([0.50, 0.52]), "a/gms/3": run([0.53, 0.53]), "a/asap/3": run([0.56, 0.56]),
         "b/finetune/3": run([0.50, 0.50]), "b/mtl/3": run([0.60, 0.60]), "b/asap/3": run([0.55, 0.55]),
     }  # fmt: skip
-    text = "\n".join(report({"setting": {"turns": 10, "folds": 2}, "runs": runs, "arms_a": {}}))
+    setting = {"turns": 10, "folds": 2, "eval_cases": {"a": 2, "b": 3, "c": 4}}
+    text = "\n".join(report({"setting": setting, "runs": runs, "arms_a": {}}))
+    # the titles state the evaluation subsets the runs really used (a quick run's 2, not the full study's 40)
+    assert "target Dataset001_Hippocampus (2 evaluation cases)" in text
+    assert "never saw; 3 evaluation cases" in text
     assert "| asap | 3 | 0.560 ± 0.000 | 0.280 ± 0.000 | 2.0 |" in text
     assert "ASAP's claim (≥ finetune + 3 points, ≥ gms, mtl, dal): **holds**." in text  # 0.56 − 0.51 = 0.05
     assert "**fails** (mtl scored higher)." in text  # b: +0.05 over finetune, below mtl
