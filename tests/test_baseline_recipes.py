@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mosaicseg.cli import app
 from mosaicseg.config import TrainConfig
 from mosaicseg.errors import MosaicSegError
-from mosaicseg.inference.predictor import Predictor
+from mosaicseg.inference.predictor import Predictor, progress_label
 from mosaicseg.models import build_from_config
 from mosaicseg.runtime import load_checkpoint
 from mosaicseg.training.loop import Trainer
@@ -39,16 +40,34 @@ def _embeddings(workdir: Path, path: Path, width: int = 8, rows: int | None = No
 def test_each_baseline_trains_checkpoints_and_predicts(recipe, tiny_workdir_2d, tmp_path):
     options = {"task_embeddings": str(_embeddings(tiny_workdir_2d, tmp_path / "e.npy"))} if recipe == "clip" else {}
     trainer = Trainer(tiny_workdir_2d, _cfg(recipe, recipe_options=options), tmp_path / "run", progress=False)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint_final.pt")
     assert ckpt["model_config"]["kind"] == recipe
+    assert any(not torch.equal(start[k], v) for k, v in ckpt["model"].items())  # it trained
     rebuilt = build_from_config(ckpt["model_config"])
     rebuilt.load_state_dict(ckpt["model"])  # every trained tensor (clip: the embeddings too) round-trips
     predictor = Predictor.from_checkpoint(tmp_path / "run", precision="fp32")
+    # the predictor's model is the trained one: same logits as the Trainer's model on one input
+    k = trainer.vocabulary.num_tasks
+    channels = trainer.model.stems.channels[0]
+    x, modality = torch.randn(1, channels, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0])
+    every = torch.ones(1, k, dtype=torch.bool)
+    with torch.no_grad():
+        expected = trainer.model.eval()(x, modality, tasks=every).logits[0]
+        torch.testing.assert_close(predictor.models[0](x, modality, tasks=every).logits[0], expected)
     raw = tiny_workdir_2d.parent / "data" / "Dataset912_SynthCT" / "imagesTr"
     image = sorted(raw.iterdir())[0]
     report = predictor.predict_files([image], tmp_path / "pred", dataset="Dataset912_SynthCT", progress=False)
     assert len(report["cases"]) == 1 and Path(report["cases"][0]["files"][0]).is_file()
+    # the progress bar says how a model that does not run all tasks in one plain forward evaluates them
+    label = progress_label(predictor.models[0], k)
+    notes = {
+        "dodnet": f"dodnet: {k} task(s), one dynamic head each, batched (equals one forward per task)",
+        "clip": f"clip: {k} task(s), one dynamic head each",
+        "uniseg": f"uniseg: the decoder runs {k} time(s) per tile, once per task",
+    }
+    assert label == "predict" if recipe == "multidecoder" else notes[recipe] in label
     # every task of the collection, one output folder per source dataset
     report = predictor.predict_files(
         [image], tmp_path / "all", dataset="Dataset912_SynthCT", tasks=["all"], progress=False

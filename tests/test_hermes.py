@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +22,8 @@ from mosaicseg.models.priors import NOT_ASKED, FusionLayer, PriorKeyValueAttenti
 from mosaicseg.runtime import load_checkpoint
 from mosaicseg.training.loop import Trainer
 from mosaicseg.training.losses import modality_loss
+from mosaicseg.training.recipes import hermes_objective
+from mosaicseg.types import ModelOutput
 
 PLAN = {
     "patch_size": [32, 32, 32],
@@ -122,6 +126,23 @@ def test_modality_loss_by_hand():
     assert modality_loss(logits, torch.tensor([0, 1])).item() == pytest.approx(expected)
 
 
+def test_the_auxiliary_loss_switch_adds_or_drops_the_modality_term():
+    # a zero logit map over an all-background annotated task: the segmentation term is the same in both objectives
+    outputs = ModelOutput([torch.zeros(2, 1, 4, 4)], {"modality_logits": torch.tensor([[2.0, 0.0], [0.0, 1.0]])})
+    batch = {
+        "target": torch.zeros(2, 1, 4, 4),
+        "label_mask": torch.ones(2, 1),
+        "ignore": torch.zeros(2, 4, 4, dtype=torch.bool),
+        "modality": torch.tensor([0, 1]),
+    }
+    with_term = hermes_objective(False, 1.0, 0.001)(outputs, batch)
+    without = hermes_objective(False, 1.0, 0.0)(outputs, batch)
+    assert set(without) == {"segmentation"} and set(with_term) == {"segmentation", "modality"}
+    torch.testing.assert_close(with_term["segmentation"], without["segmentation"])
+    expected = 0.001 * modality_loss(outputs.extras["modality_logits"], batch["modality"])
+    torch.testing.assert_close(with_term["modality"], expected)
+
+
 def _cfg(**kw: Any) -> TrainConfig:
     base: dict[str, Any] = dict(
         recipe="hermes", iterations=4, iterations_per_epoch=2, seed=3, device="cpu", val_max_cases=1, amp=False
@@ -130,7 +151,9 @@ def _cfg(**kw: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def test_hermes_trains_resumes_checkpoints_and_predicts_the_asked_tasks(tiny_workdir_2d, tmp_path):
+def test_hermes_trains_checkpoints_and_predicts_the_asked_tasks_all_tasks_and_another_modality(
+    tiny_workdir_2d, tmp_path
+):
     trainer = Trainer(tiny_workdir_2d, _cfg(), tmp_path / "run", progress=False)
     assert isinstance(trainer.model, HermesNet)
     first = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -152,6 +175,14 @@ def test_hermes_trains_resumes_checkpoints_and_predicts_the_asked_tasks(tiny_wor
 
     predictor = Predictor.from_checkpoint(tmp_path / "run", precision="fp32")
     assert isinstance(predictor.models[0], HermesNet)
+    # the predictor's model is the trained one, token pools and prototypes included: the same logits
+    model = trainer.model.eval()
+    k = trainer.vocabulary.num_tasks
+    x = torch.randn(1, model.stems.channels[0], 32, 32, generator=torch.Generator().manual_seed(0))
+    every = torch.ones(1, k, dtype=torch.bool)
+    with torch.no_grad():
+        expected = model(x, torch.tensor([0]), tasks=every).logits[0]
+        torch.testing.assert_close(predictor.models[0](x, torch.tensor([0]), tasks=every).logits[0], expected)
     raw = tiny_workdir_2d.parent / "data" / "Dataset912_SynthCT" / "imagesTr"
     image = sorted(raw.iterdir())[0]
     report = predictor.predict_files(
@@ -162,6 +193,34 @@ def test_hermes_trains_resumes_checkpoints_and_predicts_the_asked_tasks(tiny_wor
     files = report["cases"][0]["files"]
     labels = json.loads((raw.parent / "dataset.json").read_text())["labels"]
     assert len([f for f in files if "_prob_" in Path(f).name]) == len([k for k in labels if k != "background"])
+    # --tasks all: one probability map for every task of the collection, in one output folder per dataset
+    every_task = predictor.predict_files(
+        [image], tmp_path / "all", dataset="Dataset912_SynthCT", tasks=["all"], progress=False, save_probabilities=True
+    )
+    probabilities = [Path(f) for f in every_task["cases"][0]["files"] if "_prob_" in Path(f).name]
+    assert len(probabilities) == k
+    datasets = json.loads((tiny_workdir_2d / "vocabulary.json").read_text())["datasets"]
+    assert {f.parent.name for f in probabilities} == set(datasets)
+    # --modality: the CT slice read as T1 (same channel count) goes through T1's stem and prior tokens
+    as_ct = _probabilities(report)
+    predictor.use_modality("T1")
+    as_t1 = _probabilities(
+        predictor.predict_files(
+            [image], tmp_path / "t1", dataset="Dataset912_SynthCT", progress=False, save_probabilities=True
+        )
+    )
+    assert as_t1.keys() == as_ct.keys() and any(not np.array_equal(as_t1[n], as_ct[n]) for n in as_ct)
+    predictor.use_modality(None)  # back to the dataset's own modality: the first output again
+    again = predictor.predict_files(
+        [image], tmp_path / "ct", dataset="Dataset912_SynthCT", progress=False, save_probabilities=True
+    )
+    assert all(np.array_equal(v, as_ct[n]) for n, v in _probabilities(again).items())
+
+
+def _probabilities(report: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A prediction report's probability maps by file name."""
+    files = [Path(f) for f in report["cases"][0]["files"] if "_prob_" in Path(f).name]
+    return {f.name: np.asarray(nib.load(f).dataobj) for f in files}
 
 
 def test_hermes_rejects_bad_options_before_writing(tiny_workdir_2d, tmp_path):

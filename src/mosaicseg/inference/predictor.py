@@ -284,6 +284,13 @@ def _to_input_grid(array: np.ndarray, geometry: Geometry) -> np.ndarray:
     return out.astype(bool) if arr.dtype == bool else out
 
 
+def progress_label(model: torch.nn.Module, n_tasks: int) -> str:
+    """The progress bar's label: ``predict``, with how the model evaluates ``n_tasks`` tasks where that is not one
+    forward for all (a model's ``prediction_note``: DoDNet's dynamic heads, UniSeg's decoder per task)."""
+    note = getattr(model, "prediction_note", None)
+    return f"predict ({note(n_tasks)})" if callable(note) else "predict"
+
+
 class Predictor:
     """One or several models (folds) of one run, sharing its plans and vocabulary.
 
@@ -753,7 +760,8 @@ class Predictor:
         table = StatisticsTable(output, names, cut) if statistics else None
         if table is not None:
             report["statistics_missing"] = []
-        for case in progress_bar(cases, desc="predict", unit="case", disable=not progress):
+        desc = progress_label(self.models[0], len(task_ids))
+        for case in progress_bar(cases, desc=desc, unit="case", disable=not progress):
             targets = {d: f / f"{case.case_id}{case.ending}" for d, f in folders.items()}
             seg_path = output / f"{case.case_id}{DICOM_SEG_SUFFIX}" if dicom_seg and case.dicom else None
             if not overwrite and all(p.exists() for p in [*targets.values(), *([seg_path] if seg_path else [])]):

@@ -128,6 +128,13 @@ class DynamicHeadNet(nn.Module):
     def from_config(cls, config: Mapping[str, Any]) -> DynamicHeadNet:
         return rebuild(cls, config)
 
+    def prediction_note(self, n_tasks: int) -> str:
+        """How a forward evaluates ``n_tasks`` asked tasks (the predictor's progress bar says it): DoDNet's paper
+        runs one forward per task; here the backbone runs once and the tasks' dynamic heads run batched, which
+        gives the per-task forward's output (tests/test_model_kinds.py checks it)."""
+        kind = self._config["kind"]
+        return f"{kind}: {n_tasks} task(s), one dynamic head each, batched (equals one forward per task)"
+
     def set_task_embeddings(self, embeddings: torch.Tensor) -> None:
         """Copy the user's ``(K, E)`` text embeddings in (shape checked by the recipe against the config)."""
         if self.embeddings is None:
@@ -246,6 +253,10 @@ class PromptNet(nn.Module):
 
     def is_task_parameter(self, name: str) -> bool:
         return name in self.task_parameters
+
+    def prediction_note(self, n_tasks: int) -> str:
+        """The decoder runs once per asked task (its prompt changes the bottleneck): the cost grows with it."""
+        return f"uniseg: the decoder runs {n_tasks} time(s) per tile, once per task"
 
     def set_output_prior(self, prior: np.ndarray) -> None:
         with torch.no_grad():
