@@ -4,6 +4,7 @@ the prompt encoder in 2D and 3D, the alignment and KL terms by hand, and an nnU-
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,9 @@ def test_bad_expert_mappings_are_named(experts, tiny_workdir_2d, tmp_path):
         Trainer(tiny_workdir_2d, _cfg(recipe="ka2er", recipe_options={"experts": bad}), tmp_path / "c")
     bad = _spec(experts)
     bad["experts"]["mr"] = {"nnunet": str(tmp_path / "nowhere")}
-    with pytest.raises(MosaicSegError, match=r"nnU-Net|nnunetv2"):
+    # the folder's problem, whether or not nnunetv2 is installed (the folder is checked first)
+    missing = re.escape(f"{tmp_path / 'nowhere' / 'plans.json'}: missing, so {tmp_path / 'nowhere'} is no usable")
+    with pytest.raises(MosaicSegError, match=missing):
         Trainer(tiny_workdir_2d, _cfg(recipe="ka2er", recipe_options={"experts": bad}), tmp_path / "d")
     with pytest.raises(MosaicSegError, match="needs its experts"):
         Trainer(tiny_workdir_2d, _cfg(recipe="ka2er"), tmp_path / "e")
@@ -319,3 +322,333 @@ def test_predict_with_boxes_from_references_prompts_and_bad_prompts(experts, tin
     plain = ["predict", "-m", str(experts["ct"].parent), "-i", str(image), "--dataset", CT, "-o", str(tmp_path / "p")]
     result = runner.invoke(app, [*plain, "--oracle-boxes", str(raw / "labelsTr")])
     assert result.exit_code == 2 and "takes no prompts" in result.output
+
+
+# ---------------------------------------------------------------------------------------------- the audit's gaps
+def _fake_ctx(patch: list[int]) -> Any:
+    """The one thing build_slots reads of a RecipeContext: the student's patch size (hence its dimensionality)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(plans={"network": {"patch_size": patch}})
+
+
+def _vocabulary(tiny_workdir_2d: Path) -> Any:
+    from mosaicseg.data.workdir import load_vocabulary
+
+    return load_vocabulary(tiny_workdir_2d)
+
+
+def test_alignment_sums_over_the_experts_used_by_hand():
+    f_s = torch.tensor(
+        [[[1.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 0.0]]]
+    )  # (R=3, N=2, C=2)
+    f_m = torch.tensor([[[1.0, 0.0], [3.0, 4.0]], [[0.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    # per row, mse (mean over tokens of ‖·‖²/C): (4/2 + 25/2)/2 = 7.25, 0, (4/2 + 0)/2 = 1; l2: (2 + 5)/2, 0, (2 + 0)/2
+    # rows 0 and 1 belong to one expert, row 2 to another: (7.25 + 0)/2 + 1 and (3.5 + 0)/2 + 1
+    groups = torch.tensor([0, 0, 1])
+    assert alignment_loss(f_s, f_m, "mse", groups=groups).item() == pytest.approx(3.625 + 1.0)
+    assert alignment_loss(f_s, f_m, "l2", groups=groups).item() == pytest.approx(1.75 + 1.0)
+    # the expert ids are labels, not positions; without groups all rows are one term (the mean over rows)
+    assert alignment_loss(f_s, f_m, "mse", groups=torch.tensor([7, 7, 2])).item() == pytest.approx(4.625)
+    assert alignment_loss(f_s, f_m, "mse").item() == pytest.approx((7.25 + 0 + 1) / 3)
+    # no expert in the batch: a zero that still back-propagates
+    empty = torch.zeros(0, 2, 2, requires_grad=True)
+    zero = alignment_loss(empty, torch.zeros(0, 2, 2), "mse", groups=torch.zeros(0, dtype=torch.long))
+    zero.backward()
+    assert zero.item() == 0.0 and empty.grad is not None
+    with pytest.raises(ValueError, match="alignment norm 'l1'"):
+        alignment_loss(f_s, f_m, "l1")
+
+
+def test_the_amalgamation_aligns_each_expert_with_its_own_merge():
+    from mosaicseg.models.amalgamation import Amalgamation
+
+    torch.manual_seed(0)
+    layer = Amalgamation(4, [3, 5], 2, head_dim=2).eval()
+    f_s = torch.randn(3, 4, 4)  # (B, N, C)
+    e0, e1, x = torch.randn(2, 3, 2, 2), torch.randn(2, 5, 2, 2), torch.randn(2, 2, 2, 2)
+    external = [(torch.tensor([0, 2]), x)]
+    # sample 1 is in both experts' sub-tasks (one dataset split by label groups)
+    out = layer(f_s, [(0, torch.tensor([0, 1]), e0), (1, torch.tensor([1, 2]), e1)], external)
+    assert out.rows.tolist() == [0, 1, 1, 2] and out.groups.tolist() == [0, 0, 1, 1]
+    alone0 = layer(f_s, [(0, torch.tensor([0, 1]), e0)], external).merged
+    alone1 = layer(f_s, [(1, torch.tensor([1, 2]), e1)], external).merged
+    torch.testing.assert_close(out.targets[:2], alone0[[0, 1]])  # expert 0's merge, with the external on top
+    torch.testing.assert_close(out.targets[2:], alone1[[1, 2]])
+    torch.testing.assert_close(out.targets[0], out.merged[0])  # sample 0 has expert 0 alone: the joint merge
+    assert not torch.allclose(out.targets[1], out.merged[1])  # sample 1's joint merge mixes both experts
+    # every sample with one expert: the targets are the merged rows themselves; a sample only the external expert
+    # reads is aligned with its merge as group len(experts); one read by none is not aligned
+    out = layer(f_s, [(1, torch.tensor([1]), e1[:1])], [(torch.tensor([0, 1]), x)])
+    assert out.rows.tolist() == [1, 0] and out.groups.tolist() == [1, 2]
+    assert torch.equal(out.targets, out.merged[[1, 0]])
+    out = layer(f_s, [], None)
+    assert out.rows.numel() == 0 and out.targets.shape == (0, 4, 4) and torch.equal(out.merged, f_s)
+
+
+def test_training_boxes_jitter_and_dropout_by_hand():
+    from mosaicseg.training.ka2er import training_boxes
+
+    target = torch.zeros(1, 3, 10, 10, dtype=torch.uint8)
+    target[0, 0, 2:6, 3:8] = 1  # box [0.2, 0.3] – [0.6, 0.8], extent (0.4, 0.5)
+    target[0, 2, 0:10, 9:10] = 1  # [0, 0.9] – [1, 1], extent (1, 0.1)
+    label_mask = torch.tensor([[True, True, True]])
+    boxes, valid = training_boxes(target, label_mask, 0.0, 0.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([[0.2, 0.3], [0.6, 0.8]]))
+    torch.testing.assert_close(boxes[0, 2], torch.tensor([[0.0, 0.9], [1.0, 1.0]]))
+    assert valid.tolist() == [[True, False, True]]  # task 1 is absent from the patch
+    # jitter 0.1 and dropout 0.5, seeded: the generator's first draws move the corners, the next drop boxes
+    boxes, valid = training_boxes(target, label_mask, 0.1, 0.5, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand((2, 1, 3, 2), generator=g) * 2 - 1
+    v = torch.rand((1, 3), generator=g)
+    low0 = torch.tensor([0.2, 0.3]) + u[0, 0, 0] * 0.1 * torch.tensor([0.4, 0.5])
+    high0 = torch.tensor([0.6, 0.8]) + u[1, 0, 0] * 0.1 * torch.tensor([0.4, 0.5])
+    torch.testing.assert_close(boxes[0, 0], torch.stack([low0, high0]))
+    high2 = (torch.tensor([1.0, 1.0]) + u[1, 0, 2] * 0.1 * torch.tensor([1.0, 0.1])).clamp(0, 1)
+    torch.testing.assert_close(boxes[0, 2, 1], high2)  # a corner pushed past the patch stays on its border
+    assert valid.tolist() == [[bool(v[0, 0] >= 0.5), False, bool(v[0, 2] >= 0.5)]]
+    again, _ = training_boxes(target, label_mask, 0.1, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(again, boxes)  # the seed decides
+    _, none = training_boxes(target, label_mask, 0.0, 1.0, torch.Generator().manual_seed(0))
+    assert not none.any()  # dropout 1: no box at all (the student learns to segment without one)
+    _, unasked = training_boxes(target, torch.tensor([[False, True, True]]), 0.0, 0.0, torch.Generator())
+    assert unasked.tolist() == [[False, False, True]]  # a task the dataset does not annotate gets no box
+
+
+def _write_sam(path: Path, width: int, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A SAM-shaped prompt-encoder state dict (as in SAM's and MedSAM's checkpoints) of ``width``."""
+    g = torch.Generator().manual_seed(5)
+    state = {
+        "image_encoder.patch_embed.proj.bias": torch.zeros(3),
+        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": torch.randn(2, width // 2, generator=g),
+        **{f"prompt_encoder.point_embeddings.{i}.weight": torch.randn(1, width, generator=g) for i in range(4)},
+        "prompt_encoder.not_a_point_embed.weight": torch.randn(1, width, generator=g),
+        **extra,
+    }
+    torch.save(state, path)
+    return state
+
+
+def test_a_sam_prompt_encoder_loads_from_a_local_file(tmp_path):
+    from mosaicseg.models.prompts import load_sam_prompt_encoder
+
+    path = tmp_path / "medsam_vit_b.pth"
+    state = _write_sam(path, 16)
+    encoder = BoxPromptEncoder(2, 16)
+    assert load_sam_prompt_encoder(encoder, path) == ["gaussian", "corners", "no_box"]
+    # SAM's box embedding by hand: corner c ∈ [0, 1]² → [sin, cos](2π (2c − 1) G) + point_embeddings[2 + corner]
+    gauss = state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].double()
+    box = torch.tensor([[[[0.25, 0.5], [0.75, 1.0]]]])  # (B=1, T=1, 2, d=2)
+    expected = []
+    for corner in range(2):
+        angle = 2 * np.pi * ((2 * box[0, 0, corner].double() - 1) @ gauss)
+        pe = torch.cat([angle.sin(), angle.cos()])
+        expected.append(pe + state[f"prompt_encoder.point_embeddings.{2 + corner}.weight"][0].double())
+    got = encoder(box, torch.tensor([[True]]), (1, 1))[0, 0]
+    torch.testing.assert_close(got.double(), torch.stack(expected), atol=1e-4, rtol=1e-4)
+    missing = encoder(box, torch.tensor([[False]]), (1, 1))[0, 0]
+    assert torch.equal(missing, state["prompt_encoder.not_a_point_embed.weight"].expand(2, -1))
+
+    with pytest.raises(MosaicSegError, match=r"is 2D with width 16; this one is 3D .* prompt_width=16"):
+        load_sam_prompt_encoder(BoxPromptEncoder(3, 16), path)
+    with pytest.raises(MosaicSegError, match=r"width 16; this one is 2D with width 32"):
+        load_sam_prompt_encoder(BoxPromptEncoder(2, 32), path)
+    torch.save({"image_encoder.x": torch.zeros(1)}, tmp_path / "vit.pth")
+    with pytest.raises(MosaicSegError, match=r"vit\.pth: no SAM prompt-encoder weights"):
+        load_sam_prompt_encoder(encoder, tmp_path / "vit.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(MosaicSegError, match=r"junk\.pth: cannot read it as a PyTorch state dict"):
+        load_sam_prompt_encoder(encoder, tmp_path / "junk.pth")
+    with pytest.raises(MosaicSegError, match=r"nothing\.pth: SAM/MedSAM weights not found"):
+        load_sam_prompt_encoder(encoder, tmp_path / "nothing.pth")
+    _write_sam(tmp_path / "odd.pth", 16, **{"prompt_encoder.point_embeddings.3.weight": torch.zeros(2, 16)})
+    with pytest.raises(MosaicSegError, match=r"point_embeddings.2/3 weight is \(2, 16\), not \(1, 16\)"):
+        load_sam_prompt_encoder(encoder, tmp_path / "odd.pth")
+
+
+def test_the_recipe_starts_the_student_from_a_sam_prompt_encoder(experts, tiny_workdir_2d, tmp_path):
+    state = _write_sam(tmp_path / "sam.pth", 32)  # the recipe's default prompt_width
+    options = {"experts": _spec(experts, external=False), "sam_prompt_encoder": str(tmp_path / "sam.pth")}
+    t = Trainer(tiny_workdir_2d, _cfg(recipe="ka2er", datasets=(CT, MR), recipe_options=options), tmp_path / "s")
+    encoder = t.model.prompt_encoder
+    assert torch.equal(encoder.positions.gaussian, state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"])
+    low, high = (state[f"prompt_encoder.point_embeddings.{i}.weight"] for i in (2, 3))
+    assert torch.equal(encoder.corners.detach(), torch.cat([low, high]))
+
+
+def test_subtasks_split_by_case_ids(experts, tiny_workdir_2d, tmp_path):
+    import yaml
+
+    from mosaicseg.training.ka2er import build_slots
+
+    spec = _spec(experts, external=False)
+    spec["subtasks"] = {  # the MR dataset split by patient (as the paper split MyoPS++ by centre)
+        "ct": {"dataset": CT},
+        "mr_p0": {"dataset": MR, "cases": "^synmr_p000_"},
+        "mr_p1": {"dataset": MR, "cases": ["synmr_p001_tp1", "synmr_p001_tp2"]},
+    }
+    spec["experts"] = {"ct": spec["experts"]["ct"], "mr_p0": spec["experts"]["mr"], "mr_p1": spec["experts"]["mr"]}
+    path = tmp_path / "experts.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cfg = _cfg(recipe="ka2er", datasets=(CT, MR), recipe_options={"experts": str(path)})
+    t = Trainer(tiny_workdir_2d, cfg, tmp_path / "s", progress=False)
+    inputs = t.recipe.inputs
+    assert [s.subtask for s in inputs.slots] == ["ct", "mr_p0", "mr_p1"]
+    batch = t.to_device(next(iter(t._loader())))
+    batch["dataset"][:] = t.vocabulary.dataset_index(MR)
+    batch["meta"] = [{"case_id": "synmr_p001_tp2"}, {"case_id": "synmr_p000_tp1"}]
+    prompts = inputs(batch)["prompts"]
+    # each expert reads only its own cases' samples; its KL targets are those samples too
+    assert [(slot, samples.tolist()) for slot, samples, _ in prompts["experts"]] == [(1, [1]), (2, [0])]
+    assert [samples.tolist() for samples, *_ in inputs.targets] == [[1], [0]]
+    batch["meta"] = [{"case_id": "synmr_p000_tp2"}, {"case_id": "synmr_p000_tp1"}]
+    assert [(slot, s.tolist()) for slot, s, _ in inputs(batch)["prompts"]["experts"]] == [(1, [0, 1])]
+
+    def fails(subtask: dict[str, Any], match: str) -> None:
+        bad = {**spec, "subtasks": {**spec["subtasks"], "mr_p0": subtask}, "_source": str(path)}
+        with pytest.raises(MosaicSegError, match=match):
+            build_slots(_fake_ctx([32, 32]), t.vocabulary, bad, {}, {MR: ["synmr_p000_tp1", "synmr_p001_tp1"]})
+
+    where = re.escape(f"{path}: sub-task 'mr_p0' of {MR}: cases")
+    fails({"dataset": MR, "cases": "(["}, where + r" '\(\[' is not a valid regular expression")
+    fails({"dataset": MR, "cases": "^synct_"}, where + r" '\^synct_' matches none of the dataset's 2 cases")
+    fails({"dataset": MR, "cases": ["synmr_p000_tp1", "synmr_p009_tp1"]}, where + r" \['synmr_p009_tp1'\] are not")
+    fails({"dataset": MR, "cases": 3}, where + " 3 is neither a regular expression nor a list of case ids")
+    fails({"dataset": MR, "cases": []}, where + r" \[\] is neither")
+    fails({"dataset": MR, "centre": "A"}, re.escape(f"{path}: sub-task 'mr_p0' has unknown keys ['centre']"))
+    fails({"dataset": MR, "labels": "Brain"}, r"labels 'Brain' is not a list of label names")
+    # the Trainer reads the case ids from the raw dataset: a regex matching none of them fails there too
+    spec["subtasks"]["mr_p0"]["cases"] = "^nobody$"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(MosaicSegError, match=r"matches none of the dataset's 4 cases"):
+        Trainer(tiny_workdir_2d, cfg, tmp_path / "t", progress=False)
+
+
+def test_the_swinunetr_student_has_the_papers_feature_size(experts, tiny_workdir_2d, tmp_path):
+    pytest.importorskip("einops", reason="MONAI's SwinUNETR needs einops")
+    options = {"experts": _spec(experts, external=False)}
+    small = {"depths": [1, 1, 1, 1]}  # fewer Swin blocks: construction only, the width is what is checked
+    for given, expected in (({}, 48), ({"feature_size": 24}, 24)):
+        cfg = _cfg(recipe="ka2er", datasets=(CT, MR), architecture="swinunetr", patch_size=(64, 32),
+                   model_options={**small, **given}, recipe_options=options)  # fmt: skip
+        t = Trainer(tiny_workdir_2d, cfg, tmp_path / f"fs{expected}", progress=False)
+        assert t.model.config["options"]["feature_size"] == expected  # what the checkpoint rebuilds from
+        assert t.model.backbone.skip_channels[-1] == 16 * expected
+
+
+def test_an_expert_of_another_dimensionality_is_named(experts, tiny_workdir_2d):
+    from mosaicseg.training.ka2er import build_slots
+
+    spec = {**_spec(experts, external=False), "_source": "experts.yaml"}
+    with pytest.raises(MosaicSegError, match=re.escape(f"experts.yaml: expert 'ct' ({experts['ct']}) is 2D, the ")):
+        build_slots(_fake_ctx([16, 16, 16]), _vocabulary(tiny_workdir_2d), spec, {})
+    spec = {"subtasks": {}, "experts": {}, "external": {"run": str(experts["external"])}, "_source": "experts.yaml"}
+    with pytest.raises(MosaicSegError, match=r"the external expert \(.*external.*\) is 2D, the student 3D"):
+        build_slots(_fake_ctx([16, 16, 16]), _vocabulary(tiny_workdir_2d), spec, {})
+    expert = MosaicSegExpert(experts["ct"], CT)  # called on 3D patches all the same
+    with pytest.raises(MosaicSegError, match=r"is 2D, the student's patches are 3D"):
+        expert(torch.zeros(1, 1, 8, 8, 8), [1.0] * 3, [{"scheme": "ct"}], [2, 2, 2])
+
+
+def test_an_expert_run_folder_without_a_checkpoint_is_named(experts, tiny_workdir_2d, tmp_path):
+    from mosaicseg.training.ka2er import build_slots
+
+    empty = tmp_path / "ct_run"
+    empty.mkdir()
+    spec = _spec(experts, external=False)
+    spec["experts"]["ct"] = {"run": str(empty)}
+    spec["_source"] = "experts.yaml"
+    vocabulary = _vocabulary(tiny_workdir_2d)
+    with pytest.raises(MosaicSegError, match=re.escape(f"expert 'ct': {empty}: holds neither checkpoint_final.pt")):
+        build_slots(_fake_ctx([32, 32]), vocabulary, spec, {})
+    (empty / "fold_0").mkdir()  # a fold that never finished
+    with pytest.raises(MosaicSegError, match=re.escape(f"checkpoint_final.pt is missing in ['{empty / 'fold_0'}']")):
+        build_slots(_fake_ctx([32, 32]), vocabulary, spec, {})
+
+
+def test_world_coordinate_boxes_in_a_prompts_file(tmp_path):
+    from mosaicseg.data.io import Geometry
+    from mosaicseg.inference.prompts import PromptFile
+
+    # a file whose first two axes run against the world's (direction diag(-1, -1, 1)), spacing 2 × 1 × 0.5 mm
+    geometry = Geometry(3, (10, 20, 30), (2.0, 1.0, 0.5), (10.0, -5.0, 3.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1), "RAS",
+                        (10, 20, 30), (2.0, 1.0, 0.5))  # fmt: skip
+    # world x = 10 − 2i, y = −5 − j, z = 3 + k/2: (6, −10.4, 4) is index (2, 5.4, 2), (0.2, −15.6, 8) is (4.9, 10.6, 10)
+    data = {"c1": {"Liver": {"min": [6, -10.4, 4], "max": [0.2, -15.6, 8], "space": "world"},
+                   "Tumor": {"min": [2, 5, 2], "max": [5, 11, 10]}}}  # fmt: skip
+    found = PromptFile(tmp_path / "boxes.json", data).boxes("c1", geometry, {"Liver": 0, "Tumor": 1}.__getitem__)
+    # rounded to the nearest voxel, max inclusive → high exclusive; the voxel box says the same
+    assert found[0][0].tolist() == [2, 5, 2] and found[0][1].tolist() == [6, 12, 11]
+    assert found[1][0].tolist() == [2, 5, 2] and found[1][1].tolist() == [6, 12, 11]
+    data = {"c1": {"Liver": {"min": [100, 0, 0], "max": [90, 0, 0], "space": "world"}}}  # x = 100 mm: index −45
+    with pytest.raises(MosaicSegError, match=r"case 'c1', box of 'Liver': .* outside the image"):
+        PromptFile(tmp_path / "boxes.json", data).boxes("c1", geometry, {"Liver": 0}.__getitem__)
+    data = {"c1": {"Liver": {"min": [0, 0, 0], "max": [1, 1, 1], "space": "mm"}}}
+    with pytest.raises(MosaicSegError, match=r"boxes\.json: case 'c1', box of 'Liver': space 'mm' is neither"):
+        PromptFile(tmp_path / "boxes.json", data).boxes("c1", geometry, {"Liver": 0}.__getitem__)
+
+
+def test_predict_with_automatic_boxes_and_world_coordinate_boxes(experts, tiny_workdir_2d, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import mosaicseg.inference.predictor as predictor_module
+    from mosaicseg.cli import app
+    from mosaicseg.data.io import read_image
+    from mosaicseg.data.vocabulary import Vocabulary
+    from mosaicseg.runtime import save_checkpoint
+
+    cfg = _cfg(recipe="ka2er", datasets=(CT, MR), recipe_options={"experts": _spec(experts, external=False)})
+    Trainer(tiny_workdir_2d, cfg, tmp_path / "s" / "fold_0", progress=False).fit()
+    # the first pass: the CT expert's run with its head set to find the liver everywhere and the tumour nowhere
+    first = tmp_path / "first" / "fold_0"
+    shutil.copytree(experts["ct"], first)
+    ckpt = load_checkpoint(first / "checkpoint_final.pt")
+    names = [t.name for t in Vocabulary.from_dict(ckpt["vocabulary"]).tasks]
+    weight, bias = "head.convs.0.conv.conv.weight", "head.convs.0.conv.conv.bias"
+    ckpt["model"][weight] = torch.zeros_like(ckpt["model"][weight])
+    ckpt["model"][bias] = torch.tensor([10.0 if n == f"{CT}/Liver" else -10.0 for n in names])
+    save_checkpoint(first / "checkpoint_final.pt", ckpt)
+
+    seen: list[dict[int, tuple[list[float], list[float]]]] = []
+
+    class Recorded(predictor_module.PromptedTiles):  # the boxes the student's tile forward is prompted with
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            seen.append({k: (lo.tolist(), hi.tolist()) for k, (lo, hi) in self.boxes.items()})
+
+    monkeypatch.setattr(predictor_module, "PromptedTiles", Recorded)
+    image = sorted((tiny_workdir_2d.parent / "data" / CT / "imagesTr").iterdir())[0]
+    case = image.name.split("_0000")[0]
+    _, geometry = read_image(image)
+    x, y, _ = geometry.file_shape  # a single-slice NIfTI: three file axes
+    runner = CliRunner()
+    base = ["predict", "-m", str(tmp_path / "s"), "-i", str(image), "--dataset", CT, "--precision", "fp32"]
+
+    def predict(name: str, *extra: str) -> None:
+        result = runner.invoke(app, [*base, "-o", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+
+    predict("auto", "--auto-boxes", str(tmp_path / "first"))
+    assert json.loads((tmp_path / "auto" / "predict.json").read_text())["prompts"] == "auto"
+    assert len(seen) == 1 and len(seen[0]) == 1  # a liver box; the first pass found no tumour, so no tumour box
+    lo, _ = next(iter(seen[0].values()))
+    assert lo == [0.0, 0.0]  # the first pass's liver fills the image: so does its box
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({case: {"Liver": {"min": [0, 0, 0], "max": [x - 1, y - 1, 0]}}}))
+    predict("voxel_full", "--prompts", str(boxes))
+    assert seen[1] == seen[0]  # the same box as the whole-image voxel box
+
+    def world(index: list[int]) -> list[float]:
+        direction = np.asarray(geometry.file_direction).reshape(3, 3)
+        return (np.asarray(geometry.file_origin) + direction @ (np.asarray(geometry.file_spacing) * index)).tolist()
+
+    # the file's direction flips its first two axes: the world corners come out swapped, the box is the same
+    boxes.write_text(json.dumps({case: {"Liver": {"min": [3, 5, 0], "max": [40, 30, 0]}}}))
+    predict("voxel", "--prompts", str(boxes))
+    boxes.write_text(json.dumps({case: {"Liver": {"min": world([3, 5, 0]), "max": world([40, 30, 0]),
+                                                  "space": "world"}}}))  # fmt: skip
+    predict("world", "--prompts", str(boxes))
+    assert seen[2] == seen[3] and seen[2] != seen[0]
+    written = image.name.replace("_0000", "")
+    assert np.array_equal(read_image(tmp_path / "voxel" / written)[0], read_image(tmp_path / "world" / written)[0])

@@ -3,9 +3,11 @@
 Training: stems + the backbone's encoder → bottleneck tokens ``f`` → self-attention (pre-norm, residual) →
 ``f_s`` → cross-attention of ``f_s`` over the tokens of the experts mapped to each sample's sub-tasks (each
 expert's features projected to the student's width by its own linear map) → cross-attention over the external
-expert's tokens → ``f_m``, which replaces the bottleneck for the decoder. ``extras["f_s"]`` and
-``extras["f_m"]`` feed the alignment loss ``‖f_s − f_m‖`` (eq. 2). The decoder's maps and the box prompts
-(:mod:`mosaicseg.models.prompts`) give one mask per asked task.
+expert's tokens → ``f_m``, which replaces the bottleneck for the decoder. The alignment loss (eq. 1: a term
+per teacher, each eq. 2's ``‖f_s − f_m‖``) reads ``extras``: ``f_s`` and ``f_m`` ``(B, N, C)``, and one row per
+(expert used, sample of its sub-task): ``align_rows (R,)`` the sample, ``align_groups (R,)`` the expert,
+``align_targets (R, N, C)`` the tokens merged from that expert alone (:class:`Amalgamated`). The decoder's maps
+and the box prompts (:mod:`mosaicseg.models.prompts`) give one mask per asked task.
 
 Inference: the amalgamation layer is skipped (no expert runs; their files need not exist); the decoder reads
 ``f_s``. ``prediction_only()`` drops the layer from a loaded model, so a predictor holds only the student, the
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -52,6 +54,21 @@ KA2ER_OPTIONS: dict[str, Any] = {
 }
 
 
+class Amalgamated(NamedTuple):
+    """What :class:`Amalgamation` returns: the merged tokens the decoder reads, and the alignment targets.
+
+    - ``merged``: ``f_m (B, N, C)``, every sample's query over the tokens of all its experts, then the external's.
+    - ``rows``: ``(R,)`` long, the sample of each alignment row; ``groups``: ``(R,)`` long, the expert of each
+      row (its slot; ``len(expert_channels)`` for a sample only the external expert reads); ``targets``:
+      ``(R, N, C)``, the merged tokens of that expert alone for that sample (eq. 1's ``f^{T_k}``).
+    """
+
+    merged: torch.Tensor
+    rows: torch.Tensor
+    groups: torch.Tensor
+    targets: torch.Tensor
+
+
 class Amalgamation(nn.Module):
     """The two cross-attentions of the hierarchical amalgamation (experts, then the external expert)."""
 
@@ -69,16 +86,64 @@ class Amalgamation(nn.Module):
         f_s: torch.Tensor,
         experts: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
         external: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> Amalgamated:
+        """``f_s (B, N, C)`` → :class:`Amalgamated`; ``experts``: ``(slot, samples (n,), features (n, C_slot,
+        *s))``, ``external``: ``(samples, features)``. A sample no expert covers passes that step unchanged.
+
+        The alignment targets follow eq. 1 (a term per teacher): each expert used in the batch is aligned, on its
+        samples, with the tokens the hierarchy merges from that expert alone (and the external expert). Where an
+        expert is the only one covering its samples (sub-tasks by dataset or by case), that is ``f_m`` itself
+        and nothing is recomputed; where several cover a sample (one dataset split by label groups), each one's
+        merge is computed on its own. A sample only the external expert reads is aligned with ``f_m``."""
+        blocks = [
+            (slot, samples, self.project[slot](_tokens(features, f_s.dtype))) for slot, samples, features in experts
+        ]
+        outside: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.read_external is not None and external:
+            assert self.external is not None
+            outside = [(samples, self.external(_tokens(features, f_s.dtype))) for samples, features in external]
+        merged = self._merge(f_s, [(samples, tokens) for _, samples, tokens in blocks], outside)
+        b = f_s.shape[0]
+        coverage = torch.zeros(b, dtype=torch.long)
+        for _, samples, _ in blocks:
+            coverage[samples.cpu()] += 1
+        rows: list[torch.Tensor] = []
+        groups: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        for slot, samples, tokens in blocks:
+            if bool((coverage[samples.cpu()] == 1).all()):
+                target = merged[samples]  # the only expert of these samples: the joint merge is its own
+            else:
+                alone = torch.arange(len(samples), device=samples.device)
+                target = self._merge(f_s[samples], [(alone, tokens)], _subset(outside, samples))
+            rows.append(samples)
+            groups.append(torch.full_like(samples, slot))
+            targets.append(target)
+        read_outside = torch.zeros(b, dtype=torch.bool)
+        for samples, _ in outside:
+            read_outside[samples.cpu()] = True
+        only = (read_outside & (coverage == 0)).nonzero().flatten().to(f_s.device)
+        if len(only):
+            rows.append(only)
+            groups.append(torch.full_like(only, len(self.project)))
+            targets.append(merged[only])
+        if not rows:
+            empty = torch.zeros(0, dtype=torch.long, device=f_s.device)
+            return Amalgamated(merged, empty, empty, f_s.new_zeros(0, *f_s.shape[1:]))
+        return Amalgamated(merged, torch.cat(rows), torch.cat(groups), torch.cat(targets))
+
+    def _merge(
+        self,
+        f_s: torch.Tensor,
+        experts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        external: Sequence[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
-        """``f_s (B, N, C)`` → ``f_m (B, N, C)``; ``experts``: ``(slot, samples (n,), features (n, C_slot, *s))``,
-        ``external``: ``(samples, features)``. A sample no expert covers passes that step unchanged."""
-        blocks = [(samples, self.project[slot](_tokens(features, f_s.dtype))) for slot, samples, features in experts]
-        f_e = f_s + self._read(self.read_experts, self.norm_experts(f_s), blocks, self.norm_context)
+        """The hierarchy on projected tokens: ``f_s (b, N, C)`` queries the expert blocks, the result the external
+        blocks (``(samples, tokens (n, P, C))``, samples indexing ``f_s``'s rows) → ``(b, N, C)``."""
+        f_e = f_s + self._read(self.read_experts, self.norm_experts(f_s), experts, self.norm_context)
         if self.read_external is None or not external:
             return f_e
-        assert self.external is not None
-        blocks = [(samples, self.external(_tokens(features, f_s.dtype))) for samples, features in external]
-        return f_e + self._read(self.read_external, self.norm_external(f_e), blocks, None)
+        return f_e + self._read(self.read_external, self.norm_external(f_e), external, None)
 
     @staticmethod
     def _read(
@@ -113,6 +178,21 @@ class Amalgamation(nn.Module):
 def _tokens(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(n, C, *s)`` → ``(n, Π s, C)``."""
     return features.flatten(2).transpose(1, 2).to(dtype)
+
+
+def _subset(
+    blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], samples: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``blocks`` (``(samples, tokens (n, P, C))`` over the batch) restricted to ``samples (m,)``, re-indexed to
+    positions in ``samples``."""
+    position = {s: i for i, s in enumerate(samples.tolist())}
+    out = []
+    for covered, tokens in blocks:
+        pairs = [(position[s], r) for r, s in enumerate(covered.tolist()) if s in position]
+        if pairs:
+            where = torch.tensor([p for p, _ in pairs], dtype=torch.long, device=covered.device)
+            out.append((where, tokens[[r for _, r in pairs]]))
+    return out
 
 
 class KA2ERNet(nn.Module):
@@ -202,8 +282,9 @@ class KA2ERNet(nn.Module):
         extras: dict[str, torch.Tensor] = {}
         merged = f_s
         if self.amalgamation is not None and prompts.get("experts") is not None:
-            merged = self.amalgamation(f_s, prompts["experts"], prompts.get("external"))
-            extras["f_s"], extras["f_m"] = f_s, merged
+            out = self.amalgamation(f_s, prompts["experts"], prompts.get("external"))
+            merged = out.merged
+            extras.update(f_s=f_s, f_m=merged, align_rows=out.rows, align_groups=out.groups, align_targets=out.targets)
         skips = [*skips[:-1], merged.transpose(1, 2).reshape(bottleneck.shape)]
         maps = self.backbone.decode(skips)
         index, valid = select_tasks(asked_tasks(tasks, image, self.num_tasks))

@@ -241,6 +241,15 @@ class NnUNetExpert(Expert):
     def __init__(
         self, folder: str | Path, dataset: str, image: str | Path, fold: int | str = 0, level: int = -1
     ) -> None:
+        # the folder first: a wrong path is the likelier mistake, and its error does not depend on nnunetv2
+        folder = Path(folder)
+        checkpoint = folder / f"fold_{fold}" / "checkpoint_final.pth"
+        for needed in (folder / "plans.json", folder / "dataset.json", checkpoint):
+            if not needed.is_file():
+                raise MosaicSegError(
+                    f"{needed}: missing, so {folder} is no usable nnU-Net model folder. Fix: pass the folder "
+                    "nnUNetv2_train wrote (…/Trainer__Plans__configuration) with a finished fold."
+                )
         try:
             from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
             from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -250,14 +259,6 @@ class NnUNetExpert(Expert):
                 "install nnunetv2 -c benchmarks/constraints-cpu.txt` (the constraints keep the CPU torch), or use a "
                 "MosaicSeg run as the expert."
             ) from None
-        folder = Path(folder)
-        checkpoint = folder / f"fold_{fold}" / "checkpoint_final.pth"
-        for needed in (folder / "plans.json", folder / "dataset.json", checkpoint):
-            if not needed.is_file():
-                raise MosaicSegError(
-                    f"{needed}: missing, so {folder} is no usable nnU-Net model folder. Fix: pass the folder "
-                    "nnUNetv2_train wrote (…/Trainer__Plans__configuration) with a finished fold."
-                )
         plans = json.loads((folder / "plans.json").read_text())
         dataset_json = json.loads((folder / "dataset.json").read_text())
         ckpt = _load_nnunet_checkpoint(checkpoint)

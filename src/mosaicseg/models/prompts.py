@@ -73,11 +73,18 @@ def load_sam_prompt_encoder(encoder: BoxPromptEncoder, path: str | Path) -> list
     path = Path(path)
     if not path.is_file():
         raise MosaicSegError(f"{path}: SAM/MedSAM weights not found. Fix: give a local file (nothing is downloaded).")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a checkpoint from elsewhere executes no code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for a foreign or damaged file
+        raise MosaicSegError(
+            f"{path}: cannot read it as a PyTorch state dict ({exc}). Fix: pass a SAM or MedSAM checkpoint (.pth)."
+        ) from exc
     state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise MosaicSegError(f"{path}: holds a {type(state).__name__}, not a state dict. Fix: pass a SAM checkpoint.")
 
     def find(suffix: str) -> torch.Tensor | None:
-        return next((v for k, v in state.items() if k.endswith(suffix)), None)
+        return next((v for k, v in state.items() if str(k).endswith(suffix) and isinstance(v, torch.Tensor)), None)
 
     gaussian = find("pe_layer.positional_encoding_gaussian_matrix")
     low, high = find("point_embeddings.2.weight"), find("point_embeddings.3.weight")
@@ -88,9 +95,16 @@ def load_sam_prompt_encoder(encoder: BoxPromptEncoder, path: str | Path) -> list
         )
     if encoder.dims != 2 or tuple(gaussian.shape) != tuple(encoder.positions.gaussian.shape):
         raise MosaicSegError(
-            f"{path}: SAM's prompt encoder is 2D with width {2 * gaussian.shape[1]}; this one is {encoder.dims}D with "
-            f"width {encoder.width}. Fix: set the recipe option prompt_width={2 * gaussian.shape[1]} on a 2D student."
+            f"{path}: SAM's prompt encoder is 2D with width {2 * gaussian.shape[-1]}; this one is {encoder.dims}D with "
+            f"width {encoder.width}. Fix: set the recipe option prompt_width={2 * gaussian.shape[-1]} on a 2D student."
         )
+    width = encoder.width
+    for name, tensor in (("point_embeddings.2/3", low), ("point_embeddings.2/3", high), ("not_a_point_embed", missing)):
+        if tensor is not None and tuple(tensor.shape) != (1, width):
+            raise MosaicSegError(
+                f"{path}: SAM's {name} weight is {tuple(tensor.shape)}, not (1, {width}) as its Gaussian matrix "
+                "implies. Fix: pass an unmodified SAM or MedSAM checkpoint."
+            )
     copied = ["gaussian", "corners"]
     with torch.no_grad():
         encoder.positions.gaussian.copy_(gaussian)

@@ -199,18 +199,36 @@ def modality_loss(logits: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), modality.long())
 
 
-def alignment_loss(f_s: torch.Tensor, f_m: torch.Tensor, norm: str = "mse", detach: bool = True) -> torch.Tensor:
-    """KA²ER's feature alignment (eq. 2) between the student's self-attended bottleneck tokens ``f_s (B, N, C)``
-    and the amalgamated ones ``f_m``: ``mse`` = mean over tokens of ``‖f_s − f_m‖² / C``, ``l2`` = mean over tokens
-    of ``‖f_s − f_m‖``. ``detach``: ``f_m`` is the target (no gradient through it), so the student's own path
-    learns what the experts added; the paper does not say (an option of the recipe)."""
+def alignment_loss(
+    f_s: torch.Tensor,
+    f_m: torch.Tensor,
+    norm: str = "mse",
+    detach: bool = True,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KA²ER's feature alignment: eq. 1's ``Σ_k L_align`` over the experts ``k``, each term eq. 2's ``‖f_s − f_m‖``.
+
+    ``f_s (R, N, C)``: rows of the student's self-attended bottleneck tokens; ``f_m (R, N, C)``: the amalgamated
+    tokens each row is aligned with; ``groups (R,)`` long: the expert each row belongs to (None: all rows one
+    group, a single term). Per group: ``mse`` = mean over its rows' tokens of ``‖f_s − f_m‖² / C``, ``l2`` = mean
+    over its rows' tokens of ``‖f_s − f_m‖``; the result is the **sum** over the groups present (eq. 1 sums over
+    the teachers, so the term grows with the number of experts in the batch; ``align_weight`` scales it), a
+    zero scalar without rows. ``detach``: ``f_m`` is the target (no gradient through it), so the student's own
+    path learns what the experts added; the paper does not say (an option of the recipe)."""
+    if norm not in ("mse", "l2"):
+        raise ValueError(f"alignment norm {norm!r}: use mse or l2")
     target = f_m.detach() if detach else f_m
-    diff = (f_s.float() - target.float()).flatten(0, -2)  # (B·N, C)
-    if norm == "mse":
-        return diff.square().mean()
-    if norm == "l2":
-        return diff.norm(dim=-1).mean()
-    raise ValueError(f"alignment norm {norm!r}: use mse or l2")
+    diff = f_s.float() - target.float()  # (R, N, C)
+    if diff.shape[0] == 0:
+        return diff.sum()  # no expert in the batch: nothing to align (a zero that keeps the graph)
+    per_token = diff.square().mean(-1) if norm == "mse" else diff.norm(dim=-1)  # (R, N)
+    per_row = per_token.mean(-1)  # (R,): every row has the same N tokens, so a group's mean of rows is its token mean
+    if groups is None:
+        return per_row.mean()
+    ids, index = torch.unique(groups, return_inverse=True)
+    sums = per_row.new_zeros(len(ids)).index_add(0, index, per_row)
+    counts = per_row.new_zeros(len(ids)).index_add(0, index, torch.ones_like(per_row))
+    return (sums / counts).sum()
 
 
 def bernoulli_kl(student_logits: torch.Tensor, expert_probs: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
