@@ -8,8 +8,9 @@ and DAL), every strategy with the same number of turns, each setting over seeded
     evaluation subset, the same source, the pool without the target;
 (c) 2D: target Dataset010_DRIVE, 3 shots, a fixed 20-case subset; pool Dataset011_PH2, Dataset012 and the
     synthetic 2D sets (by label); source ``none`` and a 2D ``universal`` model pre-trained on that pool;
-(d) the arm choices of (a)'s ASAP runs: which datasets the bandit pulled, turn by turn (``arms.png`` of fold 0
-    copied next to the results), and whether it came to prefer the IXI limbic (hippocampus) arms.
+(d) the arm choices of (a)'s ASAP runs: which arms (dataset/label) the bandit pulled, by thirds of the run
+    (``arms.png`` of fold 0 copied next to the results), and whether it came to prefer the IXI limbic
+    hippocampus arms: their share of the last third's pulls against an even share of the arms.
 
 Every ``mosaicseg adapt`` call reuses its finished folds, so the study resumes where it stopped.
 ``MOSAICSEG_BENCH_QUICK=1``: one fold, a few turns.
@@ -31,6 +32,7 @@ TURNS = 300
 FOLDS = 3
 POOL_3D = ("Dataset002_IXIDeepGrey", "Dataset003_IXILimbic", "Dataset004_IXIVentricles", "Dataset005_BraTS",
            "Dataset007_ACDC", "Dataset008_LeftAtrium")  # fmt: skip
+LIMBIC = "Dataset003_IXILimbic"  # its hippocampus arms are the ones closest to the target of (a)
 POOL_2D_SHARED = ("Dataset011_PH2", "Dataset012_LIDCNoduleSlices")
 PRE_2D_ITERATIONS = 2000
 # each setting's fixed evaluation subset (cases of the target outside the shots)
@@ -137,7 +139,9 @@ def study_fewshot() -> dict[str, Any]:
 
 
 def _arm_choices(runs: dict[str, Any], key: str) -> dict[str, Any]:
-    """Pulls per dataset over (a)'s ASAP folds, by thirds of the run, and fold 0's plot copied to the results."""
+    """Pulls per arm (``dataset/label``, or the dataset when the pool was not split by label) over (a)'s ASAP
+    folds, by thirds of the run, with every arm of the pool (pulled or not), and fold 0's plot copied to the
+    results."""
     if key not in runs:
         return {}
     thirds: list[Counter[str]] = [Counter(), Counter(), Counter()]
@@ -147,12 +151,50 @@ def _arm_choices(runs: dict[str, Any], key: str) -> dict[str, Any]:
         for line in Path(path).read_text().splitlines() if path else []:
             row = json.loads(line)
             if row.get("arm_name"):
-                thirds[min(2, 3 * (row["turn"] - 1) // turns)][row["arm_name"].split("/")[0]] += 1
+                thirds[min(2, 3 * (row["turn"] - 1) // turns)][row["arm_name"]] += 1
     plot = Path(runs[key]["output"]) / "fold_0" / "arms.png"
     if plot.is_file():
         RESULTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot, RESULTS / "fewshot-arms-a.png")
-    return {"by_third": [dict(c) for c in thirds]}
+    return {"arms": list(runs[key]["settings"]["arms"]), "by_third": [dict(c) for c in thirds]}
+
+
+def _hippocampus_arm(name: str) -> bool:
+    """An IXI limbic arm of a hippocampus label (Dataset003's other labels are the amygdalae)."""
+    dataset, _, label = name.partition("/")
+    return dataset == LIMBIC and "hippocamp" in label.lower()
+
+
+def _arms_section(arms: dict[str, Any]) -> list[str]:
+    """(d): pulls per arm by third, and the IXI limbic hippocampus arms' share of the last third against the
+    share they would get if every arm were pulled as often."""
+    names = list(arms["arms"])
+    names += sorted({n for c in arms["by_third"] for n in c} - set(names))  # logs of arms left out of the list
+    lines = ["(d) ASAP's pulls in (a), per arm (dataset/label) and third of the run (all folds):", "",
+             "| arm | first third | second | last |", "|---|---|---|---|"]  # fmt: skip
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(str(c.get(n, 0)) for c in arms["by_third"]) + " |")
+    hippocampus = [n for n in names if _hippocampus_arm(n)]
+    last = arms["by_third"][-1]
+    total = sum(last.values())
+    lines.append("")
+    if not hippocampus:
+        lines.append(
+            "The pool has no IXI limbic hippocampus arm of its own (not split by label, or without Dataset003): "
+            "whether the bandit preferred the hippocampus labels cannot be read off these pulls."
+        )
+    elif total == 0:
+        lines.append("No pulls were logged in the last third: the run is too short to say what the bandit preferred.")
+    else:
+        share = sum(last.get(n, 0) for n in hippocampus) / total
+        even = len(hippocampus) / len(names)
+        verdict = "more than" if share > even else "no more than"
+        lines.append(
+            f"In the last third the bandit pulled the IXI limbic hippocampus arms ({', '.join(hippocampus)}) "
+            f"{share:.0%} of the time, {verdict} their even share of {even:.0%} ({len(hippocampus)} of "
+            f"{len(names)} arms): it {'came' if share > even else 'did not come'} to prefer them."
+        )
+    return [*lines, "", "![arms](benchmarks/results/fewshot-arms-a.png)", ""]
 
 
 def _row(r: dict[str, Any]) -> str:
@@ -191,19 +233,8 @@ def report(r: dict[str, Any]) -> list[str]:
             lines.append(f"| {strategy} | {shots} | {_row(runs[k])} |")
         lines += ["", _claim(runs, part), ""]
     arms = r.get("arms_a") or {}
-    if arms.get("by_third"):
-        lines += ["(d) ASAP's pulls in (a), per dataset and third of the run (all folds):", "",
-                  "| dataset | first third | second | last |", "|---|---|---|---|"]  # fmt: skip
-        names = sorted({n for c in arms["by_third"] for n in c})
-        for n in names:
-            lines.append(f"| {n} | " + " | ".join(str(c.get(n, 0)) for c in arms["by_third"]) + " |")
-        last = arms["by_third"][-1]
-        total = sum(last.values()) or 1
-        limbic = last.get("Dataset003_IXILimbic", 0) / total
-        even = 1 / max(len(names), 1)
-        lines += ["", f"In the last third the bandit pulled the IXI limbic arms {limbic:.0%} of the time "
-                  f"({'more' if limbic > even else 'no more'} than an even share of {even:.0%}).", "",
-                  "![arms](benchmarks/results/fewshot-arms-a.png)", ""]  # fmt: skip
+    if arms.get("by_third") and "arms" in arms:  # results counted per dataset (no arm list) are not re-read here
+        lines += _arms_section(arms)
     return lines
 
 

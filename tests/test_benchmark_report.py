@@ -439,8 +439,10 @@ def test_transfer_report_pairs_seeds_and_finds_where_finetuning_reaches_scratch(
     assert "| 64 (all) | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in text
 
 
-def test_fewshot_report_checks_asaps_claim_per_setting() -> None:
-    from benchmarks.fewshot import report
+def test_fewshot_report_checks_asaps_claim_per_setting(tmp_path) -> None:
+    import json
+
+    from benchmarks.fewshot import _arm_choices, report
 
     def run(dices: list[float]) -> dict[str, Any]:
         folds = [{"dice": d, "iou": d / 2} for d in dices]
@@ -458,6 +460,33 @@ def test_fewshot_report_checks_asaps_claim_per_setting() -> None:
     assert "| asap | 3 | 0.560 ± 0.000 | 0.280 ± 0.000 | 2.0 |" in text
     assert "ASAP's claim (≥ finetune + 3 points, ≥ gms, mtl, dal): **holds**." in text  # 0.56 − 0.51 = 0.05
     assert "**fails** (mtl scored higher)." in text  # b: +0.05 over finetune, below mtl
+    # (d): pulls counted per arm. 6 arms, 2 of them IXI limbic hippocampus (an even share: 2/6 = 33 %); 9 turns,
+    # thirds of 3. Last third: Hippocampus_L twice, Amygdala_R once: 2/3 = 67 % for the hippocampus arms, which a
+    # count per dataset (3/3 for Dataset003) would have overstated
+    limbic, grey = "Dataset003_IXILimbic", "Dataset002_IXIDeepGrey"
+    arms = [f"{limbic}/Hippocampus_R", f"{limbic}/Hippocampus_L", f"{limbic}/Amygdala_R", f"{limbic}/Amygdala_L",
+            f"{grey}/Caudate", f"{grey}/Putamen"]  # fmt: skip
+    pulled = [4, 4, 3, 0, 2, 4, 1, 1, 2]  # turn t pulls arms[pulled[t - 1]]
+    log = tmp_path / "arms.jsonl"
+    log.write_text(
+        "".join(json.dumps({"turn": t, "arm": a, "arm_name": arms[a]}) + "\n" for t, a in enumerate(pulled, 1))
+    )
+    asap = {**run([0.56]), "settings": {"turns": 9, "arms": arms}, "output": str(tmp_path)}
+    asap["folds"][0]["arms_log"] = str(log)
+    counted = _arm_choices({"a/asap/3": asap}, "a/asap/3")
+    assert counted["by_third"] == [
+        {f"{grey}/Caudate": 2, f"{limbic}/Amygdala_L": 1},
+        {f"{limbic}/Hippocampus_R": 1, f"{grey}/Caudate": 1, f"{limbic}/Amygdala_R": 1},
+        {f"{limbic}/Hippocampus_L": 2, f"{limbic}/Amygdala_R": 1},
+    ]
+    text = "\n".join(report({"setting": setting, "runs": runs, "arms_a": counted}))
+    assert f"| {limbic}/Hippocampus_L | 0 | 0 | 2 |" in text and f"| {grey}/Putamen | 0 | 0 | 0 |" in text
+    assert "hippocampus arms (" in text and "67% of the time, more than their even share of 33% (2 of 6" in text
+    assert "it came to prefer them." in text
+    # the same run without its last third's hippocampus pulls: no preference, said so
+    counted["by_third"][2] = {f"{grey}/Caudate": 3}
+    text = "\n".join(report({"setting": setting, "runs": runs, "arms_a": counted}))
+    assert "0% of the time, no more than their even share of 33%" in text and "did not come to prefer" in text
 
 
 def test_ka2er_report_checks_the_claim_in_and_out_of_domain() -> None:

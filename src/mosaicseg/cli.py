@@ -587,19 +587,42 @@ def extend(
 @app.command()
 @_user_errors
 def adapt(
-    target: Annotated[Path, typer.Option("--target", help="The target dataset folder (nnU-Net raw, labelled)")],
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="The target: a dataset folder (nnU-Net raw, labelled), or a dataset name or number "
+            "(Dataset001_Hippocampus, 001) found in --data-root, the source model's collection root or the "
+            "folders of the other datasets given",
+        ),
+    ],
     shots: Annotated[int, typer.Option(help="Labelled target cases to train on, drawn per fold")],
     workdir: Annotated[Path, typer.Option("-w", "--workdir", help="Work folder: target + pool, planned")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder of the folds' runs and summary.json")],
     source: Annotated[
         str, typer.Option(help="The pre-trained model (run/fold folder, checkpoint, bundle), or none (scratch)")
     ] = "none",
-    aux: Annotated[list[Path] | None, typer.Option("--aux", help="An auxiliary dataset folder (repeat)")] = None,
+    aux: Annotated[
+        list[str] | None, typer.Option("--aux", help="An auxiliary dataset folder or name, as --target (repeat)")
+    ] = None,
+    data_root: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MOSAICSEG_DATA_ROOT",
+            help="A folder of nnU-Net raw datasets where --target/--aux names are looked up first",
+        ),
+    ] = None,
     aux_cases: Annotated[int, typer.Option(help="At most this many cases per auxiliary dataset (ASAP: 30)")] = 30,
     aux_split_by_label: Annotated[
         bool, typer.Option(help="Every (dataset, label) is its own arm (as ASAP built 30 arms)")
     ] = False,
-    strategy: Annotated[str, typer.Option(help="asap, finetune (target only), gms, mtl or dal")] = "asap",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="asap, finetune (target only), gms, mtl (each sample: an auxiliary dataset drawn evenly, then one "
+            "of its arms) or dal"
+        ),
+    ] = "asap",
     turns: Annotated[int, typer.Option(help="Training turns (steps), the same for every strategy")] = 500,
     folds: Annotated[int, typer.Option(help="Repeat over this many seeded draws of the shots")] = 3,
     eval_cases: Annotated[
@@ -611,7 +634,13 @@ def adapt(
     preset: Annotated[str, typer.Option(help="paper (AdamW 3e-4, wd 1e-7, batch 4) or cpu (the plan's batch)")] = "cpu",
     lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate")] = None,
     alpha: Annotated[float, typer.Option(help="ASAP: weight of the loss reward at turn 1 (eq. 3)")] = 0.5,
-    alpha_schedule: Annotated[str, typer.Option(help="ASAP: linear (to 0), exponential or constant")] = "linear",
+    alpha_schedule: Annotated[
+        str,
+        typer.Option(
+            help="ASAP: linear (alpha·(1 - (t-1)/N) at turn t of N: alpha at turn 1, alpha/N at the last), "
+            "exponential (to alpha/100) or constant"
+        ),
+    ] = "linear",
     beta: Annotated[float, typer.Option(help="ASAP: reward smoothing (eq. 4)")] = 0.1,
     reward_loss: Annotated[
         str, typer.Option(help="ASAP: normalized ((L0 - L) / (L0 + L), in [-1, 1]) or raw (-L, the paper's)")
@@ -632,11 +661,12 @@ def adapt(
             raise MosaicSegError(f"{eval_list}: not found. Fix: give a text file of case ids, one per line.")
         ids = [x.strip() for x in eval_list.read_text().splitlines() if x.strip()]
     settings = AdaptSettings(
-        target=str(target), shots=shots, source=None if source.lower() == "none" else source,
-        aux=[str(a) for a in aux or []], aux_cases=aux_cases, split_by_label=aux_split_by_label, strategy=strategy,
-        turns=turns, folds=folds, eval_cases=eval_cases, eval_list=ids, preset=preset, lr=lr, seed=seed,
-        device=device, amp={"auto": None, "fp32": False, "mixed": True}[precision], alpha=alpha,
-        alpha_schedule=alpha_schedule, beta=beta, reward_loss=reward_loss,
+        target=target, shots=shots, source=None if source.lower() == "none" else source, aux=list(aux or []),
+        data_root=str(data_root) if data_root is not None else None, aux_cases=aux_cases,
+        split_by_label=aux_split_by_label, strategy=strategy, turns=turns, folds=folds, eval_cases=eval_cases,
+        eval_list=ids, preset=preset, lr=lr, seed=seed, device=device,
+        amp={"auto": None, "fp32": False, "mixed": True}[precision], alpha=alpha, alpha_schedule=alpha_schedule,
+        beta=beta, reward_loss=reward_loss,
     )  # fmt: skip
     result = run_adaptation(settings, workdir, output, log=typer.echo)
     typer.echo(

@@ -11,8 +11,10 @@ gets new ones); the backbone is shared. Each training step is one *turn*:
   reward from the loss and the cosine over the shared (non-head) parameters;
 - ``gms``: before training, the arm whose gradient magnitude is most similar to the target's
   (``2‖g_a‖‖g_T‖/(‖g_a‖²+‖g_T‖²)``) is chosen once, then every turn adds a batch of it;
-- ``mtl``: every turn adds a batch whose samples come from arms drawn uniformly (all auxiliary data mixed; a
-  sample of a label arm is supervised on all its dataset's labels);
+- ``mtl``: every turn adds a batch mixing all auxiliary data: each sample draws an auxiliary dataset uniformly,
+  then one of that dataset's arms uniformly (so with ``--aux-split-by-label`` a dataset with many labels is not
+  drawn more often than one with a single label; a sample of a label arm is centred on that label and
+  supervised on all its dataset's labels);
 - ``dal``: an EXP3 sampler over arms whose pulled arm is rewarded by its gradient alignment with the target.
 
 An arm is an auxiliary dataset, or one (dataset, label) pair (``--aux-split-by-label``): its batches are
@@ -87,17 +89,27 @@ class Arm:
 
 
 class _ArmPolicy:
-    """Draws samples of the selected arm (uniform over its cases), or of uniformly drawn arms (``mixed``)."""
+    """Draws samples of the selected arm (uniform over its cases), or, ``mixed``, of a dataset of ``arms`` drawn
+    uniformly and then one of its arms drawn uniformly: every auxiliary dataset gets an even share of a mixed
+    batch however many label arms it was split into (MTL mixes datasets, not labels)."""
 
     def __init__(self, by_dataset: dict[str, list[str]], arms: Sequence[Arm]) -> None:
         self.by_dataset = by_dataset
-        self.arms = list(arms)
+        self.arms = list(arms)  # replaced for a moment by Auxiliary._target_batch: grouped at each draw
         self.selected: Arm | None = None
         self.mixed = False
 
     def choose(self, index: int, rng: np.random.Generator) -> tuple[str, str, str | None]:
-        arm = self.arms[int(rng.integers(len(self.arms)))] if self.mixed else self.selected
-        assert arm is not None  # the strategy selects before it draws
+        arm = self.selected
+        if self.mixed:
+            groups: dict[str, list[Arm]] = {}
+            for a in self.arms:
+                groups.setdefault(a.dataset, []).append(a)
+            datasets = list(groups)
+            group = groups[datasets[int(rng.integers(len(datasets)))]]
+            arm = group[int(rng.integers(len(group)))]
+        if arm is None:
+            raise RuntimeError("adapt: an arm batch was asked for with no arm selected (a strategy bug)")
         cases = self.by_dataset[arm.dataset]
         return arm.dataset, cases[int(rng.integers(len(cases)))], arm.label
 
