@@ -6,12 +6,16 @@ the per-dataset validation pseudo-Dice the run logs (``metrics.jsonl``); the end
 would score it: ``mosaicseg predict`` on every held-out case of each dataset, then ``mosaicseg evaluate``
 (per-task Dice in the original geometry). Runs are kept in ``work/bench/conv_COLLECTION/runs`` and reused
 (a run with ``checkpoint_final.pt`` is not trained again; an interrupted one resumes), so the study can be
-extended configuration by configuration.
+extended configuration by configuration. A configuration with plan flags (:data:`PLAN_FLAGS`) trains on its own
+plan, in ``work/bench/conv_COLLECTION_NAME`` (the default plan's preprocessed cases linked in: the network plan
+does not change them).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +75,18 @@ CONFIGS: dict[str, list[str]] = {
     "after-64": ["--patch-size", "64,64,64"],
     "after-lr1e-3": ["--lr", "1e-3"],
     "after-prior-0.003": ["--recipe-option", "head_prior=0.003"],
+    # the defaults on a plan whose network anisotropy is decided at the datasets' largest spacing (PLAN_FLAGS)
+    "topology-max": [],
     # Hermes (issue 8's recipe) with the same defaults: a first look on real data
     "hermes": ["--recipe", "hermes"],
     # one `single` run per dataset on the same plan, the budget split evenly: equal total time (see _singles)
     "singles": ["--recipe", "single"],
 }  # fmt: skip
+# `mosaicseg plan` flags of the configurations that train on a plan of their own
+PLAN_FLAGS: dict[str, list[str]] = {
+    # the rule before: one thick-slice dataset (mri7's ACDC, 10 mm) made the whole network anisotropic
+    "topology-max": ["--topology-spacing", "max"],
+}
 SINGLES = "singles"
 # the universal run that the singles are held against
 UNIVERSAL = "defaults-after"
@@ -92,13 +103,26 @@ def run_folder(workdir: Path, name: str, budget: str) -> Path:
     return workdir / "runs" / f"{name}_{budget}{'' if pinned else PATCHVAL}"
 
 
-def _plan(collection: str) -> Path:
+def _plan(collection: str, name: str | None = None) -> Path:
     """Plan (again: a plan made by an older default is replaced; cached cases of an unchanged preprocessing
-    are kept)."""
-    workdir = WORK / f"conv_{collection}"
-    log = WORK / "logs" / f"conv_{collection}_plan.log"
-    run_cli(["plan", str(COLLECTIONS[collection]), "-o", str(workdir), "--overwrite"], log)
+    are kept); configuration ``name``'s own plan (:data:`PLAN_FLAGS`) in a work folder of its own, after the
+    default one, whose preprocessed cases it links."""
+    flags = PLAN_FLAGS.get(name or "", [])
+    default = WORK / f"conv_{collection}"
+    workdir = WORK / f"conv_{collection}_{name}" if flags else default
+    cache = workdir / "preprocessed"
+    if flags and not cache.exists() and (default / "preprocessed").is_dir():
+        shutil.copytree(default / "preprocessed", cache, copy_function=os.link)
+    log = WORK / "logs" / f"{workdir.name}_plan.log"
+    run_cli(["plan", str(COLLECTIONS[collection]), "-o", str(workdir), "--overwrite", *flags], log)
     return workdir
+
+
+def network_summary(workdir: Path) -> dict[str, Any]:
+    """The plan's network as the report states it."""
+    net = json.loads((workdir / "plans.json").read_text())["network"]
+    keys = ("patch_size", "batch_size", "features", "kernel_sizes", "strides", "topology_spacing")
+    return {k: net[k] for k in keys}
 
 
 def _records(run: Path) -> list[dict[str, Any]]:
@@ -132,14 +156,15 @@ def _score(workdir: Path, run: Path, datasets: list[str], n_cases: int | None) -
 
 
 def study_convergence(collection: str, configs: list[str], budget_min: float) -> dict[str, Any]:
-    workdir = _plan(collection)
-    datasets = json.loads((workdir / "vocabulary.json").read_text())["datasets"]
+    default = _plan(collection)
+    datasets = json.loads((default / "vocabulary.json").read_text())["datasets"]
     runs: dict[str, Any] = {}
     budget = f"{budget_min:g}m"
     for name in configs:
         if name == SINGLES:
-            runs[name] = _singles(workdir, datasets, budget_min)
+            runs[name] = {**_singles(default, datasets, budget_min), "network": network_summary(default)}
             continue
+        workdir = _plan(collection, name) if name in PLAN_FLAGS else default
         run = run_folder(workdir, name, budget)
         if not (run / "checkpoint_final.pt").is_file():
             args = ["train", str(workdir), "--fold", "0", "--seed", "0", "--device", "cpu", "--time-budget", budget,
@@ -151,6 +176,8 @@ def study_convergence(collection: str, configs: list[str], budget_min: float) ->
         last = records[-1]
         runs[name] = {
             "flags": CONFIGS[name],
+            "plan_flags": PLAN_FLAGS.get(name, []),
+            "network": network_summary(workdir),
             "iterations": last["iteration"],
             "train_min": last["elapsed_s"] / 60,
             "s_per_iteration": last["elapsed_s"] / max(1, last["iteration"]),

@@ -616,9 +616,11 @@ def _precision(r: dict[str, Any]) -> list[str]:
 def _convergence(r: dict[str, Any]) -> list[str]:
     datasets = r["datasets"]
     short = [d.split("_", 1)[-1] for d in datasets]
+    variant = f", {r['variant']}" if r.get("variant") else ""  # an archived study on an older plan
+    plot = r.get("plot", f"benchmarks/results/convergence-{r['collection']}-{r['budget_min']:g}m.png")
     lines = [
         f"## Universal training on the CPU: Dice against wall-clock minutes ({r['collection']}, "
-        f"{r['budget_min']:g} minutes)",
+        f"{r['budget_min']:g} minutes{variant})",
         "",
         f"`python -m benchmarks convergence --collection {r['collection']} --budget-min {r['budget_min']:g}` — "
         "`mosaicseg train --time-budget` on the collection's plan, fold 0, seed 0, one run per configuration "
@@ -627,18 +629,34 @@ def _convergence(r: dict[str, Any]) -> list[str]:
         "not compare); end point: `predict` + `evaluate` on every held-out case (Dice in the original geometry, "
         "mean over each dataset's tasks).",
         "",
-        f"![convergence](benchmarks/results/convergence-{r['collection']}-{r['budget_min']:g}m.png)",
+        *([r["variant_note"], ""] if r.get("variant_note") else []),
+        f"![convergence]({plot})",
         "",
         f"| configuration | flags | iterations | s/it | validation | validation min | {' | '.join(short)} |",
         "|---|---|---|---|---|---|" + "---|" * len(short),
     ]
     for name, run in r["runs"].items():
         means = [statistics.mean(run["heldout_dice"][d].values()) for d in datasets]
+        flags = " ".join(run["flags"])
+        flags = (
+            f"plan `{' '.join(run['plan_flags'])}`" + (f", `{flags}`" if flags else "")
+            if run.get("plan_flags")
+            else (f"`{flags}`" if flags else "none (the defaults)")
+        )
         lines.append(
-            f"| {name} | {('`' + ' '.join(run['flags']) + '`') if run['flags'] else 'none (the defaults)'} | "
+            f"| {name} | {flags} | "
             f"{run['iterations']} | {run['s_per_iteration']:.2f} | {run.get('val_mode', 'cases')} | "
             f"{run['validation_min']:.1f} | {' | '.join(f'{m:.3f}' for m in means)} |"
         )
+    networks = {name: run["network"] for name, run in r["runs"].items() if run.get("network")}
+    if networks:
+        lines += ["", "Networks (the plan's):", ""]
+        for name, net in networks.items():
+            lines.append(
+                f"- {name}: patch {net['patch_size']}, batch {net['batch_size']}, {len(net['features'])} stages, "
+                f"features {net['features'][0]}–{net['features'][-1]}, first kernel {net['kernel_sizes'][0]}, "
+                f"anisotropy decided at {net['topology_spacing']} mm"
+            )
     lines += _universal_vs_singles(r)
     tasks = [(d, t) for d in datasets for t in next(iter(r["runs"].values()))["heldout_dice"][d]]
     lines += ["", "Held-out Dice per task at the end:", "", f"| task | {' | '.join(r['runs'])} |",

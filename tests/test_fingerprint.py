@@ -142,6 +142,24 @@ def test_network_plan_divisible_and_within_caps(dim: int, device: str) -> None:
         plan_network(datasets, dim, device, memory_budget_gb=1e-6)
 
 
+def test_one_thick_slice_dataset_leaves_the_isotropic_majoritys_network_isotropic() -> None:
+    # mri7's shape: isotropic heads and crops, one cine set at 10 mm slices
+    datasets = {
+        "Heads": {"target_spacing": [2.0, 2.0, 2.0], "median_shape": [90, 120, 120]},
+        "Crops": {"target_spacing": [1.0, 1.0, 1.0], "median_shape": [35, 50, 36]},
+        "Cine": {"target_spacing": [1.5, 1.5, 10.0], "median_shape": [216, 256, 10]},
+    }
+    median = plan_network(datasets, 3, "cpu", in_channels=1, out_channels=3)
+    assert median["topology_spacing"] == [1.5, 1.5, 2.0]
+    assert all(k == [3, 3, 3] for k in median["kernel_sizes"])
+    assert all(len(set(s)) == 1 for s in median["strides"])  # every axis pooled together
+    largest = plan_network(datasets, 3, "cpu", in_channels=1, out_channels=3, topology_spacing="max")
+    assert largest["topology_spacing"] == [2.0, 2.0, 10.0] and largest["kernel_sizes"][0] == [3, 3, 1]
+    assert largest["num_stages"] > median["num_stages"]  # z's delayed pooling adds stages
+    with pytest.raises(MosaicSegError, match=r"topology spacing 'mean' is unknown.*median, max"):
+        plan_network(datasets, 3, "cpu", topology_spacing="mean")
+
+
 # --------------------------------------------------------------------------------------------- plans from data
 def test_ct_in_hu_and_not_hu_and_fixed_window(tmp_path: Path) -> None:
     hu = write_nifti_dataset(

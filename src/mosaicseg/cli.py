@@ -93,6 +93,14 @@ def plan(
         typer.Option(help="hermes: the Hermes paper's preprocessing (1.5 mm, CT [-990, 500] HU, MR 2-98 percentiles)"),
     ] = None,
     common_spacing: Annotated[float | None, typer.Option(help="Resample every dataset to this spacing (mm)")] = None,
+    topology_spacing: Annotated[
+        str,
+        typer.Option(
+            help="median or max: the spacing the shared network's anisotropy (kernels of 1, delayed pooling) is "
+            "decided at: the datasets' per-axis median target spacing (default: one thick-slice dataset among "
+            "isotropic ones leaves their network isotropic; BENCHMARKS.md, convergence on mri7) or the largest"
+        ),
+    ] = "median",
     ct_normalization: Annotated[
         str | None,
         typer.Option(
@@ -178,6 +186,7 @@ def plan(
         workers=workers,
         overwrite=overwrite,
         progress=True,
+        topology_spacing=topology_spacing,
     )
     typer.echo(load_vocabulary(output).describe())
     typer.echo(_describe_plans(plans))

@@ -31,7 +31,9 @@ case) and ``plans.json`` (derived settings, meant to be read and edited). They a
          "num_stages": int,
          "in_channels": int,               # most channels of any dataset
          "out_channels": int,              # number of global tasks
-         "topology_spacing": [...],        # spacing the anisotropy decisions were made for
+         "topology_spacing": [...],        # spacing the anisotropy decisions were made for (the datasets'
+                                           # per-axis median target spacing, or with --topology-spacing max
+                                           # the largest, or the common spacing)
          "precision": "fp32" | "amp",
          "memory_estimate_gb": float, "memory_budget_gb": float}}
 
@@ -73,6 +75,8 @@ SAMPLES_PER_CASE = 10_000
 CT_FIXED_WINDOW = (-990.0, 500.0)  # Hermes' fixed CT window (HU)
 DEVICES = ("cpu", "cuda")
 CT_NORMALIZATIONS = ("percentile", "fixed")
+# which spacing the shared network's anisotropy is decided at (plan_network)
+TOPOLOGY_SPACINGS = ("median", "max")
 _MIN_FEATURE_MAP = 4  # nnU-Net: pool an axis only while its feature map stays ≥ 4 voxels
 
 
@@ -484,14 +488,22 @@ def plan_network(
     in_channels: int = 1,
     out_channels: int = 1,
     total_voxels: float | None = None,
+    topology_spacing: str = "median",
 ) -> dict[str, Any]:
     """The one network of a collection: patch, topology, features and batch size within the device preset.
 
     The patch starts at the per-axis largest median shape of the datasets and its physically longest axis
     (at the datasets' median target spacing) is shrunk, one pooling multiple at a time, until the patch fits
     both the preset's voxel cap and the memory budget. Anisotropy (kernels of 1, delayed pooling) is decided
-    at the per-axis *largest* target spacing, or the common spacing.
+    at the common spacing if there is one, else by ``topology_spacing``: ``median``, the datasets' per-axis
+    median target spacing (the majority's: one thick-slice dataset among isotropic ones no longer makes the
+    shared network anisotropic, deeper and slower for all of them; BENCHMARKS.md, convergence on mri7), or
+    ``max``, the per-axis largest (every dataset's coarse axis respected; the rule before).
     """
+    if topology_spacing not in TOPOLOGY_SPACINGS:
+        raise MosaicSegError(
+            f"topology spacing {topology_spacing!r} is unknown. Fix: use one of {', '.join(TOPOLOGY_SPACINGS)}."
+        )
     preset = PRESETS[device]
     budget = float(memory_budget_gb if memory_budget_gb is not None else preset.memory_budget_gb)
     targets = np.array([p["target_spacing"] for p in dataset_plans.values()], dtype=np.float64)
@@ -499,8 +511,8 @@ def plan_network(
         topo_spacing = [float(common_spacing)] * dim
         typical = np.array(topo_spacing)
     else:
-        topo_spacing = targets.max(0).tolist()
         typical = np.median(targets, 0)
+        topo_spacing = (typical if topology_spacing == "median" else targets.max(0)).tolist()
     largest = np.array([p["median_shape"] for p in dataset_plans.values()]).max(0)
     patch = [max(_MIN_FEATURE_MAP, int(v)) for v in largest]
     cap = preset.max_patch_voxels[dim]
@@ -578,6 +590,7 @@ def make_plans(
     common_spacing: float | None = None,
     ct_normalization: str = "percentile",
     mr_clip_percentiles: tuple[float, float] | None = None,
+    topology_spacing: str = "median",
 ) -> dict[str, Any]:
     """Plans (see the module docstring) from a fingerprint of ``opened``'s datasets; the options as for
     :func:`plan`."""
@@ -613,6 +626,7 @@ def make_plans(
         in_channels=max(len(fps[n]["channel_names"]) for n in names),
         out_channels=opened.vocabulary.num_tasks,
         total_voxels=total_voxels,
+        topology_spacing=topology_spacing,
     )
     plans = {
         "version": PLANS_VERSION,
@@ -639,6 +653,7 @@ def plan(
     overwrite: bool = False,
     progress: bool = True,
     network: Mapping[str, Any] | None = None,
+    topology_spacing: str = "median",
 ) -> dict[str, Any]:
     """Fingerprint ``collection`` (reusing an earlier fingerprint in ``workdir`` for unchanged datasets), derive
     plans and write ``collection.json``, ``vocabulary.json``, ``fingerprint.json`` and ``plans.json`` into
@@ -649,8 +664,10 @@ def plan(
     (Hermes: [-990, 500] HU, per-image z-score); ``mr_clip_percentiles`` ``(lo, hi)`` with
     ``0 <= lo < hi <= 100`` clips grey-level images to their percentiles before the z-score (default: none,
     as nnU-Net). A changed normalisation changes the dataset's plan, so ``preprocess`` redoes its cases.
-    ``network``: another plan's ``network`` section to use instead of sizing one (fine-tuning: the pre-trained
-    model's, so that its weights fit); it must have the collection's number of spatial dimensions."""
+    ``topology_spacing``: ``median`` or ``max``, the spacing the network's anisotropy is decided at
+    (:func:`plan_network`). ``network``: another plan's ``network`` section to use instead of sizing one
+    (fine-tuning: the pre-trained model's, so that its weights fit); it must have the collection's number of
+    spatial dimensions."""
     mr_clip = _check_options(device, memory_budget_gb, common_spacing, ct_normalization, mr_clip_percentiles)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -660,7 +677,9 @@ def plan(
     damaged = "delete it, or re-run mosaicseg plan with --overwrite"
     previous = read_json(fp_path, damaged) if fp_path.is_file() else None
     fingerprint = compute_fingerprint(opened, workers=workers, progress=progress, reuse=previous)
-    plans = make_plans(fingerprint, opened, device, memory_budget_gb, common_spacing, ct_normalization, mr_clip)
+    plans = make_plans(
+        fingerprint, opened, device, memory_budget_gb, common_spacing, ct_normalization, mr_clip, topology_spacing
+    )
     if network is not None:
         if len(network["patch_size"]) != plans["dim"]:
             raise MosaicSegError(
