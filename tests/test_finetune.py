@@ -106,10 +106,13 @@ def test_finetune_schedule_rates_by_hand_and_the_head_phase_keeps_the_body_bit_i
     assert any(not torch.equal(after[n], before[n]) for n in head_names)
 
 
-def test_freeze_encoder_trains_the_decoder_and_head_only(tiny_workdir_2d, tmp_path, source_run):
+@pytest.mark.parametrize(("freeze", "frozen"), [("encoder", {"encoder"}), ("backbone", {"encoder", "decoder"})])
+def test_freeze_keeps_the_frozen_parts_bit_identical_and_trains_the_rest(
+    freeze, frozen, tiny_workdir_2d, tmp_path, source_run
+):
     ckpt = read_source(source_run)
     cfg = adaptation_config(
-        ckpt, str(source_run), "finetune", datasets=(DERM, CT), freeze="encoder", head_epochs=0, warmup_epochs=0,
+        ckpt, str(source_run), "finetune", datasets=(DERM, CT), freeze=freeze, head_epochs=0, warmup_epochs=0,
         iterations=2, iterations_per_epoch=2, device="cpu", amp=False, val_max_cases=1,
     )  # fmt: skip
     t = Trainer(tiny_workdir_2d, cfg, tmp_path / "frozen", progress=False)
@@ -117,10 +120,10 @@ def test_freeze_encoder_trains_the_decoder_and_head_only(tiny_workdir_2d, tmp_pa
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     t.fit()
     after = t.model.state_dict()
-    encoder = [n for n, p in parts.items() if p == "encoder"]
-    assert all(torch.equal(after[n], before[n]) for n in encoder)
-    assert all(not p.requires_grad for n, p in t.model.named_parameters() if parts[n] == "encoder")
-    assert any(not torch.equal(after[n], before[n]) for n, p in parts.items() if p == "decoder")
+    assert all(torch.equal(after[n], before[n]) for n, p in parts.items() if p in frozen)
+    assert all(not p.requires_grad for n, p in t.model.named_parameters() if parts[n] in frozen)
+    for part in {"encoder", "decoder", "head"} - frozen:  # every part not frozen trained
+        assert any(not torch.equal(after[n], before[n]) for n, p in parts.items() if p == part), part
 
 
 def test_extend_keeps_old_outputs_bit_identical_and_answers_old_and_new_tasks(source_run, tiny_workdir_2d, tmp_path):
@@ -262,3 +265,13 @@ def test_finetune_and_extend_commands_plan_new_data_on_the_models_network(tiny_w
     # a second extend of the same data into the extended model is refused with the fix
     result = runner.invoke(app, ["extend", str(tmp_path / "ext"), *args, "-o", str(tmp_path / "again")])
     assert result.exit_code == 2 and "already has" in result.output
+
+
+def test_the_init_report_states_what_a_name_clash_means():
+    from mosaicseg.training.transfer import InitReport
+
+    clash = InitReport(source="RUN", kept_tasks=["Dataset901_SynthCT/Liver"], new_tasks=["Dataset999_New/Liver"])
+    text = clash.summary()
+    assert "tasks ['Dataset901_SynthCT/Liver'] have the same (dataset/label) names as the source's" in text
+    assert "kept and fine-tuned" in text and "give its dataset another name" in text
+    assert "same (dataset/label) names" not in InitReport(source="RUN", new_tasks=["A/x"]).summary()

@@ -56,6 +56,15 @@ class InitReport:
                 if self.new_modalities
                 else ""
             )
+            + (
+                # a clash of names is a decision, stated: a task is its dataset and label name, so the same name
+                # is the same task
+                f"; tasks {self.kept_tasks} have the same (dataset/label) names as the source's tasks and are "
+                "taken to be the same tasks: their trained outputs are kept and fine-tuned (to start one afresh, "
+                "give its dataset another name)"
+                if self.kept_tasks
+                else ""
+            )
         )
 
 
