@@ -73,6 +73,8 @@ CONFIGS: dict[str, list[str]] = {
     # MultiTalent's sqrt of its size
     "after-uniform": ["--sampling", "uniform"],
     "after-64": ["--patch-size", "64,64,64"],
+    # a smaller patch: cheaper iterations, less context (a candidate CPU plan for the paradigm study)
+    "after-32": ["--patch-size", "32,32,32"],
     "after-lr1e-3": ["--lr", "1e-3"],
     "after-prior-0.003": ["--recipe-option", "head_prior=0.003"],
     # the defaults on a plan whose network anisotropy is decided at the datasets' largest spacing (PLAN_FLAGS)
