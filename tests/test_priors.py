@@ -79,3 +79,17 @@ def test_priors_of_a_universal_run_from_its_heads_and_a_kind_without_task_vector
     result = CliRunner().invoke(app, ["priors", str(dodnet), "-o", str(tmp_path / "q")])
     assert result.exit_code == 2 and "no per-task vectors" in result.output
     assert not (tmp_path / "q").exists()
+
+
+def test_a_heatmap_of_36_tasks_gives_each_row_room_for_its_label(tmp_path):
+    from mosaicseg.evaluation.priors import _heatmap
+
+    names = [f"Dataset{d:03d}_Set{d}/Structure_{k}" for d in range(6) for k in range(6)]
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(36, 8))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    _heatmap(tmp_path / "h.png", names, vectors @ vectors.T, "36 tasks")
+    with Image.open(tmp_path / "h.png") as image:
+        width, height = image.size
+    # ≥ 20 pixels a row (a 5-point label is ~10 px at 120 dpi), the figure growing with the rows
+    assert height / 36 >= 20 and width >= height
