@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -275,3 +276,26 @@ def test_the_init_report_states_what_a_name_clash_means():
     assert "tasks ['Dataset901_SynthCT/Liver'] have the same (dataset/label) names as the source's" in text
     assert "kept and fine-tuned" in text and "give its dataset another name" in text
     assert "same (dataset/label) names" not in InitReport(source="RUN", new_tasks=["A/x"]).summary()
+
+
+def test_a_3d_single_run_fine_tunes_onto_another_dataset(tiny_workdir_3d, tmp_path):
+    ct3d, mr3d = "Dataset901_SynthCT", "Dataset902_SynthMR"
+    source = tmp_path / "single" / "fold_0"
+    Trainer(tiny_workdir_3d, _cfg(recipe="single", dataset=ct3d), source, progress=False).fit()
+    ckpt = read_source(source)
+    cfg = adaptation_config(
+        ckpt, str(source), "finetune", dataset=mr3d, head_epochs=1, warmup_epochs=1, iterations=3,
+        iterations_per_epoch=1, device="cpu", amp=False, val_max_cases=1,
+    )  # fmt: skip
+    assert cfg.recipe == "single" and cfg.init_from == str(source)
+    t = Trainer(tiny_workdir_3d, cfg, tmp_path / "ft", progress=False)
+    report = t.init_report
+    # the body comes from the CT model; MR's tasks and its T1 stem are new
+    assert report.loaded and report.new_tasks and not report.kept_tasks and report.new_modalities == ["T1"]
+    assert all(task.startswith(mr3d) for task in report.new_tasks)
+    t.fit()
+    predictor = Predictor.from_checkpoint(tmp_path / "ft", precision="fp32")
+    image = sorted((tiny_workdir_3d.parent / "data" / mr3d / "imagesTr").iterdir())[0]
+    written = predictor.predict_files([image], tmp_path / "pred", dataset=mr3d, progress=False)
+    out = nib.load(written["cases"][0]["files"][0])
+    assert out.shape == nib.load(image).shape[:3]
