@@ -207,6 +207,10 @@ def study_ka2er() -> dict[str, Any]:
     }
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def report(r: dict[str, Any]) -> list[str]:
     s, rows, datasets = r["setting"], r["rows"], r["datasets"]
     seeds = s["seeds"]
@@ -231,12 +235,13 @@ def report(r: dict[str, Any]) -> list[str]:
     claim = []
     for d in datasets:
         expert = rows.get(f"expert/{d}", {})
-        cells = [f"{expert.get('dice', float('nan')):.3f} / {expert.get('hd95', float('nan')):.1f}"]
+        # HD95 is None where every case's prediction (or reference) was empty: a dash, as in the other cells
+        cells = [f"{_fmt(expert.get('dice'), '.3f')} / {_fmt(expert.get('hd95'), '.1f')}"]
         for prefix in ("universal", "ka2er_none", "ka2er_oracle", "ka2er_auto"):
             cells.append(f"{cell(prefix, d, 'dice')} / {cell(prefix, d, 'hd95')}")
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
         student = [rows[f"ka2er_none_s{x}/{d}"]["dice"] for x in seeds if f"ka2er_none_s{x}/{d}" in rows]
-        if student and expert:
+        if student and expert.get("dice") is not None:
             claim.append((d, statistics.mean(student) - expert["dice"]))
     ood = r["ood"]
     student_ood = statistics.mean([ood[f"ka2er_s{x}"] for x in seeds])

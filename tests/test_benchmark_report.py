@@ -493,7 +493,8 @@ def test_ka2er_report_checks_the_claim_in_and_out_of_domain() -> None:
     from benchmarks.ka2er import report
 
     a, b = "Dataset002_IXIDeepGrey", "Dataset008_LeftAtrium"
-    rows = {f"expert/{a}": {"dice": 0.80, "hd95": 3.0}, f"expert/{b}": {"dice": 0.90, "hd95": 4.0}}
+    # b's expert predicted nothing on any case: HD95 undefined (None), as the evaluator reports it
+    rows = {f"expert/{a}": {"dice": 0.80, "hd95": 3.0}, f"expert/{b}": {"dice": 0.90, "hd95": None}}
     for seed in (0, 1):
         rows[f"universal_s{seed}/{a}"] = rows[f"universal_s{seed}/{b}"] = {"dice": 0.7, "hd95": 5.0}
         for mode in ("none", "oracle", "auto"):
@@ -506,5 +507,6 @@ def test_ka2er_report_checks_the_claim_in_and_out_of_domain() -> None:
     cost = {"student_s": 1.0, "experts_s": 5.0, "student_rss_mb": 100.0, "experts_rss_mb": 200.0}
     text = "\n".join(report({"setting": setting, "datasets": [a, b], "rows": rows, "ood": ood, "cost": cost}))
     assert f"| {a} | 0.800 / 3.0 | 0.700 ± 0.000 / 5.000 ± 0.000 | 0.790 ± 0.000 / 3.500 ± 0.000 |" in text
+    assert f"| {b} | 0.900 / – |" in text
     # 0.79 is within 2 points of 0.80; 0.85 is 5 points below 0.90: the claim fails on Dataset008 alone
     assert f"**fails** (in-domain gaps beyond 2 points: {b} -0.050; out of domain 0.700 vs the expert's 0.500)." in text
