@@ -74,6 +74,18 @@ def test_a_batch_with_mixed_task_counts_gives_each_sample_its_own_result():
     assert all(out[b, k].std() > 0 for b, k in tasks.nonzero().tolist())
 
 
+def test_hermes_on_the_residual_encoder_unet_gives_each_sample_its_own_result():
+    torch.manual_seed(0)
+    model = HermesNet(
+        PLAN, {"T1": 1, "CT": 2}, 5, architecture="resenc_unet", options={"blocks_per_stage": [1, 1, 2, 2, 2]},
+        hermes={"head_dim": 8, "fusion_depth": 1},
+    ).eval()  # fmt: skip
+    assert type(model.backbone).__name__ == "ResEncUNet" and model.config["architecture"] == "resenc_unet"
+    assert _params(model) != _params(_net())  # another backbone, not the plain U-Net's
+    x = torch.randn(3, 2, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    _batch_equals_each_sample_alone(model, x, torch.tensor([0, 1, 0]))
+
+
 def test_padding_keys_are_masked_in_the_image_update():
     """A null token's content must not reach the image: changing it leaves the fused map unchanged."""
     torch.manual_seed(0)
