@@ -120,11 +120,16 @@ def _plan(collection: str, name: str | None = None) -> Path:
     return workdir
 
 
-def network_summary(workdir: Path) -> dict[str, Any]:
-    """The plan's network as the report states it."""
+def network_summary(workdir: Path, run: Path | None = None) -> dict[str, Any]:
+    """The plan's network as the report states it, with the patch and batch ``run`` trained with (a flag such as
+    ``--patch-size`` overrides the plan's)."""
     net = json.loads((workdir / "plans.json").read_text())["network"]
     keys = ("patch_size", "batch_size", "features", "kernel_sizes", "strides", "topology_spacing")
-    return {k: net[k] for k in keys}
+    summary = {k: net[k] for k in keys}
+    if run is not None and (run / "config.json").is_file():
+        trained = json.loads((run / "config.json").read_text())
+        summary.update({k: trained[k] for k in ("patch_size", "batch_size") if k in trained})
+    return summary
 
 
 def _records(run: Path) -> list[dict[str, Any]]:
@@ -179,7 +184,7 @@ def study_convergence(collection: str, configs: list[str], budget_min: float) ->
         runs[name] = {
             "flags": CONFIGS[name],
             "plan_flags": PLAN_FLAGS.get(name, []),
-            "network": network_summary(workdir),
+            "network": network_summary(workdir, run),
             "iterations": last["iteration"],
             "train_min": last["elapsed_s"] / 60,
             "s_per_iteration": last["elapsed_s"] / max(1, last["iteration"]),
