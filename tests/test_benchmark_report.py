@@ -375,7 +375,7 @@ def test_hermes_ablation_table_means_and_sds_over_seeds() -> None:
 def test_paradigms_mri7_table_checks_hermes_claim_on_the_average() -> None:
     from benchmarks.paradigms import report as paradigms_report
 
-    a, b = "Dataset001_A", "Dataset002_B"
+    a, b = "Dataset001_A", "Dataset002_IXIB"
 
     def run(recipe, seed, dice, tasks, dataset=None, **extra):
         return {"recipe": recipe, "dataset": dataset, "seed": seed, "s_per_iteration": 1.0, "train_peak_rss_mb": 900.0,
@@ -403,6 +403,8 @@ def test_paradigms_mri7_table_checks_hermes_claim_on_the_average() -> None:
     assert "| A | 0.800 | 0.800 ± 0.141 | 0.750 | 0.600 |" in text
     # averages: single (0.8+0.6)/2 = 0.7, universal (0.8+0.7)/2 = 0.75, dodnet 0.75, hermes 0.6
     assert "| **average** | 0.700 | 0.750 | 0.750 | 0.600 |" in text
+    # the universal model's IXI set (0.7 on both seeds) is below issue 7's bar: said before the comparison
+    assert "universal ≥ 0.75 on every IXI set before comparing): IXIB 0.700: **not met** (IXIB below)." in text
     assert "**fails** (hermes is 0.150 below the better of universal and dodnet)" in text
     assert "| universal | 0.500 |" in text and "| single | 0.300 |" in text
     assert "| single | 1.00 | 900 | 2.0 | 500 |" in text and "| hermes | 1.00 | 900 | – | – |" in text
