@@ -510,5 +510,7 @@ def test_ka2er_report_checks_the_claim_in_and_out_of_domain() -> None:
     text = "\n".join(report({"setting": setting, "datasets": [a, b], "rows": rows, "ood": ood, "cost": cost}))
     assert f"| {a} | 0.800 / 3.0 | 0.700 ± 0.000 / 5.000 ± 0.000 | 0.790 ± 0.000 / 3.500 ± 0.000 |" in text
     assert f"| {b} | 0.900 / – |" in text
+    assert "largest-connected-component post-processing" in text
+    assert "network {}; Dice / HD95 (mm) on the first 2" in text
     # 0.79 is within 2 points of 0.80; 0.85 is 5 points below 0.90: the claim fails on Dataset008 alone
     assert f"**fails** (in-domain gaps beyond 2 points: {b} -0.050; out of domain 0.700 vs the expert's 0.500)." in text
