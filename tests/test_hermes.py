@@ -222,6 +222,10 @@ def test_hermes_trains_checkpoints_and_predicts_the_asked_tasks_all_tasks_and_an
         )
     )
     assert as_t1.keys() == as_ct.keys() and any(not np.array_equal(as_t1[n], as_ct[n]) for n in as_ct)
+    # a task the checkpoint has no prior token for: a clear error before anything is written
+    with pytest.raises(MosaicSegError, match=r"unknown task 'Dataset912_SynthCT/Spleen'. Fix: use one of"):
+        predictor.predict_files([image], tmp_path / "none", dataset="Dataset912_SynthCT", tasks=["Spleen"])
+    assert not (tmp_path / "none").exists()
     predictor.use_modality(None)  # back to the dataset's own modality: the first output again
     again = predictor.predict_files(
         [image], tmp_path / "ct", dataset="Dataset912_SynthCT", progress=False, save_probabilities=True
