@@ -221,7 +221,8 @@ def test_hermes_trains_checkpoints_and_predicts_the_asked_tasks_all_tasks_and_an
             [image], tmp_path / "t1", dataset="Dataset912_SynthCT", progress=False, save_probabilities=True
         )
     )
-    assert as_t1.keys() == as_ct.keys() and any(not np.array_equal(as_t1[n], as_ct[n]) for n in as_ct)
+    # (tolerances, not equality: the predictor may run a tile through its frozen graph or eagerly, by timing)
+    assert as_t1.keys() == as_ct.keys() and any(np.abs(as_t1[n] - as_ct[n]).max() > 1e-2 for n in as_ct)
     # a task the checkpoint has no prior token for: a clear error before anything is written
     with pytest.raises(MosaicSegError, match=r"unknown task 'Dataset912_SynthCT/Spleen'. Fix: use one of"):
         predictor.predict_files([image], tmp_path / "none", dataset="Dataset912_SynthCT", tasks=["Spleen"])
@@ -230,7 +231,8 @@ def test_hermes_trains_checkpoints_and_predicts_the_asked_tasks_all_tasks_and_an
     again = predictor.predict_files(
         [image], tmp_path / "ct", dataset="Dataset912_SynthCT", progress=False, save_probabilities=True
     )
-    assert all(np.array_equal(v, as_ct[n]) for n, v in _probabilities(again).items())
+    for n, v in _probabilities(again).items():
+        np.testing.assert_allclose(v, as_ct[n], atol=1e-3)
 
 
 def _probabilities(report: dict[str, Any]) -> dict[str, np.ndarray]:
