@@ -10,13 +10,13 @@ Studies:
   hippocampus     single recipe on Dataset001_Hippocampus fold 0, 3D, 30-minute wall-clock budget (CPU)
   predict         predict seconds per case and peak memory on hippocampus and IXI cases
   memory          peak RSS of predicting a 512x512x400 CT with a 24-task model (target < 4 GiB)
-  paradigms       single / universal / multidecoder / dodnet / hermes / ka2er on Dataset001-004 (recipes not
-                  registered yet are skipped and named), equal total iterations, 2 seeds (--iterations N per
-                  single run; a multi-dataset run gets 4 N)
+  paradigms-brain4  the first paradigm study: single / universal on Dataset001-004, equal total iterations,
+                  2 seeds (--iterations N per single run; a multi-dataset run gets 4 N); its IXI rows predate the
+                  IXI rebuild (void); the precision and ensemble studies use its runs
   nnunet          MosaicSeg vs nnU-Net v2 on Dataset001 and Dataset003: equal iterations with nnU-Net's plan,
                   equal wall clock with each tool's CPU plan; Dice, iterations/s, predict s/case, peak RSS
                   (--quick: Dataset001, 2 iterations, 15 s, 2 cases)
-  precision       bf16 training on the CPU (--precision mixed) vs float32: the paradigms study's single runs on
+  precision       bf16 training on the CPU (--precision mixed) vs float32: the paradigms-brain4 study's single runs on
                   Dataset001, 2 seeds (--iterations N); training time and validation pseudo-Dice
   ensemble        universal vs. 4 single models: time to predict all tasks of Dataset001-004 (needs paradigms)
   speed           training-step FLOP/s vs. this CPU's convolution peak, before/after the layout work, profile
@@ -24,7 +24,7 @@ Studies:
                   (--collection ixi3|mri7, --configs NAME..., --budget-min; runs reused, results per collection)
   hermes-ablation Hermes' Table 4 in miniature: task prior at one scale / hierarchy / one-way fusion / modality
                   prior / auxiliary loss, --iterations N each, 3 seeds (--collection, default mri7)
-  paradigms-mri7  every paradigm on Dataset001-005, 007, 008 at equal total iterations (--iterations N, default
+  paradigms       every paradigm on Dataset001-005, 007, 008 at equal total iterations (--iterations N, default
                   3500), train defaults, 2 seeds: validation Dice per dataset and task, Dataset003's hippocampus on
                   Dataset001 (generalisation), s/iteration, predict --tasks all s/case, peak RSS
   transfer        pre-train (universal, hermes on Dataset002-005, 007), then finetune / extend on Dataset001 and
@@ -427,14 +427,14 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
     """Universal vs. ensemble (MultiTalent's cost argument): predicting *all* tasks of Dataset001-004 on the
     first held-out cases of each dataset, once with brain4's universal model (``--tasks all``, one pass per
     case) and once with its four single models (four passes per case, each model in its own process as a user
-    would run them). Training time is that of the same seed-0 runs of the paradigms study: equal iterations, so
+    would run them). Training time is that of the same seed-0 runs of the paradigms-brain4 study: equal iterations, so
     about equal by design.
     """
     runs = WORK / "brain4" / "runs"
     names = ["universal_s0"] + [f"single_{d}_s0" for d in BRAIN4]
     missing = [n for n in names if not (runs / n / "checkpoint_final.pt").is_file()]
     if missing:
-        raise SystemExit(f"run the paradigms study first (seed 0 runs missing: {', '.join(missing)})")
+        raise SystemExit(f"run the paradigms-brain4 study first (seed 0 runs missing: {', '.join(missing)})")
     rows: dict[str, Any] = {"predict_s": {"universal": 0.0, "ensemble": 0.0}, "per_dataset": {}}
     # quick: hippocampus cases only (the hippocampus model's 1 mm plan takes ~3 minutes per IXI head)
     of = BRAIN4[:1] if QUICK else BRAIN4
@@ -552,7 +552,7 @@ STUDIES = {
 QUICK_ORDER = (
     "partial-labels",
     "hippocampus",
-    "paradigms",
+    "paradigms-brain4",
     "precision",
     "predict",
     "ensemble",
@@ -590,7 +590,7 @@ def _quick_all(study: Any) -> None:
 
 # studies with settings of their own (the others are in STUDIES)
 EXTRA_STUDIES = (
-    "paradigms", "paradigms-mri7", "precision", "nnunet", "convergence", "hermes-ablation", "quick", "report"
+    "paradigms-brain4", "paradigms", "precision", "nnunet", "convergence", "hermes-ablation", "quick", "report"
 )  # fmt: skip
 # each paradigm's total iterations on mri7: about what the universal recipe runs in 30 CPU-minutes with the train
 # defaults (3,718 on ixi3, BENCHMARKS.md convergence), the budget at which it passes 0.75 on the IXI sets
@@ -613,7 +613,7 @@ def main() -> None:
         "--iterations",
         type=int,
         default=None,
-        help="paradigms, precision: iterations of each single run (default 600); paradigms-mri7: each paradigm's "
+        help="paradigms-brain4, precision: iterations of each single run (default 600); paradigms: each paradigm's "
         f"total (default {MRI7_ITERATIONS})",
     )
     parser.add_argument(
@@ -636,13 +636,13 @@ def main() -> None:
 
     def study(name: str, force: bool = True) -> None:
         fn = STUDIES.get(name)
-        if name in ("paradigms", "precision"):
-            of = study_paradigms if name == "paradigms" else study_precision
+        if name in ("paradigms-brain4", "precision"):
+            of = study_paradigms if name == "paradigms-brain4" else study_precision
 
             def fn() -> dict[str, Any]:
                 return of(2 if QUICK else args.iterations or 600)
 
-        if name == "paradigms-mri7":
+        if name == "paradigms":
             from benchmarks.paradigms import study_paradigms_mri7
 
             def fn() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``python -m benchmarks paradigms-mri7``: every paradigm on Dataset001–005, 007 and 008 (``collections/mri7.yaml``:
+"""``python -m benchmarks paradigms``: every paradigm on Dataset001–005, 007 and 008 (``collections/mri7.yaml``:
 T1 crops and heads, FLAIR+T1c, cine, LGE), at an equal total number of iterations (a busy machine cannot bias
 it), with the ``train`` defaults (AdamW 3e-3 poly, bf16 where native, head prior ``auto``) and the collection's
 CPU plan, fold 0, seeds 0 and 1:
@@ -214,7 +214,7 @@ def _hermes_priors(runs: dict[str, Any]) -> dict[str, str] | None:
     copied = {}
     for name in ("task_priors", "modality_priors"):
         if (out / f"{name}.png").is_file():
-            target = RESULTS / f"paradigms-mri7-hermes-{name}.png"
+            target = RESULTS / f"paradigms-hermes-{name}.png"
             target.write_bytes((out / f"{name}.png").read_bytes())
             copied[name] = f"benchmarks/results/{target.name}"
     return copied
@@ -244,7 +244,7 @@ def report(r: dict[str, Any]) -> list[str]:
     lines = [
         f"## Paradigms on {len(datasets)} MR datasets (mri7, equal total iterations, {len(s['seeds'])} seeds)",
         "",
-        f"`python -m benchmarks paradigms-mri7 --iterations {s['iterations_multi']}` — `collections/mri7.yaml` "
+        f"`python -m benchmarks paradigms --iterations {s['iterations_multi']}` — `collections/mri7.yaml` "
         f"planned once; the CPU plan: its network (features {s['network']['features']}, batch "
         f"{s['network']['batch_size']}) with patch {s['network']['patch_size']}"
         + (f" instead of its {s['network']['plan_patch_size']}" if s["network"].get("plan_patch_size") else "")

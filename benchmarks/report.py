@@ -91,7 +91,7 @@ def _paradigms(r: dict[str, Any]) -> list[str]:
     lines = [
         f"## Paradigms on Dataset001–004 (equal total iterations, {seeds} seed{'s' if seeds > 1 else ''})",
         "",
-        "`python -m benchmarks paradigms --iterations N` — plans `collections/brain4.yaml` once (spacing "
+        "`python -m benchmarks paradigms-brain4 --iterations N` — plans `collections/brain4.yaml` once (spacing "
         f"{_spacings(s['spacing'])}); every single run trains {s['iterations_single']} iterations on its "
         f"dataset, every multi-dataset paradigm {s['iterations_multi']} on all four; {s['network']}, patch "
         f"{s['patch_size']}, features {s['features']}, batch {s['batch_size']}, {s['optimizer']}, fold "
@@ -100,7 +100,7 @@ def _paradigms(r: dict[str, Any]) -> list[str]:
         "",
     ]
     if r["skipped"]:
-        lines += [f"Skipped (recipe not registered yet): {', '.join(r['skipped'])}.", ""]
+        lines += [f"Skipped (recipe not registered when this ran; the seven-dataset study has them): {', '.join(r['skipped'])}.", ""]
     delta = "single" in names and "universal" in names
     lines += [
         "| dataset | " + " | ".join(names) + (" | Δ universal − single |" if delta else " |"),
@@ -376,7 +376,7 @@ def _ensemble(r: dict[str, Any]) -> list[str]:
     lines = [
         "## Universal vs. ensemble of single models (cost)",
         "",
-        f"`python -m benchmarks ensemble` — {r['setting']}. Training time from the paradigms study (seed 0).",
+        f"`python -m benchmarks ensemble` — {r['setting']}. Training time from the paradigms-brain4 study (seed 0).",
         "",
         "| cases of | universal predict s | ensemble predict s | ratio |",
         "|---|---|---|---|",
@@ -706,7 +706,7 @@ SECTIONS = {
     "partial-labels": _partial_labels,
     "hippocampus": _hippocampus,
     "predict": _predict,
-    "paradigms": _paradigms,
+    "paradigms-brain4": _paradigms,
     "memory": _memory,
     "ensemble": _ensemble,
     "precision": _precision,
@@ -717,7 +717,7 @@ SECTIONS = {
 
 # studies whose Dice figures include Dataset002-004 (IXI); those sets were rebuilt on this date (the earlier
 # copies held intensities wrapped into uint8, i.e. noise), so such figures measured before it are void
-IXI_DICE_STUDIES = ("paradigms", "ensemble", "nnunet")
+IXI_DICE_STUDIES = ("paradigms-brain4", "ensemble", "nnunet")
 IXI_REBUILT = "2026-12-01"
 IXI_VOID = (
     "**Void for the IXI sets (Dataset002–004):** this run predates their rebuild on 2026-12-01 (the earlier copies "
@@ -749,7 +749,7 @@ def write_report() -> Path:
     names = [n for n in SECTIONS if n in results] + sorted(n for n in results if n.startswith("convergence-"))
     names += sorted(n for n in results if n.startswith("hermes-ablation-"))
     names += sorted(n for n in results if n.startswith("nnunet-"))  # other dataset sets than the default
-    names += [n for n in ("paradigms-mri7", "transfer", "fewshot", "ka2er") if n in results]
+    names += [n for n in ("paradigms", "transfer", "fewshot", "ka2er") if n in results]
     from benchmarks.fewshot import report as _fewshot
     from benchmarks.ka2er import report as _ka2er
     from benchmarks.paradigms import report as _paradigms_mri7
@@ -758,7 +758,7 @@ def write_report() -> Path:
     for name in names:
         if name in results:
             section = _hermes_ablation if name.startswith("hermes-ablation-") else SECTIONS.get(name, _convergence)
-            section = _paradigms_mri7 if name == "paradigms-mri7" else section
+            section = _paradigms_mri7 if name == "paradigms" else section
             section = _transfer if name == "transfer" else section
             section = _fewshot if name == "fewshot" else section
             section = _ka2er if name == "ka2er" else section

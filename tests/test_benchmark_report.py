@@ -338,9 +338,10 @@ def test_universal_is_held_against_each_dataset_s_single_model_within_two_points
 def test_ixi_figures_measured_before_the_rebuild_are_marked_void() -> None:
     body = ["## Paradigms", "", "| table |"]
     ixi = {"Dataset003_IXILimbic": {}}
-    old = report.with_void_note("paradigms", {"machine": {"date": "2026-11-24 13:46"}, "datasets": ixi}, body)
+    old = report.with_void_note("paradigms-brain4", {"machine": {"date": "2026-11-24 13:46"}, "datasets": ixi}, body)
     assert old[0] == "## Paradigms" and old[2] == report.IXI_VOID and old[3:] == body[1:]
-    assert report.with_void_note("paradigms", {"machine": {"date": "2026-12-01 15:00"}, "datasets": ixi}, body) == body
+    rerun = {"machine": {"date": "2026-12-01 15:00"}, "datasets": ixi}
+    assert report.with_void_note("paradigms-brain4", rerun, body) == body
     assert report.with_void_note("speed", {"machine": {"date": "2026-11-24 11:37"}, "datasets": ixi}, body) == body
     # an old result whose IXI rows were re-run elsewhere and dropped from it keeps its other rows, unmarked
     hippo = {"Dataset001_Hippocampus": {}}
