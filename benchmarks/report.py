@@ -100,7 +100,8 @@ def _paradigms(r: dict[str, Any]) -> list[str]:
         "",
     ]
     if r["skipped"]:
-        lines += [f"Skipped (recipe not registered when this ran; the seven-dataset study has them): {', '.join(r['skipped'])}.", ""]
+        skipped = ", ".join(r["skipped"])
+        lines += [f"Skipped (recipe not registered when this ran; the seven-dataset study has them): {skipped}.", ""]
     delta = "single" in names and "universal" in names
     lines += [
         "| dataset | " + " | ".join(names) + (" | Δ universal − single |" if delta else " |"),
