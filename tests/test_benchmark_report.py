@@ -46,7 +46,7 @@ def test_paradigm_table() -> None:
         },
     }
     text = "\n".join(report._paradigms(result))
-    assert "Skipped (recipe not registered yet): hermes." in text
+    assert "Skipped (recipe not registered when this ran; the seven-dataset study has them): hermes." in text
     assert "B 2×2×1.5 mm" in text
     assert f"| {a} | 0.600 ± 0.141 | 0.700 ± 0.141 | +0.100 |" in text
     assert f"| {b} | 0.300 ± 0.141 | 0.200 ± 0.141 | -0.100 |" in text
