@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import StopAt  # tests/ is on sys.path under pytest's default import mode
 from typer.testing import CliRunner
 
 from mosaicseg.cli import app
@@ -104,3 +105,14 @@ def test_train_cli_takes_task_embeddings_and_predict_checks_modality_and_tasks(t
     unknown = runner.invoke(app, [*base, "-o", str(tmp_path / "p2"), "--tasks", "NoSuchTask"])
     assert unknown.exit_code == 2 and "NoSuchTask" in unknown.output
     assert not (tmp_path / "p1").exists() and not (tmp_path / "p2").exists()
+
+
+def test_resume_with_a_changed_embeddings_file_is_refused_before_loading(tiny_workdir_2d, tmp_path):
+    emb = _embeddings(tiny_workdir_2d, tmp_path / "e.npy", width=8)
+    cfg = _cfg("clip", iterations=4, iterations_per_epoch=1, recipe_options={"task_embeddings": str(emb)})
+    stopped = Trainer(tiny_workdir_2d, cfg, tmp_path / "run", progress=False)
+    stopped.recipe.hooks.append(StopAt(1))
+    stopped.fit()
+    _embeddings(tiny_workdir_2d, emb, width=6)  # the file the run started with, rewritten 6 wide
+    with pytest.raises(MosaicSegError, match=r"differs from the checkpoint's \(changed: \['embedding_shape'\]\)"):
+        Trainer(tiny_workdir_2d, cfg, tmp_path / "run", progress=False, resume=True).fit()

@@ -268,3 +268,21 @@ def test_patch_validation_scores_the_same_patches_every_time(tiny_workdir_2d, tm
     assert first["val_dice"] and first == a.validate() == b.validate()
     cases = Trainer(tiny_workdir_2d, _cfg(val_mode="cases", val_max_cases=2), tmp_path / "c", progress=False)
     assert cases.validate()["val_dice"].keys() == first["val_dice"].keys()
+
+
+@pytest.mark.parametrize("mode", ["patches", "cases"])
+def test_validation_scores_each_datasets_own_task_rows(tiny_workdir_2d, tmp_path, monkeypatch, mode):
+    # a model that answers "present" on exactly the tasks of the dataset it is asked about: every dataset's Dice
+    # must be that of an all-foreground prediction (> 0 where it has foreground), whatever its tasks' global rows
+    trainer = Trainer(tiny_workdir_2d, _cfg(val_mode=mode, val_max_cases=1), tmp_path / "run", progress=False)
+    k = trainer.vocabulary.num_tasks
+
+    def tile_forward(dataset, tasks):
+        rows = torch.full((k,), -10.0)
+        rows[list(tasks)] = 10.0
+        return lambda x: rows.view(1, k, *[1] * (x.ndim - 2)).expand(x.shape[0], k, *x.shape[2:]).clone()
+
+    monkeypatch.setattr(trainer, "tile_forward", tile_forward)
+    dice = trainer.validate()["val_dice"]
+    later = [d for d in dice if trainer.vocabulary.dataset_tasks(d)[0][0] > 0]  # tasks not at rows 0..n-1
+    assert later and all(dice[d] > 0 for d in later), dice

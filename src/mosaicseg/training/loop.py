@@ -432,6 +432,17 @@ class Trainer:
                 f"{self.run_dir}: --resume with settings that differ from the run's ({diff}). Fix: "
                 "resume with the same settings (see config.json) or start a new run folder."
             )
+        built = self.model.config
+        if ckpt.get("model_config") is not None and ckpt["model_config"] != built:
+            # same settings, another model: an input read at start-up changed (e.g. clip's task-embeddings file)
+            changed = sorted(
+                k for k in set(built) | set(ckpt["model_config"]) if built.get(k) != ckpt["model_config"].get(k)
+            )
+            raise MosaicSegError(
+                f"{self.run_dir}: the model the settings build now differs from the checkpoint's (changed: "
+                f"{changed}), so its weights do not fit. Fix: resume with the files the run started with (e.g. the "
+                "same --task-embeddings file), or start a new run folder."
+            )
         self.model.load_state_dict(ckpt["model"])
         self.recipe.load_state_dict(ckpt.get("recipe") or {})
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -625,7 +636,7 @@ class Trainer:
             scored = (
                 self._case_logits(d, cases, forward, task_ids)
                 if self.config.val_mode == "cases"
-                else self._patch_logits(d, cases, forward)
+                else self._patch_logits(d, cases, forward, task_ids)
             )
             for logits, seg in scored:
                 valid = ~self.vocabulary.ignore_mask(d, seg)
@@ -671,9 +682,10 @@ class Trainer:
             yield logits, np.asarray(case.seg)
 
     def _patch_logits(
-        self, dataset: str, cases: list[str], forward: Callable[[torch.Tensor], torch.Tensor]
+        self, dataset: str, cases: list[str], forward: Callable[[torch.Tensor], torch.Tensor], task_ids: list[int]
     ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        """Logits ``(K, *P)`` and label map ``(*P)`` of the validation patches of ``cases``, batched."""
+        """Logits ``(T, *P)`` of the dataset's tasks ``task_ids`` (global indices, in that order, as the sliding
+        window keeps them) and label map ``(*P)`` of the validation patches of ``cases``, batched."""
         index = self.vocabulary.dataset_index(dataset)
         patches: list[tuple[np.ndarray, np.ndarray]] = []
         for case_id in cases:
@@ -689,7 +701,8 @@ class Trainer:
             chunk = patches[start : start + self.batch_size]
             x = torch.from_numpy(np.stack([im for im, _ in chunk])).to(self.device)
             with self._eval_autocast():
-                logits = forward(x).float().cpu()
+                # the tile forward gives all K tasks: keep the dataset's, so that row j is its j-th task
+                logits = forward(x)[:, task_ids].float().cpu()
             for j, (_, seg) in enumerate(chunk):
                 yield logits[j], seg
 
