@@ -631,6 +631,16 @@ def _convergence(r: dict[str, Any]) -> list[str]:
         "mean over each dataset's tasks).",
         "",
         *([r["variant_note"], ""] if r.get("variant_note") else []),
+        *(
+            [
+                f"**The patch-validation curves (and 'validation' values) of this study are void:** before commit "
+                f"{r['patch_curves_void']}, patch validation scored every dataset but the one whose tasks come "
+                "first on another dataset's outputs. The held-out columns (predict + evaluate) stand.",
+                "",
+            ]
+            if r.get("patch_curves_void")
+            else []
+        ),
         f"![convergence]({plot})",
         "",
         f"| configuration | flags | iterations | s/it | validation | validation min | {' | '.join(short)} |",

@@ -311,6 +311,9 @@ def test_convergence_table_means_each_dataset_s_tasks() -> None:
     run["val_mode"] = "patches"
     assert "| 1.00 | patches | 1.5 |" in "\n".join(report._convergence(result))
     assert "| A/X_R | 0.700 |" in text and "convergence-ixi3-10m.png" in text
+    assert "curves (and 'validation' values) of this study are void" not in text
+    result["patch_curves_void"] = "abc1234"  # a study whose patch validation predates the task-row fix
+    assert "are void:** before commit abc1234" in "\n".join(report._convergence(result))
 
 
 def test_universal_is_held_against_each_dataset_s_single_model_within_two_points() -> None:
