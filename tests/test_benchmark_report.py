@@ -518,3 +518,12 @@ def test_ka2er_report_checks_the_claim_in_and_out_of_domain() -> None:
     assert "network {}; Dice / HD95 (mm) on the first 2" in text
     # 0.79 is within 2 points of 0.80; 0.85 is 5 points below 0.90: the claim fails on Dataset008 alone
     assert f"**fails** (in-domain gaps beyond 2 points: {b} -0.050; out of domain 0.700 vs the expert's 0.500)." in text
+
+
+def test_the_paradigm_study_names_the_ixi_sets_below_the_bar() -> None:
+    from benchmarks.paradigms import below_bar
+
+    dice = {"Dataset001_Hippocampus": 0.5, "Dataset002_IXIDeepGrey": 0.8, "Dataset003_IXILimbic": 0.74,
+            "Dataset004_IXIVentricles": float("nan")}  # fmt: skip
+    assert list(below_bar(dice)) == ["Dataset003_IXILimbic", "Dataset004_IXIVentricles"]  # NaN: not cleared
+    assert below_bar({"Dataset002_IXIDeepGrey": 0.75}) == {}
