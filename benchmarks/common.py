@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -134,6 +135,13 @@ def held_out_files(dataset: str, cases: list[str]) -> tuple[Path, list[Path]]:
     images = [p for c in cases for p in sorted((folder / "imagesTr").glob(f"{c}_*{ending}"))]
     labels = [folder / "labelsTr" / f"{c}{ending}" for c in cases]
     return folder, images + labels
+
+
+def link_preprocessed(source: Path, workdir: Path) -> None:
+    """Hard-link ``source``'s ``preprocessed`` cache into ``workdir`` when it has none: a plan that differs only in
+    its network preprocesses the same cases (a case re-preprocessed later is written anew, not through the link)."""
+    if (source / "preprocessed").is_dir() and not (workdir / "preprocessed").exists():
+        shutil.copytree(source / "preprocessed", workdir / "preprocessed", copy_function=os.link)
 
 
 def link_all(paths: list[Path], into: Path) -> Path:

@@ -14,12 +14,21 @@ does not change them).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, RESULTS, ROOT, SHARED, WORK, held_out_cases, held_out_files, link_all, run_cli
+from benchmarks.common import (
+    QUICK,
+    RESULTS,
+    ROOT,
+    SHARED,
+    WORK,
+    held_out_cases,
+    held_out_files,
+    link_all,
+    link_preprocessed,
+    run_cli,
+)
 
 COLLECTIONS = {"ixi3": ROOT / "collections" / "ixi3.yaml", "mri7": ROOT / "collections" / "mri7.yaml"}
 
@@ -112,9 +121,8 @@ def _plan(collection: str, name: str | None = None) -> Path:
     flags = PLAN_FLAGS.get(name or "", [])
     default = WORK / f"conv_{collection}"
     workdir = WORK / f"conv_{collection}_{name}" if flags else default
-    cache = workdir / "preprocessed"
-    if flags and not cache.exists() and (default / "preprocessed").is_dir():
-        shutil.copytree(default / "preprocessed", cache, copy_function=os.link)
+    if flags:
+        link_preprocessed(default, workdir)
     log = WORK / "logs" / f"{workdir.name}_plan.log"
     run_cli(["plan", str(COLLECTIONS[collection]), "-o", str(workdir), "--overwrite", *flags], log)
     return workdir

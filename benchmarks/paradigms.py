@@ -19,15 +19,23 @@ Every finished run and step is reused (a killed study resumes); ``MOSAICSEG_BENC
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import QUICK, ROOT, SHARED, WORK, held_out_cases, held_out_files, link_all, run_cli
+from benchmarks.common import (
+    QUICK,
+    ROOT,
+    SHARED,
+    WORK,
+    held_out_cases,
+    held_out_files,
+    link_all,
+    link_preprocessed,
+    run_cli,
+)
 from benchmarks.common import mean_sd as _ms
 
 MRI7 = ROOT / "collections" / "mri7.yaml"
@@ -50,9 +58,7 @@ IXI_BAR = 0.75
 def _workdir() -> Path:
     workdir = WORK / "mri7"
     if not (workdir / "runs").is_dir():  # a resumed study keeps the plan its first runs were trained with
-        cached = WORK / "conv_mri7" / "preprocessed"  # the convergence study's cases: the same preprocessing
-        if cached.is_dir() and not (workdir / "preprocessed").exists():
-            shutil.copytree(cached, workdir / "preprocessed", copy_function=os.link)
+        link_preprocessed(WORK / "conv_mri7", workdir)  # the convergence study's cases: the same preprocessing
         run_cli(["plan", str(MRI7), "-o", str(workdir), "--overwrite"], WORK / "logs" / "mri7_plan.log")
     return workdir
 

@@ -115,6 +115,11 @@ def run_folder_for(workdir: str | Path, config: TrainConfig) -> Path:
     return Path(workdir) / "runs" / name / f"fold_{config.fold}"
 
 
+def changed_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between ``a`` and ``b`` (missing on one side counts), sorted."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 class Trainer:
     """Trains the recipe's model on the preprocessed collection in ``workdir`` into ``run_dir``.
 
@@ -426,18 +431,13 @@ class Trainer:
                 "resume with the work folder it was trained on, or start a new run folder."
             )
         saved = TrainConfig.from_dict(ckpt["train_config"])
-        if saved.to_dict() != self.config.to_dict():
-            diff = sorted(k for k, v in saved.to_dict().items() if self.config.to_dict().get(k) != v)
+        if diff := changed_keys(saved.to_dict(), self.config.to_dict()):
             raise MosaicSegError(
                 f"{self.run_dir}: --resume with settings that differ from the run's ({diff}). Fix: "
                 "resume with the same settings (see config.json) or start a new run folder."
             )
-        built = self.model.config
-        if ckpt.get("model_config") is not None and ckpt["model_config"] != built:
-            # same settings, another model: an input read at start-up changed (e.g. clip's task-embeddings file)
-            changed = sorted(
-                k for k in set(built) | set(ckpt["model_config"]) if built.get(k) != ckpt["model_config"].get(k)
-            )
+        # same settings, another model: an input read at start-up changed (e.g. clip's task-embeddings file)
+        if ckpt.get("model_config") is not None and (changed := changed_keys(ckpt["model_config"], self.model.config)):
             raise MosaicSegError(
                 f"{self.run_dir}: the model the settings build now differs from the checkpoint's (changed: "
                 f"{changed}), so its weights do not fit. Fix: resume with the files the run started with (e.g. the "
