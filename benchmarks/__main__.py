@@ -94,8 +94,9 @@ def study_hippocampus() -> dict[str, Any]:
     t_plan = run_cli(
         ["plan", str(SHARED / dataset), "-o", str(workdir), "--overwrite"], WORK / "logs" / "hippo_plan.log"
     ).seconds
-    # the train command's defaults (the run folder of the earlier, explicitly AdamW 1e-3 runs was single_adamw)
-    run = workdir / "runs" / "single_defaults" / "fold_0"
+    # the train command's defaults; earlier runs are kept in their folders: single_adamw (explicit AdamW 1e-3),
+    # single_defaults (the defaults with whole-case validation, before patch validation became the default)
+    run = workdir / "runs" / "single_defaults_patchval" / "fold_0"
     # quick: a short budget, validation on 4 cases after every epoch of 10 iterations, 4 cases predicted
     budget, n_cases = ("20s", 4) if QUICK else ("30m", None)
     quick = ["--iterations-per-epoch", "10", "--val-max-cases", "4"] if QUICK else []
@@ -120,21 +121,15 @@ def study_hippocampus() -> dict[str, Any]:
     )
     summary = json.loads((pred / "summary.json").read_text())
     plans = json.loads((workdir / "plans.json").read_text())
-    # the result of the explicit AdamW 1e-3 settings before the defaults changed, kept for the comparison
-    previous = RESULTS / "hippocampus.json"
-    before = None
-    if previous.is_file():
-        old = json.loads(previous.read_text())
-        before = old.get("before") or (old if "1e-3" in old["setting"]["optimizer"] else None)
-        if before is not None and "before" in before:
-            before = {k: v for k, v in before.items() if k != "before"}
+    config = json.loads((run / "config.json").read_text())
     return {
-        "before": before,
+        "earlier": _earlier_hippocampus_results(RESULTS / "hippocampus.json"),
         "setting": {
             "network": "unet (plan)",
             **{k: plans["network"][k] for k in ("patch_size", "batch_size", "features", "strides")},
             "optimizer": "the train command's defaults (AdamW 3e-3 poly, bf16 where native, head_prior auto, "
             "validation within 10 % of the time on at most 8 cases)",
+            "val_mode": config["train_config"].get("val_mode", "cases"),
             "budget": f"{budget} wall clock",
             "fold": 0,
             "held_out_cases": len(cases),
@@ -148,6 +143,26 @@ def study_hippocampus() -> dict[str, Any]:
         "dice_mean": _only(summary)["mean"]["dice"],
         "curve": [(r["iteration"], r.get("val_mean")) for r in records if "val_mean" in r],
     }
+
+
+def _earlier_hippocampus_results(previous: Path) -> list[dict[str, Any]]:
+    """The earlier results this study is compared with, oldest first, each named by its settings.
+
+    The file of the previous run holds them: in this form (``earlier``), or in the first form, where the
+    result itself was the whole-case-validation defaults and ``before`` the explicit AdamW 1e-3 run.
+    """
+    if not previous.is_file():
+        return []
+    old = json.loads(previous.read_text())
+    if "earlier" in old:
+        return old["earlier"]
+    earlier = []
+    if old.get("before"):
+        earlier.append({"name": "before: AdamW 1e-3, float32, whole-case validation every 500 iterations",
+                        **{k: v for k, v in old["before"].items() if k != "before"}})  # fmt: skip
+    earlier.append({"name": "defaults, whole-case validation",
+                    **{k: v for k, v in old.items() if k != "before"}})  # fmt: skip
+    return earlier
 
 
 def _only(summary: dict[str, Any]) -> dict[str, Any]:

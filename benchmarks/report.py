@@ -43,31 +43,34 @@ def _partial_labels(r: dict[str, Any]) -> list[str]:
 
 def _hippocampus(r: dict[str, Any]) -> list[str]:
     s = r["setting"]
+    earlier = r.get("earlier") or ([{"name": "before", **r["before"]}] if r.get("before") else [])
     lines = [
         f"## Single recipe on Dataset001_Hippocampus (CPU, {s['budget']})",
         "",
         "`python -m benchmarks hippocampus` — runs `mosaicseg plan ../shared/data/Dataset001_Hippocampus`, "
         "`mosaicseg train --recipe single --fold 0 --time-budget 30m` (the train command's defaults), then "
         "`mosaicseg predict` on the fold's held-out raw images and `mosaicseg evaluate` against their labels (final "
-        "checkpoint). *before*: the earlier run with `--optimizer adamw` at 1e-3 in float32, `--iterations-per-epoch "
-        "100 --val-every 5`, validation on every case, no head prior (the defaults then, bar the optimiser).",
+        "checkpoint). The earlier rows are the same study under earlier defaults, each run in its own folder.",
         "",
         f"Configuration: {s['network']}, patch {s['patch_size']}, batch {s['batch_size']}, features "
         f"{s['features']}, {s['optimizer']}, {s['budget']}, fold {s['fold']} ({s['held_out_cases']} held-out "
-        "cases).",
+        f"cases), validation mode `{s.get('val_mode', 'cases')}`.",
         "",
         "| settings | iterations | train s | validation pseudo-Dice (final) | held-out Dice (mean) | per label |",
         "|---|---|---|---|---|---|",
     ]
-    rows = [("before", r["before"])] if r.get("before") else []
-    for name, v in [*rows, ("defaults", r)]:
+    current = "defaults" if not r.get("earlier") else f"defaults, {s.get('val_mode', 'cases')} validation (now)"
+    for name, v in [*((e["name"], e) for e in earlier), (current, r)]:
         lines.append(
             f"| {name} | {v['iterations']} | {v['train_s']:.0f} | {v['final_pseudo_dice']:.4f} | "
             f"{v['dice_mean']:.4f} | " + ", ".join(f"{k} {x:.4f}" for k, x in v["dice_per_label"].items()) + " |"
         )
-    if r.get("before"):
-        delta = r["dice_mean"] - r["before"]["dice_mean"]
-        lines += ["", f"Held-out Dice, defaults − before: {delta:+.4f}."]
+    if earlier:
+        delta = r["dice_mean"] - earlier[-1]["dice_mean"]
+        lines += ["", f"Held-out Dice, now − {earlier[-1]['name']}: {delta:+.4f}."]
+        if s.get("val_mode") == "patches":
+            lines += ["", "The final validation pseudo-Dice of a `patches` run is scored on fixed patches, not whole "
+                      "cases: compare the held-out column across rows."]  # fmt: skip
     return [*lines, ""]
 
 
