@@ -35,6 +35,8 @@ Studies:
                   label, Dataset010 (2D) from scratch and from a 2D universal model; ASAP's arm choices
   ka2er           the KA²ER student (no / oracle / automatic boxes) against its experts (one an nnU-Net v2 model)
                   and universal on Dataset002-004, 007, 008, 2 seeds; Dice, HD95, out-of-domain hippocampus, cost
+  outside         the mri7 2-hour universal run's held-out cases predicted with and without background outside
+                  the imaged region (predict --background-outside off / on) and the plan's decision per dataset
   report          only regenerate BENCHMARKS.md
 """
 
@@ -560,6 +562,7 @@ STUDIES = {
     "transfer": lambda: __import__("benchmarks.transfer", fromlist=["study_transfer"]).study_transfer(),
     "fewshot": lambda: __import__("benchmarks.fewshot", fromlist=["study_fewshot"]).study_fewshot(),
     "ka2er": lambda: __import__("benchmarks.ka2er", fromlist=["study_ka2er"]).study_ka2er(),
+    "outside": lambda: __import__("benchmarks.outside", fromlist=["study_outside"]).study_outside(),
 }
 
 

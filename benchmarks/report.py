@@ -763,9 +763,10 @@ def write_report() -> Path:
     names = [n for n in SECTIONS if n in results] + sorted(n for n in results if n.startswith("convergence-"))
     names += sorted(n for n in results if n.startswith("hermes-ablation-"))
     names += sorted(n for n in results if n.startswith("nnunet-"))  # other dataset sets than the default
-    names += [n for n in ("paradigms", "transfer", "fewshot", "ka2er") if n in results]
+    names += [n for n in ("outside", "paradigms", "transfer", "fewshot", "ka2er") if n in results]
     from benchmarks.fewshot import report as _fewshot
     from benchmarks.ka2er import report as _ka2er
+    from benchmarks.outside import report as _outside
     from benchmarks.paradigms import report as _paradigms_mri7
     from benchmarks.transfer import report as _transfer
 
@@ -776,6 +777,7 @@ def write_report() -> Path:
             section = _transfer if name == "transfer" else section
             section = _fewshot if name == "fewshot" else section
             section = _ka2er if name == "ka2er" else section
+            section = _outside if name == "outside" else section
             section = _nnunet if name.startswith("nnunet-") else section
             lines += with_void_note(name, results[name], section(results[name]))
             if name.split("-")[0] == "nnunet":

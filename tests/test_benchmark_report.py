@@ -527,3 +527,20 @@ def test_the_paradigm_study_names_the_ixi_sets_below_the_bar() -> None:
             "Dataset004_IXIVentricles": float("nan")}  # fmt: skip
     assert list(below_bar(dice)) == ["Dataset003_IXILimbic", "Dataset004_IXIVentricles"]  # NaN: not cleared
     assert below_bar({"Dataset002_IXIDeepGrey": 0.75}) == {}
+
+
+def test_outside_table_lists_the_tasks_the_decision_changes() -> None:
+    from benchmarks.outside import report
+
+    def scores(thalamus: float, hd95: float) -> dict[str, dict[str, float]]:
+        return {"Caudate_R": {"dice": 0.8, "hd95": 2.0}, "Thalamus_L": {"dice": thalamus, "hd95": hd95}}
+
+    off, on = scores(0.6, 115.0), scores(0.8, 3.0)
+    masked = {"cases": 8, "outside": {"share_median": 0.44, "label_voxels": 0}, "off": off, "on": on, "auto": on}
+    masked["rule"] = {"background_outside_image": True}
+    kept = {"cases": 2, "outside": {"share_median": 0.0, "label_voxels": 0}, "off": off, "on": on, "auto": off}
+    kept["rule"] = {"background_outside_image": False}
+    text = "\n".join(report({"run": "conv_mri7/runs/x", "datasets": {"D2_IXIDeepGrey": masked, "D1_Hippo": kept}}))
+    row = "| IXIDeepGrey (8 cases) | 44 % | 0 | background | 0.700 | 0.800 | Thalamus_L 0.600 → 0.800 (115.0 → 3.0) |"
+    assert row in text
+    assert "| Hippo (2 cases) | 0 % | 0 | kept | 0.700 | 0.700 | none |" in text

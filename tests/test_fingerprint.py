@@ -34,13 +34,17 @@ def write_nifti_dataset(
     intensity: tuple[float, float] = (100.0, 20.0),
     shape: tuple[int, ...] = (16, 16, 16),
     seed: int = 0,
+    zero_border: int = 0,
 ) -> Path:
-    """An nnU-Net raw dataset of ``n_cases`` random images with one box label (value 1)."""
+    """An nnU-Net raw dataset of ``n_cases`` random images with one box label (value 1) from ``s // 4`` to
+    ``s // 2`` on every axis; the first and last ``zero_border`` planes of the first axis are 0 (a masked image)."""
     rng = np.random.default_rng(seed)
     (folder / "imagesTr").mkdir(parents=True)
     (folder / "labelsTr").mkdir()
     for i in range(n_cases):
         image = rng.normal(*intensity, shape).astype(np.float32)
+        if zero_border:
+            image[:zero_border] = image[-zero_border:] = 0
         seg = np.zeros(shape, dtype=np.uint8)
         seg[tuple(slice(s // 4, s // 2 + 1) for s in shape)] = 1
         for arr, path in ((image, f"imagesTr/c{i}_0000.nii.gz"), (seg, f"labelsTr/c{i}.nii.gz")):
@@ -242,3 +246,24 @@ def test_plan_writes_files_reuses_fingerprint_and_guards_overwrite(tmp_path: Pat
     assert plan(folder, work, device="cuda", overwrite=True, workers=1, progress=False)["device"] == "cuda"
     with pytest.raises(MosaicSegError, match="cpu, cuda"):
         plan(folder, work, device="tpu", progress=False)
+
+
+def test_background_outside_the_imaged_region_is_planned_from_the_training_labels(tmp_path: Path) -> None:
+    masked = write_nifti_dataset(tmp_path / "Dataset006_Masked", 2, (1.0, 1.0, 1.0), zero_border=2)
+    # the label box starts at plane 4, which is zero here: structures lie outside the imaged region
+    touching = write_nifti_dataset(tmp_path / "Dataset007_Touching", 2, (1.0, 1.0, 1.0), zero_border=5)
+    plain = write_nifti_dataset(tmp_path / "Dataset008_Plain", 2, (1.0, 1.0, 1.0))
+    opened = open_collection(write_collection(tmp_path, [masked, touching, plain]))
+    full = compute_fingerprint(opened, workers=1, progress=False)
+    fp = full["datasets"]
+    # 4 of 16 planes zero; touching: 10 of 16, and plane 4 of the 5x5x5 label box in each of 2 cases
+    assert fp["Dataset006_Masked"]["outside_image"] == {"share_median": 0.25, "share_max": 0.25, "label_voxels": 0}
+    assert fp["Dataset007_Touching"]["outside_image"]["label_voxels"] == 2 * 25
+    assert fp["Dataset008_Plain"]["outside_image"]["share_max"] == 0
+    rules = make_plans(full, opened)["postprocessing"]
+    assert rules["Dataset006_Masked"]["background_outside_image"] is True
+    assert "25 %" in rules["Dataset006_Masked"]["reason"]
+    assert rules["Dataset007_Touching"]["background_outside_image"] is False
+    assert "50 labelled voxel(s)" in rules["Dataset007_Touching"]["reason"]
+    assert rules["Dataset008_Plain"]["background_outside_image"] is False
+    assert "no case has zero voxels" in rules["Dataset008_Plain"]["reason"]

@@ -274,3 +274,48 @@ def test_predict_merged_statistics_and_thresholds_on_the_command_line(run_3d, ti
         result = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "bad"), "--threshold", bad])
         assert result.exit_code == 2 and why in result.output and "Fix:" in result.output
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").glob("*.nii.gz"))
+
+
+def test_background_outside_the_imaged_region(run_3d, tiny_workdir_3d, tmp_path):
+    from typer.testing import CliRunner
+
+    from mosaicseg.cli import app
+
+    source = sorted((tiny_workdir_3d.parent / "data" / CT / "imagesTr").glob("*_0000.nii.gz"))[0]
+    array, image = _read(source)
+    # a masked corner: zero, connected to the border, and inside the crop box (the rest of its planes is imaged),
+    # so that cropping to the non-zero box (which zeroes everything beyond the box anyway) does not remove it
+    array[:2, :5] = 0
+    masked = sitk.GetImageFromArray(array)
+    masked.CopyInformation(image)
+    path = tmp_path / "in" / "masked_0000.nii.gz"
+    path.parent.mkdir()
+    sitk.WriteImage(masked, str(path))
+    outside = int(array[:2, :5].size)
+    # eager (no frozen graphs): the two calls compared below run the same kernels
+    predictor = Predictor.from_checkpoint(run_3d, precision="fp32", jit=False)
+    # a threshold near 0 makes every imaged voxel foreground: only the rule can leave voxels out
+    cut = ["Tumor=1e-6", "Liver=1e-6"]
+    off = predictor.predict(path, dataset=CT, thresholds=cut, background_outside="off")
+    on = predictor.predict(path, dataset=CT, thresholds=cut, background_outside="on")
+    for task in off.masks:
+        assert off.masks[task].all() and (off.probabilities[task] > 0).all()
+        assert int((~on.masks[task]).sum()) == outside and int((on.probabilities[task] == 0).sum()) == outside
+        np.testing.assert_array_equal(on.probabilities[task][on.masks[task]], off.probabilities[task][on.masks[task]])
+    # auto follows the plans' decision for the dataset; runs planned before the rule existed leave it off
+    planned = predictor.plans["postprocessing"]
+    assert predictor.background_outside(CT, "auto") is planned[CT]["background_outside_image"]
+    predictor.plans = {k: v for k, v in predictor.plans.items() if k != "postprocessing"}
+    assert not predictor.background_outside(CT, "auto")
+    predictor.plans = {**predictor.plans, "postprocessing": {CT: {"background_outside_image": True}}}
+    assert predictor.background_outside(CT, "auto") and not predictor.background_outside(MR, "auto")
+    report = predictor.predict_files([path], tmp_path / "files", dataset=CT, thresholds=cut, progress=False)
+    assert report["background_outside_image"] is True
+    labels = _read(tmp_path / "files" / "masked.nii.gz")[0]
+    assert int((labels == 0).sum()) == outside and not labels[:2, :5].any()
+    with pytest.raises(MosaicSegError, match="unknown"):
+        predictor.background_outside(CT, "yes")
+    bad = ["predict", "-m", str(run_3d), "-i", str(path), "-o", str(tmp_path / "bad"), "--background-outside", "yes"]
+    result = CliRunner().invoke(app, bad)
+    assert result.exit_code == 2 and "--background-outside" in result.output and "Fix:" in result.output
+    assert not (tmp_path / "bad").exists()

@@ -17,6 +17,7 @@ from mosaicseg.data.preprocess import (
     crop_to_nonzero,
     load_case,
     normalize,
+    outside_image,
     preprocess,
     preprocess_arrays,
     resample_image,
@@ -134,6 +135,24 @@ def test_crop_to_nonzero_bbox_and_full_image() -> None:
     assert cseg[1, 1, 1] == 1 and cseg.sum() == 1
     full = np.ones((1, 4, 5, 6), dtype=np.float32)
     assert crop_to_nonzero(full, None)[2] == [[0, 4], [0, 5], [0, 6]]
+
+
+def test_outside_image_is_the_zero_region_connected_to_the_border() -> None:
+    image = np.ones((2, 6, 7, 5), dtype=np.float32)
+    image[:, :2] = 0  # a slab at the border, zero in both channels: outside
+    image[:, 3, 3, 2] = 0  # an enclosed zero voxel (a signal void): inside
+    image[0, 5, 6, 4] = 0  # a border voxel zero in one channel only: imaged, inside
+    want = np.zeros((6, 7, 5), dtype=bool)
+    want[:2] = True
+    np.testing.assert_array_equal(outside_image(image), want)
+    # 2D: a zero frame around the image, with a zero hole in the middle; a diagonal touch does not connect
+    flat = np.zeros((1, 7, 7), dtype=np.float32)
+    flat[0, 1:6, 1:6] = 5
+    flat[0, 3, 3] = 0
+    want2 = np.ones((7, 7), dtype=bool)
+    want2[1:6, 1:6] = False
+    np.testing.assert_array_equal(outside_image(flat), want2)
+    assert not outside_image(np.ones((1, 4, 4, 4), dtype=np.float32)).any()  # nothing zero: nothing outside
 
 
 def test_normalize_schemes_match_hand_computed_values() -> None:

@@ -748,6 +748,13 @@ def predict(
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation")] = False,
     save_probabilities: Annotated[bool, typer.Option(help="Also write per-task probability maps")] = False,
     largest_component: Annotated[bool, typer.Option(help="Keep the largest connected component per task")] = False,
+    background_outside: Annotated[
+        str,
+        typer.Option(
+            help="Background outside the imaged region (zero in every channel, connected to the border): auto (as "
+            "the plans decided from the training labels: plans.json postprocessing), on or off"
+        ),
+    ] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda or mps")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
     jit: Annotated[
@@ -793,10 +800,14 @@ def predict(
 ) -> None:
     """Predict label maps (each source dataset's own numbering, or --merged) in the input's exact geometry."""
     from mosaicseg.inference.outputs import parse_thresholds, require_highdicom
-    from mosaicseg.inference.predictor import Predictor
+    from mosaicseg.inference.predictor import BACKGROUND_OUTSIDE, Predictor
 
     if checkpoint not in ("final", "latest", "best"):
         raise MosaicSegError(f"--checkpoint {checkpoint!r} is unknown. Fix: use final, latest or best.")
+    if background_outside not in BACKGROUND_OUTSIDE:
+        raise MosaicSegError(
+            f"--background-outside {background_outside!r} is unknown. Fix: use one of {', '.join(BACKGROUND_OUTSIDE)}."
+        )
     parse_thresholds(thresholds or [])  # malformed values fail before the model is loaded
     if dicom_seg:
         require_highdicom()
@@ -819,6 +830,7 @@ def predict(
         thresholds=thresholds or (),
         dicom_seg=dicom_seg,
         prompts=box_source,
+        background_outside=background_outside,
     )
     from mosaicseg.atomic import write_json_atomic
 
@@ -975,9 +987,11 @@ def _describe_plans(plans: dict[str, Any]) -> str:
             for n in d["normalization"]
         )
         sep = f", separate axis {d['separate_axis']}" if d.get("separate_axis") is not None else ""
+        rule = plans.get("postprocessing", {}).get(name, {})
+        outside = "; background outside the imaged region" if rule.get("background_outside_image") else ""
         lines.append(
             f"  {name}: spacing {[round(s, 3) for s in d['target_spacing']]}, median shape "
-            f"{d['median_shape']}{sep}; {norm}"
+            f"{d['median_shape']}{sep}; {norm}{outside}"
         )
     return "\n".join(lines)
 

@@ -35,10 +35,15 @@ case) and ``plans.json`` (derived settings, meant to be read and edited). They a
                                            # per-axis median target spacing, or with --topology-spacing max
                                            # the largest, or the common spacing)
          "precision": "fp32" | "amp",
-         "memory_estimate_gb": float, "memory_budget_gb": float}}
+         "memory_estimate_gb": float, "memory_budget_gb": float},
+     "postprocessing": {NAME: {            # applied by the predictor (predict --background-outside auto)
+         "background_outside_image": bool, # predictions outside the imaged region (zero in every channel,
+                                           # connected to the border) are background: the dataset's images
+                                           # have such a region and no training label lies in it
+         "reason": "why"}}}
 
-Changing ``datasets.*`` makes ``preprocess`` redo that dataset's cases; ``network`` may be edited freely
-(keep ``patch_size`` divisible by the product of ``strides`` per axis).
+Changing ``datasets.*`` makes ``preprocess`` redo that dataset's cases; ``network`` and ``postprocessing`` may
+be edited freely (keep ``patch_size`` divisible by the product of ``strides`` per axis).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from mosaicseg.data.preprocess import (
     check_percentiles,
     crop_to_nonzero,
     new_shape_for,
+    outside_image,
     replace_nonfinite,
 )
 from mosaicseg.data.vocabulary import channel_signature
@@ -70,7 +76,8 @@ from mosaicseg.data.workdir import PLANS_VERSION, read_json
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.progress import progress_bar
 
-FINGERPRINT_VERSION = 2  # 2: non-finite voxels replaced before sampling; no fixed-window statistics
+# 2: non-finite voxels replaced before sampling; no fixed-window statistics. 3: the region outside the image
+FINGERPRINT_VERSION = 3
 SAMPLES_PER_CASE = 10_000
 CT_FIXED_WINDOW = (-990.0, 500.0)  # Hermes' fixed CT window (HU)
 DEVICES = ("cpu", "cuda")
@@ -95,6 +102,13 @@ def _fingerprint_case(job: _CaseJob) -> dict[str, Any]:
     shape_original = image.shape[1:]
     # as preprocess_arrays does, so that the statistics describe the images the network is trained on
     image = replace_nonfinite(image, job.case.images[0])
+    outside = outside_image(image)
+    labelled = seg > 0
+    if job.ignore_value is not None:
+        labelled &= seg != job.ignore_value
+    outside_share = float(outside.mean())
+    labels_outside = int(np.count_nonzero(labelled & outside))
+    del outside, labelled
     image, seg, _ = crop_to_nonzero(image, seg)
     assert seg is not None  # crop_to_nonzero returns the label map it was given
     rng = case_rng(job.seed, job.dataset, job.case.case_id)
@@ -113,6 +127,8 @@ def _fingerprint_case(job: _CaseJob) -> dict[str, Any]:
         "shape_original": [int(s) for s in shape_original],
         "shape_cropped": [int(s) for s in image.shape[1:]],
         "n_channels": int(image.shape[0]),
+        "outside_share": outside_share,
+        "labels_outside": labels_outside,
         "fg_values": flat[:, fg_idx].astype(np.float32),
         "image_values": flat[:, all_idx].astype(np.float32),
     }
@@ -199,6 +215,31 @@ def _summarise(manifest: DatasetManifest, results: list[dict[str, Any]], files_h
             "max": shapes.max(0).tolist(),
         },
         "intensity": intensity,
+        # outside_image: share of each case's voxels outside the imaged region, and labelled voxels there
+        "outside_image": {
+            "share_median": float(np.median([r["outside_share"] for r in results])),
+            "share_max": float(max(r["outside_share"] for r in results)),
+            "label_voxels": int(sum(r["labels_outside"] for r in results)),
+        },
+    }
+
+
+def outside_rule(fp: dict[str, Any]) -> dict[str, Any]:
+    """Whether a prediction outside the imaged region (:func:`~mosaicseg.data.preprocess.outside_image`) is
+    background for this dataset: yes when its images have such a region and no training label lies in it."""
+    out = fp["outside_image"]
+    share = f"{100 * out['share_median']:.0f} % of a case's voxels (median; at most {100 * out['share_max']:.0f} %)"
+    if out["share_max"] == 0:
+        return {"background_outside_image": False, "reason": "no case has zero voxels around the imaged region"}
+    if out["label_voxels"]:
+        return {
+            "background_outside_image": False,
+            "reason": f"{out['label_voxels']} labelled voxel(s) of the training cases lie outside the imaged "
+            f"region ({share}): structures may be annotated there",
+        }
+    return {
+        "background_outside_image": True,
+        "reason": f"outside the imaged region ({share}) no training case has a label: predictions there are background",
     }
 
 
@@ -636,6 +677,8 @@ def make_plans(
         "datasets": datasets,
         "common_spacing": [float(common_spacing)] * dim if common_spacing is not None else None,
         "network": network,
+        # kept apart from "datasets", whose content keys the preprocessed cases: no re-preprocessing for it
+        "postprocessing": {n: outside_rule(fps[n]) for n in names},
     }
     return json.loads(json.dumps(plans))  # plain JSON types, so a re-plan compares equal to the file
 

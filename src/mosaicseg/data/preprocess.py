@@ -130,6 +130,25 @@ def crop_to_nonzero(
     return image[(slice(None), *region)], cropped_seg, bbox
 
 
+def outside_image(image: np.ndarray) -> np.ndarray:
+    """``(*S)`` bool: the voxels of ``image`` ``(C, *S)`` outside the imaged region — zero in every channel and
+    connected (through faces) to the array's border, as masked or defaced MR (IXI: 40 % of each head) and
+    skull-stripped images have. Zero voxels enclosed by the region (a dark ventricle, signal void) are inside.
+
+    The plans decide per dataset whether a prediction there is background (:func:`mosaicseg.data.fingerprint.
+    outside_rule`): a network never told otherwise may answer a large constant region with anything."""
+    import cc3d
+
+    zero = ~np.any(image != 0, axis=0)
+    if not zero.any():
+        return zero
+    components = cc3d.connected_components(zero, connectivity=4 if zero.ndim == 2 else 6)
+    faces = [np.take(components, i, axis=a) for a in range(zero.ndim) for i in (0, -1)]
+    touching = np.unique(np.concatenate([f.ravel() for f in faces]))
+    touching = touching[touching > 0]
+    return np.isin(components, touching) if touching.size else np.zeros_like(zero)
+
+
 def new_shape_for(shape: Sequence[int], old_spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:
     """nnU-Net's resampled shape: ``round(shape × old_spacing / new_spacing)``, at least 1 per axis."""
     return tuple(max(1, int(np.round(s * o / n))) for s, o, n in zip(shape, old_spacing, new_spacing, strict=True))

@@ -198,6 +198,7 @@ def export_case(
     merged: bool = False,
     keep_masks: bool = False,
     on_probability: Callable[[int, np.ndarray], None] | None = None,
+    outside: np.ndarray | None = None,
 ) -> CaseMaps:
     """Label maps, voxel counts and masks of one case from its probabilities ``(T, *S_resampled)`` (channel
     ``t`` is asked task ``t``; :meth:`Predictor.predict_resampled`).
@@ -206,7 +207,8 @@ def export_case(
     none); ``regions[d]``: the ``regions_class_order`` value of each of ``groups[d]``'s rows, or None (the
     highest-probability rule). ``thresholds[t]``: task ``t``'s mask is ``p > thresholds[t]``. Only one task's
     probability map exists at the original resolution at a time; ``on_probability(t, p)`` receives it
-    ``(*S_original)`` before it is dropped."""
+    ``(*S_original)`` before it is dropped. ``outside`` ``(*S_original)`` bool: voxels whose probability is set
+    to 0 first, for every task (the region outside the image, :func:`~mosaicseg.data.preprocess.outside_image`)."""
     shape = tuple(int(s) for s in meta["shape_original"])
     n = prob.shape[0]
     if len(thresholds) != n:
@@ -227,6 +229,8 @@ def export_case(
     voxels = []
     for t in range(n):
         p = restore_probabilities(prob[t : t + 1].astype(np.float32), meta)[0]
+        if outside is not None:
+            p[outside] = 0.0
         if on_probability is not None:
             on_probability(t, p)
         mask = p > thresholds[t]

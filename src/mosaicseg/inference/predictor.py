@@ -33,7 +33,7 @@ from mosaicseg.data.io import (
     write_image,
 )
 from mosaicseg.data.laterality import LATERAL_AXIS
-from mosaicseg.data.preprocess import preprocess_arrays
+from mosaicseg.data.preprocess import outside_image, preprocess_arrays
 from mosaicseg.data.vocabulary import Vocabulary
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.inference.outputs import (
@@ -163,6 +163,8 @@ def _save_probabilities(
 
 
 PRECISIONS = ("auto", "fp32", "mixed")
+# predict --background-outside (Predictor.background_outside)
+BACKGROUND_OUTSIDE = ("auto", "on", "off")
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
@@ -602,6 +604,7 @@ class Predictor:
         largest_component: bool = False,
         thresholds: Sequence[str] | None = None,
         boxes: dict[str, dict[str, Any]] | None = None,
+        background_outside: str = "auto",
     ) -> Prediction:
         """Predict one image in memory: per task a mask and a probability map, per source dataset the label map
         ``mosaicseg predict`` would write, all in the input's voxel grid (:class:`Prediction`).
@@ -612,7 +615,7 @@ class Predictor:
         and ``thresholds`` (``TASK=VALUE`` items, default 0.5) as in :meth:`predict_files`: the same label rule
         (:func:`~mosaicseg.inference.outputs.export_case`). ``boxes``: a promptable model's box per task, ``{task:
         {"min": [...], "max": [...], "space": "voxel" | "world"}}`` as in a prompts file
-        (:class:`~mosaicseg.inference.prompts.PromptFile`)."""
+        (:class:`~mosaicseg.inference.prompts.PromptFile`); ``background_outside`` as in :meth:`predict_files`."""
         task_ids = self.resolve_tasks(dataset, tasks)
         source = self.preprocessing_dataset(dataset, task_ids)
         n_channels = len(self.plans["datasets"][source]["normalization"])
@@ -643,6 +646,7 @@ class Predictor:
         if boxes:
             given = PromptFile("boxes argument", {"image": boxes})
             found = self.case_boxes(given, "image", [], geometry, task_ids, dataset)
+        outside = outside_image(holder[0]) if self.background_outside(source, background_outside) else None
         prob, meta = self.predict_resampled(holder, geometry, source, task_ids, tta=tta, source=where, boxes=found)
         names = [self.vocabulary.tasks[k].name for k in task_ids]
         groups = self.outputs_by_dataset(task_ids)
@@ -660,6 +664,7 @@ class Predictor:
             largest_component=largest_component,
             keep_masks=True,
             on_probability=keep,
+            outside=outside,
         )
         del prob
         assert maps.masks is not None  # keep_masks
@@ -707,6 +712,7 @@ class Predictor:
         thresholds: Sequence[str] = (),
         dicom_seg: bool = False,
         prompts: Any = None,
+        background_outside: str = "auto",
     ) -> dict[str, Any]:
         """Predict every case of ``inputs`` into ``output``; returns per-case seconds (in all, and per stage:
         ``read_s``, ``preprocess_s``, ``network_s``, ``export_s``) and what was written.
@@ -715,7 +721,10 @@ class Predictor:
         one per source dataset; ``statistics``: per-task voxel counts and volumes in ``OUT/statistics.{csv,json}``;
         ``thresholds``: ``TASK=VALUE`` items (default 0.5); ``dicom_seg``: also ``OUT/CASE.seg.dcm`` for DICOM
         series inputs (:mod:`mosaicseg.inference.outputs`); ``prompts``: a box source of
-        :mod:`mosaicseg.inference.prompts` (a promptable model's boxes per case; the report names its kind)."""
+        :mod:`mosaicseg.inference.prompts` (a promptable model's boxes per case; the report names its kind);
+        ``background_outside``: ``auto`` (the plans' decision for the dataset), ``on`` or ``off`` — whether voxels
+        outside the imaged region (zero in every channel, connected to the border:
+        :func:`~mosaicseg.data.preprocess.outside_image`) are background whatever the network says there."""
         output = Path(output)
         if output.exists() and not output.is_dir():
             raise MosaicSegError(f"{output}: is a file, not a folder. Fix: choose an output folder (-o).")
@@ -743,10 +752,12 @@ class Predictor:
         )
         plan = self.plans["datasets"][source]
         n_channels = len(plan["normalization"])
+        mask_outside = self.background_outside(source, background_outside)
         report: dict[str, Any] = {
             "cases": [],
             "skipped": [],
             "dataset": source,
+            "background_outside_image": mask_outside,
             "tasks": names,
             "thresholds": dict(zip(names, cut, strict=True)),
             "merged": merged,
@@ -775,6 +786,7 @@ class Predictor:
             holder = [image]
             del image
             boxes = self.case_boxes(prompts, case.case_id, case.files, geometry, task_ids, dataset)
+            outside = outside_image(holder[0]) if mask_outside else None
             prob, meta = self.predict_resampled(
                 holder, geometry, source, task_ids, tta=tta, source=case.files[0], timings=stages, boxes=boxes
             )
@@ -796,7 +808,9 @@ class Predictor:
                 merged=merged,
                 keep_masks=seg_path is not None,
                 on_probability=save if save_probabilities else None,
+                outside=outside,
             )
+            del outside
             del prob
             for d, seg in ({"": maps.merged} if merged else maps.labels).items():
                 written.insert(0, str(write_image(targets[d], seg, geometry, overwrite=True)))
@@ -812,6 +826,18 @@ class Predictor:
         if table is not None:
             report["statistics"] = [str(p) for p in table.write()]
         return report
+
+    def background_outside(self, source: str, choice: str = "auto") -> bool:
+        """Whether predictions of dataset ``source`` are background outside the imaged region: ``on``, ``off``, or
+        ``auto``, the plans' decision (``postprocessing``, from the training labels; runs planned before it: off)."""
+        if choice not in BACKGROUND_OUTSIDE:
+            raise MosaicSegError(
+                f"background_outside '{choice}' is unknown. Fix: use one of {', '.join(BACKGROUND_OUTSIDE)}."
+            )
+        if choice != "auto":
+            return choice == "on"
+        rule = self.plans.get("postprocessing", {}).get(source, {})
+        return bool(rule.get("background_outside_image", False))
 
     def case_boxes(
         self,

@@ -108,7 +108,8 @@ def extended_plans(
     """The plans an extended model carries: the source's datasets (their preprocessing, for predicting the old
     tasks) and the work folder's new ones (``plans``, features × ``width``: the source's network)."""
     check_network(ckpt, plans, width, source, workdir)
-    return {**plans, "datasets": {**ckpt["plans"]["datasets"], **plans["datasets"]}}
+    post = {**ckpt["plans"].get("postprocessing", {}), **plans.get("postprocessing", {})}
+    return {**plans, "datasets": {**ckpt["plans"]["datasets"], **plans["datasets"]}, "postprocessing": post}
 
 
 # MultiTalent's fine-tuning schedule (Ulrich et al. 2023, sec. 2): 10 epochs of heads only with a linearly rising
