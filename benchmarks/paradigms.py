@@ -1,7 +1,7 @@
 """``python -m benchmarks paradigms``: every paradigm on Dataset001–005, 007 and 008 (``collections/mri7.yaml``:
 T1 crops and heads, FLAIR+T1c, cine, LGE), at an equal total number of iterations (a busy machine cannot bias
 it), with the ``train`` defaults (AdamW 3e-3 poly, bf16 where native, head prior ``auto``) and the collection's
-CPU plan, fold 0, seeds 0 and 1:
+own plan (:data:`PATCH`), fold 0, seeds 0 and 1:
 
 - ``single`` trains ``iterations / 7`` on each dataset; every multi-dataset paradigm (``universal``,
   ``multidecoder``, ``dodnet``, ``uniseg``, ``hermes``, ``clip``) ``iterations`` on all seven; ``clip`` with a
@@ -47,10 +47,11 @@ SOURCE_TASKS = ("Hippocampus_L", "Hippocampus_R")
 # the cost of prediction is measured on this dataset's held-out cases (a whole head: the slowest input)
 COST_DATASET = "Dataset002_IXIDeepGrey"
 CLIP_WIDTH = 512  # CLIP ViT-B's text embedding width, as the CLIP-driven universal model uses
-# the named CPU plan of this study: the collection's plan with 32³ patches, 2.7x cheaper iterations than its
-# own patch at an equal mean held-out Dice after 10 minutes (BENCHMARKS.md, convergence mri7 10 minutes), so
-# that 7 paradigms x 2 seeds reach the IXI sets' 0.75 within about 8 CPU-hours
-PATCH = (32, 32, 32)
+# the patch every run trains with; None: the collection plan's own ([48, 56, 40] on mri7). 32³ patches were
+# considered as a cheaper CPU plan: 2.7x the iterations in the same time, but no more Dice per minute (ixi3, 30
+# minutes: IXI patch-validation Dice at 11 and 21 minutes equal to the plan's patch within 0.03; mri7, 10 minutes:
+# equal mean held-out Dice), and lower on the large structures (BraTS, left atrium)
+PATCH: tuple[int, ...] | None = None
 # issue 7's bar the universal model must clear on every IXI set before the paradigms are compared
 IXI_BAR = 0.75
 
@@ -85,7 +86,9 @@ def _train(workdir: Path, recipe: str, dataset: str | None, iterations: int, see
         args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(iterations), "--seed", str(seed),
                 "--fold", "0", "--device", "cpu", "--iterations-per-epoch", str(min(100, iterations)),
                 "--val-every", "100000", "--val-max-cases", "2" if QUICK else "0", "--val-mode", "cases",
-                "--patch-size", ",".join(map(str, PATCH)), "-o", str(run)]  # fmt: skip
+                "-o", str(run)]  # fmt: skip
+        if PATCH:
+            args += ["--patch-size", ",".join(map(str, PATCH))]
         if dataset:
             args += ["--dataset", dataset]
         if recipe == "clip":
@@ -198,8 +201,8 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
             "collection": "mri7",
             "network": {
                 **{k: plans["network"][k] for k in ("batch_size", "features")},
-                "patch_size": list(PATCH),
-                "plan_patch_size": plans["network"]["patch_size"],
+                "patch_size": list(PATCH or plans["network"]["patch_size"]),
+                **({"plan_patch_size": plans["network"]["patch_size"]} if PATCH else {}),
             },
             "spacing": {d: plans["datasets"][d]["target_spacing"] for d in datasets},
             "training": "the train defaults: AdamW 3e-3 poly, bf16 where native, head prior auto",
@@ -267,7 +270,7 @@ def report(r: dict[str, Any]) -> list[str]:
         f"## Paradigms on {len(datasets)} MR datasets (mri7, equal total iterations, {len(s['seeds'])} seeds)",
         "",
         f"`python -m benchmarks paradigms --iterations {s['iterations_multi']}` — `collections/mri7.yaml` "
-        f"planned once; the CPU plan: its network (features {s['network']['features']}, batch "
+        f"planned once; its network (features {s['network']['features']}, batch "
         f"{s['network']['batch_size']}) with patch {s['network']['patch_size']}"
         + (f" instead of its {s['network']['plan_patch_size']}" if s["network"].get("plan_patch_size") else "")
         + f"; {s['training']}; every multi-dataset paradigm {s['iterations_multi']} "

@@ -359,7 +359,14 @@ def test_hippocampus_table_compares_the_defaults_with_before() -> None:
     text = "\n".join(report._hippocampus(result))
     assert "| before | 7 | 60 | 0.8000 | 0.8000 | A 0.9000 |" in text
     assert "| defaults | 10 | 60 | 0.8000 | 0.8500 | A 0.9000 |" in text
-    assert "defaults − before: +0.0500" in text
+    assert "now − before: +0.0500" in text
+    # the later form: every earlier result a named row, the comparison against the last one
+    earlier = [{**run, "name": "AdamW 1e-3", "dice_mean": 0.8}, {**run, "name": "whole-case validation"}]
+    later = {**run, "dice_mean": 0.86, "setting": {**setting, "val_mode": "patches"}, "earlier": earlier}
+    text = "\n".join(report._hippocampus(later))
+    assert "| AdamW 1e-3 | 10 | 60 | 0.8000 | 0.8000 | A 0.9000 |" in text
+    assert "| defaults, patches validation (now) | 10 | 60 | 0.8000 | 0.8600 | A 0.9000 |" in text
+    assert "now − whole-case validation: +0.0100" in text and "compare the held-out column" in text
 
 
 def test_hermes_ablation_table_means_and_sds_over_seeds() -> None:
