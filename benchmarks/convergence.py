@@ -30,7 +30,7 @@ from benchmarks.common import (
     run_cli,
 )
 
-COLLECTIONS = {"ixi3": ROOT / "collections" / "ixi3.yaml", "mri7": ROOT / "collections" / "mri7.yaml"}
+COLLECTIONS = {name: ROOT / "collections" / f"{name}.yaml" for name in ("ixi3", "mri7", "shared2d")}
 
 # the settings before this study that later defaults changed, spelled out so those runs stay what they were:
 # the CPU plan's 64³ patch, AdamW at 1e-3, validation of whole cases, unbounded, output biases at the layer's

@@ -356,12 +356,13 @@ def test_real_2d_collection():
     report = check_collection(REPO / "collections" / "shared2d.yaml")
     assert report.ok, render_report(report)
     assert report.vocabulary is not None and report.vocabulary.num_tasks == 3
-    assert report.vocabulary.modalities == ("RGB", "CT")
+    # DRIVE and PH2 are both R,G,B photographs; the collection names their modalities apart
+    assert report.vocabulary.modalities == ("fundus", "dermoscopy", "CT")
     (p,) = found(report, "not-hu")
     assert "Dataset012_LIDCNoduleSlices" in str(p.path)
     assert {s.dim for s in report.datasets} == {2}
     text = render_report(report)
-    assert "3 tasks" in text and "RGB, CT" in text
+    assert "3 tasks" in text and "fundus, dermoscopy, CT" in text
 
 
 def test_lateral_labels_are_reported(make_dataset, tmp_path):
