@@ -11,7 +11,8 @@ has something to tell apart), seeds 0, 1, 2; validation pseudo-Dice per dataset 
 4. + the modality prior (no auxiliary loss);
 5. + the auxiliary modality loss: Hermes as the recipe's defaults build it.
 
-Runs live in ``work/bench/conv_COLLECTION/runs/hermes-ablation`` and are reused (finished) or resumed.
+All on the paper's ablation backbone, ResUNet-Small (:data:`BACKBONE`). Runs live in
+``work/bench/conv_COLLECTION/runs/hermes-ablation-resenc_unet-small`` and are reused (finished) or resumed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 from benchmarks.common import QUICK, WORK, run_cli
 from benchmarks.convergence import _plan
 
+# the paper ran its ablation (Table 4) on the ResUNet-Small backbone: the residual-encoder U-Net at half width
+BACKBONE = ["--network", "resenc_unet", "--width", "small"]
 NO_MODALITY = ["modality_prior=false", "modality_loss_weight=0"]
 ABLATIONS: dict[str, list[str]] = {
     "task prior, 16× only": ["scales=[16]", *NO_MODALITY],
@@ -36,7 +39,8 @@ ABLATIONS: dict[str, list[str]] = {
 
 def _run(workdir: Path, name: str, options: list[str], iterations: int, seed: int) -> dict[str, Any]:
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
-    run = workdir / "runs" / "hermes-ablation" / f"{slug}_s{seed}"
+    # the backbone in the folder name: runs of another backbone are never resumed as these
+    run = workdir / "runs" / f"hermes-ablation-{BACKBONE[1]}-{BACKBONE[3]}" / f"{slug}_s{seed}"
     metrics = run / "metrics.jsonl"
 
     def last() -> dict[str, Any]:
@@ -46,7 +50,7 @@ def _run(workdir: Path, name: str, options: list[str], iterations: int, seed: in
         args = ["train", str(workdir), "--recipe", "hermes", "--fold", "0", "--seed", str(seed), "--device", "cpu",
                 "--iterations", str(iterations), "--iterations-per-epoch", str(min(100, iterations)),
                 "--val-every", "100000", "--val-max-cases", "2" if QUICK else "0", "--val-mode", "cases",
-                "-o", str(run)]  # fmt: skip
+                *BACKBONE, "-o", str(run)]  # fmt: skip
         for option in options:
             args += ["--recipe-option", option]
         if (run / "checkpoint_latest.pt").is_file():
@@ -85,7 +89,8 @@ def study_hermes_ablation(collection: str, iterations: int) -> dict[str, Any]:
             "parameters": runs[0]["parameters"],
             "train_s": statistics.mean(r["train_s"] for r in runs),
         }
-    return {"collection": collection, "iterations": iterations, "seeds": list(seeds), "rows": rows}
+    setting = {"collection": collection, "iterations": iterations, "seeds": list(seeds), "backbone": BACKBONE}
+    return {**setting, "rows": rows}
 
 
 def report(r: dict[str, Any]) -> list[str]:
@@ -96,7 +101,8 @@ def report(r: dict[str, Any]) -> list[str]:
         f"## Hermes ablations (Table 4 in miniature, {r['collection']}, {r['iterations']} iterations)",
         "",
         f"`python -m benchmarks hermes-ablation --collection {r['collection']} --iterations {r['iterations']}` — "
-        "`mosaicseg train --recipe hermes` with the options below, fold 0, seeds "
+        f"`{' '.join(['mosaicseg train --recipe hermes', *r.get('backbone', [])])}` with the options below, fold 0, "
+        "seeds "
         f"{r['seeds']}; validation pseudo-Dice on every held-out case of the fold (final checkpoint), mean ± sd "
         "over seeds.",
         "",
