@@ -102,20 +102,17 @@ def _fingerprint_case(job: _CaseJob) -> dict[str, Any]:
     shape_original = image.shape[1:]
     # as preprocess_arrays does, so that the statistics describe the images the network is trained on
     image = replace_nonfinite(image, job.case.images[0])
-    outside = outside_image(image)
-    labelled = seg > 0
-    if job.ignore_value is not None:
-        labelled &= seg != job.ignore_value
-    outside_share = float(outside.mean())
-    labels_outside = int(np.count_nonzero(labelled & outside))
-    del outside, labelled
-    image, seg, _ = crop_to_nonzero(image, seg)
-    assert seg is not None  # crop_to_nonzero returns the label map it was given
-    rng = case_rng(job.seed, job.dataset, job.case.case_id)
-    flat = image.reshape(image.shape[0], -1)
     foreground = seg > 0
     if job.ignore_value is not None:
         foreground &= seg != job.ignore_value
+    outside = outside_image(image)
+    outside_share = float(outside.mean())
+    labels_outside = int(np.count_nonzero(foreground & outside))
+    del outside
+    image, _, bbox = crop_to_nonzero(image, seg)
+    foreground = foreground[tuple(slice(lo, hi) for lo, hi in bbox)]
+    rng = case_rng(job.seed, job.dataset, job.case.case_id)
+    flat = image.reshape(image.shape[0], -1)
     fg_idx = np.flatnonzero(foreground)
     if len(fg_idx) > SAMPLES_PER_CASE:
         fg_idx = rng.choice(fg_idx, SAMPLES_PER_CASE, replace=False)
