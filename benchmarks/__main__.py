@@ -645,6 +645,13 @@ def main() -> None:
     )
     parser.add_argument("--collection", default="ixi3", help="convergence: ixi3 or mri7")
     parser.add_argument("--configs", nargs="+", help="convergence: configurations (default: all)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="convergence, paradigms, hermes-ablation: measure at most this many new steps (runs), then stop; the "
+        "finished ones are kept in benchmarks/results/ledger/ (committed), so a study spans sittings",
+    )
     parser.add_argument("--subset", type=int, help="nnunet: held-out cases scored and timed (default per dataset)")
     parser.add_argument("--datasets", nargs="+", help="nnunet: datasets (default Dataset001 and Dataset003)")
     parser.add_argument("--nnunet-python", help="nnunet: a Python with nnunetv2 (default: this one)")
@@ -654,6 +661,12 @@ def main() -> None:
         env = {**os.environ, QUICK_ENV: "1"}
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]], env)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error(f"--steps must be at least 1, got {args.steps}")
+        from benchmarks.common import Ledger
+
+        Ledger.limit = args.steps
 
     def study(name: str, force: bool = True) -> None:
         fn = STUDIES.get(name)

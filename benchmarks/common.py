@@ -118,6 +118,67 @@ def run_cli(args: list[str], log: Path) -> CliRun:
     return CliRun(seconds, usage.ru_maxrss / 1024)
 
 
+class Ledger:
+    """The finished steps of a study (a trained and scored run, say), kept with its results in
+    ``RESULTS/ledger/STUDY.json`` — committed, unlike ``work/`` — so that a study longer than one sitting resumes
+    from what earlier sittings measured even where their run folders and checkpoints are gone (a fresh clone).
+
+    A step is stored under its key with the setting it was measured under, the commit and the date. Asked for
+    under another setting, it is measured again and the old record moves to ``superseded`` (its figures stay on
+    record). To measure a step again under the same setting, delete its entry from the file."""
+
+    # how many new steps one invocation may measure (``python -m benchmarks STUDY --steps N``): a sitting that
+    # ends at a fixed time starts only the steps it can finish; None: all
+    limit: int | None = None
+
+    def __init__(self, study: str) -> None:
+        self.path = RESULTS / "ledger" / f"{study}.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.data.setdefault("steps", {})
+        self.measured = 0
+
+    def get(self, key: str, setting: dict[str, Any]) -> dict[str, Any] | None:
+        """The record of step ``key`` if it was measured under ``setting``, else None."""
+        entry = self.data["steps"].get(key)
+        return entry["record"] if entry is not None and entry["setting"] == setting else None
+
+    def step(self, key: str, setting: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Step ``key``'s record: the ledger's when it holds one measured under ``setting``; else ``fn()``, recorded
+        (atomically, before it is returned: a study killed after this step keeps it)."""
+        # a setting goes through JSON once so that tuples and lists compare as they are stored
+        setting = json.loads(json.dumps(setting))
+        found = self.get(key, setting)
+        if found is not None:
+            return found
+        if Ledger.limit is not None and self.measured >= Ledger.limit:
+            raise SystemExit(
+                f"{self.path.name}: {self.measured} new step(s) measured, as --steps {Ledger.limit} asked; the next "
+                f"is {key}. Run the study again to go on: every finished step is kept in {self.path}."
+            )
+        old = self.data["steps"].pop(key, None)
+        if old is not None:
+            self.data.setdefault("superseded", []).append({"key": key, **old})
+            print(f"{self.path.name}: {key} was measured under another setting; measuring it again", flush=True)
+        record = fn()
+        self.measured += 1
+        stamp = machine()
+        self.data["steps"][key] = {
+            "setting": setting,
+            "commit": stamp["commit"],
+            "date": stamp["date"],
+            "record": record,
+        }
+        from mosaicseg.atomic import write_json_atomic
+
+        write_json_atomic(self.path, self.data)
+        return record
+
+    def commits(self, keys: list[str] | None = None) -> list[str]:
+        """The commits the steps (``keys``, default all) were measured at, in order of first appearance."""
+        steps = self.data["steps"]
+        return list(dict.fromkeys(steps[k]["commit"] for k in (keys if keys is not None else steps) if k in steps))
+
+
 def held_out_cases(workdir: Path, dataset: str, fold: int = 0) -> list[str]:
     """The case ids of ``dataset`` that fold ``fold`` of a MosaicSeg work folder holds out for validation (read
     as the Trainer reads them)."""

@@ -14,6 +14,7 @@ does not change them).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from benchmarks.common import (
     ROOT,
     SHARED,
     WORK,
+    Ledger,
     held_out_cases,
     held_out_files,
     link_all,
@@ -173,64 +175,64 @@ def _score(workdir: Path, run: Path, datasets: list[str], n_cases: int | None) -
 def study_convergence(collection: str, configs: list[str], budget_min: float) -> dict[str, Any]:
     default = _plan(collection)
     datasets = json.loads((default / "vocabulary.json").read_text())["datasets"]
+    ledger = Ledger(f"convergence-{collection}-{budget_min:g}m")
     runs: dict[str, Any] = {}
     budget = f"{budget_min:g}m"
     for name in configs:
         if name == SINGLES:
-            runs[name] = {**_singles(default, datasets, budget_min), "network": network_summary(default)}
+            runs[name] = {**_singles(default, datasets, budget_min, ledger), "network": network_summary(default)}
             continue
         workdir = _plan(collection, name) if name in PLAN_FLAGS else default
         run = run_folder(workdir, name, budget)
-        if not (run / "checkpoint_final.pt").is_file():
-            args = ["train", str(workdir), "--fold", "0", "--seed", "0", "--device", "cpu", "--time-budget", budget,
-                    *CONFIGS[name], "-o", str(run)]  # fmt: skip
-            if (run / "checkpoint_latest.pt").is_file():
-                args.append("--resume")
-            run_cli(args, WORK / "logs" / f"conv_{collection}_{name}_{budget}.log")
-        records = _records(run)
-        last = records[-1]
-        runs[name] = {
-            "flags": CONFIGS[name],
-            "plan_flags": PLAN_FLAGS.get(name, []),
-            "network": network_summary(workdir, run),
-            "iterations": last["iteration"],
-            "train_min": last["elapsed_s"] / 60,
-            "s_per_iteration": last["elapsed_s"] / max(1, last["iteration"]),
-            "validation_min": sum(r.get("val_time_s", 0.0) for r in records) / 60,
-            # runs from before patch validation have no val_mode: they validated whole cases
-            "val_mode": json.loads((run / "config.json").read_text())["train_config"].get("val_mode", "cases"),
-            "curve": [
-                {"minutes": r["elapsed_s"] / 60, "iteration": r["iteration"], "val_dice": r["val_dice"]}
-                for r in records
-                if "val_dice" in r
-            ],
-            "heldout_dice": _score(workdir, run, datasets, 2 if QUICK else None),
-        }
-    return {"collection": collection, "datasets": datasets, "budget_min": budget_min, "runs": runs}
+        setting = {"flags": CONFIGS[name], "plan_flags": PLAN_FLAGS.get(name, []), "run": run.name}
+        train = partial(_train_and_score, collection, name, workdir, run, budget, datasets)
+        runs[name] = ledger.step(name, setting, train)
+    commits = ledger.commits([*configs, *(f"{SINGLES}/{d}" for d in datasets)])
+    return {"collection": collection, "datasets": datasets, "budget_min": budget_min, "runs": runs, "commits": commits}
 
 
-def _singles(workdir: Path, datasets: list[str], budget_min: float) -> dict[str, Any]:
+def _train_and_score(
+    collection: str, name: str, workdir: Path, run: Path, budget: str, datasets: list[str]
+) -> dict[str, Any]:
+    """Configuration ``name``'s run (trained, or resumed, unless finished) summed up and scored on held-out cases."""
+    if not (run / "checkpoint_final.pt").is_file():
+        args = ["train", str(workdir), "--fold", "0", "--seed", "0", "--device", "cpu", "--time-budget", budget,
+                *CONFIGS[name], "-o", str(run)]  # fmt: skip
+        if (run / "checkpoint_latest.pt").is_file():
+            args.append("--resume")
+        run_cli(args, WORK / "logs" / f"conv_{collection}_{name}_{budget}.log")
+    records = _records(run)
+    last = records[-1]
+    return {
+        "flags": CONFIGS[name],
+        "plan_flags": PLAN_FLAGS.get(name, []),
+        "network": network_summary(workdir, run),
+        "iterations": last["iteration"],
+        "train_min": last["elapsed_s"] / 60,
+        "s_per_iteration": last["elapsed_s"] / max(1, last["iteration"]),
+        "validation_min": sum(r.get("val_time_s", 0.0) for r in records) / 60,
+        # runs from before patch validation have no val_mode: they validated whole cases
+        "val_mode": json.loads((run / "config.json").read_text())["train_config"].get("val_mode", "cases"),
+        "curve": [
+            {"minutes": r["elapsed_s"] / 60, "iteration": r["iteration"], "val_dice": r["val_dice"]}
+            for r in records
+            if "val_dice" in r
+        ],
+        "heldout_dice": _score(workdir, run, datasets, 2 if QUICK else None),
+    }
+
+
+def _singles(workdir: Path, datasets: list[str], budget_min: float, ledger: Ledger) -> dict[str, Any]:
     """Each dataset's own ``single`` model, trained for ``budget_min / len(datasets)`` minutes on the collection's
     plan (same preprocessing, fold and seed as the universal run), scored on its held-out cases: together they
     take the universal run's total time. Returned in a run's shape (summed iterations and minutes), with each
-    dataset's part under ``per_dataset``."""
+    dataset's part under ``per_dataset``; each part is a step of ``ledger``."""
     share_s = budget_min * 60 / len(datasets)
     parts: dict[str, Any] = {}
     for dataset in datasets:
         run = workdir / "runs" / f"{SINGLES}-{dataset.split('_')[0]}_{budget_min:g}m{PATCHVAL}"
-        if not (run / "checkpoint_final.pt").is_file():
-            args = ["train", str(workdir), "--recipe", "single", "--dataset", dataset, "--fold", "0", "--seed", "0",
-                    "--device", "cpu", "--time-budget", f"{share_s:.0f}s", "-o", str(run)]  # fmt: skip
-            if (run / "checkpoint_latest.pt").is_file():
-                args.append("--resume")
-            run_cli(args, WORK / "logs" / f"conv_{workdir.name}_{run.name}.log")
-        records = _records(run)
-        parts[dataset] = {
-            "iterations": records[-1]["iteration"],
-            "train_min": records[-1]["elapsed_s"] / 60,
-            "validation_min": sum(r.get("val_time_s", 0.0) for r in records) / 60,
-            "heldout_dice": _score(workdir, run, [dataset], 2 if QUICK else None)[dataset],
-        }
+        setting = {"flags": ["--recipe", "single", "--dataset", dataset, "--time-budget", f"{share_s:.0f}s"]}
+        parts[dataset] = ledger.step(f"{SINGLES}/{dataset}", setting, partial(_single, workdir, run, dataset, share_s))
     iterations = sum(p["iterations"] for p in parts.values())
     train_min = sum(p["train_min"] for p in parts.values())
     return {
@@ -242,6 +244,22 @@ def _singles(workdir: Path, datasets: list[str], budget_min: float) -> dict[str,
         "curve": [],  # one curve per dataset: see per_dataset
         "heldout_dice": {d: p["heldout_dice"] for d, p in parts.items()},
         "per_dataset": parts,
+    }
+
+
+def _single(workdir: Path, run: Path, dataset: str, share_s: float) -> dict[str, Any]:
+    if not (run / "checkpoint_final.pt").is_file():
+        args = ["train", str(workdir), "--recipe", "single", "--dataset", dataset, "--fold", "0", "--seed", "0",
+                "--device", "cpu", "--time-budget", f"{share_s:.0f}s", "-o", str(run)]  # fmt: skip
+        if (run / "checkpoint_latest.pt").is_file():
+            args.append("--resume")
+        run_cli(args, WORK / "logs" / f"conv_{workdir.name}_{run.name}.log")
+    records = _records(run)
+    return {
+        "iterations": records[-1]["iteration"],
+        "train_min": records[-1]["elapsed_s"] / 60,
+        "validation_min": sum(r.get("val_time_s", 0.0) for r in records) / 60,
+        "heldout_dice": _score(workdir, run, [dataset], 2 if QUICK else None)[dataset],
     }
 
 

@@ -12,17 +12,20 @@ has something to tell apart), seeds 0, 1, 2; validation pseudo-Dice per dataset 
 5. + the auxiliary modality loss: Hermes as the recipe's defaults build it.
 
 All on the paper's ablation backbone, ResUNet-Small (:data:`BACKBONE`). Runs live in
-``work/bench/conv_COLLECTION/runs/hermes-ablation-resenc_unet-small`` and are reused (finished) or resumed.
+``work/bench/conv_COLLECTION/runs/hermes-ablation-resenc_unet-small`` and are reused (finished) or resumed;
+each finished one is recorded in ``benchmarks/results/ledger/hermes-ablation-COLLECTION.json`` (committed), so
+the study spans sittings and fresh clones.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, WORK, run_cli
+from benchmarks.common import QUICK, WORK, Ledger, run_cli
 from benchmarks.convergence import _plan
 
 # the paper ran its ablation (Table 4) on the ResUNet-Small backbone: the residual-encoder U-Net at half width
@@ -75,9 +78,17 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def study_hermes_ablation(collection: str, iterations: int) -> dict[str, Any]:
     workdir = _plan(collection)
     seeds = (0,) if QUICK else (0, 1, 2)
+    ledger = Ledger(f"hermes-ablation-{collection}")
+    network = json.loads((workdir / "plans.json").read_text())["network"]
+    plan = {k: network[k] for k in ("patch_size", "batch_size", "features", "strides")}
     rows: dict[str, Any] = {}
+    keys: list[str] = []
     for name, options in ABLATIONS.items():
-        runs = [_run(workdir, name, options, iterations, seed) for seed in seeds]
+        runs = []
+        for seed in seeds:
+            keys.append(f"{name} s{seed} {iterations}it")
+            setting = {"options": options, "iterations": iterations, "seed": seed, "backbone": BACKBONE, "plan": plan}
+            runs.append(ledger.step(keys[-1], setting, partial(_run, workdir, name, options, iterations, seed)))
         datasets = sorted(runs[0]["val_dice"])
         per_dataset = {d: [r["val_dice"][d] for r in runs] for d in datasets}
         means = [statistics.mean(r["val_dice"][d] for d in datasets) for r in runs]
@@ -90,7 +101,7 @@ def study_hermes_ablation(collection: str, iterations: int) -> dict[str, Any]:
             "train_s": statistics.mean(r["train_s"] for r in runs),
         }
     setting = {"collection": collection, "iterations": iterations, "seeds": list(seeds), "backbone": BACKBONE}
-    return {**setting, "rows": rows}
+    return {**setting, "rows": rows, "commits": ledger.commits(keys)}
 
 
 def report(r: dict[str, Any]) -> list[str]:

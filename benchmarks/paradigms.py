@@ -13,13 +13,15 @@ own plan (:data:`PATCH`), fold 0, seeds 0 and 1:
 - cost: training s/iteration, ``predict --tasks all`` s/case (start-up included) on held-out cases of one
   dataset, and each process's peak RSS.
 
-Every finished run and step is reused (a killed study resumes); ``MOSAICSEG_BENCH_QUICK=1`` checks the plumbing.
+Every finished run is recorded in the study's ledger (``benchmarks/results/ledger/paradigms.json``, committed) and
+reused: the study resumes across sittings and fresh clones; ``MOSAICSEG_BENCH_QUICK=1`` checks the plumbing.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from benchmarks.common import (
     ROOT,
     SHARED,
     WORK,
+    Ledger,
     held_out_cases,
     held_out_files,
     link_all,
@@ -156,17 +159,28 @@ def _predict_cost(workdir: Path, run: Path, cases: list[str]) -> dict[str, Any]:
 
 
 def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
-    """See the module docstring. ``iterations``: each paradigm's total (a single run: a seventh of it)."""
+    """See the module docstring. ``iterations``: each paradigm's total (a single run: a seventh of it). Each run,
+    scored, is a step of the study's :class:`~benchmarks.common.Ledger`: the study spans sittings and clones."""
     from mosaicseg.training.recipes import RECIPES
 
     workdir = _workdir()
     datasets = json.loads((workdir / "vocabulary.json").read_text())["datasets"]
+    plans = json.loads((workdir / "plans.json").read_text())
     landed = [p for p in PARADIGMS if p in RECIPES]
     seeds = SEEDS[:1] if QUICK else SEEDS
     n_general = 2 if QUICK else 10
     n_cost = 1 if QUICK else 3
     general_cases = held_out_cases(workdir, TARGET)[:n_general] if TARGET in datasets else []
     cost_cases = held_out_cases(workdir, COST_DATASET)[:n_cost]
+    ledger = Ledger("paradigms")
+    # what every step is measured under: a run of another plan (a changed planner) is a run of another study
+    plan = {
+        "network": {k: plans["network"][k] for k in ("patch_size", "batch_size", "features", "strides")},
+        "patch": list(PATCH) if PATCH else None,
+        "spacing": {d: plans["datasets"][d]["target_spacing"] for d in datasets},
+        "generalisation_cases": general_cases,
+        "cost_cases": cost_cases,
+    }
     runs: dict[str, Any] = {}
     # universal first: the comparison is only worth its CPU-hours once universal clears issue 7's bar
     landed = sorted(landed, key=lambda r: r != "universal")
@@ -178,13 +192,16 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
                 else [(None, iterations)]
             )
             for dataset, its in jobs:
-                entry = _train(workdir, recipe, dataset, its, seed)
-                run = Path(entry["run"])
-                if general_cases and (recipe != "single" or dataset == SOURCE):
-                    entry["generalisation"] = generalisation(workdir, run, general_cases)
-                if seed == seeds[0] and (recipe != "single" or dataset == COST_DATASET):
-                    entry["predict_cost"] = _predict_cost(workdir, run, cost_cases)
-                runs[f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"] = entry
+                key = f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
+                setting = {"recipe": recipe, "dataset": dataset, "iterations": its, "seed": seed, **plan}
+                extras = {
+                    "generalisation": bool(general_cases) and (recipe != "single" or dataset == SOURCE),
+                    "cost": seed == seeds[0] and (recipe != "single" or dataset == COST_DATASET),
+                    "priors": recipe == "hermes" and seed == seeds[0],
+                }
+                step = partial(_run, workdir, recipe, dataset, its, seed, general_cases, cost_cases, extras)
+                # the iterations in the key: a study at another length keeps this one's steps
+                entry = runs[key] = ledger.step(f"{key}_{its}it", setting, step)
                 short = below_bar(entry["val_dice"]) if recipe == "universal" and seed == seeds[0] else {}
                 if short and not QUICK:
                     raise SystemExit(
@@ -193,10 +210,10 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
                         + ": the paradigms are not compared on it. Fix: run the study with a larger --iterations "
                         "(its runs are kept per iteration count)."
                     )
-    priors = _hermes_priors(runs)
-    plans = json.loads((workdir / "plans.json").read_text())
+    priors = next((v["priors"] for v in runs.values() if v.get("priors")), None)
     return {
         "priors": priors,
+        "commits": ledger.commits([f"{k}_{v['iterations']}it" for k, v in runs.items()]),
         "setting": {
             "collection": "mri7",
             "network": {
@@ -204,7 +221,7 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
                 "patch_size": list(PATCH or plans["network"]["patch_size"]),
                 **({"plan_patch_size": plans["network"]["patch_size"]} if PATCH else {}),
             },
-            "spacing": {d: plans["datasets"][d]["target_spacing"] for d in datasets},
+            "spacing": plan["spacing"],
             "training": "the train defaults: AdamW 3e-3 poly, bf16 where native, head prior auto",
             "iterations_multi": iterations,
             "iterations_single": max(1, iterations // len(datasets)),
@@ -220,21 +237,41 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
     }
 
 
+def _run(
+    workdir: Path,
+    recipe: str,
+    dataset: str | None,
+    iterations: int,
+    seed: int,
+    general_cases: list[str],
+    cost_cases: list[str],
+    extras: dict[str, bool],
+) -> dict[str, Any]:
+    """One run trained (or resumed, or reused) and measured: validation, and the ``extras`` asked for
+    (generalisation, prediction cost, Hermes' priors), while its checkpoint is at hand."""
+    entry = _train(workdir, recipe, dataset, iterations, seed)
+    run = Path(entry["run"])
+    if extras["generalisation"]:
+        entry["generalisation"] = generalisation(workdir, run, general_cases)
+    if extras["cost"]:
+        entry["predict_cost"] = _predict_cost(workdir, run, cost_cases)
+    if extras["priors"]:
+        entry["priors"] = _hermes_priors(run)
+    return entry
+
+
 def below_bar(val_dice: dict[str, float]) -> dict[str, float]:
     """The IXI sets of a run's validation Dice per dataset that are below :data:`IXI_BAR`."""
     return {d: v for d, v in val_dice.items() if "_IXI" in d and not v >= IXI_BAR}
 
 
-def _hermes_priors(runs: dict[str, Any]) -> dict[str, str] | None:
-    """``mosaicseg priors`` of the first seed's Hermes run, its heatmaps copied next to the results (issue 9)."""
+def _hermes_priors(run: Path) -> dict[str, str]:
+    """``mosaicseg priors`` of a Hermes run, its heatmaps copied next to the results (issue 9)."""
     from benchmarks.common import RESULTS
 
-    entry = next((v for k, v in runs.items() if v["recipe"] == "hermes"), None)
-    if entry is None:
-        return None
-    out = Path(entry["run"]) / "priors"
+    out = run / "priors"
     if not (out / "task_priors.png").is_file():
-        run_cli(["priors", entry["run"], "-o", str(out)], WORK / "logs" / "mri7_priors.log")
+        run_cli(["priors", str(run), "-o", str(out)], WORK / "logs" / "mri7_priors.log")
     RESULTS.mkdir(parents=True, exist_ok=True)
     copied = {}
     for name in ("task_priors", "modality_priors"):

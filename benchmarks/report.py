@@ -751,6 +751,15 @@ def with_void_note(name: str, result: dict[str, Any], body: list[str]) -> list[s
     return body
 
 
+def _stamp(name: str, result: dict[str, Any]) -> str:
+    """The section's footer: the commit it was assembled at and, for a study whose steps were measured over several
+    sittings (:class:`benchmarks.common.Ledger`), the commits they were measured at."""
+    m = result["machine"]
+    measured = [c for c in result.get("commits", []) if c != m["commit"]]
+    steps = f"; steps measured at {', '.join(result['commits'])}" if measured else ""
+    return f"<sub>{name}: commit {m['commit']}, {m['date']}, {result['wall_s']:.0f} s{steps}</sub>"
+
+
 def write_report() -> Path:
     from mosaicseg.atomic import atomic_write
 
@@ -782,10 +791,7 @@ def write_report() -> Path:
             lines += with_void_note(name, results[name], section(results[name]))
             if name.split("-")[0] == "nnunet":
                 lines += _nnunet_why(results[name], results.get("speed"))
-            lines.append(
-                f"<sub>{name}: commit {results[name]['machine']['commit']}, "
-                f"{results[name]['machine']['date']}, {results[name]['wall_s']:.0f} s</sub>"
-            )
+            lines.append(_stamp(name, results[name]))
             lines.append("")
     text = "\n".join(lines)
     atomic_write(REPORT, lambda f: f.write(text), mode="w")

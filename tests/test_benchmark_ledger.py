@@ -1,0 +1,60 @@
+"""The studies' ledger: a finished step is measured once, kept across invocations (and clones: it is a file under
+benchmarks/results), measured again under another setting with the old record kept, and --steps stops a sitting
+before a step it was not asked to measure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+common = pytest.importorskip("benchmarks.common", reason="run from the repository root (python -m pytest)")
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common.Ledger, "limit", None)
+    return tmp_path
+
+
+def test_a_step_is_measured_once_and_kept_across_invocations(results):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"dice": 0.5}
+
+    assert common.Ledger("study").step("a", {"iterations": 10}, measure) == {"dice": 0.5}
+    # a new invocation (a fresh process, a fresh clone with the committed file) reads the record back
+    again = common.Ledger("study")
+    assert again.step("a", {"iterations": 10}, measure) == {"dice": 0.5}
+    assert len(calls) == 1
+    stored = json.loads((results / "ledger" / "study.json").read_text())
+    assert stored["steps"]["a"]["setting"] == {"iterations": 10}
+    assert again.commits() == [stored["steps"]["a"]["commit"]]
+
+
+def test_tuples_in_a_setting_match_the_lists_they_are_stored_as(results):
+    common.Ledger("study").step("a", {"patch": (4, 4)}, lambda: {"x": 1})
+    assert common.Ledger("study").get("a", {"patch": [4, 4]}) == {"x": 1}
+
+
+def test_another_setting_measures_again_and_keeps_the_old_record(results):
+    common.Ledger("study").step("a", {"iterations": 10}, lambda: {"dice": 0.5})
+    ledger = common.Ledger("study")
+    assert ledger.step("a", {"iterations": 20}, lambda: {"dice": 0.7}) == {"dice": 0.7}
+    stored = json.loads((results / "ledger" / "study.json").read_text())
+    assert stored["steps"]["a"]["record"] == {"dice": 0.7}
+    assert [(s["key"], s["record"]) for s in stored["superseded"]] == [("a", {"dice": 0.5})]
+
+
+def test_steps_limit_stops_before_the_next_new_step(results, monkeypatch):
+    common.Ledger("study").step("done", {}, lambda: {"v": 0})
+    monkeypatch.setattr(common.Ledger, "limit", 1)
+    ledger = common.Ledger("study")
+    assert ledger.step("done", {}, lambda: {"v": 9}) == {"v": 0}  # recorded steps do not count
+    assert ledger.step("b", {}, lambda: {"v": 1}) == {"v": 1}
+    with pytest.raises(SystemExit, match="--steps 1.*the next is c"):
+        ledger.step("c", {}, lambda: pytest.fail("measured past the limit"))
+    assert set(json.loads((results / "ledger" / "study.json").read_text())["steps"]) == {"done", "b"}
