@@ -53,8 +53,10 @@ from benchmarks.common import (
     RESULTS,
     SHARED,
     WORK,
+    evaluate,
     held_out_cases,
     held_out_files,
+    held_out_links,
     link_all,
     plain_network,
     run_cli,
@@ -109,19 +111,13 @@ def study_hippocampus() -> dict[str, Any]:
     t_train = run_cli(args, WORK / "logs" / "hippo_train.log").seconds
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     cases = held_out_cases(workdir, dataset)[:n_cases]
-    _, files = held_out_files(dataset, cases)
-    images = link_all([f for f in files if "imagesTr" in str(f)], WORK / "hippo_heldout" / "images")
-    labels = link_all([f for f in files if "labelsTr" in str(f)], WORK / "hippo_heldout" / "labels")
+    images, labels = held_out_links(dataset, cases, WORK / "hippo_heldout")
     pred = WORK / "hippo_pred"
     t_pred = run_cli(
         ["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--overwrite"],
         WORK / "logs" / "hippo_predict.log",
     ).seconds
-    run_cli(
-        ["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"), "--overwrite"],
-        WORK / "logs" / "hippo_eval.log",
-    )
-    summary = json.loads((pred / "summary.json").read_text())
+    scores = evaluate(pred, labels, dataset, WORK / "logs" / "hippo_eval.log")
     plans = json.loads((workdir / "plans.json").read_text())
     config = json.loads((run / "config.json").read_text())
     return {
@@ -141,8 +137,8 @@ def study_hippocampus() -> dict[str, Any]:
         "plan_s": t_plan,
         "predict_s": t_pred,
         "final_pseudo_dice": records[-1].get("val_mean"),
-        "dice_per_label": {k: v["dice"]["mean"] for k, v in _only(summary)["labels"].items()},
-        "dice_mean": _only(summary)["mean"]["dice"],
+        "dice_per_label": {k: v["dice"]["mean"] for k, v in scores["labels"].items()},
+        "dice_mean": scores["mean"]["dice"],
         "curve": [(r["iteration"], r.get("val_mean")) for r in records if "val_mean" in r],
     }
 
@@ -165,10 +161,6 @@ def _earlier_hippocampus_results(previous: Path) -> list[dict[str, Any]]:
     earlier.append({"name": "defaults, whole-case validation",
                     **{k: v for k, v in old.items() if k != "before"}})  # fmt: skip
     return earlier
-
-
-def _only(summary: dict[str, Any]) -> dict[str, Any]:
-    return next(iter(summary["datasets"].values()))
 
 
 def study_predict() -> dict[str, Any]:

@@ -198,6 +198,28 @@ def held_out_files(dataset: str, cases: list[str]) -> tuple[Path, list[Path]]:
     return folder, images + labels
 
 
+def held_out_links(dataset: str, cases: list[str], into: Path) -> tuple[Path, Path]:
+    """Folders ``into/images`` and ``into/labels`` of links to ``cases``' raw image (every channel) and label
+    files: the input of ``mosaicseg predict`` and the reference of ``mosaicseg evaluate``."""
+    _, files = held_out_files(dataset, cases)
+    images = link_all([f for f in files if f.parent.name == "imagesTr"], into / "images")
+    labels = link_all([f for f in files if f.parent.name == "labelsTr"], into / "labels")
+    return images, labels
+
+
+def evaluation(pred: Path) -> dict[str, Any]:
+    """The one dataset's entry of ``pred/summary.json`` (``mean``, ``labels``) that ``mosaicseg evaluate`` wrote."""
+    return next(iter(json.loads((pred / "summary.json").read_text())["datasets"].values()))
+
+
+def evaluate(pred: Path, labels: Path, dataset: str, log: Path) -> dict[str, Any]:
+    """``mosaicseg evaluate`` of the predictions in ``pred`` against ``labels`` with ``dataset``'s label names;
+    its :func:`evaluation`."""
+    run_cli(["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"),
+             "--overwrite"], log)  # fmt: skip
+    return evaluation(pred)
+
+
 def link_preprocessed(source: Path, workdir: Path) -> None:
     """Hard-link ``source``'s ``preprocessed`` cache into ``workdir`` when it has none: a plan that differs only in
     its network preprocesses the same cases (a case re-preprocessed later is written anew, not through the link)."""

@@ -22,12 +22,12 @@ from benchmarks.common import (
     QUICK,
     RESULTS,
     ROOT,
-    SHARED,
     WORK,
     Ledger,
+    evaluate,
+    evaluation,
     held_out_cases,
-    held_out_files,
-    link_all,
+    held_out_links,
     link_preprocessed,
     run_cli,
 )
@@ -150,25 +150,16 @@ def _score(workdir: Path, run: Path, datasets: list[str], n_cases: int | None) -
     """Held-out Dice per dataset and task of the run's final checkpoint (predict + evaluate)."""
     out: dict[str, dict[str, float]] = {}
     for dataset in datasets:
-        cases = held_out_cases(workdir, dataset)[:n_cases]
-        _, files = held_out_files(dataset, cases)
         base = run / "heldout" / dataset
-        images = link_all([f for f in files if "imagesTr" in str(f)], base / "images")
-        labels = link_all([f for f in files if "labelsTr" in str(f)], base / "labels")
+        images, labels = held_out_links(dataset, held_out_cases(workdir, dataset)[:n_cases], base)
         pred = base / "pred"
         final = run / "checkpoint_final.pt"
         summary_path = pred / "summary.json"
-        if summary_path.is_file() and summary_path.stat().st_mtime > final.stat().st_mtime:  # scored already
-            labels_dice = next(iter(json.loads(summary_path.read_text())["datasets"].values()))["labels"]
-            out[dataset] = {label: v["dice"]["mean"] for label, v in labels_dice.items()}
-            continue
-        run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", dataset, "--overwrite"],
-                base / "predict.log")  # fmt: skip
-        run_cli(["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"),
-                 "--overwrite"], base / "evaluate.log")  # fmt: skip
-        summary = json.loads((pred / "summary.json").read_text())
-        labels_dice = next(iter(summary["datasets"].values()))["labels"]
-        out[dataset] = {label: v["dice"]["mean"] for label, v in labels_dice.items()}
+        if not (summary_path.is_file() and summary_path.stat().st_mtime > final.stat().st_mtime):  # not scored yet
+            run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", dataset,
+                     "--overwrite"], base / "predict.log")  # fmt: skip
+            evaluate(pred, labels, dataset, base / "evaluate.log")
+        out[dataset] = {label: v["dice"]["mean"] for label, v in evaluation(pred)["labels"].items()}
     return out
 
 

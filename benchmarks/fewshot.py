@@ -12,7 +12,9 @@ and DAL), every strategy with the same number of turns, each setting over seeded
     (``arms.png`` of fold 0 copied next to the results), and whether it came to prefer the IXI limbic
     hippocampus arms: their share of the last third's pulls against an even share of the arms.
 
-Every ``mosaicseg adapt`` call reuses its finished folds, so the study resumes where it stopped.
+Every ``mosaicseg adapt`` call reuses its finished folds, so the study resumes where it stopped; every finished
+setting is recorded in the study's ledger (``benchmarks/results/ledger/fewshot.json``, committed), so the study
+spans sittings and fresh clones (a sitting pre-trains a source only if a setting that needs it is left).
 ``MOSAICSEG_BENCH_QUICK=1``: one fold, a few turns.
 """
 
@@ -21,10 +23,12 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, RESULTS, SHARED, WORK, run_cli
+from benchmarks.common import QUICK, RESULTS, SHARED, WORK, Ledger, run_cli
 from benchmarks.common import mean_sd as _ms
 
 STRATEGIES = ("finetune", "gms", "mtl", "dal", "asap")
@@ -35,6 +39,9 @@ POOL_3D = ("Dataset002_IXIDeepGrey", "Dataset003_IXILimbic", "Dataset004_IXIVent
 LIMBIC = "Dataset003_IXILimbic"  # its hippocampus arms are the ones closest to the target of (a)
 POOL_2D_SHARED = ("Dataset011_PH2", "Dataset012_LIDCNoduleSlices")
 PRE_2D_ITERATIONS = 2000
+PRE_3D_ITERATIONS = 3000  # the transfer study's pre-training (the same run when both studies share a work folder)
+# (d)'s setting: (a)'s ASAP runs with 3 shots
+ARMS = ("a001", "asap", 3)
 # each setting's fixed evaluation subset (cases of the target outside the shots)
 EVAL_CASES = {"a": 40, "b": 20, "c": 20}
 
@@ -43,22 +50,27 @@ def _area() -> Path:
     return WORK / "fewshot"
 
 
-def _adapt(tag: str, target: str, source: Path | None, pool: list[Path], shots: int, strategy: str,
+def _adapt(tag: str, target: str, source: Callable[[], Path | None], pool: list[Path], shots: int, strategy: str,
            eval_cases: int, turns: int, folds: int) -> dict[str, Any]:  # fmt: skip
+    """One ``mosaicseg adapt`` setting (all its folds) run, or reused, and summed up; ``source``: the pre-trained
+    model (trained on first call), or None."""
     out = _area() / tag / f"{strategy}_k{shots}"
     if (
         not (out / "summary.json").is_file()
         or json.loads((out / "summary.json").read_text())["settings"]["folds"] != folds
     ):
+        model = source()
         args = ["adapt", "--target", str(SHARED / target), "--shots", str(shots), "--strategy", strategy,
                 "--turns", str(turns), "--folds", str(folds), "--eval-cases", str(eval_cases), "--aux-split-by-label",
-                "--source", str(source) if source else "none", "-w", str(_area() / tag / "work"), "-o", str(out),
+                "--source", str(model) if model else "none", "-w", str(_area() / tag / "work"), "-o", str(out),
                 "--device", "cpu"]  # fmt: skip
         for p in pool:
             args += ["--aux", str(p)]
         run_cli(args, _area() / "logs" / f"{tag}_{strategy}_k{shots}.log")
     summary = json.loads((out / "summary.json").read_text())
     summary["output"] = str(out)
+    if (tag, strategy, shots) == ARMS:  # (d) reads the arm logs, which live only as long as the work folder
+        summary["arm_choices"] = _arm_choices(summary)
     return summary
 
 
@@ -102,61 +114,67 @@ def study_fewshot() -> dict[str, Any]:
     turns, folds = (3, 1) if QUICK else (TURNS, FOLDS)
     strategies = ("finetune", "asap") if QUICK else STRATEGIES
     evals = {part: 2 if QUICK else n for part, n in EVAL_CASES.items()}
-    source = _source_3d(4 if QUICK else 3000)
+    pre_3d, pre_2d = (4, 4) if QUICK else (PRE_3D_ITERATIONS, PRE_2D_ITERATIONS)
+    source = cache(partial(_source_3d, pre_3d))
     pool3d = [SHARED / d for d in POOL_3D]
-    runs: dict[str, Any] = {}
+    pool2d = _pool_2d()
+    source2d = cache(partial(_source_2d, pool2d, pre_2d))
+    ledger = Ledger("fewshot")
+    settings: list[tuple[str, str, str, Callable[[], Path | None], list[Path], int, str, int]] = []
     for strategy in strategies:
-        runs[f"a/{strategy}/3"] = _adapt("a001", "Dataset001_Hippocampus", source, pool3d, 3, strategy,
-                                         evals["a"], turns, folds)  # fmt: skip
+        settings.append(("a", "a001", "Dataset001_Hippocampus", source, pool3d, 3, strategy, evals["a"]))
     for shots in () if QUICK else (1, 5):
         for strategy in ("finetune", "asap"):
-            runs[f"a/{strategy}/{shots}"] = _adapt("a001", "Dataset001_Hippocampus", source, pool3d, shots,
-                                                   strategy, evals["a"], turns, folds)  # fmt: skip
+            settings.append(("a", "a001", "Dataset001_Hippocampus", source, pool3d, shots, strategy, evals["a"]))
     pool_b = [p for p in pool3d if p.name != "Dataset008_LeftAtrium"]
     for strategy in strategies:
-        runs[f"b/{strategy}/3"] = _adapt("b008", "Dataset008_LeftAtrium", source, pool_b, 3, strategy,
-                                         evals["b"], turns, folds)  # fmt: skip
-    pool2d = _pool_2d()
-    source2d = _source_2d(pool2d, 4 if QUICK else PRE_2D_ITERATIONS)
-    for name, src in (("none", None), ("universal2d", source2d)):
+        settings.append(("b", "b008", "Dataset008_LeftAtrium", source, pool_b, 3, strategy, evals["b"]))
+    for name, src in (("none", lambda: None), ("universal2d", source2d)):
         for strategy in strategies:
-            runs[f"c-{name}/{strategy}/3"] = _adapt(f"c010_{name}", "Dataset010_DRIVE", src, pool2d, 3, strategy,
-                                                    evals["c"], turns, folds)  # fmt: skip
-    arms = _arm_choices(runs, "a/asap/3")
+            settings.append((f"c-{name}", f"c010_{name}", "Dataset010_DRIVE", src, pool2d, 3, strategy, evals["c"]))
+    runs: dict[str, Any] = {}
+    for part, tag, target, src, pool, shots, strategy, n_eval in settings:
+        key = f"{part}/{strategy}/{shots}"
+        setting = {
+            "target": target, "pool": [p.name for p in pool], "shots": shots, "strategy": strategy,
+            "eval_cases": n_eval, "turns": turns, "folds": folds,
+            "source": None if part == "c-none" else {"c-universal2d": pre_2d}.get(part, {"universal_mri5": pre_3d}),
+        }  # fmt: skip
+        step = partial(_adapt, tag, target, src, pool, shots, strategy, n_eval, turns, folds)
+        runs[key] = ledger.step(key, setting, step)
     return {
         "setting": {
             "turns": turns,
             "folds": folds,
             "eval_cases": evals,
-            "source_3d": str(source),
-            "source_2d": str(source2d),
+            "source_3d": f"universal on collections/mri5.yaml, {pre_3d} iterations (the transfer study's)",
+            "source_2d": f"universal on the 2D pool, {pre_2d} iterations",
             "pool_3d": list(POOL_3D),
             "pool_2d": [p.name for p in pool2d],
         },
         "runs": runs,
-        "arms_a": arms,
+        "arms_a": runs.get("a/asap/3", {}).get("arm_choices", {}),
+        "commits": ledger.commits(),
     }
 
 
-def _arm_choices(runs: dict[str, Any], key: str) -> dict[str, Any]:
-    """Pulls per arm (``dataset/label``, or the dataset when the pool was not split by label) over (a)'s ASAP
-    folds, by thirds of the run, with every arm of the pool (pulled or not), and fold 0's plot copied to the
-    results."""
-    if key not in runs:
-        return {}
+def _arm_choices(summary: dict[str, Any]) -> dict[str, Any]:
+    """Pulls per arm (``dataset/label``, or the dataset when the pool was not split by label) over the folds of
+    an ASAP setting's ``summary``, by thirds of the run, with every arm of the pool (pulled or not), and fold 0's
+    plot copied to the results."""
     thirds: list[Counter[str]] = [Counter(), Counter(), Counter()]
-    turns = runs[key]["settings"]["turns"]
-    for fold in runs[key]["folds"]:
+    turns = summary["settings"]["turns"]
+    for fold in summary["folds"]:
         path = fold.get("arms_log")
         for line in Path(path).read_text().splitlines() if path else []:
             row = json.loads(line)
             if row.get("arm_name"):
                 thirds[min(2, 3 * (row["turn"] - 1) // turns)][row["arm_name"]] += 1
-    plot = Path(runs[key]["output"]) / "fold_0" / "arms.png"
+    plot = Path(summary["output"]) / "fold_0" / "arms.png"
     if plot.is_file():
         RESULTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot, RESULTS / "fewshot-arms-a.png")
-    return {"arms": list(runs[key]["settings"]["arms"]), "by_third": [dict(c) for c in thirds]}
+    return {"arms": list(summary["settings"]["arms"]), "by_third": [dict(c) for c in thirds]}
 
 
 def _hippocampus_arm(name: str) -> bool:

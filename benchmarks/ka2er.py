@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, SHARED, WORK, held_out_cases, held_out_files, link_all, run_cli
+from benchmarks.common import QUICK, SHARED, WORK, evaluate, evaluation, held_out_cases, held_out_links, run_cli
 from benchmarks.common import mean_sd as _ms
 
 SUBTASKS = {
@@ -104,18 +104,9 @@ def _nnunet(workdir: Path, dataset: str, iterations: int) -> tuple[Path, dict[st
     return folder, env, nn
 
 
-def _subset(dataset: str, cases: list[str], into: Path) -> tuple[Path, Path]:
-    _, files = held_out_files(dataset, cases)
-    images = link_all([f for f in files if "imagesTr" in str(f)], into / "images")
-    labels = link_all([f for f in files if "labelsTr" in str(f)], into / "labels")
-    return images, labels
-
-
 def _scores(pred: Path, labels: Path, dataset: str) -> dict[str, Any]:
-    if not (pred / "summary.json").is_file():
-        run_cli(["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"),
-                 "--overwrite"], _log("evaluate"))  # fmt: skip
-    summary = next(iter(json.loads((pred / "summary.json").read_text())["datasets"].values()))
+    scored = (pred / "summary.json").is_file()
+    summary = evaluation(pred) if scored else evaluate(pred, labels, dataset, _log("evaluate"))
     return {"dice": summary["mean"]["dice"], "hd95": summary["mean"]["hd95"]}
 
 
@@ -157,7 +148,7 @@ def study_ka2er() -> dict[str, Any]:
     cost: dict[str, float] = {"student_s": 0.0, "experts_s": 0.0, "student_rss_mb": 0.0, "experts_rss_mb": 0.0}
     for name, dataset in SUBTASKS.items():
         cases = held_out_cases(workdir, dataset)[:n_cases]
-        images, labels = _subset(dataset, cases, _area() / "subsets" / dataset)
+        images, labels = held_out_links(dataset, cases, _area() / "subsets" / dataset)
         base = _area() / "pred" / dataset
         if name == NNUNET_SUBTASK:
             out = base / "expert"

@@ -33,9 +33,9 @@ from benchmarks.common import (
     SHARED,
     WORK,
     CliRun,
+    evaluate,
     held_out_cases,
-    held_out_files,
-    link_all,
+    held_out_links,
     plain_network,
     run_cli,
 )
@@ -208,13 +208,6 @@ def _mosaicseg_workdir(workdir: Path, dataset: str, network: dict[str, Any] | No
     run_cli(["preprocess", str(workdir)], WORK / "logs" / "nn_preprocess.log")
 
 
-def _subset(workdir: Path, dataset: str, cases: list[str], into: Path) -> tuple[Path, Path]:
-    _, files = held_out_files(dataset, cases)
-    images = link_all([f for f in files if "imagesTr" in str(f)], into / "images")
-    labels = link_all([f for f in files if "labelsTr" in str(f)], into / "labels")
-    return images, labels
-
-
 def _stages(pred: Path, wall_s: float) -> dict[str, Any] | None:
     """Mean seconds per case of each stage ``mosaicseg predict`` timed (its ``predict.json`` in ``pred``), the
     process's start-up and shutdown (``wall_s`` less the cases' own seconds) per case, and whether the tiles ran
@@ -235,11 +228,7 @@ def _stages(pred: Path, wall_s: float) -> dict[str, Any] | None:
 
 
 def _evaluate(pred: Path, labels: Path, dataset: str) -> dict[str, Any]:
-    run_cli(
-        ["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"), "--overwrite"],
-        WORK / "logs" / "nn_eval.log",
-    )
-    summary = next(iter(json.loads((pred / "summary.json").read_text())["datasets"].values()))
+    summary = evaluate(pred, labels, dataset, WORK / "logs" / "nn_eval.log")
     return {
         "dice_mean": summary["mean"]["dice"],
         "dice_per_label": {k: v["dice"]["mean"] for k, v in summary["labels"].items()},
@@ -284,7 +273,7 @@ def _one_dataset(
     splits = [{"train": [c for c in all_cases if c not in held_out], "val": held_out}]
     (root / "preprocessed" / dataset / "splits_final.json").write_text(json.dumps(splits, indent=1))
     cases = held_out[:n_cases]
-    images, labels = _subset(same, dataset, cases, root / f"subset_{dataset}")
+    images, labels = held_out_links(dataset, cases, root / f"subset_{dataset}")
 
     def nn_train(its: int, tag: str) -> dict[str, Any]:
         timing = root / f"timing_{dataset}_{tag}.json"

@@ -3,36 +3,44 @@
 The seven-dataset MR universal model of the convergence study (``conv_mri7``, 120 minutes) predicted blobs of
 some IXI tasks in the exact-zero air around the heads. ``mosaicseg plan`` now decides per dataset whether
 predictions there are background (``plans.json`` ``postprocessing``: the images have such a region and no
-training label lies in it), and ``predict --background-outside auto`` follows the decision. That run was
-planned before the rule, so its held-out cases (fold 0) are predicted twice, ``--background-outside off`` and
-``on``, and scored; the decision comes from planning the same collection again (``WORK/outside_plan``,
-fingerprint only). Per dataset and task: Dice and HD95 off, on, and as the decision picks (*auto*).
+training label lies in it), and ``predict --background-outside auto`` follows the decision. A seven-dataset
+universal model (the first of :data:`RUNS` that exists) predicts its held-out cases (fold 0) twice,
+``--background-outside off`` and ``on``, and both are scored; the decision comes from planning the same
+collection again (``WORK/outside_plan``, fingerprint only). Per dataset and task: Dice and HD95 off, on, and as
+the decision picks (*auto*).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, ROOT, SHARED, WORK, held_out_cases, held_out_files, link_all, run_cli
+from benchmarks.common import QUICK, ROOT, WORK, evaluate, held_out_cases, held_out_links, run_cli
 
 COLLECTION = ROOT / "collections" / "mri7.yaml"
-RUN = "defaults-after_120m_patchval"  # the convergence study's 2-hour universal run on mri7
+# seven-dataset universal models on mri7, the first that exists is used: the convergence study's 2-hour run, the
+# paradigm study's seed-0 universal run (its work folder: a fresh clone has neither until one of them is trained)
+RUNS = (
+    ("conv_mri7", "defaults-after_120m_patchval", "the convergence study's 2-hour universal run"),
+    ("mri7", "universal_s0_*it", "the paradigm study's seed-0 universal run"),
+)
 
 
-def _scores(pred: Path) -> dict[str, dict[str, float | None]]:
-    labels = next(iter(json.loads((pred / "summary.json").read_text())["datasets"].values()))["labels"]
-    return {k: {"dice": v["dice"]["mean"], "hd95": v["hd95"]["mean"]} for k, v in labels.items()}
+def _scores(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    return {k: {"dice": v["dice"]["mean"], "hd95": v["hd95"]["mean"]} for k, v in summary["labels"].items()}
 
 
 def study_outside() -> dict[str, Any]:
-    workdir = WORK / "conv_mri7"
-    run = workdir / "runs" / RUN
-    if not (run / "checkpoint_final.pt").is_file():
-        raise SystemExit(f"{run}: no final checkpoint; run `python -m benchmarks convergence --collection mri7 "
-                         "--budget-min 120` first")  # fmt: skip
+    found = [(WORK / w, run, about) for w, pattern, about in RUNS for run in sorted((WORK / w / "runs").glob(pattern))]
+    found = [f for f in found if (f[1] / "checkpoint_final.pt").is_file()]
+    if not found:
+        raise SystemExit(
+            "no seven-dataset universal model to re-predict: train one first, `python -m benchmarks paradigms "
+            "--steps 1` (the universal seed-0 run) or `python -m benchmarks convergence --collection mri7 "
+            "--budget-min 120 --configs defaults-after`"
+        )
+    workdir, run, about = found[0]
     decided = WORK / "outside_plan"
     run_cli(["plan", str(COLLECTION), "-o", str(decided), "--overwrite"], WORK / "logs" / "outside_plan.log")
     rules = json.loads((decided / "plans.json").read_text())["postprocessing"]
@@ -41,22 +49,18 @@ def study_outside() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for dataset in datasets:
         cases = held_out_cases(workdir, dataset)[: 2 if QUICK else None]
-        _, files = held_out_files(dataset, cases)
         base = WORK / "outside" / dataset
-        images = link_all([f for f in files if "imagesTr" in str(f)], base / "images")
-        labels = link_all([f for f in files if "labelsTr" in str(f)], base / "labels")
+        images, labels = held_out_links(dataset, cases, base)
         scores = {}
         for mode in ("off", "on"):
             pred = base / mode
             run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", dataset,
                      "--background-outside", mode, "--overwrite"], base / f"predict_{mode}.log")  # fmt: skip
-            run_cli(["evaluate", str(pred), str(labels), "--dataset-json", str(SHARED / dataset / "dataset.json"),
-                     "--overwrite"], base / f"evaluate_{mode}.log")  # fmt: skip
-            scores[mode] = _scores(pred)
+            scores[mode] = _scores(evaluate(pred, labels, dataset, base / f"evaluate_{mode}.log"))
         rule = rules[dataset]
         scores["auto"] = scores["on" if rule["background_outside_image"] else "off"]
         out[dataset] = {"cases": len(cases), "rule": rule, "outside": fingerprint[dataset]["outside_image"], **scores}
-    return {"run": str(run.relative_to(WORK)), "datasets": out}
+    return {"run": str(run.relative_to(WORK)), "model": about, "datasets": out}
 
 
 def _cell(v: float | None, digits: int) -> str:
@@ -67,8 +71,8 @@ def report(r: dict[str, Any]) -> list[str]:
     lines = [
         "## Predictions outside the imaged region (the seven-dataset MR universal model)",
         "",
-        "`python -m benchmarks outside` — the convergence study's 2-hour universal run on mri7 "
-        f"(`{r['run']}`, planned before the rule) predicts its fold-0 held-out cases with `--background-outside "
+        f"`python -m benchmarks outside` — {r.get('model', RUNS[0][2])} on mri7 "
+        f"(`{r['run']}`) predicts its fold-0 held-out cases with `--background-outside "
         "off` and `on`; the decision (`auto`) is `mosaicseg plan`'s for the same collection today: background "
         "outside the imaged region where the training images have such a region and no training label lies in "
         "it. Outside share: median share of a training case's voxels outside the imaged region.",

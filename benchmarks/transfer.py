@@ -14,17 +14,22 @@
 Fine-tuning uses MultiTalent's schedule at the study's scale: the paper trains the heads alone for 10 and warms
 the rest up over 50 of 1,000 epochs (1 % and 5 % of training); here an epoch is 1 % of the run's iterations, so
 ``--head-epochs 1 --warmup-epochs 5`` are the same shares. Every finished run is reused and an interrupted one
-resumed (``--resume``); ``MOSAICSEG_BENCH_QUICK=1`` checks the plumbing with a few iterations.
+resumed (``--resume``); every finished step (an (a) pair, a (b) trio) is recorded in the study's ledger
+(``benchmarks/results/ledger/transfer.json``, committed), so the study spans sittings and fresh clones (a sitting
+pre-trains again only if it has a step left to measure). ``MOSAICSEG_BENCH_QUICK=1`` checks the plumbing with a
+few iterations.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, ROOT, SHARED, WORK, run_cli
+from benchmarks.common import QUICK, ROOT, SHARED, WORK, Ledger, run_cli
 from benchmarks.common import mean_sd as _ms
 
 MRI5 = ROOT / "collections" / "mri5.yaml"
@@ -100,65 +105,99 @@ def _curve(run: Path, dataset: str) -> list[tuple[int, float, float]]:
     return out
 
 
-def study_a(source: Path, iterations: int, seeds: tuple[int, ...]) -> dict[str, Any]:
+def study_a(source: Callable[[], Path], iterations: int, seeds: tuple[int, ...], ledger: Ledger) -> dict[str, Any]:
+    """(a): per target and seed, a scratch and a fine-tuned run, one ledger step (``source``: the pre-trained run,
+    trained on first call: a clone whose ledger holds every step needs none)."""
     runs: dict[str, Any] = {}
     for dataset in TARGETS:
-        workdir = target_workdir(dataset, source)
         short = dataset.split("_")[0]
         for seed in seeds:
-            common = _common(iterations, seed, VAL_EVERY)
-            scratch = workdir / "runs" / f"scratch_s{seed}"
-            _run(
-                ["train", str(workdir), "--recipe", "universal", *common],
-                scratch,
-                iterations,
-                f"a_{short}_scratch_s{seed}",
-            )
-            tuned = workdir / "runs" / f"finetune_s{seed}"
-            _run(["finetune", str(source), "--dataset", str(workdir), *common, "--head-epochs", str(HEAD_EPOCHS),
-                  "--warmup-epochs", str(WARMUP_EPOCHS)], tuned, iterations, f"a_{short}_finetune_s{seed}")  # fmt: skip
-            for mode, run in (("scratch", scratch), ("finetune", tuned)):
-                runs[f"{short}/{mode}/s{seed}"] = {
-                    "dataset": dataset, "mode": mode, "seed": seed, "run": str(run), "curve": _curve(run, dataset),
-                    "init_report": json.loads((run / "init_report.json").read_text()) if mode == "finetune" else None,
-                }  # fmt: skip
+            setting = {"iterations": iterations, "seed": seed, "schedule": [HEAD_EPOCHS, WARMUP_EPOCHS, EPOCHS],
+                       "val_every": VAL_EVERY, "source": _source_setting()}  # fmt: skip
+            pair = ledger.step(f"a/{short}/s{seed}", setting, partial(_pair_a, source, dataset, iterations, seed))
+            runs.update({f"{short}/{mode}/s{seed}": entry for mode, entry in pair.items()})
     return runs
 
 
-def study_b(source: Path, iterations: int, seeds: tuple[int, ...], sizes: tuple[int | None, ...]) -> dict[str, Any]:
-    workdir = target_workdir(HERMES_TARGET, source)
+def _pair_a(source: Callable[[], Path], dataset: str, iterations: int, seed: int) -> dict[str, Any]:
+    workdir = target_workdir(dataset, source())
+    short = dataset.split("_")[0]
+    common = _common(iterations, seed, VAL_EVERY)
+    scratch = workdir / "runs" / f"scratch_s{seed}"
+    _run(["train", str(workdir), "--recipe", "universal", *common], scratch, iterations, f"a_{short}_scratch_s{seed}")
+    tuned = workdir / "runs" / f"finetune_s{seed}"
+    _run(["finetune", str(source()), "--dataset", str(workdir), *common, "--head-epochs", str(HEAD_EPOCHS),
+          "--warmup-epochs", str(WARMUP_EPOCHS)], tuned, iterations, f"a_{short}_finetune_s{seed}")  # fmt: skip
+    out = {}
+    for mode, run in (("scratch", scratch), ("finetune", tuned)):
+        out[mode] = {
+            "dataset": dataset, "mode": mode, "seed": seed, "run": str(run), "curve": _curve(run, dataset),
+            "init_report": json.loads((run / "init_report.json").read_text()) if mode == "finetune" else None,
+        }  # fmt: skip
+    return out
+
+
+def study_b(
+    source: Callable[[], Path], iterations: int, seeds: tuple[int, ...], sizes: tuple[int | None, ...], ledger: Ledger
+) -> dict[str, Any]:
+    """(b): per number of training cases and draw, scratch, finetune and extend, one ledger step."""
     runs: dict[str, Any] = {}
     for size in sizes:
         for seed in seeds:
-            common = _common(iterations, seed, 100000)
-            subset = ["--cases", str(size)] if size is not None else []
             tag = f"n{size or 'all'}_s{seed}"
-            jobs = {
-                "scratch": ["train", str(workdir), "--recipe", "hermes", *common, *subset],
-                "finetune": ["finetune", str(source), "--dataset", str(workdir), *common, *subset,
-                             "--head-epochs", str(HEAD_EPOCHS), "--warmup-epochs", str(WARMUP_EPOCHS)],
-                "extend": ["extend", str(source), "--dataset", str(workdir), *common, *subset],
-            }  # fmt: skip
-            for mode, args in jobs.items():
-                run = workdir / "runs" / f"hermes_{mode}_{tag}"
-                _run(args, run, iterations, f"b_{mode}_{tag}")
-                trained = json.loads((run / "train_cases.json").read_text())
-                runs[f"{mode}/{tag}"] = {
-                    "mode": mode, "cases": size, "seed": seed, "run": str(run),
-                    "dice": _last(run)["val_dice"][HERMES_TARGET], "train_cases": len(trained),
-                }  # fmt: skip
+            setting = {"iterations": iterations, "seed": seed, "cases": size, "source": _source_setting("hermes")}
+            trio = ledger.step(f"b/{tag}", setting, partial(_trio_b, source, iterations, seed, size))
+            runs.update({f"{mode}/{tag}": entry for mode, entry in trio.items()})
     return runs
+
+
+def _trio_b(source: Callable[[], Path], iterations: int, seed: int, size: int | None) -> dict[str, Any]:
+    workdir = target_workdir(HERMES_TARGET, source())
+    common = _common(iterations, seed, 100000)
+    subset = ["--cases", str(size)] if size is not None else []
+    tag = f"n{size or 'all'}_s{seed}"
+    jobs = {
+        "scratch": ["train", str(workdir), "--recipe", "hermes", *common, *subset],
+        "finetune": ["finetune", str(source()), "--dataset", str(workdir), *common, *subset,
+                     "--head-epochs", str(HEAD_EPOCHS), "--warmup-epochs", str(WARMUP_EPOCHS)],
+        "extend": ["extend", str(source()), "--dataset", str(workdir), *common, *subset],
+    }  # fmt: skip
+    out = {}
+    for mode, args in jobs.items():
+        run = workdir / "runs" / f"hermes_{mode}_{tag}"
+        _run(args, run, iterations, f"b_{mode}_{tag}")
+        trained = json.loads((run / "train_cases.json").read_text())
+        out[mode] = {
+            "mode": mode, "cases": size, "seed": seed, "run": str(run),
+            "dice": _last(run)["val_dice"][HERMES_TARGET], "train_cases": len(trained),
+        }  # fmt: skip
+    return out
+
+
+def _pre_iterations() -> int:
+    return 4 if QUICK else PRE_ITERATIONS
+
+
+def _source_setting(recipe: str = "universal") -> dict[str, Any]:
+    """What a pre-trained model is made from: a step measured on another one is measured again."""
+    return {"recipe": recipe, "collection": MRI5.name, "iterations": _pre_iterations(), "seed": 0}
 
 
 def study_transfer() -> dict[str, Any]:
     """See the module docstring."""
-    pre_its = 4 if QUICK else PRE_ITERATIONS
+    pre_its = _pre_iterations()
     a_its, b_its = (4, 4) if QUICK else (A_ITERATIONS, B_ITERATIONS)
     seeds = SEEDS[:1] if QUICK else SEEDS
     sizes = (1, None) if QUICK else SIZES
-    universal = pretrain("universal", pre_its)
-    hermes = pretrain("hermes", pre_its)
-    plans = json.loads((_area() / "mri5" / "plans.json").read_text())
+    ledger = Ledger("transfer")
+    universal = cache(partial(pretrain, "universal", pre_its))
+    hermes = cache(partial(pretrain, "hermes", pre_its))
+    a = study_a(universal, a_its, seeds, ledger)
+    b = study_b(hermes, b_its, seeds, sizes, ledger)
+    mri5 = _area() / "mri5"
+    if not (mri5 / "plans.json").is_file():  # every step from the ledger: the plan alone, for the report
+        run_cli(["plan", str(MRI5), "-o", str(mri5), "--no-preprocess"], _area() / "logs" / "mri5_plan.log")
+    plans = json.loads((mri5 / "plans.json").read_text())
     return {
         "setting": {
             "pretraining": f"collections/mri5.yaml ({', '.join(plans['datasets'])}), {pre_its} iterations, seed 0",
@@ -170,8 +209,9 @@ def study_transfer() -> dict[str, Any]:
             "sizes": [s for s in sizes],
             "training": "the train defaults (AdamW 3e-3 poly, bf16 where native, head prior auto), fold 0",
         },
-        "a": study_a(universal, a_its, seeds),
-        "b": study_b(hermes, b_its, seeds, sizes),
+        "a": a,
+        "b": b,
+        "commits": ledger.commits(),
     }
 
 

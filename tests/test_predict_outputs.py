@@ -264,11 +264,15 @@ def test_predict_merged_statistics_and_thresholds_on_the_command_line(run_3d, ti
     assert result.exit_code == 0, result.output
     stats2 = json.loads((out2 / "statistics.json").read_text())["cases"][case]["tasks"]
     tumor2 = _read(out2 / CT / f"{case}_prob_Tumor.nii.gz")[0]
-    np.testing.assert_array_equal(tumor2, tumor)  # the same network output, only the threshold differs
-    assert stats2["Dataset901_SynthCT/Tumor"]["voxels"] == int((tumor > cut).sum()) != int((tumor > 0.5).sum())
-    assert stats2["Dataset902_SynthMR/Kidney"] == stats["Dataset902_SynthMR/Kidney"]
+    # the same network output, only the threshold differs; in float32 on the CPU one process may run a tile through
+    # a frozen graph and the other eagerly (the choice is timed), which reorders float sums: equal to ~1e-6
+    np.testing.assert_allclose(tumor2, tumor, rtol=0, atol=1e-5)
+    assert stats2["Dataset901_SynthCT/Tumor"]["voxels"] == int((tumor2 > cut).sum()) != int((tumor2 > 0.5).sum())
+    assert stats2["Dataset902_SynthMR/Kidney"]["voxels"] == pytest.approx(
+        stats["Dataset902_SynthMR/Kidney"]["voxels"], abs=2
+    )
     ct_map = _read(out2 / CT / f"{case}.nii.gz")[0]  # CT: Liver = {1, 2} painted first, Tumor = 2 on top
-    np.testing.assert_array_equal(ct_map == 2, tumor > cut)
+    np.testing.assert_array_equal(ct_map == 2, tumor2 > cut)
     # bad thresholds fail before any prediction, naming the option and the fix
     for bad, why in [("Tumor=1.5", "strictly between 0 and 1"), ("Spleen=0.3", "unknown task")]:
         result = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "bad"), "--threshold", bad])
