@@ -336,6 +336,13 @@ def test_universal_is_held_against_each_dataset_s_single_model_within_two_points
     assert "| A | 400 | 0.870 | 0.860 | -0.010 | yes |" in text
     assert "| B | 600 | 0.750 | 0.700 | -0.050 | no |" in text
     assert "1800s each, 60 min in all" in text
+    # a study re-run for its singles only: the universal side is an earlier measurement's dataset means
+    del result["runs"]["defaults-after"]
+    assert report._universal_vs_singles(result) == []
+    result["universal_earlier"] = {"heldout_mean": {a: 0.86, b: 0.74}, "train_min": 120.0, "source": "stop 9's note"}
+    text = "\n".join(report._convergence(result))
+    assert "Universal (defaults-after, 120 min, stop 9's note) against" in text
+    assert "| B | 600 | 0.750 | 0.740 | -0.010 | yes |" in text
 
 
 def test_ixi_figures_measured_before_the_rebuild_are_marked_void() -> None:
@@ -486,7 +493,7 @@ def test_fewshot_report_checks_asaps_claim_per_setting(tmp_path) -> None:
     )
     asap = {**run([0.56]), "settings": {"turns": 9, "arms": arms}, "output": str(tmp_path)}
     asap["folds"][0]["arms_log"] = str(log)
-    counted = _arm_choices({"a/asap/3": asap}, "a/asap/3")
+    counted = _arm_choices(asap)
     assert counted["by_third"] == [
         {f"{grey}/Caudate": 2, f"{limbic}/Amygdala_L": 1},
         {f"{limbic}/Hippocampus_R": 1, f"{grey}/Caudate": 1, f"{limbic}/Amygdala_R": 1},
