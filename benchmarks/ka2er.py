@@ -13,7 +13,8 @@ seed's ``universal`` model). Student and universal: ``STUDENT_ITERATIONS`` each,
 budget). Out of domain: each model's Dataset003 hippocampus (L ∪ R) on Dataset001 crops (anterior ∪ posterior).
 Cost: predicting one held-out case of each dataset with the student (no expert) against with every expert.
 
-Every finished step is reused; the nnU-Net side runs in the nnU-Net Python (``benchmarks/nnunet_runner.py``).
+Every finished step is reused and recorded in the study's ledger (committed: the study spans sittings and fresh
+clones); the nnU-Net side runs in the nnU-Net Python (``benchmarks/nnunet_runner.py``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,22 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from collections.abc import Callable
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, SHARED, WORK, evaluate, evaluation, held_out_cases, held_out_links, run_cli
+from benchmarks.common import (
+    QUICK,
+    SHARED,
+    WORK,
+    Ledger,
+    evaluate,
+    evaluation,
+    held_out_cases,
+    held_out_links,
+    run_cli,
+)
 from benchmarks.common import mean_sd as _ms
 
 SUBTASKS = {
@@ -119,14 +132,10 @@ def _predict(model: Path, images: Path, out: Path, dataset: str, *extra: str) ->
     return json.loads(record.read_text())
 
 
-def study_ka2er() -> dict[str, Any]:
-    from benchmarks.paradigms import generalisation
-
-    e_its, s_its, n_its = (4, 4, 2) if QUICK else (EXPERT_ITERATIONS, STUDENT_ITERATIONS, NNUNET_ITERATIONS)
-    seeds = SEEDS[:1] if QUICK else SEEDS
-    n_cases = 1 if QUICK else CASES
-    workdir = _planned("sub5", list(SUBTASKS.values()))
+def _experts(workdir: Path, e_its: int, n_its: int) -> dict[str, Any]:
+    """Every expert trained (once; nnU-Net's by nnU-Net) and the experts file the student reads."""
     experts: dict[str, Any] = {}
+    nn = None
     for name, dataset in SUBTASKS.items():
         if name == NNUNET_SUBTASK:
             folder, _env, nn = _nnunet(workdir, dataset, n_its)
@@ -139,51 +148,104 @@ def study_ka2er() -> dict[str, Any]:
             "external": {"run": str(external)}}  # fmt: skip
     spec_path = _area() / "experts.json"
     spec_path.write_text(json.dumps(spec, indent=1))
-    students, universals = {}, {}
-    for seed in seeds:
-        universals[seed] = _train(workdir, f"universal_s{seed}", s_its, "--seed", str(seed))
-        students[seed] = _train(workdir, f"ka2er_s{seed}", s_its, "--seed", str(seed), "--recipe", "ka2er",
-                                "--recipe-option", f"experts={spec_path}")  # fmt: skip
+    return {"experts": experts, "spec": spec_path, "nn": nn}
+
+
+def _expert_rows(
+    workdir: Path, experts: Callable[[], dict[str, Any]], n_cases: int, ood_cases: list[str]
+) -> dict[str, Any]:
+    """The experts' step: each expert on its own sub-task (Dice, HD95, prediction cost), and the limbic expert's
+    hippocampus out of domain."""
+    from benchmarks.paradigms import generalisation
+
+    trained = experts()
     rows: dict[str, Any] = {}
-    cost: dict[str, float] = {"student_s": 0.0, "experts_s": 0.0, "student_rss_mb": 0.0, "experts_rss_mb": 0.0}
+    cost = {"experts_s": 0.0, "experts_rss_mb": 0.0}
     for name, dataset in SUBTASKS.items():
         cases = held_out_cases(workdir, dataset)[:n_cases]
         images, labels = held_out_links(dataset, cases, _area() / "subsets" / dataset)
-        base = _area() / "pred" / dataset
+        out = _area() / "pred" / dataset / "expert"
         if name == NNUNET_SUBTASK:
-            out = base / "expert"
             if not (out / "cost.json").is_file():
-                done = nn("predict", str(int(dataset[7:10])), str(images), str(out), "notta", NNUNET_PLANS,
-                          log="predict")  # fmt: skip
+                done = trained["nn"]("predict", str(int(dataset[7:10])), str(images), str(out), "notta", NNUNET_PLANS,
+                                     log="predict")  # fmt: skip
                 (out / "cost.json").write_text(json.dumps({"seconds": done.seconds, "peak_rss_mb": done.peak_rss_mb}))
             expert_cost = json.loads((out / "cost.json").read_text())
         else:
-            expert_cost = _predict(Path(experts[name]["run"]), images, base / "expert", dataset)
-        rows[f"expert/{dataset}"] = _scores(base / "expert", labels, dataset)
+            expert_cost = _predict(Path(trained["experts"][name]["run"]), images, out, dataset)
+        rows[f"expert/{dataset}"] = _scores(out, labels, dataset)
         cost["experts_s"] += expert_cost["seconds"] / len(cases)
         cost["experts_rss_mb"] = max(cost["experts_rss_mb"], expert_cost["peak_rss_mb"])
-        for seed in seeds:
-            _predict(universals[seed], images, base / f"universal_s{seed}", dataset)
-            rows[f"universal_s{seed}/{dataset}"] = _scores(base / f"universal_s{seed}", labels, dataset)
-            auto = ["--auto-boxes", str(universals[seed])]
-            modes = {"none": [], "oracle": ["--oracle-boxes", str(labels)], "auto": auto}
-            for mode, extra in modes.items():
-                # KA²ER's pipeline ends with largest-connected-component post-processing (the paper's)
-                out = base / f"ka2er_{mode}_lcc_s{seed}"
-                student_cost = _predict(students[seed], images, out, dataset, *extra, "--largest-component")
-                rows[f"ka2er_{mode}_s{seed}/{dataset}"] = _scores(out, labels, dataset)
-                if mode == "none" and seed == seeds[0]:
-                    cost["student_s"] += student_cost["seconds"] / len(cases)
-                    cost["student_rss_mb"] = max(cost["student_rss_mb"], student_cost["peak_rss_mb"])
+    ood = generalisation(workdir, Path(trained["experts"]["limbic"]["run"]), ood_cases)["mean"]
+    return {"rows": rows, "cost": cost, "ood": ood}
+
+
+def _seed_rows(
+    workdir: Path, experts: Callable[[], dict[str, Any]], seed: int, s_its: int, n_cases: int, ood_cases: list[str],
+    measure_cost: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """One seed's step: ``universal`` and the ``ka2er`` student trained, scored per dataset (the student with no,
+    oracle and automatic boxes), out of domain, and (``measure_cost``) the student's prediction cost."""
+    from benchmarks.paradigms import generalisation
+
+    universal = _train(workdir, f"universal_s{seed}", s_its, "--seed", str(seed))
+    student = _train(workdir, f"ka2er_s{seed}", s_its, "--seed", str(seed), "--recipe", "ka2er",
+                     "--recipe-option", f"experts={experts()['spec']}")  # fmt: skip
+    rows: dict[str, Any] = {}
+    cost = {"student_s": 0.0, "student_rss_mb": 0.0}
+    for dataset in SUBTASKS.values():
+        cases = held_out_cases(workdir, dataset)[:n_cases]
+        images, labels = held_out_links(dataset, cases, _area() / "subsets" / dataset)
+        base = _area() / "pred" / dataset
+        _predict(universal, images, base / f"universal_s{seed}", dataset)
+        rows[f"universal_s{seed}/{dataset}"] = _scores(base / f"universal_s{seed}", labels, dataset)
+        modes = {"none": [], "oracle": ["--oracle-boxes", str(labels)], "auto": ["--auto-boxes", str(universal)]}
+        for mode, extra in modes.items():
+            # KA²ER's pipeline ends with largest-connected-component post-processing (the paper's)
+            out = base / f"ka2er_{mode}_lcc_s{seed}"
+            student_cost = _predict(student, images, out, dataset, *extra, "--largest-component")
+            rows[f"ka2er_{mode}_s{seed}/{dataset}"] = _scores(out, labels, dataset)
+            if mode == "none":
+                cost["student_s"] += student_cost["seconds"] / len(cases)
+                cost["student_rss_mb"] = max(cost["student_rss_mb"], student_cost["peak_rss_mb"])
+    ood = {
+        f"universal_s{seed}": generalisation(workdir, universal, ood_cases)["mean"],
+        f"ka2er_s{seed}": generalisation(workdir, student, ood_cases)["mean"],
+    }
+    return {"rows": rows, "ood": ood, "cost": cost if measure_cost else None}
+
+
+def study_ka2er() -> dict[str, Any]:
+    """See the module docstring. Steps of the study's ledger (``benchmarks/results/ledger/ka2er.json``, committed):
+    the experts' rows, then one step per seed; a sitting trains the experts only if a step is left, so the
+    seeds may be measured in different sittings (each then trains the experts again: MosaicSeg's are seeded, nnU-Net's
+    own training is not, so its expert may differ slightly between sittings)."""
+    e_its, s_its, n_its = (4, 4, 2) if QUICK else (EXPERT_ITERATIONS, STUDENT_ITERATIONS, NNUNET_ITERATIONS)
+    seeds = SEEDS[:1] if QUICK else SEEDS
+    n_cases = 1 if QUICK else CASES
+    workdir = _planned("sub5", list(SUBTASKS.values()))
     ood_cases = held_out_cases(_planned("ext2", EXTERNAL), "Dataset001_Hippocampus")[: 2 if QUICK else OOD_CASES]
-    ood = {"expert": generalisation(workdir, Path(experts["limbic"]["run"]), ood_cases)["mean"]}
-    for seed in seeds:
-        ood[f"universal_s{seed}"] = generalisation(workdir, universals[seed], ood_cases)["mean"]
-        ood[f"ka2er_s{seed}"] = generalisation(workdir, students[seed], ood_cases)["mean"]
+    experts = cache(partial(_experts, workdir, e_its, n_its))
+    ledger = Ledger("ka2er")
     plans = json.loads((workdir / "plans.json").read_text())
+    network = {k: plans["network"][k] for k in ("patch_size", "batch_size", "features")}
+    base = {"expert_iterations": e_its, "nnunet_iterations": n_its, "nnunet_network": NNUNET_NETWORK,
+            "network": network, "cases": n_cases, "ood_cases": ood_cases}  # fmt: skip
+    expert_step = ledger.step("experts", base, partial(_expert_rows, workdir, experts, n_cases, ood_cases))
+    rows = dict(expert_step["rows"])
+    ood = {"expert": expert_step["ood"]}
+    cost = {**expert_step["cost"], "student_s": 0.0, "student_rss_mb": 0.0}
+    for seed in seeds:
+        setting = {**base, "student_iterations": s_its, "seed": seed}
+        step = partial(_seed_rows, workdir, experts, seed, s_its, n_cases, ood_cases, seed == seeds[0])
+        measured = ledger.step(f"s{seed}", setting, step)
+        rows.update(measured["rows"])
+        ood.update(measured["ood"])
+        if measured["cost"] is not None:
+            cost.update(measured["cost"])
     return {
         "setting": {
-            "network": {k: plans["network"][k] for k in ("patch_size", "batch_size", "features")},
+            "network": network,
             "expert_iterations": e_its,
             "student_iterations": s_its,
             "nnunet_iterations": n_its,
@@ -196,6 +258,7 @@ def study_ka2er() -> dict[str, Any]:
         "rows": rows,
         "ood": ood,
         "cost": cost,
+        "commits": ledger.commits(),
     }
 
 
