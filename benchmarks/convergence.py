@@ -232,6 +232,7 @@ def _singles(workdir: Path, datasets: list[str], budget_min: float, ledger: Ledg
         "train_min": train_min,
         "s_per_iteration": train_min * 60 / max(1, iterations),
         "validation_min": sum(p["validation_min"] for p in parts.values()),
+        "val_mode": "/".join(sorted({p.get("val_mode", "cases") for p in parts.values()})),
         "curve": [],  # one curve per dataset: see per_dataset
         "heldout_dice": {d: p["heldout_dice"] for d, p in parts.items()},
         "per_dataset": parts,
@@ -250,6 +251,7 @@ def _single(workdir: Path, run: Path, dataset: str, share_s: float) -> dict[str,
         "iterations": records[-1]["iteration"],
         "train_min": records[-1]["elapsed_s"] / 60,
         "validation_min": sum(r.get("val_time_s", 0.0) for r in records) / 60,
+        "val_mode": json.loads((run / "config.json").read_text())["train_config"].get("val_mode", "cases"),
         "heldout_dice": _score(workdir, run, [dataset], 2 if QUICK else None)[dataset],
     }
 

@@ -644,8 +644,8 @@ def _convergence(r: dict[str, Any]) -> list[str]:
             if r.get("patch_curves_void")
             else []
         ),
-        f"![convergence]({plot})",
-        "",
+        # a study of singles only has no curve: their curves are one per dataset
+        *([f"![convergence]({plot})", ""] if any(run["curve"] for run in r["runs"].values()) else []),
         f"| configuration | flags | iterations | s/it | validation | validation min | {' | '.join(short)} |",
         "|---|---|---|---|---|---|" + "---|" * len(short),
     ]
