@@ -55,7 +55,6 @@ from benchmarks.common import (
     WORK,
     evaluate,
     held_out_cases,
-    held_out_files,
     held_out_links,
     link_all,
     plain_network,
@@ -450,8 +449,7 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
     cases_per_dataset = 1 if QUICK else cases_per_dataset
     for dataset in of:
         cases = held_out_cases(WORK / "brain4", dataset)[:cases_per_dataset]
-        _, files = held_out_files(dataset, cases)
-        images = link_all([f for f in files if "imagesTr" in str(f)], WORK / "ensemble" / dataset / "images")
+        images, _ = held_out_links(dataset, cases, WORK / "ensemble" / dataset)
         out = WORK / "ensemble" / dataset
         uni = run_cli(
             [

@@ -34,8 +34,7 @@ from benchmarks.common import (
     WORK,
     Ledger,
     held_out_cases,
-    held_out_files,
-    link_all,
+    held_out_links,
     link_preprocessed,
     run_cli,
 )
@@ -126,18 +125,18 @@ def generalisation(workdir: Path, run: Path, cases: list[str]) -> dict[str, Any]
     """Dice of ``run``'s Dataset003 hippocampus (L ∪ R) on Dataset001's ``cases`` (anterior ∪ posterior)."""
     from mosaicseg.data.io import read_image
 
-    _, files = held_out_files(TARGET, cases)
     base = run / "generalisation"
-    images = link_all([f for f in files if "imagesTr" in str(f)], base / "images")
+    images, labels = held_out_links(TARGET, cases, base)
+    label_files = sorted(labels.iterdir())
     pred = base / "pred"
     tasks = [x for t in SOURCE_TASKS for x in ("--tasks", f"{SOURCE}/{t}")]
-    if not all((pred / f.name).exists() for f in files if "labelsTr" in str(f)):
+    if not all((pred / f.name).exists() for f in label_files):
         run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", SOURCE, *tasks,
                  "--overwrite"], base / "predict.log")  # fmt: skip
     source_labels = json.loads((SHARED / SOURCE / "dataset.json").read_text())["labels"]
     values = [int(source_labels[t]) for t in SOURCE_TASKS]
     dice = {}
-    for label_file in (f for f in files if "labelsTr" in str(f)):
+    for label_file in label_files:
         predicted, _ = read_image(pred / label_file.name)
         reference, _ = read_image(label_file)
         dice[label_file.name] = _case_dice(np.isin(predicted[0], values), reference[0] > 0)
@@ -147,9 +146,8 @@ def generalisation(workdir: Path, run: Path, cases: list[str]) -> dict[str, Any]
 
 def _predict_cost(workdir: Path, run: Path, cases: list[str]) -> dict[str, Any]:
     """``predict --tasks all`` on ``cases`` of :data:`COST_DATASET`: s/case (start-up included), peak RSS."""
-    _, files = held_out_files(COST_DATASET, cases)
     base = run / "cost"
-    images = link_all([f for f in files if "imagesTr" in str(f)], base / "images")
+    images, _ = held_out_links(COST_DATASET, cases, base)
     record = base / "cost.json"
     if not record.is_file():
         done = run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(base / "pred"), "--dataset",
