@@ -800,14 +800,11 @@ def predict(
 ) -> None:
     """Predict label maps (each source dataset's own numbering, or --merged) in the input's exact geometry."""
     from mosaicseg.inference.outputs import parse_thresholds, require_highdicom
-    from mosaicseg.inference.predictor import BACKGROUND_OUTSIDE, Predictor
+    from mosaicseg.inference.predictor import Predictor, check_background_outside
 
     if checkpoint not in ("final", "latest", "best"):
         raise MosaicSegError(f"--checkpoint {checkpoint!r} is unknown. Fix: use final, latest or best.")
-    if background_outside not in BACKGROUND_OUTSIDE:
-        raise MosaicSegError(
-            f"--background-outside {background_outside!r} is unknown. Fix: use one of {', '.join(BACKGROUND_OUTSIDE)}."
-        )
+    check_background_outside(background_outside, "--background-outside")
     parse_thresholds(thresholds or [])  # malformed values fail before the model is loaded
     if dicom_seg:
         require_highdicom()

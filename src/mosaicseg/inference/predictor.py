@@ -167,6 +167,13 @@ PRECISIONS = ("auto", "fp32", "mixed")
 BACKGROUND_OUTSIDE = ("auto", "on", "off")
 
 
+def check_background_outside(choice: str, name: str = "background_outside") -> None:
+    """Refuse an unknown ``background_outside`` value, named as the caller knows it (``--background-outside`` on
+    the command line, before a model is loaded)."""
+    if choice not in BACKGROUND_OUTSIDE:
+        raise MosaicSegError(f"{name} {choice!r} is unknown. Fix: use one of {', '.join(BACKGROUND_OUTSIDE)}.")
+
+
 def resolve_precision(precision: str, device: torch.device) -> bool:
     """Whether tiles run under autocast (bf16 on CPU, fp16 on CUDA) for ``precision``: ``fp32`` never, ``mixed``
     always (CPU and CUDA), ``auto`` on CUDA and on CPUs with :func:`native_bf16` (measured on an AVX512-BF16 CPU:
@@ -830,10 +837,7 @@ class Predictor:
     def background_outside(self, source: str, choice: str = "auto") -> bool:
         """Whether predictions of dataset ``source`` are background outside the imaged region: ``on``, ``off``, or
         ``auto``, the plans' decision (``postprocessing``, from the training labels; runs planned before it: off)."""
-        if choice not in BACKGROUND_OUTSIDE:
-            raise MosaicSegError(
-                f"background_outside '{choice}' is unknown. Fix: use one of {', '.join(BACKGROUND_OUTSIDE)}."
-            )
+        check_background_outside(choice)
         if choice != "auto":
             return choice == "on"
         rule = self.plans.get("postprocessing", {}).get(source, {})
