@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPORT, RESULTS
+from benchmarks.common import REPORT, RESULTS, ROOT
 from benchmarks.common import mean_sd as _ms
 from mosaicseg.inference.sliding_window import BUILD_AFTER, MAX_EAGER_S, MIN_SPEEDUP
 
@@ -768,6 +768,46 @@ def _stamp(name: str, result: dict[str, Any]) -> str:
     return f"<sub>{name}: commit {m['commit']}, {m['date']}, {result['wall_s']:.0f} s{steps}</sub>"
 
 
+def _step_summary(record: dict[str, Any]) -> str:
+    """One line of a ledger step's record: its iterations and time, and its Dice per dataset where it has them."""
+    parts = []
+    if isinstance(record.get("iterations"), int):
+        parts.append(f"{record['iterations']:,} it")
+    if isinstance(record.get("s_per_iteration"), float):
+        parts.append(f"{record['s_per_iteration']:.2f} s/it")
+    dice = record.get("val_dice")
+    if isinstance(dice, dict) and dice and all(isinstance(v, float) for v in dice.values()):
+        parts.append(f"mean {statistics.mean(dice.values()):.3f}")
+        parts.append(", ".join(f"{d.split('_', 1)[-1]} {v:.3f}" for d, v in dice.items()))
+    return "; ".join(parts) or "–"
+
+
+def in_progress(results: dict[str, Any]) -> list[str]:
+    """A section per study whose ledger (``RESULTS/ledger``) holds steps but whose result file is not written yet:
+    a study longer than a sitting shows what it has measured so far, not nothing, until its table is complete."""
+    lines: list[str] = []
+    for path in sorted((RESULTS / "ledger").glob("*.json")):
+        study = path.stem
+        if any(n == study or n.startswith(study + "-") for n in results):
+            continue
+        steps = json.loads(path.read_text()).get("steps", {})
+        if not steps:
+            continue
+        lines += [
+            f"## In progress: {study} ({len(steps)} step{'s' if len(steps) != 1 else ''} measured)",
+            "",
+            "The study spans sittings; its table appears here once every step is measured. Running it again goes "
+            f"on from its ledger, `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`. Its finished "
+            "steps so far:",
+            "",
+            "| step | commit | date | record |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {k} | {v['commit']} | {v['date']} | {_step_summary(v['record'])} |" for k, v in steps.items()]
+        lines.append("")
+    return lines
+
+
 def write_report() -> Path:
     from mosaicseg.atomic import atomic_write
 
@@ -801,6 +841,7 @@ def write_report() -> Path:
                 lines += _nnunet_why(results[name], results.get("speed"))
             lines.append(_stamp(name, results[name]))
             lines.append("")
+    lines += in_progress(results)
     text = "\n".join(lines)
     atomic_write(REPORT, lambda f: f.write(text), mode="w")
     return REPORT

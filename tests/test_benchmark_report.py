@@ -558,3 +558,21 @@ def test_outside_table_lists_the_tasks_the_decision_changes() -> None:
     row = "| IXIDeepGrey (8 cases) | 44 % | 0 | background | 0.700 | 0.800 | Thalamus_L 0.600 → 0.800 (115.0 → 3.0) |"
     assert row in text
     assert "| Hippo (2 cases) | 0 % | 0 | kept | 0.700 | 0.700 | none |" in text
+
+
+def test_a_study_in_progress_shows_its_ledger_steps_until_its_table_exists(tmp_path, monkeypatch) -> None:
+    import json
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    (tmp_path / "ledger").mkdir()
+    record = {"iterations": 8000, "s_per_iteration": 0.25, "val_dice": {"Dataset001_A": 0.5, "Dataset002_B": 0.7}}
+    step = {"setting": {}, "commit": "abc1234", "date": "2026-12-02 13:28", "record": record}
+    (tmp_path / "ledger" / "paradigms.json").write_text(json.dumps({"steps": {"universal_s0_8000it": step}}))
+    (tmp_path / "ledger" / "hermes-ablation-shared2d.json").write_text(json.dumps({"steps": {"x s0 600it": step}}))
+    (tmp_path / "ledger" / "fewshot.json").write_text(json.dumps({"steps": {}}))
+    lines = report.in_progress({"hermes-ablation-shared2d-600": {}})  # that study's table exists: no section
+    assert lines[0] == "## In progress: paradigms (1 step measured)"
+    assert not any("hermes" in line or "fewshot" in line for line in lines)
+    row = "| universal_s0_8000it | abc1234 | 2026-12-02 13:28 | 8,000 it; 0.25 s/it; mean 0.600; A 0.500, B 0.700 |"
+    assert row in lines
+    assert report._step_summary({"n": 3}) == "–"
