@@ -20,8 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK_ENV = "MOSAICSEG_BENCH_QUICK"
 QUICK = os.environ.get(QUICK_ENV) == "1"
 WORK = ROOT / "work" / ("bench-quick" if QUICK else "bench")
-RESULTS = WORK / "results" if QUICK else ROOT / "benchmarks" / "results"
-REPORT = WORK / "BENCHMARKS.md" if QUICK else ROOT / "BENCHMARKS.md"
+# the checkout whose results and report a study writes: this one, or (scripts/bench_queue.sh, which runs the code of
+# a worktree pinned at a commit) the main checkout, so that the worktree stays clean and each study's results,
+# ledger included, land where they are committed and where the next study reads them
+OUT_ENV = "MOSAICSEG_BENCH_OUT"
+OUT = Path(os.environ[OUT_ENV]).resolve() if os.environ.get(OUT_ENV) else ROOT
+RESULTS = WORK / "results" if QUICK else OUT / "benchmarks" / "results"
+REPORT = WORK / "BENCHMARKS.md" if QUICK else OUT / "BENCHMARKS.md"
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 
 

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPORT, RESULTS, ROOT
+from benchmarks.common import OUT, REPORT, RESULTS
 from benchmarks.common import mean_sd as _ms
 from mosaicseg.inference.sliding_window import BUILD_AFTER, MAX_EAGER_S, MIN_SPEEDUP
 
@@ -788,7 +788,8 @@ def in_progress(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for path in sorted((RESULTS / "ledger").glob("*.json")):
         study = path.stem
-        if any(n == study or n.startswith(study + "-") for n in results):
+        # hermes-ablation-COLLECTION's table is hermes-ablation-COLLECTION-ITERATIONS; paradigms-brain4 is another study
+        if any(n == study or (n.startswith(study + "-") and n[len(study) + 1 :].isdigit()) for n in results):
             continue
         steps = json.loads(path.read_text()).get("steps", {})
         if not steps:
@@ -797,7 +798,7 @@ def in_progress(results: dict[str, Any]) -> list[str]:
             f"## In progress: {study} ({len(steps)} step{'s' if len(steps) != 1 else ''} measured)",
             "",
             "The study spans sittings; its table appears here once every step is measured. Running it again goes "
-            f"on from its ledger, `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`. Its finished "
+            f"on from its ledger, `{path.relative_to(OUT) if path.is_relative_to(OUT) else path}`. Its finished "
             "steps so far:",
             "",
             "| step | commit | date | record |",

@@ -570,7 +570,8 @@ def test_a_study_in_progress_shows_its_ledger_steps_until_its_table_exists(tmp_p
     (tmp_path / "ledger" / "paradigms.json").write_text(json.dumps({"steps": {"universal_s0_8000it": step}}))
     (tmp_path / "ledger" / "hermes-ablation-shared2d.json").write_text(json.dumps({"steps": {"x s0 600it": step}}))
     (tmp_path / "ledger" / "fewshot.json").write_text(json.dumps({"steps": {}}))
-    lines = report.in_progress({"hermes-ablation-shared2d-600": {}})  # that study's table exists: no section
+    # that study's table exists: no section; paradigms-brain4 is another study than paradigms
+    lines = report.in_progress({"hermes-ablation-shared2d-600": {}, "paradigms-brain4": {}})
     assert lines[0] == "## In progress: paradigms (1 step measured)"
     assert not any("hermes" in line or "fewshot" in line for line in lines)
     row = "| universal_s0_8000it | abc1234 | 2026-12-02 13:28 | 8,000 it; 0.25 s/it; mean 0.600; A 0.500, B 0.700 |"
