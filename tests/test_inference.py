@@ -77,7 +77,9 @@ def test_frozen_forward_equals_the_model_with_one_checked_graph_per_tile_shape_a
     model = build_model(_plan([16, 16, 8]), {"CT": 1, "MR": 2}, num_tasks=3).eval()
     use_device_layout(model, torch.device("cpu"))  # channels-last, as prediction runs it
     model = TileModel(model, torch.ones(3, dtype=torch.bool), 0).eval()  # what the predictor freezes
-    frozen = FrozenForward(model, build_after=2, min_speedup=None)  # kept whatever its speed
+    # kept whatever its speed, and built however slow the eager calls (on a loaded machine these tiny forwards took
+    # over MAX_EAGER_S, and no graph was built)
+    frozen = FrozenForward(model, build_after=2, min_speedup=None, max_eager_s=None)
     x = torch.randn(2, 2, 16, 16, 8)
     wanted = {}
     for mods in ([0, 0], [1, 1], [0, 1]):
@@ -264,7 +266,15 @@ def _same_geometry(a, b) -> None:
     assert ia.GetDirection() == ib.GetDirection()
 
 
-def test_predicted_files_have_the_input_geometry_exactly_3d(tiny_workdir_3d, tmp_path):
+def test_predicted_files_have_the_input_geometry_exactly_3d(tiny_workdir_3d, tmp_path, monkeypatch):
+    import functools
+
+    import mosaicseg.inference.predictor as predictor_module
+
+    # whether a graph is built and kept depends on the timing of these tiny forwards (MAX_EAGER_S, MIN_SPEEDUP),
+    # which a loaded machine changes; the test is about what the graphs compute, so they are always built and kept
+    free = functools.partial(FrozenForward, min_speedup=None, max_eager_s=None)
+    monkeypatch.setattr(predictor_module, "FrozenForward", free)
     run = _train(tiny_workdir_3d, tmp_path / "run")
     predictor = Predictor.from_checkpoint(run, precision="fp32")  # float32 on the CPU: the frozen graphs
     data = tiny_workdir_3d.parent / "data"

@@ -233,9 +233,8 @@ def test_a_time_budget_covers_the_final_validation(tiny_workdir_2d, tmp_path, mo
     # writes, and the final validation's compute beyond its predicted 1 s, take longer (a fixed slack, and then one
     # grown by ``epoch_time_s`` alone, failed in CI), so the slack grows by what this run measured of both: the
     # largest growth of ``elapsed_s`` from one epoch's record to the next (two steps and an epoch end)
-    # (the first record is left out: it holds the loader's start)
-    assert len(rows) >= 3
-    growth = max(b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(rows[:-1]))
+    # (the first record is left out, it holds the loader's start, unless a loaded machine ran only two epochs)
+    growth = max([b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(rows[:-1])] or [rows[0]["elapsed_s"]])
     extra = max(0.0, growth - 0.5) + max(0.0, last["val_time_s"] - 1.0)
     assert last["val_time_s"] >= 1.0 and last["elapsed_s"] - last["val_time_s"] < 3.5 + extra
     assert 3.5 < last["elapsed_s"] <= t.elapsed_s < 4.8 + extra  # the final validation is counted in the budget
