@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import pickle
 
@@ -226,18 +225,14 @@ def test_a_time_budget_covers_the_final_validation(tiny_workdir_2d, tmp_path, mo
     t.fit()
     rows = _rows(tmp_path / "r")
     last = rows[-1]
-    # training stopped ~1 s early (without the reserve: at 4 s), so the run with its final validation ends with
-    # the budget, not 1 s after it. The stop is checked after every step, so training overshoots 3 s by at most
-    # what one step adds to the run's time, and that includes the epoch ends' plot and checkpoint writes before it
-    # (``epoch_time_s`` leaves them out). On an idle machine that is well under 0.5 s; a loaded machine's steps and
-    # writes, and the final validation's compute beyond its predicted 1 s, take longer (a fixed slack, and then one
-    # grown by ``epoch_time_s`` alone, failed in CI), so the slack grows by what this run measured of both: the
-    # largest growth of ``elapsed_s`` from one epoch's record to the next (two steps and an epoch end)
-    # (the first record is left out, it holds the loader's start, unless a loaded machine ran only two epochs)
-    growth = max([b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(rows[:-1])] or [rows[0]["elapsed_s"]])
-    extra = max(0.0, growth - 0.5) + max(0.0, last["val_time_s"] - 1.0)
-    assert last["val_time_s"] >= 1.0 and last["elapsed_s"] - last["val_time_s"] < 3.5 + extra
-    assert 3.5 < last["elapsed_s"] <= t.elapsed_s < 4.8 + extra  # the final validation is counted in the budget
+    # training stops at the first step that reaches the budget less the final validation's predicted 1 s (without
+    # the reserve: at 4 s), so the run with its final validation ends with the budget, not 1 s after it. Checked
+    # on the run's own clock, whatever the machine's load (bounds with a slack for the steps' speed failed in CI):
+    # no epoch ended at or past 3 s before the last one, which reached it; the final validation is counted
+    train_end = last["elapsed_s"] - last["val_time_s"]
+    assert last["val_time_s"] >= 1.0 and train_end >= 3.0
+    assert all(r["elapsed_s"] < 3.0 for r in rows[:-1])
+    assert last["elapsed_s"] <= t.elapsed_s
 
 
 def test_expected_validation_cost_before_and_after_a_measured_pass(tiny_workdir_2d, tmp_path):
