@@ -147,15 +147,18 @@ class Ledger:
         entry = self.data["steps"].get(key)
         return entry["record"] if entry is not None and entry["setting"] == setting else None
 
-    def step(self, key: str, setting: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def step(
+        self, key: str, setting: dict[str, Any], fn: Callable[[], dict[str, Any]], counted: bool = True
+    ) -> dict[str, Any]:
         """Step ``key``'s record: the ledger's when it holds one measured under ``setting``; else ``fn()``, recorded
-        (atomically, before it is returned: a study killed after this step keeps it)."""
+        (atomically, before it is returned: a study killed after this step keeps it). ``counted=False``: a step that
+        belongs to the one before it (a score of its checkpoint), which ``--steps`` does not hold back."""
         # a setting goes through JSON once so that tuples and lists compare as they are stored
         setting = json.loads(json.dumps(setting))
         found = self.get(key, setting)
         if found is not None:
             return found
-        if Ledger.limit is not None and self.measured >= Ledger.limit:
+        if counted and Ledger.limit is not None and self.measured >= Ledger.limit:
             raise SystemExit(
                 f"{self.path.name}: {self.measured} new step(s) measured, as --steps {Ledger.limit} asked; the next "
                 f"is {key}. Run the study again to go on: every finished step is kept in {self.path}."
@@ -165,7 +168,7 @@ class Ledger:
             self.data.setdefault("superseded", []).append({"key": key, **old})
             print(f"{self.path.name}: {key} was measured under another setting; measuring it again", flush=True)
         record = fn()
-        self.measured += 1
+        self.measured += counted
         stamp = machine()
         self.data["steps"][key] = {
             "setting": setting,

@@ -9,7 +9,9 @@ own plan (:data:`PATCH`), fold 0, seeds 0 and 1:
   CLIP's language prior;
 - validation pseudo-Dice per dataset and task on every held-out case of fold 0, final checkpoint;
 - generalisation: Dataset003's ``Hippocampus_L`` and ``Hippocampus_R`` predicted on Dataset001's held-out crops
-  (resampled by Dataset003's plan) and scored, L ∪ R, against Dataset001's anterior ∪ posterior;
+  (resampled by Dataset003's plan) and scored, L ∪ R, against Dataset001's anterior ∪ posterior; and, as its
+  control, on Dataset003's own held-out heads cropped alike (a box of the crops' median extent around each
+  hippocampus), which separates a field of view the model never saw from a definition or scanner it never saw;
 - cost: training s/iteration, ``predict --tasks all`` s/case (start-up included) on held-out cases of one
   dataset, and each process's peak RSS.
 
@@ -121,27 +123,90 @@ def _case_dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(2 * np.logical_and(pred, ref).sum() / both) if both else float("nan")
 
 
-def generalisation(workdir: Path, run: Path, cases: list[str]) -> dict[str, Any]:
-    """Dice of ``run``'s Dataset003 hippocampus (L ∪ R) on Dataset001's ``cases`` (anterior ∪ posterior)."""
+def _predict_source_tasks(run: Path, images: Path, pred: Path, log: Path, expected: list[str]) -> None:
+    """``run``'s :data:`SOURCE_TASKS` predicted on ``images`` under :data:`SOURCE`'s plan (skipped when done)."""
+    tasks = [x for t in SOURCE_TASKS for x in ("--tasks", f"{SOURCE}/{t}")]
+    if not all((pred / name).exists() for name in expected):
+        run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", SOURCE, *tasks,
+                 "--overwrite"], log)  # fmt: skip
+
+
+def _source_values() -> list[int]:
+    labels = json.loads((SHARED / SOURCE / "dataset.json").read_text())["labels"]
+    return [int(labels[t]) for t in SOURCE_TASKS]
+
+
+def _scored(dice: dict[str, float]) -> dict[str, Any]:
+    scored = [v for v in dice.values() if v == v]
+    return {"cases": dice, "mean": float(np.mean(scored)) if scored else float("nan")}
+
+
+def crop_extent_mm(images: list[Path]) -> list[float]:
+    """The median extent (mm, canonical RAS axes) of ``images``: the field of view of Dataset001's crops."""
+    import nibabel as nib
+
+    extents = []
+    for f in images:
+        img = nib.as_closest_canonical(nib.load(f))
+        extents.append(np.array(img.shape[:3]) * np.array(img.header.get_zooms()[:3]))
+    return [float(x) for x in np.median(extents, axis=0)]
+
+
+def crop_around(image: Path, label: Path, value: int, box_mm: list[float], out_image: Path, out_label: Path) -> None:
+    """``image`` and ``label`` cropped to a ``box_mm`` box (canonical RAS axes) centred on label ``value``'s centroid,
+    written with their true position (the crop's own affine): a Dataset001-like field of view of a whole head."""
+    import nibabel as nib
+
+    img, lab = nib.as_closest_canonical(nib.load(image)), nib.as_closest_canonical(nib.load(label))
+    zooms = np.array(img.header.get_zooms()[:3])
+    size = np.maximum(np.round(np.array(box_mm) / zooms).astype(int), 1)
+    centre = np.argwhere(np.asarray(lab.dataobj) == value).mean(axis=0)
+    lo = np.clip(np.round(centre - (size - 1) / 2).astype(int), 0, np.array(img.shape[:3]) - size)
+    box = tuple(slice(a, a + n) for a, n in zip(lo, size, strict=True))
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ lo + img.affine[:3, 3]
+    for source, out, dtype in ((img, out_image, np.float32), (lab, out_label, np.uint8)):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.asarray(source.dataobj)[box].astype(dtype), affine), out)
+
+
+def generalisation(run: Path, cases: list[str], control_cases: list[str]) -> dict[str, Any]:
+    """Dice of ``run``'s Dataset003 hippocampus (L ∪ R) on Dataset001's ``cases`` (anterior ∪ posterior); and the
+    control: the same tasks on Dataset003's own ``control_cases``, each hippocampus cropped to the Dataset001 crops'
+    median extent (L ∪ R against Dataset003's L ∪ R in the crop)."""
     from mosaicseg.data.io import read_image
 
     base = run / "generalisation"
     images, labels = held_out_links(TARGET, cases, base)
     label_files = sorted(labels.iterdir())
-    pred = base / "pred"
-    tasks = [x for t in SOURCE_TASKS for x in ("--tasks", f"{SOURCE}/{t}")]
-    if not all((pred / f.name).exists() for f in label_files):
-        run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", SOURCE, *tasks,
-                 "--overwrite"], base / "predict.log")  # fmt: skip
-    source_labels = json.loads((SHARED / SOURCE / "dataset.json").read_text())["labels"]
-    values = [int(source_labels[t]) for t in SOURCE_TASKS]
+    _predict_source_tasks(run, images, base / "pred", base / "predict.log", [f.name for f in label_files])
+    values = _source_values()
     dice = {}
     for label_file in label_files:
-        predicted, _ = read_image(pred / label_file.name)
+        predicted, _ = read_image(base / "pred" / label_file.name)
         reference, _ = read_image(label_file)
         dice[label_file.name] = _case_dice(np.isin(predicted[0], values), reference[0] > 0)
-    scored = [v for v in dice.values() if v == v]
-    return {"cases": dice, "mean": float(np.mean(scored)) if scored else float("nan")}
+    result = _scored(dice)
+    box = crop_extent_mm(sorted(images.iterdir()))
+    control = base / "control"
+    source_images, source_labels = held_out_links(SOURCE, control_cases, control / "whole")
+    ending = json.loads((SHARED / SOURCE / "dataset.json").read_text())["file_ending"]
+    names = []
+    for case in control_cases:
+        for task, value in zip(SOURCE_TASKS, values, strict=True):
+            name = f"{case}_{task}"
+            out_image, out_label = control / "images" / f"{name}_0000{ending}", control / "labels" / f"{name}{ending}"
+            if not out_label.is_file():
+                image, label = source_images / f"{case}_0000{ending}", source_labels / f"{case}{ending}"
+                crop_around(image, label, value, box, out_image, out_label)
+            names.append(out_label.name)
+    _predict_source_tasks(run, control / "images", control / "pred", control / "predict.log", names)
+    crops = {}
+    for name in names:
+        predicted, _ = read_image(control / "pred" / name)
+        reference, _ = read_image(control / "labels" / name)
+        crops[name] = _case_dice(np.isin(predicted[0], values), np.isin(reference[0], values))
+    return {**result, "control": {**_scored(crops), "box_mm": box}}
 
 
 def _predict_cost(workdir: Path, run: Path, cases: list[str]) -> dict[str, Any]:
@@ -169,6 +234,7 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
     n_general = 2 if QUICK else 10
     n_cost = 1 if QUICK else 3
     general_cases = held_out_cases(workdir, TARGET)[:n_general] if TARGET in datasets else []
+    control_cases = held_out_cases(workdir, SOURCE)[:n_general] if general_cases else []
     cost_cases = held_out_cases(workdir, COST_DATASET)[:n_cost]
     ledger = Ledger("paradigms")
     # what every step is measured under: a run of another plan (a changed planner) is a run of another study
@@ -193,13 +259,14 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
                 key = f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
                 setting = {"recipe": recipe, "dataset": dataset, "iterations": its, "seed": seed, **plan}
                 extras = {
-                    "generalisation": bool(general_cases) and (recipe != "single" or dataset == SOURCE),
                     "cost": seed == seeds[0] and (recipe != "single" or dataset == COST_DATASET),
                     "priors": recipe == "hermes" and seed == seeds[0],
                 }
-                step = partial(_run, workdir, recipe, dataset, its, seed, general_cases, cost_cases, extras)
+                step = partial(_run, workdir, recipe, dataset, its, seed, cost_cases, extras)
                 # the iterations in the key: a study at another length keeps this one's steps
                 entry = runs[key] = ledger.step(f"{key}_{its}it", setting, step)
+                if general_cases and (recipe != "single" or dataset == SOURCE):
+                    runs[key] = _with_generalisation(ledger, f"{key}_{its}it", entry, general_cases, control_cases)
                 short = below_bar(entry["val_dice"]) if recipe == "universal" and seed == seeds[0] else {}
                 if short and not QUICK:
                     raise SystemExit(
@@ -241,21 +308,35 @@ def _run(
     dataset: str | None,
     iterations: int,
     seed: int,
-    general_cases: list[str],
     cost_cases: list[str],
     extras: dict[str, bool],
 ) -> dict[str, Any]:
     """One run trained (or resumed, or reused) and measured: validation, and the ``extras`` asked for
-    (generalisation, prediction cost, Hermes' priors), while its checkpoint is at hand."""
+    (prediction cost, Hermes' priors), while its checkpoint is at hand."""
     entry = _train(workdir, recipe, dataset, iterations, seed)
     run = Path(entry["run"])
-    if extras["generalisation"]:
-        entry["generalisation"] = generalisation(workdir, run, general_cases)
     if extras["cost"]:
         entry["predict_cost"] = _predict_cost(workdir, run, cost_cases)
     if extras["priors"]:
         entry["priors"] = _hermes_priors(run)
     return entry
+
+
+def _with_generalisation(
+    ledger: Ledger, key: str, entry: dict[str, Any], cases: list[str], control_cases: list[str]
+) -> dict[str, Any]:
+    """``entry`` with its run's :func:`generalisation`, a step of its own (``KEY_generalisation``): a run measured
+    before the control existed is scored again from its checkpoint while that is at hand; where the checkpoint is
+    gone too, the run's record keeps what it has."""
+    gkey, run = f"{key}_generalisation", Path(entry["run"])
+    setting = {"cases": cases, "control_cases": control_cases, "control_box": "median extent of the cases"}
+    if ledger.get(gkey, json.loads(json.dumps(setting))) is None and not (run / "checkpoint_final.pt").is_file():
+        print(f"{gkey}: not measured, and {run} has no checkpoint to measure it with", flush=True)
+        return entry
+    return {
+        **entry,
+        "generalisation": ledger.step(gkey, setting, partial(generalisation, run, cases, control_cases), counted=False),
+    }
 
 
 def below_bar(val_dice: dict[str, float]) -> dict[str, float]:
@@ -350,11 +431,23 @@ def report(r: dict[str, Any]) -> list[str]:
             xs = [v["val_dice_tasks"][t] for v in runs_of(n) if t in v["val_dice_tasks"]]
             cells.append(f"{statistics.mean(xs):.3f}" if xs else "–")
         lines.append(f"| {_short(t)} | " + " | ".join(cells) + " |")
-    lines += ["", f"Generalisation: {s['generalisation']}, Dice of L ∪ R against anterior ∪ posterior:", "",
-              "| paradigm | Dice (mean ± sd over seeds) |", "|---|---|"]  # fmt: skip
+    box = next((v["generalisation"]["control"]["box_mm"] for v in runs.values()
+                if "control" in v.get("generalisation", {})), None)  # fmt: skip
+    lines += ["", f"Generalisation: {s['generalisation']}, Dice of L ∪ R against anterior ∪ posterior. Control: the "
+              f"same tasks on {SOURCE}'s own held-out heads, each hippocampus cropped to the crops' median extent"
+              + (f" ({' × '.join(f'{x:.0f}' for x in box)} mm)" if box else "")
+              + " — where both are low, the model needs the whole head's context; where only the first is, the other "
+              "definition or scanner. Whole heads: the run's own validation Dice of those tasks.", "",
+              "| paradigm | Dataset001 crops | control: Dataset003 cropped alike | whole heads (validation) |",
+              "|---|---|---|---|"]  # fmt: skip
     for n in names:
         general = [v["generalisation"]["mean"] for v in runs_of(n) if "generalisation" in v]
-        lines.append(f"| {label[n]} | {_ms(general)} |")
+        scored = [v for v in runs_of(n) if "generalisation" in v]
+        control = [v["generalisation"]["control"]["mean"] for v in scored if "control" in v["generalisation"]]
+        tasks = [f"{SOURCE}/{t}" for t in SOURCE_TASKS]
+        whole = [statistics.mean(v["val_dice_tasks"][t] for t in tasks) for v in scored
+                 if all(t in v["val_dice_tasks"] for t in tasks)]  # fmt: skip
+        lines.append(f"| {label[n]} | {_ms(general)} | {_ms(control)} | {_ms(whole)} |")
     lines += ["", f"Cost ({s['cost_cases']}; a single model: the one of that dataset):", "",
               "| paradigm | training s/iteration | train peak RSS MB | predict s/case | predict peak RSS MB |",
               "|---|---|---|---|---|"]  # fmt: skip

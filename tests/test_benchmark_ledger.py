@@ -55,6 +55,9 @@ def test_steps_limit_stops_before_the_next_new_step(results, monkeypatch):
     ledger = common.Ledger("study")
     assert ledger.step("done", {}, lambda: {"v": 9}) == {"v": 0}  # recorded steps do not count
     assert ledger.step("b", {}, lambda: {"v": 1}) == {"v": 1}
+    # a score of b's checkpoint belongs to b: measured past the limit, and does not count
+    assert ledger.step("b_score", {}, lambda: {"v": 2}, counted=False) == {"v": 2}
+    assert ledger.measured == 1
     with pytest.raises(SystemExit, match=r"--steps 1.*the next is c"):
         ledger.step("c", {}, lambda: pytest.fail("measured past the limit"))
-    assert set(json.loads((results / "ledger" / "study.json").read_text())["steps"]) == {"done", "b"}
+    assert set(json.loads((results / "ledger" / "study.json").read_text())["steps"]) == {"done", "b", "b_score"}
