@@ -779,6 +779,10 @@ def _step_summary(record: dict[str, Any]) -> str:
     if isinstance(dice, dict) and dice and all(isinstance(v, float) for v in dice.values()):
         parts.append(f"mean {statistics.mean(dice.values()):.3f}")
         parts.append(", ".join(f"{d.split('_', 1)[-1]} {v:.3f}" for d, v in dice.items()))
+    if isinstance(record.get("mean"), float):  # a score of a run's checkpoint (e.g. paradigms' generalisation)
+        parts.append(f"Dice {record['mean']:.3f}")
+    if isinstance(record.get("control"), dict) and isinstance(record["control"].get("mean"), float):
+        parts.append(f"control {record['control']['mean']:.3f}")
     return "; ".join(parts) or "–"
 
 

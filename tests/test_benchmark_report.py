@@ -582,6 +582,7 @@ def test_a_study_in_progress_shows_its_ledger_steps_until_its_table_exists(tmp_p
     row = "| universal_s0_8000it | abc1234 | 2026-12-02 13:28 | 8,000 it; 0.25 s/it; mean 0.600; A 0.500, B 0.700 |"
     assert row in lines
     assert report._step_summary({"n": 3}) == "–"
+    assert report._step_summary({"cases": {}, "mean": 0.0, "control": {"mean": 0.052}}) == "Dice 0.000; control 0.052"
 
 
 def test_the_generalisation_control_crops_a_head_around_the_label_at_its_true_position(tmp_path) -> None:
