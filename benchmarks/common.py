@@ -144,6 +144,8 @@ class Ledger:
 
     def get(self, key: str, setting: dict[str, Any]) -> dict[str, Any] | None:
         """The record of step ``key`` if it was measured under ``setting``, else None."""
+        # a setting goes through JSON once so that tuples and lists compare as they are stored
+        setting = json.loads(json.dumps(setting))
         entry = self.data["steps"].get(key)
         return entry["record"] if entry is not None and entry["setting"] == setting else None
 
@@ -153,8 +155,7 @@ class Ledger:
         """Step ``key``'s record: the ledger's when it holds one measured under ``setting``; else ``fn()``, recorded
         (atomically, before it is returned: a study killed after this step keeps it). ``counted=False``: a step that
         belongs to the one before it (a score of its checkpoint), which ``--steps`` does not hold back."""
-        # a setting goes through JSON once so that tuples and lists compare as they are stored
-        setting = json.loads(json.dumps(setting))
+        setting = json.loads(json.dumps(setting))  # stored as JSON: compared and written in that form
         found = self.get(key, setting)
         if found is not None:
             return found

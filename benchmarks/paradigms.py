@@ -131,12 +131,17 @@ def _predict_source_tasks(run: Path, images: Path, pred: Path, log: Path, expect
                  "--overwrite"], log)  # fmt: skip
 
 
-def _source_values() -> list[int]:
-    labels = json.loads((SHARED / SOURCE / "dataset.json").read_text())["labels"]
-    return [int(labels[t]) for t in SOURCE_TASKS]
+def _scored(pred: Path, labels: list[Path], values: list[int], reference_values: list[int] | None) -> dict[str, Any]:
+    """Dice per case of the predicted ``values`` (their union) in ``pred`` against each file of ``labels`` (the union
+    of ``reference_values``; None: any label), and their mean over the cases where it is defined."""
+    from mosaicseg.data.io import read_image
 
-
-def _scored(dice: dict[str, float]) -> dict[str, Any]:
+    dice = {}
+    for label_file in labels:
+        predicted, _ = read_image(pred / label_file.name)
+        reference, _ = read_image(label_file)
+        ref = reference[0] > 0 if reference_values is None else np.isin(reference[0], reference_values)
+        dice[label_file.name] = _case_dice(np.isin(predicted[0], values), ref)
     scored = [v for v in dice.values() if v == v]
     return {"cases": dice, "mean": float(np.mean(scored)) if scored else float("nan")}
 
@@ -174,24 +179,17 @@ def generalisation(run: Path, cases: list[str], control_cases: list[str]) -> dic
     """Dice of ``run``'s Dataset003 hippocampus (L ∪ R) on Dataset001's ``cases`` (anterior ∪ posterior); and the
     control: the same tasks on Dataset003's own ``control_cases``, each hippocampus cropped to the Dataset001 crops'
     median extent (L ∪ R against Dataset003's L ∪ R in the crop)."""
-    from mosaicseg.data.io import read_image
-
     base = run / "generalisation"
     images, labels = held_out_links(TARGET, cases, base)
     label_files = sorted(labels.iterdir())
     _predict_source_tasks(run, images, base / "pred", base / "predict.log", [f.name for f in label_files])
-    values = _source_values()
-    dice = {}
-    for label_file in label_files:
-        predicted, _ = read_image(base / "pred" / label_file.name)
-        reference, _ = read_image(label_file)
-        dice[label_file.name] = _case_dice(np.isin(predicted[0], values), reference[0] > 0)
-    result = _scored(dice)
+    source = json.loads((SHARED / SOURCE / "dataset.json").read_text())
+    values, ending = [int(source["labels"][t]) for t in SOURCE_TASKS], source["file_ending"]
+    result = _scored(base / "pred", label_files, values, None)
     box = crop_extent_mm(sorted(images.iterdir()))
     control = base / "control"
     source_images, source_labels = held_out_links(SOURCE, control_cases, control / "whole")
-    ending = json.loads((SHARED / SOURCE / "dataset.json").read_text())["file_ending"]
-    names = []
+    crops = []
     for case in control_cases:
         for task, value in zip(SOURCE_TASKS, values, strict=True):
             name = f"{case}_{task}"
@@ -199,14 +197,9 @@ def generalisation(run: Path, cases: list[str], control_cases: list[str]) -> dic
             if not out_label.is_file():
                 image, label = source_images / f"{case}_0000{ending}", source_labels / f"{case}{ending}"
                 crop_around(image, label, value, box, out_image, out_label)
-            names.append(out_label.name)
-    _predict_source_tasks(run, control / "images", control / "pred", control / "predict.log", names)
-    crops = {}
-    for name in names:
-        predicted, _ = read_image(control / "pred" / name)
-        reference, _ = read_image(control / "labels" / name)
-        crops[name] = _case_dice(np.isin(predicted[0], values), np.isin(reference[0], values))
-    return {**result, "control": {**_scored(crops), "box_mm": box}}
+            crops.append(out_label)
+    _predict_source_tasks(run, control / "images", control / "pred", control / "predict.log", [f.name for f in crops])
+    return {**result, "control": {**_scored(control / "pred", crops, values, values), "box_mm": box}}
 
 
 def _predict_cost(workdir: Path, run: Path, cases: list[str]) -> dict[str, Any]:
@@ -330,7 +323,7 @@ def _with_generalisation(
     gone too, the run's record keeps what it has."""
     gkey, run = f"{key}_generalisation", Path(entry["run"])
     setting = {"cases": cases, "control_cases": control_cases, "control_box": "median extent of the cases"}
-    if ledger.get(gkey, json.loads(json.dumps(setting))) is None and not (run / "checkpoint_final.pt").is_file():
+    if ledger.get(gkey, setting) is None and not (run / "checkpoint_final.pt").is_file():
         print(f"{gkey}: not measured, and {run} has no checkpoint to measure it with", flush=True)
         return entry
     return {
@@ -441,8 +434,8 @@ def report(r: dict[str, Any]) -> list[str]:
               "| paradigm | Dataset001 crops | control: Dataset003 cropped alike | whole heads (validation) |",
               "|---|---|---|---|"]  # fmt: skip
     for n in names:
-        general = [v["generalisation"]["mean"] for v in runs_of(n) if "generalisation" in v]
         scored = [v for v in runs_of(n) if "generalisation" in v]
+        general = [v["generalisation"]["mean"] for v in scored]
         control = [v["generalisation"]["control"]["mean"] for v in scored if "control" in v["generalisation"]]
         tasks = [f"{SOURCE}/{t}" for t in SOURCE_TASKS]
         whole = [statistics.mean(v["val_dice_tasks"][t] for t in tasks) for v in scored
