@@ -246,8 +246,15 @@ def test_python_api_returns_the_cli_label_maps_masks_and_probabilities(exported,
     assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()) == "RAS"
     geometry = {"spacing": image.GetSpacing(), "origin": image.GetOrigin(), "direction": image.GetDirection()}
     same = predictor.predict(_voxels(files[0]), dataset=CT, tasks=["Tumor"], **geometry)
-    assert list(same.masks) == [f"{CT}/Tumor"] and np.array_equal(same.masks[f"{CT}/Tumor"], tumor)
-    assert np.array_equal(same.probabilities[f"{CT}/Tumor"], got.probabilities[f"{CT}/Tumor"])
+    from_file = predictor.predict(files[0], dataset=CT, tasks=["Tumor"])
+    tumor_task = f"{CT}/Tumor"
+    assert list(same.masks) == [tumor_task] and np.array_equal(same.masks[tumor_task], from_file.masks[tumor_task])
+    assert np.array_equal(same.probabilities[f"{CT}/Tumor"], from_file.probabilities[f"{CT}/Tumor"])
+    # one task's head is a narrower 1x1 convolution than all of them, which the CPU kernels may sum in another
+    # order: the same probabilities up to float32 rounding, not bit for bit
+    np.testing.assert_allclose(same.probabilities[f"{CT}/Tumor"], got.probabilities[f"{CT}/Tumor"], atol=1e-6, rtol=0)
+    decided = np.abs(got.probabilities[f"{CT}/Tumor"] - 0.5) > 1e-6
+    assert np.array_equal(same.masks[f"{CT}/Tumor"][decided], tumor[decided])
     with pytest.raises(MosaicSegError, match=r"without spacing\. Fix: pass spacing"):
         predictor.predict(_voxels(files[0]), dataset=CT)
     with pytest.raises(MosaicSegError, match=re.escape("1 channel(s); dataset Dataset903_SynthMulti's plan expects 2")):
