@@ -783,6 +783,11 @@ def _step_summary(record: dict[str, Any]) -> str:
         parts.append(f"Dice {record['mean']:.3f}")
     if isinstance(record.get("control"), dict) and isinstance(record["control"].get("mean"), float):
         parts.append(f"control {record['control']['mean']:.3f}")
+    for mode, entry in record.items():  # runs compared in one step (transfer's scratch/finetune/extend): final Dice
+        if isinstance(entry, dict) and entry.get("mode") == mode:
+            final = entry.get("dice", entry["curve"][-1][2] if entry.get("curve") else None)
+            if isinstance(final, float):
+                parts.append(f"{mode} {final:.3f}")
     return "; ".join(parts) or "–"
 
 

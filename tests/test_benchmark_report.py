@@ -583,6 +583,13 @@ def test_a_study_in_progress_shows_its_ledger_steps_until_its_table_exists(tmp_p
     assert row in lines
     assert report._step_summary({"n": 3}) == "–"
     assert report._step_summary({"cases": {}, "mean": 0.0, "control": {"mean": 0.052}}) == "Dice 0.000; control 0.052"
+    # transfer's steps: runs compared side by side, each by its final Dice (a curve's last point, or "dice")
+    pair = {
+        "scratch": {"mode": "scratch", "curve": [[60, 4.0, 0.5], [120, 8.0, 0.814]]},
+        "finetune": {"mode": "finetune", "curve": [[120, 7.0, 0.84]]},
+        "extend": {"mode": "extend", "dice": 0.7},
+    }
+    assert report._step_summary(pair) == "scratch 0.814; finetune 0.840; extend 0.700"
 
 
 def test_the_generalisation_control_crops_a_head_around_the_label_at_its_true_position(tmp_path) -> None:
