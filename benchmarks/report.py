@@ -837,15 +837,17 @@ def write_report() -> Path:
     from benchmarks.paradigms import report as _paradigms_mri7
     from benchmarks.transfer import report as _transfer
 
+    # the studies whose report lives in their own module
+    modules = {"paradigms": _paradigms_mri7, "transfer": _transfer, "fewshot": _fewshot, "ka2er": _ka2er,
+               "outside": _outside}  # fmt: skip
     for name in names:
         if name in results:
-            section = _hermes_ablation if name.startswith("hermes-ablation-") else SECTIONS.get(name, _convergence)
-            section = _paradigms_mri7 if name == "paradigms" else section
-            section = _transfer if name == "transfer" else section
-            section = _fewshot if name == "fewshot" else section
-            section = _ka2er if name == "ka2er" else section
-            section = _outside if name == "outside" else section
-            section = _nnunet if name.startswith("nnunet-") else section
+            if name.startswith("hermes-ablation-"):
+                section = _hermes_ablation
+            elif name.startswith("nnunet-"):
+                section = _nnunet
+            else:
+                section = modules.get(name) or SECTIONS.get(name, _convergence)
             lines += with_void_note(name, results[name], section(results[name]))
             if name.split("-")[0] == "nnunet":
                 lines += _nnunet_why(results[name], results.get("speed"))
