@@ -218,7 +218,8 @@ def _arms_section(arms: dict[str, Any]) -> list[str]:
 def _row(r: dict[str, Any]) -> str:
     dice = [f["dice"] for f in r["folds"]]
     iou = [f["iou"] for f in r["folds"]]
-    return f"{_ms(dice)} | {_ms(iou)} | {r['train_s']['mean'] / 60:.1f}"
+    rss = r.get("peak_rss_mb")  # results written before it was reported: a dash
+    return f"{_ms(dice)} | {_ms(iou)} | {r['train_s']['mean'] / 60:.1f} | {f'{rss:,.0f}' if rss else '–'}"
 
 
 def report(r: dict[str, Any]) -> list[str]:
@@ -229,7 +230,7 @@ def report(r: dict[str, Any]) -> list[str]:
         f"`python -m benchmarks fewshot` — `mosaicseg adapt`, {s['turns']} turns for every strategy, {s['folds']} "
         "seeded folds of the shots, fixed evaluation subsets, auxiliary pools split by label (≤ 30 cases per "
         "dataset); Dice and IoU by the evaluator in the original geometry (mean ± sd over folds); minutes: "
-        "training per fold.",
+        "training per fold; peak RSS: the highest fold's, training and prediction.",
         "",
     ]
     n = s.get("eval_cases", EVAL_CASES)  # results written before the count was recorded used EVAL_CASES
@@ -245,7 +246,8 @@ def report(r: dict[str, Any]) -> list[str]:
         keys = [k for k in runs if k.split("/")[0] == part]
         if not keys:
             continue
-        lines += [f"**{title}**", "", "| strategy | shots | Dice | IoU | min/fold |", "|---|---|---|---|---|"]
+        lines += [f"**{title}**", "", "| strategy | shots | Dice | IoU | min/fold | peak RSS MiB |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for k in keys:
             _, strategy, shots = k.split("/")
             lines.append(f"| {strategy} | {shots} | {_row(runs[k])} |")

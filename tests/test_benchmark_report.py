@@ -471,7 +471,8 @@ def test_fewshot_report_checks_asaps_claim_per_setting(tmp_path) -> None:
 
     def run(dices: list[float]) -> dict[str, Any]:
         folds = [{"dice": d, "iou": d / 2} for d in dices]
-        return {"folds": folds, "dice": {"mean": sum(dices) / len(dices)}, "train_s": {"mean": 120.0}}
+        return {"folds": folds, "dice": {"mean": sum(dices) / len(dices)}, "train_s": {"mean": 120.0},
+                "peak_rss_mb": 1234.4}  # fmt: skip
 
     runs = {
         "a/finetune/3": run([0.50, 0.52]), "a/gms/3": run([0.53, 0.53]), "a/asap/3": run([0.56, 0.56]),
@@ -482,7 +483,7 @@ def test_fewshot_report_checks_asaps_claim_per_setting(tmp_path) -> None:
     # the titles state the evaluation subsets the runs really used (a quick run's 2, not the full study's 40)
     assert "target Dataset001_Hippocampus (2 evaluation cases)" in text
     assert "never saw; 3 evaluation cases" in text
-    assert "| asap | 3 | 0.560 ± 0.000 | 0.280 ± 0.000 | 2.0 |" in text
+    assert "| asap | 3 | 0.560 ± 0.000 | 0.280 ± 0.000 | 2.0 | 1,234 |" in text
     assert "ASAP's claim (≥ finetune + 3 points, ≥ gms, mtl, dal): **holds**." in text  # 0.56 − 0.51 = 0.05
     assert "**fails** (mtl scored higher)." in text  # b: +0.05 over finetune, below mtl
     # (d): pulls counted per arm. 6 arms, 2 of them IXI limbic hippocampus (an even share: 2/6 = 33 %); 9 turns,
