@@ -339,9 +339,11 @@ def below_bar(val_dice: dict[str, float]) -> dict[str, float]:
     return {d: v for d, v in val_dice.items() if "_IXI" in d and not v >= IXI_BAR}
 
 
-def _hermes_priors(run: Path) -> dict[str, str]:
-    """``mosaicseg priors`` of a Hermes run, its heatmaps copied next to the results (issue 9)."""
+def _hermes_priors(run: Path) -> dict[str, Any]:
+    """``mosaicseg priors`` of a Hermes run: its heatmaps copied next to the results (issue 22), and what the
+    matrices measure (:func:`~mosaicseg.evaluation.priors.summarise` of the tasks, the modality matrix itself)."""
     from benchmarks.common import RESULTS
+    from mosaicseg.evaluation.priors import read_matrix, summarise
 
     out = run / "priors"
     if not (out / "task_priors.png").is_file():
@@ -353,7 +355,79 @@ def _hermes_priors(run: Path) -> dict[str, str]:
             target = RESULTS / f"paradigms-hermes-{name}.png"
             target.write_bytes((out / f"{name}.png").read_bytes())
             copied[name] = f"benchmarks/results/{target.name}"
-    return copied
+    names, matrix = read_matrix(out / "task_priors.csv")
+    task_matrix = {"names": names, "matrix": matrix.round(4).tolist()}
+    modalities = None
+    if (out / "modality_priors.csv").is_file():
+        names, matrix = read_matrix(out / "modality_priors.csv")
+        modalities = {"names": names, "matrix": matrix.round(4).tolist()}
+    return {"images": copied, "tasks": summarise(*read_matrix(out / "task_priors.csv")), "task_matrix": task_matrix,
+            "modalities": modalities}  # fmt: skip
+
+
+IXI = ("Dataset002_IXIDeepGrey", "Dataset003_IXILimbic", "Dataset004_IXIVentricles")
+CINE, LGE = "Dataset007_ACDC", "Dataset008_LeftAtrium"
+# the vocabulary's modality names of the two cardiac sequences
+CINE_MODALITY, LGE_MODALITY = "cineMRI", "LGE"
+
+
+def priors_lines(priors: dict[str, Any]) -> list[str]:
+    """The heatmaps of a Hermes run's priors and what they show, in sentences built from the measured
+    matrices (:func:`_hermes_priors`): issue 22's questions — do the IXI sets' tokens group by structure, the
+    cardiac ones by sequence, the two hippocampus definitions together?"""
+    about = "Hermes' learned priors (paradigms, seed 0): cosine similarity of the task and of the modality tokens"
+    lines = [f"{about} (`mosaicseg priors`):", ""]
+    lines += [f"![{name}]({path})" for name, path in priors.get("images", {}).items()]
+    tasks = priors.get("tasks")
+    if not tasks:
+        return [*lines, ""]
+    blocks, mirror = tasks["blocks"], tasks["mirror"]
+    said: list[str] = []
+    ixi = [d for d in IXI if d in blocks]
+    if len(ixi) > 1 and mirror["pair_mean"] is not None and mirror["other_mean"] is not None:
+        within = statistics.mean(blocks[d][d] for d in ixi if blocks[d][d] is not None)
+        between = statistics.mean(blocks[a][b] for a in ixi for b in ixi if a != b)
+        by_structure = mirror["pair_mean"] > mirror["other_mean"]
+        by_set = within > between
+        said.append(
+            f"IXI (one kind of T1 head, three annotated groups): a structure's left and right tokens are at mean "
+            f"cosine {mirror['pair_mean']:.2f} against {mirror['other_mean']:.2f} for two different structures of "
+            f"the same set, and the tokens of one set at {within:.2f} against {between:.2f} across the sets, so "
+            f"they {'pair by structure' if by_structure else 'do not pair left with right'} and "
+            f"{'cluster by annotating set' if by_set else 'do not cluster by annotating set'}."
+        )
+    if CINE in blocks and LGE in blocks and blocks[CINE][CINE] is not None:
+        lge_task = next(n for n in tasks["nearest"] if n.startswith(LGE + "/"))
+        near, cos = tasks["nearest"][lge_task]
+        sentence = (
+            f"Cardiac: ACDC's cine tokens are at {blocks[CINE][CINE]:.2f} among themselves and {blocks[CINE][LGE]:.2f} "
+            f"with the LGE left atrium, whose nearest task is {near} ({cos:.2f})"
+        )
+        modal = priors.get("modalities")
+        if modal and CINE_MODALITY in modal["names"] and LGE_MODALITY in modal["names"]:
+            i, j = modal["names"].index(CINE_MODALITY), modal["names"].index(LGE_MODALITY)
+            m = modal["matrix"]
+            rest = [m[a][b] for a in range(len(m)) for b in range(a + 1, len(m)) if {a, b} != {i, j}]
+            sentence += f"; the cine and LGE modality tokens are at {m[i][j]:.2f}"
+            sentence += f" (the other modality pairs {statistics.mean(rest):.2f})" if rest else ""
+        said.append(sentence + ".")
+    full = priors.get("task_matrix")
+    if full:
+        names, m = full["names"], full["matrix"]
+        crops = [i for i, n in enumerate(names) if n.startswith(TARGET + "/")]
+        heads = [i for i, n in enumerate(names) if n.startswith(SOURCE + "/") and "hippocamp" in n.lower()]
+        rest = [j for j, n in enumerate(names) if j not in crops and j not in heads]
+        if crops and heads and rest:
+            said.append(
+                f"The hippocampus under two definitions: {_short(TARGET)}'s anterior/posterior tokens are at "
+                f"{statistics.mean(m[i][j] for i in crops for j in heads):.2f} with {_short(SOURCE)}'s "
+                f"hippocampus L/R and {statistics.mean(m[i][j] for i in crops for j in rest):.2f} with every other "
+                "task."
+            )
+    share = tasks.get("nearest_same_dataset")
+    if share is not None:
+        said.append(f"{share:.0%} of the tasks have their nearest token in their own dataset.")
+    return [*lines, "", " ".join(said), ""]
 
 
 def _short(dataset: str) -> str:
@@ -454,9 +528,7 @@ def report(r: dict[str, Any]) -> list[str]:
         predict = f"{cost['s_per_case']:.1f} | {cost['peak_rss_mb']:.0f}" if cost else "– | –"
         lines.append(f"| {label[n]} | {statistics.mean(its):.2f} | {peak} | {predict} |")
     if r.get("priors"):
-        about = "Hermes' learned priors (seed 0): cosine similarity of the task and of the modality tokens"
-        lines += ["", f"{about} (`mosaicseg priors`):", ""]
-        lines += [f"![{name}]({path})" for name, path in r["priors"].items()]
+        lines += ["", *priors_lines(r["priors"])]
     return [*lines, ""]
 
 

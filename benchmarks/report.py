@@ -815,6 +815,12 @@ def in_progress(results: dict[str, Any]) -> list[str]:
         ]
         lines += [f"| {k} | {v['commit']} | {v['date']} | {_step_summary(v['record'])} |" for k, v in steps.items()]
         lines.append("")
+        # a Hermes run's priors (issue 22 reads them from the paradigms study long before its table is complete)
+        for v in steps.values():
+            if isinstance(v["record"].get("priors"), dict) and "images" in v["record"]["priors"]:
+                from benchmarks.paradigms import priors_lines
+
+                lines += priors_lines(v["record"]["priors"])
     return lines
 
 

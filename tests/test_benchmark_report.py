@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 report = pytest.importorskip("benchmarks.report", reason="run from the repository root (python -m pytest)")
@@ -591,6 +592,10 @@ def test_a_study_in_progress_shows_its_ledger_steps_until_its_table_exists(tmp_p
         "extend": {"mode": "extend", "dice": 0.7},
     }
     assert report._step_summary(pair) == "scratch 0.814; finetune 0.840; extend 0.700"
+    # a Hermes step's priors are shown with the step table, before the study's own table exists
+    hermes = {**step, "record": {**record, "priors": {"images": {"task_priors": "benchmarks/results/h.png"}}}}
+    (tmp_path / "ledger" / "paradigms.json").write_text(json.dumps({"steps": {"hermes_s0_8000it": hermes}}))
+    assert "![task_priors](benchmarks/results/h.png)" in report.in_progress({})
 
 
 def test_the_generalisation_control_crops_a_head_around_the_label_at_its_true_position(tmp_path) -> None:
@@ -626,3 +631,41 @@ def test_the_generalisation_control_crops_a_head_around_the_label_at_its_true_po
     # the block's centre (RAS voxel) is the crop's centre
     centre = np.argwhere(np.asarray(c_lab.dataobj) == 2).mean(axis=0)
     assert np.allclose(centre, (np.array([4, 6, 3]) - 1) / 2, atol=0.5)
+
+
+def test_hermes_priors_sentences_are_built_from_the_measured_matrices() -> None:
+    from benchmarks.paradigms import priors_lines
+    from mosaicseg.evaluation.priors import summarise
+
+    hippo, grey, limbic = "Dataset001_Hippocampus", "Dataset002_IXIDeepGrey", "Dataset003_IXILimbic"
+    cine, lge = "Dataset007_ACDC", "Dataset008_LeftAtrium"
+    names = [f"{hippo}/Anterior", f"{hippo}/Posterior", f"{grey}/Caudate_R", f"{grey}/Caudate_L",
+             f"{limbic}/Hippocampus_R", f"{limbic}/Hippocampus_L", f"{limbic}/Amygdala_R", f"{limbic}/Amygdala_L",
+             f"{cine}/RV", f"{cine}/LV", f"{lge}/LeftAtrium"]  # fmt: skip
+
+    def cos(a: str, b: str) -> float:
+        (da, la), (db, lb) = a.split("/"), b.split("/")
+        if a == b:
+            return 1.0
+        if da == db and la[:-2] == lb[:-2] and la[-2:] in ("_L", "_R"):
+            return 0.9
+        if {da, db} == {hippo, limbic} and "Hippocampus" in la + lb:
+            return 0.5
+        return 0.3 if da == db else 0.2 if {da, db} == {cine, lge} else 0.1
+
+    m = np.array([[cos(a, b) for b in names] for a in names])
+    modal = {"names": ["T1", "cineMRI", "LGE"], "matrix": [[1.0, 0.1, 0.2], [0.1, 1.0, 0.6], [0.2, 0.6, 1.0]]}
+    priors = {"images": {"task_priors": "benchmarks/results/t.png"}, "tasks": summarise(names, m),
+              "task_matrix": {"names": names, "matrix": m.tolist()}, "modalities": modal}  # fmt: skip
+    text = "\n".join(priors_lines(priors))
+    assert "![task_priors](benchmarks/results/t.png)" in text
+    # IXI: L/R pairs 0.9, other structures of a set 0.3 (Dataset003's hippocampus-amygdala pairs); within a set
+    # (0.9 for DeepGrey's one pair, (2 × 0.9 + 4 × 0.3) / 6 = 0.5 for Limbic) 0.7, across 0.1
+    assert "left and right tokens are at mean cosine 0.90 against 0.30" in text
+    assert "tokens of one set at 0.70 against 0.10 across the sets, so they pair by structure and cluster by" in text
+    # cardiac: RV-LV 0.3, with LA 0.2; LA's nearest is the first of its equals (RV); cine-LGE 0.6, other pairs 0.15
+    assert "cine tokens are at 0.30 among themselves and 0.20 with the LGE left atrium" in text
+    assert f"nearest task is {cine}/RV (0.20); the cine and LGE modality tokens are at 0.60 (the other" in text
+    assert "modality pairs 0.15)" in text
+    assert "anterior/posterior tokens are at 0.50 with IXILimbic's hippocampus L/R and 0.10 with every" in text
+    assert "73% of the tasks have their nearest token in their own dataset." in text  # 8 of 11

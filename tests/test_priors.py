@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,7 @@ def test_priors_of_a_universal_run_from_its_heads_and_a_kind_without_task_vector
     names, tasks = read_matrix(tmp_path / "p" / "task_priors.csv")
     assert len(names) == tasks.shape[0] == load_vocabulary(tiny_workdir_2d).num_tasks
     assert not (tmp_path / "p" / "modality_priors.csv").exists()  # no modality prior in a universal model
+    assert re.search(r"task priors: mean cosine within a dataset -?\d\.\d\d; across datasets -?\d\.\d\d", result.output)
     dodnet = _run(tiny_workdir_2d, tmp_path, "dodnet")
     result = CliRunner().invoke(app, ["priors", str(dodnet), "-o", str(tmp_path / "q")])
     assert result.exit_code == 2 and "no per-task vectors" in result.output
@@ -93,3 +95,32 @@ def test_a_heatmap_of_36_tasks_gives_each_row_room_for_its_label(tmp_path):
         width, height = image.size
     # ≥ 20 pixels a row (a 5-point label is ~10 px at 120 dpi), the figure growing with the rows
     assert height / 36 >= 20 and width >= height
+
+
+def test_summarise_measures_blocks_nearest_tasks_and_mirror_pairs() -> None:
+    from mosaicseg.evaluation.priors import describe, mirror_pairs, summarise
+
+    names = ["A/Caudate_L", "A/Caudate_R", "A/Putamen_L", "A/Putamen_R", "A/BrainStem", "B/LV"]
+    upper = {(0, 1): 0.8, (0, 2): 0.1, (0, 3): 0.2, (0, 4): 0.5, (0, 5): 0.9, (1, 2): 0.3, (1, 3): 0.0,
+             (1, 4): -0.1, (1, 5): -0.2, (2, 3): 0.6, (2, 4): 0.0, (2, 5): 0.0, (3, 4): 0.0, (3, 5): 0.1,
+             (4, 5): 0.2}  # fmt: skip
+    m = np.eye(6)
+    for (i, j), v in upper.items():
+        m[i, j] = m[j, i] = v
+    s = summarise(names, m)
+    # A's 10 distinct pairs sum to 2.4; A with B: (0.9 - 0.2 + 0 + 0.1 + 0.2) / 5; B has one task
+    assert s["blocks"]["A"]["A"] == pytest.approx(0.24) and s["blocks"]["A"]["B"] == pytest.approx(0.2)
+    assert s["blocks"]["B"]["A"] == pytest.approx(0.2) and s["blocks"]["B"]["B"] is None
+    assert s["nearest"]["A/Caudate_L"] == ("B/LV", 0.9) and s["nearest"]["A/BrainStem"] == ("A/Caudate_L", 0.5)
+    assert s["nearest_same_dataset"] == pytest.approx(4 / 6)  # all but Caudate_L and LV
+    # pairs (0.8 + 0.6) / 2; the other pairs of the mirrored tasks (0.1, 0.2, 0.3, 0.0); BrainStem left out
+    assert s["mirror"]["pairs"] == [("A/Caudate_L", "A/Caudate_R"), ("A/Putamen_L", "A/Putamen_R")]
+    assert s["mirror"]["pair_mean"] == pytest.approx(0.7) and s["mirror"]["other_mean"] == pytest.approx(0.15)
+    assert describe(s) == (
+        "task priors: mean cosine within a dataset 0.24; across datasets 0.20; 67% of the tasks nearest to a task of "
+        "their own dataset; left/right pairs 0.70 (other pairs of those datasets 0.15)"
+    )
+    # left/right spelled out pair too; one name in two datasets does not
+    assert mirror_pairs(["X/AmygdalaLeft", "X/AmygdalaRight", "Y/Foo_L", "Z/Foo_R"]) == [(0, 1)]
+    with pytest.raises(ValueError, match="3 names"):
+        summarise(names[:3], m)

@@ -1041,10 +1041,12 @@ def priors(
     overwrite: Annotated[bool, typer.Option(help="Replace existing files")] = False,
 ) -> None:
     """Cosine similarity of the learned task (and modality) priors: CSV and labelled heatmaps (Hermes Fig. 4/5)."""
-    from mosaicseg.evaluation.priors import write_priors
+    from mosaicseg.evaluation.priors import describe, read_matrix, summarise, write_priors
 
-    for name, path in write_priors(model, output, fold=fold, overwrite=overwrite).items():
+    written = write_priors(model, output, fold=fold, overwrite=overwrite)
+    for name, path in written.items():
         typer.echo(f"{name}: {path}")
+    typer.echo(describe(summarise(*read_matrix(written["tasks_csv"]))))
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,3 +159,88 @@ def read_matrix(path: str | Path) -> tuple[list[str], np.ndarray]:
     with Path(path).open(newline="") as f:
         rows = list(csv.reader(f))
     return [r[0] for r in rows[1:]], np.array([[float(x) for x in r[1:]] for r in rows[1:]])
+
+
+_SIDE = re.compile(r"^(?P<stem>.+?)[_\- ]?(?P<side>L|R|Left|Right)$")
+
+
+def mirror_pairs(names: list[str]) -> list[tuple[int, int]]:
+    """Index pairs ``(i, j)`` of the tasks of one dataset whose labels differ only by a left/right suffix
+    (``Caudate_L`` / ``Caudate_R``, ``AmygdalaLeft`` / ``AmygdalaRight``)."""
+    keys: dict[tuple[str, str], dict[str, int]] = {}
+    for i, name in enumerate(names):
+        dataset, _, label = name.rpartition("/")
+        m = _SIDE.match(label)
+        if m:
+            side = m["side"][0].upper()
+            keys.setdefault((dataset, m["stem"].lower()), {})[side] = i
+    return sorted((min(v["L"], v["R"]), max(v["L"], v["R"])) for v in keys.values() if len(v) == 2)
+
+
+def summarise(names: list[str], matrix: np.ndarray) -> dict[str, Any]:
+    """Measured structure of a task-prior cosine matrix ``(K, K)`` whose ``names`` are ``Dataset/label``.
+
+    ``blocks``: the mean cosine of every pair of datasets (``{a: {b: mean}}``; within a dataset, over distinct
+    tasks; None for a single-task dataset); ``nearest``: each task's most similar other task and the cosine;
+    ``nearest_same_dataset``: the share of tasks whose nearest task is of their own dataset; ``mirror``: the mean
+    cosine of left/right pairs (:func:`mirror_pairs`) against that of the other pairs within the same datasets
+    (None where there is no pair or no other pair)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    k = len(names)
+    if m.shape != (k, k):
+        raise ValueError(f"{k} names for a matrix of shape {m.shape}")
+    datasets = [n.rpartition("/")[0] for n in names]
+    order = list(dict.fromkeys(datasets))
+    off = ~np.eye(k, dtype=bool)
+    blocks: dict[str, dict[str, float | None]] = {}
+    for a in order:
+        rows = np.array([d == a for d in datasets])
+        blocks[a] = {}
+        for b in order:
+            cols = np.array([d == b for d in datasets])
+            mask = np.outer(rows, cols) & off
+            blocks[a][b] = float(m[mask].mean()) if mask.any() else None
+    masked = np.where(off, m, -np.inf)
+    nearest = {names[i]: (names[int(j)], float(m[i, j])) for i, j in enumerate(masked.argmax(1))} if k > 1 else {}
+    same = [datasets[i] == datasets[names.index(nearest[n][0])] for i, n in enumerate(names)] if nearest else []
+    pairs = mirror_pairs(names)
+    paired = np.zeros((k, k), dtype=bool)
+    for i, j in pairs:
+        paired[i, j] = paired[j, i] = True
+    within = np.equal.outer(np.array(datasets, dtype=object), np.array(datasets, dtype=object)).astype(bool) & off
+    involved = np.zeros(k, dtype=bool)
+    involved[[i for p in pairs for i in p]] = True
+    # the other pairs among the same datasets' mirrored tasks: a set's unpaired tasks (a brain stem) are left out
+    others = within & ~paired & np.outer(involved, involved)
+    return {
+        "blocks": blocks,
+        "nearest": nearest,
+        "nearest_same_dataset": float(np.mean(same)) if same else None,
+        "mirror": {
+            "pairs": [(names[i], names[j]) for i, j in pairs],
+            "pair_mean": float(np.mean([m[i, j] for i, j in pairs])) if pairs else None,
+            "other_mean": float(m[others].mean()) if others.any() else None,
+        },
+    }
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line on a :func:`summarise` result: the mean cosine within and across datasets, where the tasks'
+    nearest tokens lie, and the left/right pairs against the other pairs of their datasets."""
+    blocks = summary["blocks"]
+    within = [row[d] for d, row in blocks.items() if row[d] is not None]
+    across = [v for a, row in blocks.items() for b, v in row.items() if a != b and v is not None]
+    parts = []
+    if within:
+        parts.append(f"mean cosine within a dataset {np.mean(within):.2f}")
+    if across:
+        parts.append(f"across datasets {np.mean(across):.2f}")
+    if summary["nearest_same_dataset"] is not None:
+        parts.append(f"{summary['nearest_same_dataset']:.0%} of the tasks nearest to a task of their own dataset")
+    mirror = summary["mirror"]
+    if mirror["pair_mean"] is not None:
+        other = (
+            f" (other pairs of those datasets {mirror['other_mean']:.2f})" if mirror["other_mean"] is not None else ""
+        )
+        parts.append(f"left/right pairs {mirror['pair_mean']:.2f}{other}")
+    return "task priors: " + ("; ".join(parts) or "a single task")
