@@ -125,6 +125,18 @@ def test_ablation_switches_change_the_model_as_stated():
         _net(depth=3)
 
 
+def test_task_token_std_starts_the_tasks_apart_and_is_checked():
+    xavier, normal = _net(), _net(task_token_std=1.0)
+    assert _params(xavier) == _params(normal)  # an initialisation, not a change of the model
+    pool_x, pool_n = xavier.fusion[0].pool.task.detach(), normal.fusion[0].pool.task.detach()
+    # Xavier-uniform over the (K + 1, C) pool is bounded by sqrt(6 / (K + 1 + C)); N(0, 1) is not, nor that small
+    assert pool_x.abs().max() <= math.sqrt(6 / sum(pool_x.shape)) + 1e-6
+    assert 0.8 < float(pool_n.std()) < 1.2
+    assert normal.config["hermes"]["task_token_std"] == 1.0 and xavier.config["hermes"]["task_token_std"] is None
+    with pytest.raises(MosaicSegError, match=r"task_token_std=0\.0 must be positive"):
+        _net(task_token_std=0.0)
+
+
 def test_task_tokens_and_biases_are_per_task_rows_for_init_from():
     model = _net()
     names = task_parameter_names(model)

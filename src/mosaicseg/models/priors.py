@@ -69,6 +69,9 @@ HERMES_OPTIONS: dict[str, Any] = {
     "mlp_depth": 1,  # hidden layers of the per-scale and prototype MLPs
     "two_way": True,
     "modality_prior": True,
+    # the task tokens' initial values: None, Xavier-uniform over the (K + 1, C) pool (the authors' code); a number,
+    # normal with that standard deviation, which starts the tasks' prototypes further apart (BENCHMARKS.md)
+    "task_token_std": None,
 }
 DEFAULT_SCALES = (4, 8, 16)
 
@@ -97,9 +100,15 @@ def scatter_tasks(asked: torch.Tensor, index: torch.Tensor, num_tasks: int) -> t
 class PriorPool(nn.Module):
     """Task tokens ``(K + 1, C)`` (the last one the null token) and modality tokens ``(M, l, C)``."""
 
-    def __init__(self, num_tasks: int, num_modalities: int, length: int, dim: int, modality_prior: bool) -> None:
+    def __init__(
+        self, num_tasks: int, num_modalities: int, length: int, dim: int, modality_prior: bool,
+        task_std: float | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.task = nn.Parameter(nn.init.xavier_uniform_(torch.empty(num_tasks + 1, dim)))
+        tokens = torch.empty(num_tasks + 1, dim)
+        self.task = nn.Parameter(
+            nn.init.xavier_uniform_(tokens) if task_std is None else nn.init.normal_(tokens, 0, task_std)
+        )
         self.modality = (
             nn.Parameter(nn.init.xavier_uniform_(torch.empty(num_modalities, length, dim))) if modality_prior else None
         )
@@ -329,9 +338,12 @@ class HermesNet(nn.Module):
         n_mod = len(self.stems.modalities)
         length, head_dim = int(settings["modality_tokens"]), int(settings["head_dim"])
         two_way = bool(settings["two_way"])
+        token_std = None if settings["task_token_std"] is None else float(settings["task_token_std"])
+        if token_std is not None and not token_std > 0:
+            raise MosaicSegError(f"hermes option task_token_std={token_std} must be positive. Fix: e.g. 1.0, or null.")
         self.fusion = nn.ModuleList(
             FusionLayer(
-                PriorPool(self.num_tasks, n_mod, length, w, bool(settings["modality_prior"])),
+                PriorPool(self.num_tasks, n_mod, length, w, bool(settings["modality_prior"]), token_std),
                 w,
                 int(settings["fusion_depth"]),
                 head_dim,
