@@ -355,13 +355,13 @@ def _hermes_priors(run: Path) -> dict[str, Any]:
             target = RESULTS / f"paradigms-hermes-{name}.png"
             target.write_bytes((out / f"{name}.png").read_bytes())
             copied[name] = f"benchmarks/results/{target.name}"
-    names, matrix = read_matrix(out / "task_priors.csv")
-    task_matrix = {"names": names, "matrix": matrix.round(4).tolist()}
+    task_names, tasks = read_matrix(out / "task_priors.csv")
     modalities = None
     if (out / "modality_priors.csv").is_file():
         names, matrix = read_matrix(out / "modality_priors.csv")
         modalities = {"names": names, "matrix": matrix.round(4).tolist()}
-    return {"images": copied, "tasks": summarise(*read_matrix(out / "task_priors.csv")), "task_matrix": task_matrix,
+    task_matrix = {"names": task_names, "matrix": tasks.round(4).tolist()}
+    return {"images": copied, "tasks": summarise(task_names, tasks), "task_matrix": task_matrix,
             "modalities": modalities}  # fmt: skip
 
 

@@ -200,9 +200,9 @@ def summarise(names: list[str], matrix: np.ndarray) -> dict[str, Any]:
             cols = np.array([d == b for d in datasets])
             mask = np.outer(rows, cols) & off
             blocks[a][b] = float(m[mask].mean()) if mask.any() else None
-    masked = np.where(off, m, -np.inf)
-    nearest = {names[i]: (names[int(j)], float(m[i, j])) for i, j in enumerate(masked.argmax(1))} if k > 1 else {}
-    same = [datasets[i] == datasets[names.index(nearest[n][0])] for i, n in enumerate(names)] if nearest else []
+    near = np.where(off, m, -np.inf).argmax(1) if k > 1 else np.zeros(0, dtype=int)
+    nearest = {names[i]: (names[int(j)], float(m[i, j])) for i, j in enumerate(near)}
+    same = [datasets[i] == datasets[int(j)] for i, j in enumerate(near)]
     pairs = mirror_pairs(names)
     paired = np.zeros((k, k), dtype=bool)
     for i, j in pairs:

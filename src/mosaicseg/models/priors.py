@@ -340,9 +340,13 @@ class HermesNet(nn.Module):
         n_mod = len(self.stems.modalities)
         length, head_dim = int(settings["modality_tokens"]), int(settings["head_dim"])
         two_way = bool(settings["two_way"])
-        token_std = None if settings["task_token_std"] is None else float(settings["task_token_std"])
-        if token_std is not None and not token_std > 0:
-            raise MosaicSegError(f"hermes option task_token_std={token_std} must be positive. Fix: e.g. 1.0, or null.")
+        token_std = settings["task_token_std"]
+        if token_std is not None and not (
+            isinstance(token_std, int | float) and not isinstance(token_std, bool) and token_std > 0
+        ):
+            raise MosaicSegError(
+                f"hermes option task_token_std={token_std!r} must be positive. Fix: e.g. 1.0, or null."
+            )
         self.fusion = nn.ModuleList(
             FusionLayer(
                 PriorPool(self.num_tasks, n_mod, length, w, bool(settings["modality_prior"]), token_std),
