@@ -37,3 +37,17 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
     assert "Traceback" not in result.output and "Fix:" in result.output
     result = runner.invoke(app, ["train", str(tmp_path), "--time-budget", "soon"])
     assert result.exit_code == 2 and "--time-budget 'soon'" in result.output
+
+
+def test_an_interrupted_demo_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):
+    from mosaicseg.training.loop import Trainer
+
+    def interrupted(self):  # as SIGINT/SIGTERM during training: the trainer stops, keeping checkpoint_latest.pt
+        self.request_stop()
+        return {}
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    result = CliRunner().invoke(app, ["demo", "--dim", "2", "--iterations", "2", "-o", str(tmp_path / "demo")])
+    assert result.exit_code == 130, result.output
+    assert "run the same demo command again to resume" in result.output and "interrupted" in result.output
+    assert not (tmp_path / "demo" / "demo_summary.json").exists()

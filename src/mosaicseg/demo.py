@@ -83,6 +83,12 @@ def run_demo(
         f"iterations, patch {list(trainer.patch_size)}, batch {trainer.batch_size} → {run_dir}"
     )
     trainer.fit()
+    if trainer.stop_requested:  # SIGINT/SIGTERM: the trainer saved its state; there is no final model to predict with
+        log(
+            f"training stopped at iteration {trainer.iteration} by an interrupt; {run_dir / 'checkpoint_latest.pt'} "
+            "is kept: run the same demo command again to resume"
+        )
+        raise KeyboardInterrupt
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
