@@ -39,7 +39,7 @@ def _cfg(**kw: Any) -> TrainConfig:
 def _pretrain(recipe: str, workdir: Path, folder: Path) -> Path:
     """A model pre-trained on SynthDerm and SynthCT (its fold folder)."""
     run = folder / "fold_0"
-    options = {"fusion_depth": 1, "modality_tokens": 2, "prototype_dim": 8, "scales": [2]}
+    options = {"fusion_depth": 1, "modality_tokens": 2, "prototype_dim": 8, "scales": [2, 4], "decoder_scales": [2]}
     cfg = _cfg(recipe=recipe, datasets=(DERM, CT), recipe_options=options if recipe == "hermes" else {})
     Trainer(workdir, cfg, run, progress=False).fit()
     return run
@@ -72,7 +72,10 @@ def test_parts_split_every_parameter_into_encoder_decoder_and_head(source_run):
     heads = {n for n, p in parts.items() if p == "head"}
     if ckpt["model_config"]["kind"] == "hermes":
         assert {"task_bias", "fusion.0.pool.task", "fusion.0.pool.modality"} <= heads
-        assert all(parts[n] == "encoder" for n in parts if n.startswith("fusion.") and ".pool." not in n)
+        # fused at 2x and 4x in the encoder (fusion.0, .1) and at 2x in the decoder (fusion.2)
+        blocks = {n: parts[n] for n in parts if n.startswith("fusion.") and ".pool." not in n}
+        assert {n.split(".")[1] for n in blocks} == {"0", "1", "2"}
+        assert all(part == ("decoder" if n.startswith("fusion.2.") else "encoder") for n, part in blocks.items())
     else:
         assert heads == {n for n in parts if n.startswith("head.")}
 

@@ -104,8 +104,10 @@ def test_padding_keys_are_masked_in_the_image_update():
 def test_ablation_switches_change_the_model_as_stated():
     full = _net()
     assert full.fused_stages == [2, 3, 4] and full.config["hermes"]["scales"] == [4, 8, 16]
+    assert full.fused_levels == [] and full.config["hermes"]["decoder_scales"] == []  # the paper: encoder only
     single = _net(scales=[16])  # Table 4's "single scale": the 16x stage only
-    assert single.fused_stages == [4] and len(single.fusion) == 1 and _params(single) < _params(full)
+    assert single.fused_stages == [4] and len(single.fusion) == 1
+    assert _params(single) < _params(full)
     one_way = _net(two_way=False)  # tokens read the image, the image is not updated
     assert not any("image_from_tokens" in n for n, _ in one_way.named_parameters())
     assert _params(one_way) < _params(full)
@@ -123,6 +125,37 @@ def test_ablation_switches_change_the_model_as_stated():
         _net(scales=[3])
     with pytest.raises(MosaicSegError, match="no option"):
         _net(depth=3)
+
+
+def test_decoder_fusion_reads_the_decoder_and_old_configs_keep_the_encoder_only():
+    full, encoder_only = _net(decoder_scales=None), _net()
+    # None: the authors' layout, the decoder fused at the encoder's scales but the deepest, coarse first
+    assert full.fused_levels == [3, 2] and full.config["hermes"]["decoder_scales"] == [8, 4]
+    assert _net(decoder_scales=[4, 8]).config["hermes"]["decoder_scales"] == [8, 4]
+    assert _net(scales=[16], decoder_scales=None).fused_levels == []
+    assert len(full.fusion) == 5 and len(encoder_only.fusion) == 3 and _params(encoder_only) < _params(full)
+    widths = [layer.blocks[0].norm_image.normalized_shape[0] for layer in full.fusion]
+    assert widths == [16, 16, 16, full.backbone.out_channels[3], full.backbone.out_channels[2]]
+    x, modality = torch.randn(2, 2, 32, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1])
+    batch = _batch_equals_each_sample_alone(full.eval(), torch.cat([x, x[:1]]), torch.tensor([0, 1, 0]))
+    assert batch.logits[0].shape == (3, 5, 32, 32, 32)
+    # a decoder fusion's token reaches the image: another token there changes the other tasks' outputs
+    tasks = torch.ones(1, 5, dtype=torch.bool)
+    with torch.no_grad():
+        before = full(x[:1], modality[:1], tasks).logits[0]
+        full.fusion[4].pool.task[2].normal_()
+        after = full(x[:1], modality[:1], tasks).logits[0]
+    assert not torch.allclose(before[0, 0], after[0, 0])
+    # a config saved before decoder_scales existed rebuilds the encoder-only model its weights belong to
+    old = encoder_only.config
+    del old["hermes"]["decoder_scales"]
+    rebuilt = build_from_config(old)
+    rebuilt.load_state_dict(encoder_only.state_dict())
+    assert rebuilt.fused_levels == []
+    with pytest.raises(MosaicSegError, match=r"decoder_scales=\[16\].*\[1, 2, 4, 8\]"):
+        _net(decoder_scales=[16])
+    with pytest.raises(MosaicSegError, match="decoder_scales=8 must be a list"):
+        _net(decoder_scales=8)
 
 
 def test_task_token_std_starts_the_tasks_apart_and_is_checked():
@@ -349,6 +382,9 @@ def test_hermes_on_swinunetr_gives_each_sample_its_own_result_and_the_switches_h
     assert not any(isinstance(m, PriorKeyValueAttention) for m in one_way.modules())
     assert sum(p.numel() for p in one_way.parameters()) == sum(p.numel() for p in _swin().parameters())
     assert _swin(scales=[16]).fused_stages == [4] and len(_swin(scales=[16]).fusion) == 1
+    assert model.fused_levels == [] and model.config["hermes"]["decoder_scales"] == []  # the priors join attention
+    with pytest.raises(MosaicSegError, match="SwinUNETR's decoder is not fused"):
+        _swin(decoder_scales=[4])
     with pytest.raises(MosaicSegError, match=r"scales=\[32\].*\[2, 4, 8, 16\]"):
         _swin(scales=[32])
     # round trip through the config, as checkpoints and the predictor rebuild it

@@ -196,12 +196,17 @@ class _ConvDecoder(nn.Module):
             for i in range(topology.num_stages - 1)
         )
 
-    def forward(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Encoder outputs (full resolution first, bottleneck last) → decoder maps, full resolution first."""
+    def forward(
+        self, skips: list[torch.Tensor], after_level: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """Encoder outputs (full resolution first, bottleneck last) → decoder maps, full resolution first;
+        ``after_level(i, map_i)``, if given, replaces level ``i``'s map before the next (finer) level reads it."""
         x = skips[-1]
         outs = []
         for i in reversed(range(len(self.ups))):
             x = self.ups[i](x, skips[i])
+            if after_level is not None:
+                x = after_level(i, x)
             outs.append(x)
         return outs[::-1]
 
@@ -233,8 +238,12 @@ class _EncoderDecoder(Backbone):
             skips.append(x)
         return skips
 
-    def decode(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.decoder(skips)
+    def decode(
+        self, skips: list[torch.Tensor], after_level: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """``after_level(i, map_i)``, if given, replaces decoder level ``i``'s map before the next level reads it
+        (how Hermes fuses priors into the decoder)."""
+        return self.decoder(skips, after_level)
 
 
 @MODELS.register("unet")

@@ -282,12 +282,13 @@ def parameter_parts(model: nn.Module) -> dict[str, str]:
 
     A name matching one of the model's ``HEAD_PATTERNS`` (regular expressions, default ``head.``) is head; the
     stems and the backbone's ``ENCODER_PREFIXES`` are encoder; the rest of the backbone is decoder. A parameter
-    none of these claims (a kind's own modules, e.g. Hermes' fusion blocks) takes the model's
-    ``OTHER_PART`` (default ``decoder``)."""
+    none of these claims (a kind's own modules, e.g. Hermes' fusion blocks) takes what the model's ``own_part(name)``
+    says, if it has one, else its ``OTHER_PART`` (default ``decoder``)."""
     heads = [re.compile(p) for p in getattr(model, "HEAD_PATTERNS", (r"head\.",))]
     backbone = getattr(model, "backbone", None)
     encoder = tuple(getattr(backbone, "ENCODER_PREFIXES", ()))
     other = getattr(model, "OTHER_PART", "decoder")
+    own_part = getattr(model, "own_part", None)
     out: dict[str, str] = {}
     for name, _ in model.named_parameters():
         if any(p.match(name) for p in heads):
@@ -297,7 +298,7 @@ def parameter_parts(model: nn.Module) -> dict[str, str]:
         elif name.startswith("backbone."):
             out[name] = "encoder" if name[len("backbone.") :].startswith(encoder) else "decoder"
         else:
-            out[name] = other
+            out[name] = own_part(name) if callable(own_part) else other
     return out
 
 
