@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -482,25 +482,24 @@ class HermesNet(nn.Module):
         index, valid = select_tasks(asked_tasks(tasks, image, self.num_tasks))
         posterior: dict[int, torch.Tensor] = {}
 
-        def fuse(stage: int, x: torch.Tensor) -> torch.Tensor:
-            if stage not in self.fused_stages:
-                return x
-            j = self.fused_stages.index(stage)
-            x, posterior[j] = self.fusion[j](x, index, valid, modality)
-            return x
+        def fusing(at: list[int], first: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+            """The hook fusing the maps of stages (or levels) ``at`` with ``self.fusion[first:]``, in that order."""
 
-        def fuse_decoder(level: int, x: torch.Tensor) -> torch.Tensor:
-            if level not in self.fused_levels:
+            def fuse(i: int, x: torch.Tensor) -> torch.Tensor:
+                if i not in at:
+                    return x
+                j = first + at.index(i)
+                x, posterior[j] = self.fusion[j](x, index, valid, modality)
                 return x
-            j = len(self.fused_stages) + self.fused_levels.index(level)
-            x, posterior[j] = self.fusion[j](x, index, valid, modality)
-            return x
+
+            return fuse
 
         if self.swin:
             maps = self._swin_forward(self.stems(image, modality), index, valid, modality, posterior)
         else:
-            skips = self.backbone.encode(self.stems(image, modality), after_stage=fuse)
-            maps = self.backbone.decode(skips, after_level=fuse_decoder if self.fused_levels else None)
+            skips = self.backbone.encode(self.stems(image, modality), after_stage=fusing(self.fused_stages, 0))
+            decoder_hook = fusing(self.fused_levels, len(self.fused_stages)) if self.fused_levels else None
+            maps = self.backbone.decode(skips, after_level=decoder_hook)
         t = index.shape[1]
         per_scale = [mlp(posterior[j][:, :t]) for j, mlp in enumerate(self.scale_mlps)]
         prototypes = self.prototype_mlp(torch.cat(per_scale, dim=-1))  # (B, T, hidden)
