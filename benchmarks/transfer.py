@@ -174,6 +174,12 @@ def _trio_b(source: Callable[[], Path], iterations: int, seed: int, size: int | 
     return out
 
 
+def _source_record(pretrained: Callable[[], Path]) -> dict[str, Any]:
+    """The pre-trained model's own final validation pseudo-Dice per pre-training dataset: how good a start it is."""
+    last = _last(pretrained())
+    return {"iteration": last["iteration"], "val_dice": last["val_dice"], "val_mean": last["val_mean"]}
+
+
 def _pre_iterations() -> int:
     return 4 if QUICK else PRE_ITERATIONS
 
@@ -194,6 +200,11 @@ def study_transfer() -> dict[str, Any]:
     hermes = cache(partial(pretrain, "hermes", pre_its))
     a = study_a(universal, a_its, seeds, ledger)
     b = study_b(hermes, b_its, seeds, sizes, ledger)
+    # after the steps that use them: a pre-trained model is trained (again) only if a step needs it
+    sources = {
+        recipe: ledger.step(f"pre/{recipe}", _source_setting(recipe), partial(_source_record, fn), counted=False)
+        for recipe, fn in (("universal", universal), ("hermes", hermes))
+    }
     mri5 = _area() / "mri5"
     if not (mri5 / "plans.json").is_file():  # every step from the ledger: the plan alone, for the report
         run_cli(["plan", str(MRI5), "-o", str(mri5), "--no-preprocess"], _area() / "logs" / "mri5_plan.log")
@@ -211,6 +222,7 @@ def study_transfer() -> dict[str, Any]:
         },
         "a": a,
         "b": b,
+        "sources": sources,
         "commits": ledger.commits(),
     }
 
@@ -227,6 +239,17 @@ def paired_greater(x: list[float], y: list[float]) -> float | None:
 def reach(curve: list[tuple[int, float, float]], level: float) -> tuple[int, float] | None:
     """The first ``(iteration, elapsed s)`` of ``curve`` whose Dice is at least ``level`` (None: never)."""
     return next(((it, s) for it, s, d in curve if d >= level), None)
+
+
+def _source_line(r: dict[str, Any], recipe: str) -> list[str]:
+    """The pre-trained ``recipe`` model's own validation Dice per dataset (results from before it was recorded:
+    nothing)."""
+    source = r.get("sources", {}).get(recipe)
+    if not source:
+        return []
+    dice = ", ".join(f"{d.split('_', 1)[-1]} {v:.3f}" for d, v in source["val_dice"].items())
+    return ["", f"The pre-trained `{recipe}` model's own validation pseudo-Dice after {source['iteration']:,} "
+            f"iterations (held-out cases of its datasets): {dice}; mean {source['val_mean']:.3f}."]  # fmt: skip
 
 
 def report(r: dict[str, Any]) -> list[str]:
@@ -265,6 +288,7 @@ def report(r: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {dataset} | {_ms(y)} | {_ms(x)} | {delta:+.3f} | {'–' if p is None else f'{p:.3f}'} | {cost} |"
         )
+    lines += _source_line(r, "universal")
     lines += [
         "",
         f"**(b) Hermes Table 3 in miniature** — `hermes` pre-trained without {HERMES_TARGET}; on n of its training "
@@ -279,4 +303,4 @@ def report(r: dict[str, Any]) -> list[str]:
             cells.append(_ms([v["dice"] for v in b.values() if v["mode"] == mode and v["cases"] == size]))
         n = next((v["train_cases"] for v in b.values() if v["cases"] == size), size)
         lines.append(f"| {n if size is None else size}{' (all)' if size is None else ''} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    return [*lines, *_source_line(r, "hermes"), ""]

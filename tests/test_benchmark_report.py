@@ -463,6 +463,16 @@ def test_transfer_report_pairs_seeds_and_finds_where_finetuning_reaches_scratch(
     assert "s0: 200 its (2.0 min); s1: 200 its (2.0 min); s2: 200 its (2.0 min)" in text
     assert "| 1 | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in text
     assert "| 64 (all) | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in text
+    assert "model's own validation" not in text  # results from before the sources were recorded
+    sources = {r: {"iteration": 3000, "val_dice": {"Dataset002_IXIDeepGrey": d, "Dataset007_ACDC": 0.4},
+                   "val_mean": (d + 0.4) / 2} for r, d in (("universal", 0.7), ("hermes", 0.2))}  # fmt: skip
+    lines = report({"setting": setting, "a": a, "b": b, "sources": sources})
+    pre = [i for i, line in enumerate(lines) if line.startswith("The pre-trained")]
+    # each source under the part it starts: universal under (a)'s table, hermes under (b)'s
+    assert len(pre) == 2 and pre[0] < lines.index(next(x for x in lines if x.startswith("**(b)"))) < pre[1]
+    assert "`universal` model's own validation pseudo-Dice after 3,000 iterations" in lines[pre[0]]
+    assert "IXIDeepGrey 0.700, ACDC 0.400; mean 0.550." in lines[pre[0]]
+    assert "`hermes`" in lines[pre[1]] and "IXIDeepGrey 0.200, ACDC 0.400; mean 0.300." in lines[pre[1]]
 
 
 def test_fewshot_report_checks_asaps_claim_per_setting(tmp_path) -> None:
