@@ -37,6 +37,8 @@ Studies:
                   and universal on Dataset002-004, 007, 008, 2 seeds; Dice, HD95, out-of-domain hippocampus, cost
   outside         the mri7 2-hour universal run's held-out cases predicted with and without background outside
                   the imaged region (predict --background-outside off / on) and the plan's decision per dataset
+  anisotropy      ACDC (10 mm slices) in mri7 planned --anisotropy keep vs match: single ACDC models, 2 seeds, Dice
+                  and HD95 of the held-out cases in their original geometry
   report          only regenerate BENCHMARKS.md
 """
 
@@ -553,6 +555,7 @@ STUDIES = {
     "fewshot": lambda: __import__("benchmarks.fewshot", fromlist=["study_fewshot"]).study_fewshot(),
     "ka2er": lambda: __import__("benchmarks.ka2er", fromlist=["study_ka2er"]).study_ka2er(),
     "outside": lambda: __import__("benchmarks.outside", fromlist=["study_outside"]).study_outside(),
+    "anisotropy": lambda: __import__("benchmarks.anisotropy", fromlist=["study_anisotropy"]).study_anisotropy(),
 }
 
 

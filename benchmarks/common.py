@@ -249,7 +249,7 @@ def link_all(paths: list[Path], into: Path) -> Path:
     return into
 
 
-def mean_sd(values: list[float | None]) -> str:
+def mean_sd(values: list[float | None], digits: int = 3) -> str:
     """``"m ± sd"`` over the values that are not None (one value: itself; none: a dash), for the report tables."""
     import statistics
 
@@ -257,5 +257,5 @@ def mean_sd(values: list[float | None]) -> str:
     if not present:
         return "–"
     if len(present) == 1:
-        return f"{present[0]:.3f}"
-    return f"{statistics.mean(present):.3f} ± {statistics.stdev(present):.3f}"
+        return f"{present[0]:.{digits}f}"
+    return f"{statistics.mean(present):.{digits}f} ± {statistics.stdev(present):.{digits}f}"

@@ -836,7 +836,8 @@ def write_report() -> Path:
     names = [n for n in SECTIONS if n in results] + sorted(n for n in results if n.startswith("convergence-"))
     names += sorted(n for n in results if n.startswith("hermes-ablation-"))
     names += sorted(n for n in results if n.startswith("nnunet-"))  # other dataset sets than the default
-    names += [n for n in ("outside", "paradigms", "transfer", "fewshot", "ka2er") if n in results]
+    names += [n for n in ("outside", "anisotropy", "paradigms", "transfer", "fewshot", "ka2er") if n in results]
+    from benchmarks.anisotropy import report as _anisotropy
     from benchmarks.fewshot import report as _fewshot
     from benchmarks.ka2er import report as _ka2er
     from benchmarks.outside import report as _outside
@@ -845,7 +846,7 @@ def write_report() -> Path:
 
     # the studies whose report lives in their own module
     modules = {"paradigms": _paradigms_mri7, "transfer": _transfer, "fewshot": _fewshot, "ka2er": _ka2er,
-               "outside": _outside}  # fmt: skip
+               "outside": _outside, "anisotropy": _anisotropy}  # fmt: skip
     for name in names:
         if name in results:
             if name.startswith("hermes-ablation-"):

@@ -679,3 +679,23 @@ def test_hermes_priors_sentences_are_built_from_the_measured_matrices() -> None:
     assert "modality pairs 0.15)" in text
     assert "anterior/posterior tokens are at 0.50 with IXILimbic's hippocampus L/R and 0.10 with every" in text
     assert "73% of the tasks have their nearest token in their own dataset." in text  # 8 of 11
+
+
+def test_anisotropy_report_sets_the_two_plans_side_by_side() -> None:
+    from benchmarks.anisotropy import report
+
+    def run(mode: str, seed: int, dice: tuple[float, float], hd95: tuple[float, float | None]) -> dict[str, Any]:
+        return {"mode": mode, "seed": seed, "s_per_iteration": 0.3, "val_dice": dice[0],
+                "dice": {"RV": dice[0], "LV": dice[1]}, "hd95": {"RV": hd95[0], "LV": hd95[1]}}  # fmt: skip
+
+    net = {"patch_size": [48, 56, 40], "features": [16, 32], "strides": [], "topology_spacing": [1.5, 1.5, 2.0]}
+    plans = {"keep": {"spacing": [1.5, 1.5, 10.0], "median_shape": [216, 256, 10], "network": net},
+             "match": {"spacing": [1.5, 1.5, 2.0], "median_shape": [216, 256, 50], "network": net}}  # fmt: skip
+    runs = {"keep_s0": run("keep", 0, (0.2, 0.4), (20.0, 10.0)), "keep_s1": run("keep", 1, (0.4, 0.6), (30.0, None)),
+            "match_s0": run("match", 0, (0.5, 0.9), (8.0, 4.0))}  # fmt: skip
+    text = "\n".join(report({"setting": {"iterations": 2000, "seeds": [0, 1], "plans": plans}, "runs": runs}))
+    assert "| plan | ACDC spacing mm | median shape | s/iteration | validation | RV Dice | LV Dice |" in text
+    # keep: RV (0.2, 0.4), LV (0.4, 0.6); mean Dice per seed 0.3, 0.5; HD95 per seed 15, 30 (a missing one skipped)
+    assert ("| `keep` | 1.5 × 1.5 × 10 | [216, 256, 10] | 0.30 | 0.300 ± 0.141 | 0.300 ± 0.141 | 0.500 ± 0.141 | "
+            "0.400 ± 0.141 | 22.5 ± 10.6 |") in text  # fmt: skip
+    assert "| `match` | 1.5 × 1.5 × 2 | [216, 256, 50] | 0.30 | 0.500 | 0.500 | 0.900 | 0.700 | 6.0 |" in text

@@ -17,6 +17,7 @@ from mosaicseg.data.fingerprint import (
     compute_fingerprint,
     hounsfield_like,
     make_plans,
+    match_anisotropy,
     plan,
     plan_network,
     target_spacing,
@@ -162,6 +163,47 @@ def test_one_thick_slice_dataset_leaves_the_isotropic_majoritys_network_isotropi
     assert largest["num_stages"] > median["num_stages"]  # z's delayed pooling adds stages
     with pytest.raises(MosaicSegError, match=r"topology spacing 'mean' is unknown.*median, max"):
         plan_network(datasets, 3, "cpu", topology_spacing="mean")
+
+
+def test_thick_slices_are_matched_to_a_near_isotropic_network() -> None:
+    datasets = {
+        "Heads": {"target_spacing": [2.0, 2.0, 2.0], "median_shape": [90, 120, 120]},
+        "Cine": {"target_spacing": [1.5, 1.5, 10.0], "median_shape": [216, 256, 10]},
+    }
+    fps = {"Cine": {"spacings": [[1.5, 1.5, 10.0], [1.25, 1.25, 10.0]], "shapes_cropped": [[216, 256, 10]] * 2}}
+    assert match_anisotropy(datasets, fps, [1.5, 1.5, 2.0]) == ["Cine"]
+    cine = datasets["Cine"]
+    # the network's ratio: finest 1.5 × 2.0 / 1.5. Shapes, medians of the two cases: x (216, 216·1.25/1.5 = 180)
+    # → 198; y (256, 213) → 234.5, rounded to even 234; z 10·10/2 = 50
+    assert cine["target_spacing"] == [1.5, 1.5, 2.0]
+    assert cine["median_shape"] == [198, 234, 50]
+    assert "axis 2 resampled from 10 to 2 mm" in cine["spacing_note"] and "--anisotropy keep" in cine["spacing_note"]
+    assert "spacing_note" not in datasets["Heads"]  # isotropic datasets (and their cache keys) are untouched
+    assert match_anisotropy(datasets, fps, [1.5, 1.5, 2.0]) == []  # matched once, nothing left
+    # a network anisotropic on the same axis (planned at the largest spacing) takes thick slices as they are
+    thick = {"Cine": {"target_spacing": [1.5, 1.5, 10.0], "median_shape": [216, 256, 10]}}
+    assert match_anisotropy(thick, fps, [2.0, 2.0, 10.0]) == [] and thick["Cine"]["target_spacing"][2] == 10.0
+
+
+def test_plan_matches_thick_slices_unless_kept_and_against_a_given_network(tmp_path: Path) -> None:
+    iso = write_nifti_dataset(tmp_path / "Dataset001_Iso", 2, (1.0, 1.0, 1.0))
+    iso2 = write_nifti_dataset(tmp_path / "Dataset002_Iso", 2, (1.0, 1.0, 1.0), seed=1)
+    thick = write_nifti_dataset(tmp_path / "Dataset003_Thick", 2, (1.0, 1.0, 5.0), shape=(16, 16, 4), seed=2)
+    collection = write_collection(tmp_path, [iso, iso2, thick])
+    matched = plan(collection, tmp_path / "m", workers=1, progress=False)
+    t = matched["datasets"]["Dataset003_Thick"]
+    assert t["target_spacing"] == [1.0, 1.0, 1.0] and t["median_shape"][2] == 20 and t["separate_axis"] == 2
+    assert matched["network"]["topology_spacing"] == [1.0, 1.0, 1.0]
+    kept = plan(collection, tmp_path / "k", workers=1, progress=False, anisotropy="keep")
+    assert kept["datasets"]["Dataset003_Thick"]["target_spacing"] == [1.0, 1.0, 5.0]
+    assert "spacing_note" not in kept["datasets"]["Dataset003_Thick"]
+    assert kept["datasets"]["Dataset001_Iso"] == matched["datasets"]["Dataset001_Iso"]
+    # fine-tuning on another model's network: matched to that network, here anisotropic like the thick set
+    network = {**kept["network"], "topology_spacing": [1.0, 1.0, 5.0]}
+    given = plan(collection, tmp_path / "g", workers=1, progress=False, network=network)
+    assert given["datasets"]["Dataset003_Thick"]["target_spacing"] == [1.0, 1.0, 5.0]
+    with pytest.raises(MosaicSegError, match=r"anisotropy 'some' is unknown.*match, keep"):
+        plan(collection, tmp_path / "x", workers=1, progress=False, anisotropy="some")
 
 
 # --------------------------------------------------------------------------------------------- plans from data

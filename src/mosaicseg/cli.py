@@ -101,6 +101,14 @@ def plan(
             "isotropic ones leaves their network isotropic; BENCHMARKS.md, convergence on mri7) or the largest"
         ),
     ] = "median",
+    anisotropy: Annotated[
+        str,
+        typer.Option(
+            help="match or keep: a thick-slice dataset (e.g. 10 mm cine slices) on a network planned "
+            "near-isotropic gets its coarse axis resampled to the network's anisotropy (match, the default), or "
+            "keeps its own spacing (keep; nnU-Net's choice for a network of its own)"
+        ),
+    ] = "match",
     ct_normalization: Annotated[
         str | None,
         typer.Option(
@@ -154,6 +162,8 @@ def plan(
         raise MosaicSegError(f"--ct-normalization {ct_normalization!r} is unknown. Fix: use percentile or fixed.")
     if device not in ("cpu", "cuda"):
         raise MosaicSegError(f"--device {device!r} is unknown. Fix: use cpu or cuda.")
+    if anisotropy not in ("match", "keep"):
+        raise MosaicSegError(f"--anisotropy {anisotropy!r} is unknown. Fix: use match or keep.")
     if mr_clip_percentiles is not None:
         check_percentiles(mr_clip_percentiles, "--mr-clip-percentiles")
     t0 = time.perf_counter()
@@ -187,6 +197,7 @@ def plan(
         overwrite=overwrite,
         progress=True,
         topology_spacing=topology_spacing,
+        anisotropy=anisotropy,
     )
     typer.echo(load_vocabulary(output).describe())
     typer.echo(_describe_plans(plans))
@@ -990,6 +1001,8 @@ def _describe_plans(plans: dict[str, Any]) -> str:
             f"  {name}: spacing {[round(s, 3) for s in d['target_spacing']]}, median shape "
             f"{d['median_shape']}{sep}; {norm}{outside}"
         )
+        if d.get("spacing_note"):
+            lines.append(f"    ({d['spacing_note']})")
     return "\n".join(lines)
 
 

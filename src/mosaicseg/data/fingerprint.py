@@ -14,6 +14,8 @@ case) and ``plans.json`` (derived settings, meant to be read and edited). They a
          "original_median_spacing": [...], # for reference: the median spacing of the raw cases
          "median_shape": [...],            # median case shape after cropping and resampling
          "separate_axis": int | null,      # anisotropic axis resampled by nearest neighbour (nnU-Net)
+         "spacing_note": "why",            # only where the target spacing was matched to the network's
+                                           # anisotropy (match_anisotropy): thick slices made finer
          "normalization": [{               # one entry per channel, in channel order
              "channel": "T1", "scheme": "ct" | "ct_fixed" | "mr" | "zscore" | "rgb",
              "clip": [lo, hi] | null,      # fixed clip window (ct, ct_fixed)
@@ -84,6 +86,8 @@ DEVICES = ("cpu", "cuda")
 CT_NORMALIZATIONS = ("percentile", "fixed")
 # which spacing the shared network's anisotropy is decided at (plan_network)
 TOPOLOGY_SPACINGS = ("median", "max")
+# thick-slice datasets on a network planned near-isotropic: resampled to its anisotropy, or kept (match_anisotropy)
+ANISOTROPIES = ("match", "keep")
 _MIN_FEATURE_MAP = 4  # nnU-Net: pool an axis only while its feature map stays ≥ 4 voxels
 
 
@@ -422,6 +426,44 @@ def dataset_plan(
     }
 
 
+def match_anisotropy(
+    datasets: dict[str, dict[str, Any]], fps: Mapping[str, Mapping[str, Any]], topology_spacing: list[float]
+) -> list[str]:
+    """Resample thick-slice datasets along their coarse axis to the shared network's anisotropy, in place; returns
+    the names of the datasets changed.
+
+    A dataset whose target spacing has a coarse axis (more than ``ANISOTROPY_THRESHOLD`` times its finest) that the
+    network, planned at ``topology_spacing``, treats like the others (3×3×3 kernels, pooled from the first stage)
+    gets that axis at ``finest × topology[axis] / min(topology)``: the network's own ratio. nnU-Net keeps such
+    data at its spacing because it plans a network for it alone; a network shared with isotropic datasets sees
+    10 mm slices through kernels meant for 2 mm (ACDC on mri7 stayed near Dice 0.4; BENCHMARKS.md). The axis keeps
+    nnU-Net's separate resampling (nearest neighbour across slices), so no structure is invented between them."""
+    topo = np.asarray(topology_spacing, dtype=np.float64)
+    changed = []
+    for name, plan in datasets.items():
+        target = np.asarray(plan["target_spacing"], dtype=np.float64)
+        axis = _separate_axis(target)
+        if axis is None or _separate_axis(topo) == axis:
+            continue
+        matched = round(float(target.min() * topo[axis] / topo.min()), 6)
+        if matched >= target[axis]:
+            continue
+        old = float(target[axis])
+        target[axis] = matched
+        spacings = np.asarray(fps[name]["spacings"], dtype=np.float64)
+        shapes = np.asarray(fps[name]["shapes_cropped"], dtype=np.float64)
+        resampled = np.array([new_shape_for(c, sp, target) for c, sp in zip(shapes, spacings, strict=True)])
+        plan["target_spacing"] = [float(t) for t in target]
+        plan["median_shape"] = [int(np.round(v)) for v in np.median(resampled, 0)]
+        plan["spacing_note"] = (
+            f"axis {axis} resampled from {old:g} to {matched:g} mm: its {old / target.min():.1f}x thick slices would "
+            f"meet a network planned near-isotropic (topology spacing {[round(float(t), 3) for t in topo]} mm); "
+            "plan --anisotropy keep keeps them"
+        )
+        changed.append(name)
+    return changed
+
+
 # --------------------------------------------------------------------------------------------- network plan
 @dataclass(frozen=True)
 class DevicePreset:
@@ -629,10 +671,13 @@ def make_plans(
     ct_normalization: str = "percentile",
     mr_clip_percentiles: tuple[float, float] | None = None,
     topology_spacing: str = "median",
+    anisotropy: str = "match",
 ) -> dict[str, Any]:
     """Plans (see the module docstring) from a fingerprint of ``opened``'s datasets; the options as for
     :func:`plan`."""
     mr_clip = _check_options(device, memory_budget_gb, common_spacing, ct_normalization, mr_clip_percentiles)
+    if anisotropy not in ANISOTROPIES:
+        raise MosaicSegError(f"anisotropy {anisotropy!r} is unknown. Fix: use one of {', '.join(ANISOTROPIES)}.")
     fps = fingerprint.get("datasets", {})
     missing = [e.name for e in opened.config.datasets if e.name not in fps]
     if missing:
@@ -654,18 +699,28 @@ def make_plans(
         n: dataset_plan(fps[n], opened.vocabulary.dataset_modality[n], common_spacing, ct_normalization, mr_clip)
         for n in names
     }
-    total_voxels = sum(fps[n]["n_cases"] * math.prod(datasets[n]["median_shape"]) for n in names)
-    network = plan_network(
-        datasets,
-        dim,
-        device,
-        memory_budget_gb,
-        common_spacing,
-        in_channels=max(len(fps[n]["channel_names"]) for n in names),
-        out_channels=opened.vocabulary.num_tasks,
-        total_voxels=total_voxels,
-        topology_spacing=topology_spacing,
-    )
+
+    def network_plan() -> dict[str, Any]:
+        total_voxels = sum(fps[n]["n_cases"] * math.prod(datasets[n]["median_shape"]) for n in names)
+        return plan_network(
+            datasets,
+            dim,
+            device,
+            memory_budget_gb,
+            common_spacing,
+            in_channels=max(len(fps[n]["channel_names"]) for n in names),
+            out_channels=opened.vocabulary.num_tasks,
+            total_voxels=total_voxels,
+            topology_spacing=topology_spacing,
+        )
+
+    network = network_plan()
+    # a matched dataset changes the median spacing the network is planned at: plan again until nothing changes
+    # (a matched axis only gets finer, so this ends; three rounds are plenty)
+    for _ in range(3 if anisotropy == "match" else 0):
+        if not match_anisotropy(datasets, fps, network["topology_spacing"]):
+            break
+        network = network_plan()
     plans = {
         "version": PLANS_VERSION,
         "collection": opened.config.to_dict(),
@@ -694,6 +749,7 @@ def plan(
     progress: bool = True,
     network: Mapping[str, Any] | None = None,
     topology_spacing: str = "median",
+    anisotropy: str = "match",
 ) -> dict[str, Any]:
     """Fingerprint ``collection`` (reusing an earlier fingerprint in ``workdir`` for unchanged datasets), derive
     plans and write ``collection.json``, ``vocabulary.json``, ``fingerprint.json`` and ``plans.json`` into
@@ -705,9 +761,10 @@ def plan(
     ``0 <= lo < hi <= 100`` clips grey-level images to their percentiles before the z-score (default: none,
     as nnU-Net). A changed normalisation changes the dataset's plan, so ``preprocess`` redoes its cases.
     ``topology_spacing``: ``median`` or ``max``, the spacing the network's anisotropy is decided at
-    (:func:`plan_network`). ``network``: another plan's ``network`` section to use instead of sizing one
-    (fine-tuning: the pre-trained model's, so that its weights fit); it must have the collection's number of
-    spatial dimensions."""
+    (:func:`plan_network`). ``anisotropy``: ``match`` resamples thick-slice datasets to the network's anisotropy
+    (:func:`match_anisotropy`), ``keep`` leaves them at their own spacing. ``network``: another plan's ``network``
+    section to use instead of sizing one (fine-tuning: the pre-trained model's, so that its weights fit); it must
+    have the collection's number of spatial dimensions; thick-slice datasets are matched to it."""
     mr_clip = _check_options(device, memory_budget_gb, common_spacing, ct_normalization, mr_clip_percentiles)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -718,7 +775,15 @@ def plan(
     previous = read_json(fp_path, damaged) if fp_path.is_file() else None
     fingerprint = compute_fingerprint(opened, workers=workers, progress=progress, reuse=previous)
     plans = make_plans(
-        fingerprint, opened, device, memory_budget_gb, common_spacing, ct_normalization, mr_clip, topology_spacing
+        fingerprint,
+        opened,
+        device,
+        memory_budget_gb,
+        common_spacing,
+        ct_normalization,
+        mr_clip,
+        topology_spacing,
+        anisotropy,
     )
     if network is not None:
         if len(network["patch_size"]) != plans["dim"]:
@@ -729,6 +794,13 @@ def plan(
             )
         own = plans["network"]
         plans["network"] = {**network, "in_channels": own["in_channels"], "out_channels": own["out_channels"]}
+        if anisotropy == "match" and common_spacing is None and "topology_spacing" in network:
+            # matched against the collection's own network above: re-derived from the fingerprint for this one
+            own_spacing = make_plans(
+                fingerprint, opened, device, memory_budget_gb, None, ct_normalization, mr_clip, topology_spacing, "keep"
+            )["datasets"]
+            match_anisotropy(own_spacing, fingerprint["datasets"], list(network["topology_spacing"]))
+            plans["datasets"] = own_spacing
     if plans_path.is_file() and not overwrite:
         existing = read_json(plans_path, damaged)
         if existing != plans:
