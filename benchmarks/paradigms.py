@@ -463,7 +463,9 @@ def report(r: dict[str, Any]) -> list[str]:
         + f"; {s['training']}; every multi-dataset paradigm {s['iterations_multi']} "
         f"iterations, `single` {s['iterations_single']} on each dataset; fold {s['fold']}, seeds {s['seeds']}; "
         f"validation pseudo-Dice (mean ± sd over seeds) on every held-out case, final checkpoint; `clip`: "
-        f"{s['clip_embeddings']}.",
+        f"{s['clip_embeddings']}. ACDC is planned at its own 10 mm slices (`plan --anisotropy keep`: the steps "
+        "were measured before `plan` matched thick slices to the network; the anisotropy study measures what "
+        "matching changes).",
         "",
         "| dataset | " + " | ".join(label[n] for n in names) + " |",
         "|---|" + "---|" * len(names),
