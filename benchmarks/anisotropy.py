@@ -91,19 +91,22 @@ def study_anisotropy() -> dict[str, Any]:
     ledger = Ledger("anisotropy")
     runs: dict[str, Any] = {}
     plans: dict[str, Any] = {}
+    workdirs, cases = {}, {}
     for mode in MODES:
-        workdir = _workdir(mode)
-        plan = json.loads((workdir / "plans.json").read_text())
-        cases = held_out_cases(workdir, DATASET)[: 2 if QUICK else None]
+        workdirs[mode] = _workdir(mode)
+        plan = json.loads((workdirs[mode] / "plans.json").read_text())
+        cases[mode] = held_out_cases(workdirs[mode], DATASET)[: 2 if QUICK else None]
         plans[mode] = {
             "spacing": plan["datasets"][DATASET]["target_spacing"],
             "median_shape": plan["datasets"][DATASET]["median_shape"],
             "network": {k: plan["network"][k] for k in ("patch_size", "features", "strides", "topology_spacing")},
         }
-        for seed in seeds:
-            setting = {"mode": mode, "iterations": iterations, "seed": seed, "cases": cases, **plans[mode]}
-            entry = ledger.step(f"{mode}_s{seed}", setting, partial(_run, workdir, iterations, seed, cases))
-            runs[f"{mode}_s{seed}"] = {**entry, "mode": mode}
+    # seed by seed: a study stopped half-way has both plans at the first seed to compare
+    for seed in seeds:
+        for mode in MODES:
+            setting = {"mode": mode, "iterations": iterations, "seed": seed, "cases": cases[mode], **plans[mode]}
+            step = partial(_run, workdirs[mode], iterations, seed, cases[mode])
+            runs[f"{mode}_s{seed}"] = {**ledger.step(f"{mode}_s{seed}", setting, step), "mode": mode}
     return {
         "setting": {"iterations": iterations, "seeds": list(seeds), "plans": plans},
         "runs": runs,
