@@ -140,6 +140,7 @@ def plan(
 ) -> None:
     """Check the datasets, fingerprint them, write editable plans (JSON) and, unless told not to, preprocess."""
     from mosaicseg.config import PLAN_PRESETS, apply_preset
+    from mosaicseg.data.fingerprint import ANISOTROPIES
     from mosaicseg.data.fingerprint import plan as make_plan
     from mosaicseg.data.preprocess import check_percentiles
     from mosaicseg.data.preprocess import preprocess as run_preprocess
@@ -162,8 +163,8 @@ def plan(
         raise MosaicSegError(f"--ct-normalization {ct_normalization!r} is unknown. Fix: use percentile or fixed.")
     if device not in ("cpu", "cuda"):
         raise MosaicSegError(f"--device {device!r} is unknown. Fix: use cpu or cuda.")
-    if anisotropy not in ("match", "keep"):
-        raise MosaicSegError(f"--anisotropy {anisotropy!r} is unknown. Fix: use match or keep.")
+    if anisotropy not in ANISOTROPIES:
+        raise MosaicSegError(f"--anisotropy {anisotropy!r} is unknown. Fix: use one of {', '.join(ANISOTROPIES)}.")
     if mr_clip_percentiles is not None:
         check_percentiles(mr_clip_percentiles, "--mr-clip-percentiles")
     t0 = time.perf_counter()

@@ -53,7 +53,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -401,6 +401,14 @@ def normalization_plan(
     return out
 
 
+def _median_shape(fp: Mapping[str, Any], target: Sequence[float]) -> list[int]:
+    """The median shape of a dataset's cropped cases resampled to ``target`` spacing."""
+    spacings = np.asarray(fp["spacings"], dtype=np.float64)
+    shapes = np.asarray(fp["shapes_cropped"], dtype=np.float64)
+    resampled = np.array([new_shape_for(c, sp, target) for c, sp in zip(shapes, spacings, strict=True)])
+    return [int(np.round(v)) for v in np.median(resampled, 0)]
+
+
 def dataset_plan(
     fp: dict[str, Any],
     modality: str,
@@ -414,11 +422,10 @@ def dataset_plan(
     target, separate = target_spacing(spacings, shapes)
     if common_spacing is not None:
         target = [float(common_spacing)] * spacings.shape[1]
-    resampled = np.array([new_shape_for(s, sp, target) for s, sp in zip(shapes, spacings, strict=True)])
     return {
         "target_spacing": [float(t) for t in target],
         "original_median_spacing": np.median(spacings, 0).tolist(),
-        "median_shape": [int(np.round(v)) for v in np.median(resampled, 0)],
+        "median_shape": _median_shape(fp, target),
         "separate_axis": separate,
         "normalization": normalization_plan(fp, modality, ct_normalization, mr_clip_percentiles),
         "image_order": 3,
@@ -450,11 +457,8 @@ def match_anisotropy(
             continue
         old = float(target[axis])
         target[axis] = matched
-        spacings = np.asarray(fps[name]["spacings"], dtype=np.float64)
-        shapes = np.asarray(fps[name]["shapes_cropped"], dtype=np.float64)
-        resampled = np.array([new_shape_for(c, sp, target) for c, sp in zip(shapes, spacings, strict=True)])
         plan["target_spacing"] = [float(t) for t in target]
-        plan["median_shape"] = [int(np.round(v)) for v in np.median(resampled, 0)]
+        plan["median_shape"] = _median_shape(fps[name], target)
         plan["spacing_note"] = (
             f"axis {axis} resampled from {old:g} to {matched:g} mm: its {old / target.min():.1f}x thick slices would "
             f"meet a network planned near-isotropic (topology spacing {[round(float(t), 3) for t in topo]} mm); "
