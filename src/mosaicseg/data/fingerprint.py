@@ -676,9 +676,10 @@ def make_plans(
     mr_clip_percentiles: tuple[float, float] | None = None,
     topology_spacing: str = "median",
     anisotropy: str = "match",
+    given: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Plans (see the module docstring) from a fingerprint of ``opened``'s datasets; the options as for
-    :func:`plan`."""
+    :func:`plan` (``given`` is its ``network``)."""
     mr_clip = _check_options(device, memory_budget_gb, common_spacing, ct_normalization, mr_clip_percentiles)
     if anisotropy not in ANISOTROPIES:
         raise MosaicSegError(f"anisotropy {anisotropy!r} is unknown. Fix: use one of {', '.join(ANISOTROPIES)}.")
@@ -718,13 +719,30 @@ def make_plans(
             topology_spacing=topology_spacing,
         )
 
-    network = network_plan()
-    # a matched dataset changes the median spacing the network is planned at: plan again until nothing changes
-    # (a matched axis only gets finer, so this ends; three rounds are plenty)
-    for _ in range(3 if anisotropy == "match" else 0):
-        if not match_anisotropy(datasets, fps, network["topology_spacing"]):
-            break
+    if given is not None:
+        if len(given["patch_size"]) != dim:
+            raise MosaicSegError(
+                f"{opened.config.source or opened.config.name}: the data is {dim}D but the pre-trained network is "
+                f"{len(given['patch_size'])}D (patch {list(given['patch_size'])}); its weights cannot be used. "
+                f"Fix: fine-tune a {dim}D model, or train this data from scratch with mosaicseg train."
+            )
+        channels = {
+            "in_channels": max(len(fps[n]["channel_names"]) for n in names),
+            "out_channels": opened.vocabulary.num_tasks,
+        }
+        network = {**given, **channels}
+        # the pre-trained network is fixed: thick slices are matched to its topology once (an older plan without
+        # topology_spacing leaves them as they are)
+        if anisotropy == "match" and common_spacing is None and "topology_spacing" in given:
+            match_anisotropy(datasets, fps, list(given["topology_spacing"]))
+    else:
         network = network_plan()
+        # a matched dataset changes the median spacing the network is planned at: plan again until nothing changes
+        # (a matched axis only gets finer, so this ends; three rounds are plenty)
+        for _ in range(3 if anisotropy == "match" else 0):
+            if not match_anisotropy(datasets, fps, network["topology_spacing"]):
+                break
+            network = network_plan()
     plans = {
         "version": PLANS_VERSION,
         "collection": opened.config.to_dict(),
@@ -788,23 +806,8 @@ def plan(
         mr_clip,
         topology_spacing,
         anisotropy,
+        network,
     )
-    if network is not None:
-        if len(network["patch_size"]) != plans["dim"]:
-            raise MosaicSegError(
-                f"{collection}: the data is {plans['dim']}D but the pre-trained network is "
-                f"{len(network['patch_size'])}D (patch {list(network['patch_size'])}); its weights cannot be used. "
-                f"Fix: fine-tune a {plans['dim']}D model, or train this data from scratch with mosaicseg train."
-            )
-        own = plans["network"]
-        plans["network"] = {**network, "in_channels": own["in_channels"], "out_channels": own["out_channels"]}
-        if anisotropy == "match" and common_spacing is None and "topology_spacing" in network:
-            # matched against the collection's own network above: re-derived from the fingerprint for this one
-            own_spacing = make_plans(
-                fingerprint, opened, device, memory_budget_gb, None, ct_normalization, mr_clip, topology_spacing, "keep"
-            )["datasets"]
-            match_anisotropy(own_spacing, fingerprint["datasets"], list(network["topology_spacing"]))
-            plans["datasets"] = own_spacing
     if plans_path.is_file() and not overwrite:
         existing = read_json(plans_path, damaged)
         if existing != plans:
