@@ -56,8 +56,10 @@ from benchmarks.common import (
     SHARED,
     WORK,
     evaluate,
+    finished,
     held_out_cases,
     held_out_links,
+    last_metrics,
     link_all,
     plain_network,
     run_cli,
@@ -262,13 +264,6 @@ def _paradigm_run_name(recipe: str, dataset: str | None, seed: int, precision: s
     return f"{recipe}{'_' + dataset if dataset else ''}_s{seed}{'' if precision == 'auto' else '_' + precision}"
 
 
-def _last_metrics(run: Path) -> dict[str, Any]:
-    """The last line of a run's ``metrics.jsonl`` (empty before its first epoch): ``elapsed_s`` is the training
-    time of every resumed segment together."""
-    metrics = run / "metrics.jsonl"
-    return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
-
-
 def _train_paradigm(
     workdir: Path, recipe: str, dataset: str | None, iterations: int, seed: int, precision: str = "auto"
 ) -> dict[str, Any]:
@@ -300,13 +295,13 @@ def _train_paradigm(
     ]
     name = _paradigm_run_name(recipe, dataset, seed, precision)
     run = workdir / "runs" / name
-    if not ((run / "checkpoint_final.pt").is_file() and _last_metrics(run).get("iteration") == iterations):
+    if not finished(run, iterations):
         args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(iterations), "--seed", str(seed)]
         args += ["-o", str(run), *common, *(["--dataset", dataset] if dataset else [])]
         if (run / "checkpoint_latest.pt").is_file():
             args.append("--resume")
         run_cli(args, WORK / "logs" / f"brain4_{name}.log")
-    final = _last_metrics(run)
+    final = last_metrics(run)
     # elapsed_s sums the training time of every resumed segment
     return {
         "recipe": recipe,
@@ -497,8 +492,8 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
         rows["predict_s"]["ensemble"] += sum(e.seconds for e in ens)
     # from the very runs timed above (not paradigms.json, which may hold an earlier study's runs)
     train = {
-        "universal": _last_metrics(runs / "universal_s0")["elapsed_s"],
-        "ensemble": sum(_last_metrics(runs / f"single_{d}_s0")["elapsed_s"] for d in BRAIN4),
+        "universal": last_metrics(runs / "universal_s0")["elapsed_s"],
+        "ensemble": sum(last_metrics(runs / f"single_{d}_s0")["elapsed_s"] for d in BRAIN4),
     }
     return {
         "setting": f"first {cases_per_dataset} held-out cases of each of {', '.join(of)}; all tasks of all "

@@ -23,7 +23,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, ROOT, WORK, Ledger, evaluate, held_out_cases, held_out_links, run_cli
+from benchmarks.common import (
+    QUICK,
+    ROOT,
+    WORK,
+    Ledger,
+    evaluate,
+    finished,
+    held_out_cases,
+    held_out_links,
+    last_metrics,
+    run_cli,
+)
 from benchmarks.common import mean_sd as _ms
 
 MRI7 = ROOT / "collections" / "mri7.yaml"
@@ -50,15 +61,10 @@ def _workdir(mode: str) -> Path:
     return workdir
 
 
-def _last(run: Path) -> dict[str, Any]:
-    metrics = run / "metrics.jsonl"
-    return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
-
-
 def _run(workdir: Path, iterations: int, seed: int, cases: list[str]) -> dict[str, Any]:
     """Train (or resume, or reuse) one single ACDC model; predict and score the held-out ``cases``."""
     run = workdir / "runs" / f"single_ACDC_s{seed}_{iterations}it"
-    if not ((run / "checkpoint_final.pt").is_file() and _last(run).get("iteration") == iterations):
+    if not finished(run, iterations):
         args = ["train", str(workdir), "--recipe", "single", "--dataset", DATASET, "--iterations", str(iterations),
                 "--seed", str(seed), "--fold", "0", "--device", "cpu", "--iterations-per-epoch",
                 str(min(100, iterations)), "--val-every", "100000", "--val-max-cases", "2" if QUICK else "0",
@@ -66,7 +72,7 @@ def _run(workdir: Path, iterations: int, seed: int, cases: list[str]) -> dict[st
         if (run / "checkpoint_latest.pt").is_file():
             args.append("--resume")
         run_cli(args, WORK / "logs" / f"anisotropy_{workdir.name}_s{seed}.log")
-    final = _last(run)
+    final = last_metrics(run)
     base = run / "heldout"
     images, labels = held_out_links(DATASET, cases, base)
     predicted = run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(base / "pred"), "--dataset",

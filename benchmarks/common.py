@@ -90,6 +90,18 @@ class CliRun(NamedTuple):
     peak_rss_mb: float
 
 
+def last_metrics(run: Path) -> dict[str, Any]:
+    """The last line of a run's ``metrics.jsonl`` (empty before its first epoch): ``elapsed_s`` is the training
+    time of every resumed segment together."""
+    metrics = run / "metrics.jsonl"
+    return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
+
+
+def finished(run: Path, iterations: int) -> bool:
+    """Whether ``run`` ended at ``iterations`` (a final checkpoint of a shorter or longer run does not count)."""
+    return (run / "checkpoint_final.pt").is_file() and last_metrics(run).get("iteration") == iterations
+
+
 def run_study(name: str, fn: Callable[[], dict[str, Any]], force: bool = False) -> dict[str, Any]:
     """Run ``fn`` unless ``results/NAME.json`` exists (studies are resumable one finished study at a time)."""
     path = RESULTS / f"{name}.json"

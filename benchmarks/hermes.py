@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, WORK, Ledger, run_cli
+from benchmarks.common import QUICK, WORK, Ledger, finished, last_metrics, run_cli
 from benchmarks.convergence import _plan
 
 # the paper ran its ablation (Table 4) on the ResUNet-Small backbone: the residual-encoder U-Net at half width
@@ -44,12 +44,7 @@ def _run(workdir: Path, name: str, options: list[str], iterations: int, seed: in
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
     # the backbone in the folder name: runs of another backbone are never resumed as these
     run = workdir / "runs" / f"hermes-ablation-{BACKBONE[1]}-{BACKBONE[3]}" / f"{slug}_s{seed}"
-    metrics = run / "metrics.jsonl"
-
-    def last() -> dict[str, Any]:
-        return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
-
-    if not ((run / "checkpoint_final.pt").is_file() and last().get("iteration") == iterations):
+    if not finished(run, iterations):
         args = ["train", str(workdir), "--recipe", "hermes", "--fold", "0", "--seed", str(seed), "--device", "cpu",
                 "--iterations", str(iterations), "--iterations-per-epoch", str(min(100, iterations)),
                 "--val-every", "100000", "--val-max-cases", "2" if QUICK else "0", "--val-mode", "cases",
@@ -62,7 +57,7 @@ def _run(workdir: Path, name: str, options: list[str], iterations: int, seed: in
     import torch
 
     state = torch.load(run / "checkpoint_final.pt", map_location="cpu", weights_only=True)["model"]
-    final = last()
+    final = last_metrics(run)
     return {
         "seed": seed,
         "train_s": final["elapsed_s"],

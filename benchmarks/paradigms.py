@@ -35,8 +35,10 @@ from benchmarks.common import (
     SHARED,
     WORK,
     Ledger,
+    finished,
     held_out_cases,
     held_out_links,
+    last_metrics,
     link_preprocessed,
     run_cli,
 )
@@ -81,16 +83,11 @@ def _clip_embeddings(workdir: Path) -> Path:
     return path
 
 
-def _last(run: Path) -> dict[str, Any]:
-    metrics = run / "metrics.jsonl"
-    return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
-
-
 def _train(workdir: Path, recipe: str, dataset: str | None, iterations: int, seed: int) -> dict[str, Any]:
     # the iterations in the name: a study re-run at another length keeps the runs of the first
     name = f"{recipe}{'_' + dataset.split('_')[0] if dataset else ''}_s{seed}_{iterations}it"
     run = workdir / "runs" / name
-    if not ((run / "checkpoint_final.pt").is_file() and _last(run).get("iteration") == iterations):
+    if not finished(run, iterations):
         args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(iterations), "--seed", str(seed),
                 "--fold", "0", "--device", "cpu", "--iterations-per-epoch", str(min(100, iterations)),
                 "--val-every", "100000", "--val-max-cases", "2" if QUICK else "0", "--val-mode", "cases",
@@ -107,7 +104,7 @@ def _train(workdir: Path, recipe: str, dataset: str | None, iterations: int, see
         peak = done.peak_rss_mb
     else:
         peak = None  # reused: its process is gone
-    final = _last(run)
+    final = last_metrics(run)
     return {
         "recipe": recipe,
         "dataset": dataset,

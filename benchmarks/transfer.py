@@ -29,7 +29,7 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, ROOT, SHARED, WORK, Ledger, run_cli
+from benchmarks.common import QUICK, ROOT, SHARED, WORK, Ledger, finished, last_metrics, run_cli
 from benchmarks.common import mean_sd as _ms
 
 MRI5 = ROOT / "collections" / "mri5.yaml"
@@ -49,18 +49,9 @@ def _area() -> Path:
     return WORK / "transfer"
 
 
-def _last(run: Path) -> dict[str, Any]:
-    metrics = run / "metrics.jsonl"
-    return json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
-
-
-def _done(run: Path, iterations: int) -> bool:
-    return (run / "checkpoint_final.pt").is_file() and _last(run).get("iteration") == iterations
-
-
 def _run(args: list[str], run: Path, iterations: int, log: str) -> None:
     """``mosaicseg ARGS -o RUN`` unless RUN finished; resumed where it stopped."""
-    if _done(run, iterations):
+    if finished(run, iterations):
         return
     resume = ["--resume"] if (run / "checkpoint_latest.pt").is_file() else []
     run_cli([*args, "-o", str(run), *resume], _area() / "logs" / f"{log}.log")
@@ -170,14 +161,14 @@ def _trio_b(source: Callable[[], Path], iterations: int, seed: int, size: int | 
         trained = json.loads((run / "train_cases.json").read_text())
         out[mode] = {
             "mode": mode, "cases": size, "seed": seed, "run": str(run),
-            "dice": _last(run)["val_dice"][HERMES_TARGET], "train_cases": len(trained),
+            "dice": last_metrics(run)["val_dice"][HERMES_TARGET], "train_cases": len(trained),
         }  # fmt: skip
     return out
 
 
 def _source_record(pretrained: Callable[[], Path]) -> dict[str, Any]:
     """The pre-trained model's own final validation pseudo-Dice per pre-training dataset: how good a start it is."""
-    last = _last(pretrained())
+    last = last_metrics(pretrained())
     return {"iteration": last["iteration"], "val_dice": last["val_dice"], "val_mean": last["val_mean"]}
 
 
