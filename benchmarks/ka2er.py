@@ -176,8 +176,14 @@ def _expert_rows(
         rows[f"expert/{dataset}"] = _scores(out, labels, dataset)
         cost["experts_s"] += expert_cost["seconds"] / len(cases)
         cost["experts_rss_mb"] = max(cost["experts_rss_mb"], expert_cost["peak_rss_mb"])
-    ood = generalisation(workdir, Path(trained["experts"]["limbic"]["run"]), ood_cases)["mean"]
-    return {"rows": rows, "cost": cost, "ood": ood}
+    ood = generalisation(Path(trained["experts"]["limbic"]["run"]), ood_cases, _control_cases(workdir, ood_cases))
+    return {"rows": rows, "cost": cost, "ood": ood["mean"], "ood_control": ood["control"]["mean"]}
+
+
+def _control_cases(workdir: Path, ood_cases: list[str]) -> list[str]:
+    """As many held-out Dataset003 cases as ``ood_cases``: the in-domain control of the out-of-domain score
+    (:func:`benchmarks.paradigms.generalisation`)."""
+    return held_out_cases(workdir, SUBTASKS["limbic"])[: len(ood_cases)]
 
 
 def _seed_rows(
@@ -208,11 +214,12 @@ def _seed_rows(
             if mode == "none":
                 cost["student_s"] += student_cost["seconds"] / len(cases)
                 cost["student_rss_mb"] = max(cost["student_rss_mb"], student_cost["peak_rss_mb"])
-    ood = {
-        f"universal_s{seed}": generalisation(workdir, universal, ood_cases)["mean"],
-        f"ka2er_s{seed}": generalisation(workdir, student, ood_cases)["mean"],
-    }
-    return {"rows": rows, "ood": ood, "cost": cost if measure_cost else None}
+    control = _control_cases(workdir, ood_cases)
+    scored = {f"{name}_s{seed}": generalisation(run, ood_cases, control) for name, run in (("universal", universal),
+              ("ka2er", student))}  # fmt: skip
+    ood = {k: v["mean"] for k, v in scored.items()}
+    ood_control = {k: v["control"]["mean"] for k, v in scored.items()}
+    return {"rows": rows, "ood": ood, "ood_control": ood_control, "cost": cost if measure_cost else None}
 
 
 def study_ka2er() -> dict[str, Any]:
@@ -234,6 +241,7 @@ def study_ka2er() -> dict[str, Any]:
     expert_step = ledger.step("experts", base, partial(_expert_rows, workdir, experts, n_cases, ood_cases))
     rows = dict(expert_step["rows"])
     ood = {"expert": expert_step["ood"]}
+    ood_control = {"expert": expert_step["ood_control"]}
     cost = {**expert_step["cost"], "student_s": 0.0, "student_rss_mb": 0.0}
     for seed in seeds:
         setting = {**base, "student_iterations": s_its, "seed": seed}
@@ -241,6 +249,7 @@ def study_ka2er() -> dict[str, Any]:
         measured = ledger.step(f"s{seed}", setting, step)
         rows.update(measured["rows"])
         ood.update(measured["ood"])
+        ood_control.update(measured["ood_control"])
         if measured["cost"] is not None:
             cost.update(measured["cost"])
     return {
@@ -257,6 +266,7 @@ def study_ka2er() -> dict[str, Any]:
         "datasets": list(SUBTASKS.values()),
         "rows": rows,
         "ood": ood,
+        "ood_control": ood_control,
         "cost": cost,
         "commits": ledger.commits(),
     }
@@ -299,13 +309,15 @@ def report(r: dict[str, Any]) -> list[str]:
         student = [rows[f"ka2er_none_s{x}/{d}"]["dice"] for x in seeds if f"ka2er_none_s{x}/{d}" in rows]
         if student and expert.get("dice") is not None:
             claim.append((d, statistics.mean(student) - expert["dice"]))
-    ood = r["ood"]
+    ood, control = r["ood"], r["ood_control"]
     student_ood = statistics.mean([ood[f"ka2er_s{x}"] for x in seeds])
     lines += [
         "",
         f"Out of domain (Dataset003's hippocampus on {s['ood_cases']} Dataset001 crops, Dice of L ∪ R): expert "
         f"{ood['expert']:.3f}, universal {_ms([ood[f'universal_s{x}'] for x in seeds])}, ka2er "
-        f"{_ms([ood[f'ka2er_s{x}'] for x in seeds])}.",
+        f"{_ms([ood[f'ka2er_s{x}'] for x in seeds])}. In domain, on as many Dataset003 cases cropped to those crops' "
+        f"extent (the control): expert {control['expert']:.3f}, universal "
+        f"{_ms([control[f'universal_s{x}'] for x in seeds])}, ka2er {_ms([control[f'ka2er_s{x}'] for x in seeds])}.",
         "",
         f"Cost per case (one held-out case per dataset): the student alone {r['cost']['student_s']:.1f} s (peak RSS "
         f"{r['cost']['student_rss_mb']:.0f} MB) against every expert {r['cost']['experts_s']:.1f} s (largest peak "

@@ -541,8 +541,11 @@ def test_ka2er_report_checks_the_claim_in_and_out_of_domain() -> None:
     setting = {"expert_iterations": 10, "student_iterations": 20, "nnunet_iterations": 5, "seeds": [0, 1],
                "nnunet_network": nn_net, "network": {}, "cases": 2, "ood_cases": 3}  # fmt: skip
     ood = {"expert": 0.5, "universal_s0": 0.6, "universal_s1": 0.6, "ka2er_s0": 0.7, "ka2er_s1": 0.7}
+    control = {"expert": 0.8, "universal_s0": 0.75, "universal_s1": 0.77, "ka2er_s0": 0.7, "ka2er_s1": 0.7}
     cost = {"student_s": 1.0, "experts_s": 5.0, "student_rss_mb": 100.0, "experts_rss_mb": 200.0}
-    text = "\n".join(report({"setting": setting, "datasets": [a, b], "rows": rows, "ood": ood, "cost": cost}))
+    r = {"setting": setting, "datasets": [a, b], "rows": rows, "ood": ood, "ood_control": control, "cost": cost}
+    text = "\n".join(report(r))
+    assert "(the control): expert 0.800, universal 0.760 ± 0.014, ka2er 0.700 ± 0.000." in text
     assert f"| {a} | 0.800 / 3.0 | 0.700 ± 0.000 / 5.000 ± 0.000 | 0.790 ± 0.000 / 3.500 ± 0.000 |" in text
     assert f"| {b} | 0.900 / – |" in text
     assert "largest-connected-component post-processing" in text
