@@ -117,7 +117,7 @@ def study_hippocampus() -> dict[str, Any]:
     images, labels = held_out_links(dataset, cases, WORK / "hippo_heldout")
     pred = WORK / "hippo_pred"
     t_pred = run_cli(
-        ["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--overwrite"],
+        ["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--no-largest-component", "--overwrite"],
         WORK / "logs" / "hippo_predict.log",
     ).seconds
     scores = evaluate(pred, labels, dataset, WORK / "logs" / "hippo_eval.log")
@@ -223,7 +223,7 @@ def study_predict() -> dict[str, Any]:
         images = sorted((SHARED / images_of / "imagesTr").glob("*_0000.nii.gz"))[:n]
         folder = link_all(images, WORK / f"predict_{images_of}" / "images")
         pred = WORK / f"predict_{images_of}" / f"pred_{len(out)}"
-        args = ["predict", "-m", str(run), "-i", str(folder), "-o", str(pred), "--overwrite"]
+        args = ["predict", "-m", str(run), "-i", str(folder), "-o", str(pred), "--no-largest-component", "--overwrite"]
         args += ["--dataset", plan_dataset] + (["--tta"] if tta else [])
         if run == universal:
             args += ["--tasks", "all"]
@@ -451,6 +451,7 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
         uni = run_cli(
             [
                 "predict",
+                "--no-largest-component",
                 "-m",
                 str(runs / "universal_s0"),
                 "-i",
@@ -469,6 +470,7 @@ def study_ensemble(cases_per_dataset: int = 2) -> dict[str, Any]:
             run_cli(
                 [
                     "predict",
+                    "--no-largest-component",
                     "-m",
                     str(runs / f"single_{d}_s0"),
                     "-i",
@@ -520,7 +522,19 @@ def study_memory() -> dict[str, Any]:
             ["train", str(workdir), "--recipe", "single", "--fold", "all", "--iterations", "1", "-o", str(run)],
             WORK / "logs" / "memory_train.log",
         )
-    args = ["predict", "-m", str(run), "-i", str(image), "-o", str(root / "pred"), "--overwrite", "--tasks", "all"]
+    args = [
+        "predict",
+        "-m",
+        str(run),
+        "-i",
+        str(image),
+        "-o",
+        str(root / "pred"),
+        "--no-largest-component",
+        "--overwrite",
+        "--tasks",
+        "all",
+    ]
     done = run_cli(args, WORK / "logs" / "memory_predict.log")
     plans = json.loads((workdir / "plans.json").read_text())
     return {

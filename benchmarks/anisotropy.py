@@ -76,7 +76,7 @@ def _run(workdir: Path, iterations: int, seed: int, cases: list[str]) -> dict[st
     base = run / "heldout"
     images, labels = held_out_links(DATASET, cases, base)
     predicted = run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(base / "pred"), "--dataset",
-                         DATASET, "--overwrite"], base / "predict.log")  # fmt: skip
+                         DATASET, "--no-largest-component", "--overwrite"], base / "predict.log")  # fmt: skip
     scored = evaluate(base / "pred", labels, DATASET, base / "evaluate.log")
     return {
         "seed": seed,

@@ -157,7 +157,7 @@ def _score(workdir: Path, run: Path, datasets: list[str], n_cases: int | None) -
         summary_path = pred / "summary.json"
         if not (summary_path.is_file() and summary_path.stat().st_mtime > final.stat().st_mtime):  # not scored yet
             run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", dataset,
-                     "--overwrite"], base / "predict.log")  # fmt: skip
+                     "--no-largest-component", "--overwrite"], base / "predict.log")  # fmt: skip
             evaluate(pred, labels, dataset, base / "evaluate.log")
         out[dataset] = {label: v["dice"]["mean"] for label, v in evaluation(pred)["labels"].items()}
     return out

@@ -125,9 +125,11 @@ def _scores(pred: Path, labels: Path, dataset: str) -> dict[str, Any]:
 
 def _predict(model: Path, images: Path, out: Path, dataset: str, *extra: str) -> dict[str, float]:
     record = out / "cost.json"
+    # no post-processing unless asked for (the student's): the rows compare networks
+    flags = extra if "--largest-component" in extra else ("--no-largest-component", *extra)
     if not record.is_file():
         done = run_cli(["predict", "-m", str(model), "-i", str(images), "-o", str(out), "--dataset", dataset,
-                        "--overwrite", *extra], _log("predict"))  # fmt: skip
+                        "--overwrite", *flags], _log("predict"))  # fmt: skip
         record.write_text(json.dumps({"seconds": done.seconds, "peak_rss_mb": done.peak_rss_mb}))
     return json.loads(record.read_text())
 

@@ -318,7 +318,7 @@ def _one_dataset(
     def ms_predict(tag: str, tta: bool) -> dict[str, Any]:
         run = Path(steps.data[f"{dataset}/mosaicseg_train_{tag}"]["run"])
         pred = root / f"pred_{dataset}_mosaicseg_{tag}{'_tta' if tta else ''}"
-        args = ["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--overwrite"]
+        args = ["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--no-largest-component", "--overwrite"]
         done = run_cli(args + (["--tta"] if tta else []), logs / f"ms_predict_{tag}.log")
         return {
             "s_per_case_incl_startup": done.seconds / len(cases),

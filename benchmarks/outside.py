@@ -55,7 +55,8 @@ def study_outside() -> dict[str, Any]:
         for mode in ("off", "on"):
             pred = base / mode
             run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", dataset,
-                     "--background-outside", mode, "--overwrite"], base / f"predict_{mode}.log")  # fmt: skip
+                     "--background-outside", mode, "--no-largest-component", "--overwrite"],
+                    base / f"predict_{mode}.log")  # fmt: skip
             scores[mode] = _scores(evaluate(pred, labels, dataset, base / f"evaluate_{mode}.log"))
         rule = rules[dataset]
         scores["auto"] = scores["on" if rule["background_outside_image"] else "off"]

@@ -129,7 +129,7 @@ def _predict_source_tasks(run: Path, images: Path, pred: Path, log: Path, expect
     tasks = [x for t in SOURCE_TASKS for x in ("--tasks", f"{SOURCE}/{t}")]
     if not all((pred / name).exists() for name in expected):
         run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(pred), "--dataset", SOURCE, *tasks,
-                 "--overwrite"], log)  # fmt: skip
+                 "--no-largest-component", "--overwrite"], log)  # fmt: skip
 
 
 def _scored(pred: Path, labels: list[Path], values: list[int], reference_values: list[int] | None) -> dict[str, Any]:
@@ -210,7 +210,8 @@ def _predict_cost(workdir: Path, run: Path, cases: list[str]) -> dict[str, Any]:
     record = base / "cost.json"
     if not record.is_file():
         done = run_cli(["predict", "-m", str(run), "-i", str(images), "-o", str(base / "pred"), "--dataset",
-                        COST_DATASET, "--tasks", "all", "--overwrite"], base / "predict.log")  # fmt: skip
+                        COST_DATASET, "--tasks", "all", "--no-largest-component", "--overwrite"],
+                       base / "predict.log")  # fmt: skip
         record.write_text(json.dumps({"s_per_case": done.seconds / len(cases), "peak_rss_mb": done.peak_rss_mb}))
     return json.loads(record.read_text())
 

@@ -323,3 +323,33 @@ def test_background_outside_the_imaged_region(run_3d, tiny_workdir_3d, tmp_path)
     result = CliRunner().invoke(app, bad)
     assert result.exit_code == 2 and "--background-outside" in result.output and "Fix:" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_largest_component_is_kept_per_task_as_asked():
+    # two tasks with the same two blobs (3 voxels and 1 voxel): only task 0 keeps just its largest
+    one = np.array([[0.9, 0.9, 0.9, 0.1, 0.9]], dtype=np.float32)
+    prob = np.stack([one, one])
+    maps = export_case(
+        prob, _identity_meta((1, 5)), {}, {}, [0.5, 0.5], largest_component=[True, False], keep_masks=True
+    )
+    np.testing.assert_array_equal(maps.masks[0], [[True, True, True, False, False]])
+    np.testing.assert_array_equal(maps.masks[1], [[True, True, True, False, True]])
+    assert maps.voxels == [3, 4]
+    with pytest.raises(ValueError, match="1 largest-component choices for 2 tasks"):
+        export_case(prob, _identity_meta((1, 5)), {}, {}, [0.5, 0.5], largest_component=[True])
+
+
+def test_the_largest_component_decision_by_hand():
+    from mosaicseg.inference.postprocess import decide_largest_component, ensemble_largest_component
+
+    plain = {"A": 0.70, "B": 0.80, "C": 0.50, "D": float("nan")}
+    kept = {"A": 0.75, "B": 0.60, "C": 0.50, "D": float("nan")}
+    decided = decide_largest_component(plain, kept, {"A": 3, "B": 3, "C": 2, "D": 2})
+    # only a rise counts: an equal Dice (C) or no evidence (D: nothing to find, nothing found) keeps the mask whole
+    assert {n: d["largest_component"] for n, d in decided.items()} == {"A": True, "B": False, "C": False, "D": False}
+    assert decided["A"] == {"largest_component": True, "dice": 0.70, "dice_largest_component": 0.75, "cases": 3}
+    other = decide_largest_component({"A": 0.7, "B": 0.5}, {"A": 0.6, "B": 0.9}, {"A": 3, "B": 3})
+    # an ensemble filters a task only where every fold decided so; a fold without decisions turns them all off
+    assert ensemble_largest_component([decided]) == {"A": True, "B": False, "C": False, "D": False}
+    assert ensemble_largest_component([decided, other]) == {"A": False, "B": False}
+    assert ensemble_largest_component([decided, None]) == {}

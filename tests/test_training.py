@@ -176,7 +176,7 @@ def _rows(run) -> list[dict]:
 
 
 def _fake_validation(monkeypatch, now: list[float], seconds: float) -> None:
-    def validate(self):
+    def validate(self, largest_component=False):
         now[0] += seconds  # a validation of ``seconds`` on the fake clock
         return {"val_dice": {}, "val_dice_tasks": {}, "val_mean": 0.5}
 
@@ -309,3 +309,63 @@ def test_validation_scores_each_datasets_own_task_rows(tiny_workdir_2d, tmp_path
     dice = trainer.validate()["val_dice"]
     later = [d for d in dice if trainer.vocabulary.dataset_tasks(d)[0][0] > 0]  # tasks not at rows 0..n-1
     assert later and all(dice[d] > 0 for d in later), dice
+
+
+def test_the_final_validation_decides_per_task_whether_predictions_keep_their_largest_component(
+    tiny_workdir_2d, tmp_path, monkeypatch
+):
+    import numpy as np
+
+    from mosaicseg.inference.predictor import Predictor
+
+    run = tmp_path / "run"
+    trainer = Trainer(
+        tiny_workdir_2d, _cfg(val_mode="cases", iterations=2, iterations_per_epoch=1), run, progress=False
+    )
+    voc = trainer.vocabulary
+    # two tasks of one dataset whose label values are apart (a region task holds several values)
+    d, (k0, _, v0), (k1, _, v1) = next(
+        (d, a, b)
+        for d in voc.datasets
+        for a in voc.dataset_tasks(d)
+        for b in voc.dataset_tasks(d)
+        if a[0] < b[0] and set(a[2]).isdisjoint(b[2])
+    )
+    rest = [t for t in voc.dataset_tasks(d) if t[0] not in (k0, k1)]
+    rows = {k: j for j, (k, _, _) in enumerate(voc.dataset_tasks(d))}
+    # task 0: its square found, plus a stray voxel pair (the filter helps); task 1: two true pieces (it hurts)
+    seg = np.zeros((16, 16), dtype=np.int16)
+    seg[2:8, 2:8] = v0[0]
+    seg[10:14, 10:14] = v1[0]
+    seg[0:2, 14:16] = v1[0]
+    logits = torch.full((len(voc.dataset_tasks(d)), 16, 16), -10.0)
+    logits[rows[k0]][torch.from_numpy(seg == v0[0])] = 10.0
+    logits[rows[k0], 12:14, 0] = 10.0
+    logits[rows[k1]][torch.from_numpy(seg == v1[0])] = 10.0
+    seen = []
+
+    def case_logits(dataset, cases, forward, task_ids):
+        seen.append(dataset)
+        yield logits.clone(), seg
+
+    monkeypatch.setattr(trainer, "_val_selection", lambda: {d: ["case"]})
+    monkeypatch.setattr(trainer, "_case_logits", case_logits)
+    monkeypatch.setattr(trainer, "validation_tiles", lambda: 1)
+    record = trainer.fit()
+    assert seen == [d, d]  # the end of epoch 1, then the final validation, which alone decides
+    name0, name1 = voc.tasks[k0].name, voc.tasks[k1].name
+    # Dice by hand: task 0 finds 36 of 36 with 2 extra voxels (72/74), 1.0 without them; task 1 finds 20 of 20
+    # (1.0), only 16 when its smaller piece goes (32/36)
+    assert record["val_dice_tasks_largest_component"][name0] == 1.0
+    assert record["val_dice_tasks"][name0] == pytest.approx(72 / 74)
+    assert record["val_dice_tasks_largest_component"][name1] == pytest.approx(32 / 36)
+    decided = json.loads((run / "postprocessing.json").read_text())["tasks"]
+    # the dataset's other tasks predicted nothing: the filter changes nothing there, so it stays off
+    want = {name0: True, name1: False, **{voc.tasks[k].name: False for k, _, _ in rest}}
+    assert {n: e["largest_component"] for n, e in decided.items()} == want
+    assert decided[name0]["cases"] == 1
+    assert load_checkpoint(run / "checkpoint_final.pt")["postprocessing"] == decided
+    predictor = Predictor.from_checkpoint(run)
+    assert predictor.task_largest_component([k0, k1], None) == [True, False]
+    assert predictor.task_largest_component([k0, k1], False) == [False, False]
+    assert predictor.task_largest_component([k1], True) == [True]

@@ -759,7 +759,14 @@ def predict(
     checkpoint: Annotated[str, typer.Option(help="final, latest or best")] = "final",
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation")] = False,
     save_probabilities: Annotated[bool, typer.Option(help="Also write per-task probability maps")] = False,
-    largest_component: Annotated[bool, typer.Option(help="Keep the largest connected component per task")] = False,
+    largest_component: Annotated[
+        bool | None,
+        typer.Option(
+            "--largest-component/--no-largest-component",
+            help="Keep only each task's largest connected component, or never (default: for the tasks where the "
+            "run's final validation found it raised the Dice; RUN/postprocessing.json)",
+        ),
+    ] = None,
     background_outside: Annotated[
         str,
         typer.Option(
@@ -862,6 +869,13 @@ def predict(
         + (f"; kept {len(report['skipped'])} existing (use --overwrite)" if report["skipped"] else "")
         + (f"; volumes in {output / 'statistics.csv'}" if statistics else "")
     )
+    if report["largest_component"] and report["largest_component_from"] == "run":
+        kept = report["largest_component"]
+        typer.echo(
+            f"largest connected component kept for {len(kept)} task(s) ({', '.join(kept[:6])}"
+            f"{', ...' if len(kept) > 6 else ''}): the run's final validation found it raised their Dice "
+            "(--no-largest-component turns it off)"
+        )
     if report.get("statistics_missing"):
         typer.secho(
             f"warning: no statistics for {len(report['statistics_missing'])} kept case(s) predicted earlier without "

@@ -63,6 +63,8 @@ class BundleFold:
     name: str
     model_config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
+    # the run's post-processing decisions (Trainer._decide_postprocessing); None in bundles exported before them
+    postprocessing: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,7 @@ def export_bundle(
                 "elapsed_s": ckpt.get("elapsed_s"),
                 "best": _finite(ckpt.get("best")),
                 "split": _fold_split(fold, datasets, found, counts, notes, f"fold {name}"),
+                "postprocessing": _finite(ckpt.get("postprocessing")),
             }
         )
     assert first is not None  # find_checkpoints returns at least one path or raises
@@ -427,7 +430,7 @@ def load_bundle(path: str | Path, folds: Sequence[str] | None = None) -> Bundle:
                 f"{path}: the weights of fold {name} do not match their checksum (the file is damaged). "
                 f"Fix: copy the bundle again or {_EXPORT_AGAIN}."
             )
-        out.append(BundleFold(name, card["model_config"], states[name]))
+        out.append(BundleFold(name, card["model_config"], states[name], card.get("postprocessing")))
     out.sort(key=lambda b: wanted.index(b.name))
     return Bundle(path, metadata, tuple(out))
 

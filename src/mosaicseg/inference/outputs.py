@@ -194,7 +194,7 @@ def export_case(
     regions: dict[str, Sequence[int] | None],
     thresholds: Sequence[float],
     *,
-    largest_component: bool = False,
+    largest_component: bool | Sequence[bool] = False,
     merged: bool = False,
     keep_masks: bool = False,
     on_probability: Callable[[int, np.ndarray], None] | None = None,
@@ -208,11 +208,15 @@ def export_case(
     highest-probability rule). ``thresholds[t]``: task ``t``'s mask is ``p > thresholds[t]``. Only one task's
     probability map exists at the original resolution at a time; ``on_probability(t, p)`` receives it
     ``(*S_original)`` before it is dropped. ``outside`` ``(*S_original)`` bool: voxels whose probability is set
-    to 0 first, for every task (the region outside the image, :func:`~mosaicseg.data.preprocess.outside_image`)."""
+    to 0 first, for every task (the region outside the image, :func:`~mosaicseg.data.preprocess.outside_image`).
+    ``largest_component``: for every task, or per task, keep only the mask's largest connected component."""
     shape = tuple(int(s) for s in meta["shape_original"])
     n = prob.shape[0]
     if len(thresholds) != n:
         raise ValueError(f"{len(thresholds)} thresholds for {n} tasks")
+    kept = [largest_component] * n if isinstance(largest_component, bool) else list(largest_component)
+    if len(kept) != n:
+        raise ValueError(f"{len(kept)} largest-component choices for {n} tasks")
     rules: dict[str, _HighestProbability | _Regions] = {}
     # task position → (dataset, row, value written for it)
     consumers: dict[int, list[tuple[str, int, int]]] = {}
@@ -234,7 +238,7 @@ def export_case(
         if on_probability is not None:
             on_probability(t, p)
         mask = p > thresholds[t]
-        if largest_component:
+        if kept[t]:
             mask = keep_largest_component(mask)
         voxels.append(int(np.count_nonzero(mask)))
         for d, row, value in consumers.get(t, []):

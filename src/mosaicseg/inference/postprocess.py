@@ -3,11 +3,13 @@
 MultiTalent outputs one independent sigmoid per task, so a dataset's label map is derived by rule:
 a voxel gets the label of the dataset task with the highest probability if that probability is > 0.5, else
 background; region datasets follow nnU-Net's ``regions_class_order`` (regions painted in order, later ones
-on top). Optional largest-connected-component filtering per task.
+on top). Optional largest-connected-component filtering per task: asked for, or as a run decided it on its
+final validation (:func:`decide_largest_component`, nnU-Net's post-processing rule).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +46,31 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
         return mask
     connectivity = 26 if mask.ndim == 3 else 8
     return cc3d.largest_k(mask.astype(np.uint8), k=1, connectivity=connectivity) > 0
+
+
+def decide_largest_component(
+    plain: dict[str, float], largest: dict[str, float], cases: dict[str, int]
+) -> dict[str, dict[str, Any]]:
+    """Per task, whether predictions keep only their largest connected component: yes where that raised the task's
+    validation Dice (nnU-Net decides its post-processing the same way, on cross-validation predictions). ``plain``
+    and ``largest``: task name → Dice without and with the filter (NaN where the task has no reference voxel and
+    no prediction: no evidence, so no filter); ``cases``: task name → validation cases it was measured on."""
+    out = {}
+    for name, before in plain.items():
+        after = largest[name]
+        keep = bool(after > before) if not (math.isnan(before) or math.isnan(after)) else False
+        out[name] = {"largest_component": keep, "dice": before, "dice_largest_component": after, "cases": cases[name]}
+    return out
+
+
+def ensemble_largest_component(decisions: Sequence[dict[str, dict[str, Any]] | None]) -> dict[str, bool]:
+    """Task name → whether an ensemble of folds with these decisions (:func:`decide_largest_component`; None: a
+    fold without one) keeps the largest component: only where every fold decided so, since the filter can delete a
+    true structure when a false positive is larger."""
+    if not decisions or any(d is None for d in decisions):
+        return {}
+    names = set.intersection(*(set(d) for d in decisions if d is not None))
+    return {n: all(bool(d[n]["largest_component"]) for d in decisions if d is not None) for n in sorted(names)}
 
 
 def labels_from_probabilities(

@@ -47,6 +47,7 @@ from mosaicseg.inference.outputs import (
     write_dataset_json,
     write_dicom_seg,
 )
+from mosaicseg.inference.postprocess import ensemble_largest_component
 from mosaicseg.inference.prompts import Box, PromptedTiles, PromptFile, canonical_box, preprocessed_box
 from mosaicseg.inference.sliding_window import FrozenForward, TileModel, bind_modality, predict_logits
 from mosaicseg.models import build_from_config, use_device_layout
@@ -318,8 +319,11 @@ class Predictor:
         device: torch.device,
         amp: bool = False,
         jit: bool = True,
+        largest_component: dict[str, bool] | None = None,
     ) -> None:
         self.models = models
+        # task name → keep only its largest connected component, as the run decided (ensemble_largest_component)
+        self.largest_component = dict(largest_component or {})
         self.jit = jit and device.type == "cpu" and not amp
         # one bound tile forward per (fold, tasks asked, dataset): frozen graphs are kept across cases
         self._tiles: dict[tuple[int, tuple[int, ...], int], TileModel | FrozenForward] = {}
@@ -362,8 +366,10 @@ class Predictor:
         amp = resolve_precision(precision, dev)
         models: list[torch.nn.Module] = []
         first: dict[str, Any] | None = None
+        decisions = []
         for path in find_checkpoints(run, folds, checkpoint):
             ckpt = load_checkpoint(path, "cpu", require=MODEL_KEYS)
+            decisions.append(ckpt.get("postprocessing"))
             if first is None:
                 first = ckpt
             elif ckpt["vocabulary"] != first["vocabulary"] or ckpt["plans"] != first["plans"]:
@@ -373,7 +379,7 @@ class Predictor:
                 )
             models.append(cls._load_model(ckpt["model_config"], ckpt["model"], dev))
         assert first is not None  # find_checkpoints returns at least one path or raises
-        return cls._of(models, first, dev, amp, jit)
+        return cls._of(models, first, dev, amp, jit, ensemble_largest_component(decisions))
 
     @classmethod
     def from_bundle(
@@ -403,14 +409,21 @@ class Predictor:
                     f"{bundle.path}: fold {fold.name}'s weights do not fit its model config ({first[:200]}; an "
                     "edited or damaged bundle). Fix: export it again with mosaicseg export RUN -o FILE."
                 ) from exc
-        return cls._of(models, bundle.metadata, dev, amp, jit)
+        decisions = ensemble_largest_component([fold.postprocessing for fold in bundle.folds])
+        return cls._of(models, bundle.metadata, dev, amp, jit, decisions)
 
     @classmethod
     def _of(
-        cls, models: list[torch.nn.Module], about: dict[str, Any], dev: torch.device, amp: bool, jit: bool
+        cls,
+        models: list[torch.nn.Module],
+        about: dict[str, Any],
+        dev: torch.device,
+        amp: bool,
+        jit: bool,
+        largest_component: dict[str, bool],
     ) -> Predictor:
         """The predictor of ``models`` with the vocabulary, plans and patch size that ``about`` (a checkpoint or a
-        bundle's metadata) records."""
+        bundle's metadata) records, and the folds' post-processing decisions."""
         return cls(
             models,
             Vocabulary.from_dict(about["vocabulary"]),
@@ -419,7 +432,15 @@ class Predictor:
             dev,
             amp=amp,
             jit=jit,
+            largest_component=largest_component,
         )
+
+    def task_largest_component(self, task_ids: Sequence[int], asked: bool | None) -> list[bool]:
+        """Per asked task: keep only its largest connected component? ``asked`` True/False for every task, None:
+        the run's decision (off where it made none)."""
+        if asked is not None:
+            return [asked] * len(task_ids)
+        return [self.largest_component.get(self.vocabulary.tasks[k].name, False) for k in task_ids]
 
     @staticmethod
     def _load_model(
@@ -608,7 +629,7 @@ class Predictor:
         dataset: str | None = None,
         tasks: Sequence[str] | None = None,
         tta: bool = False,
-        largest_component: bool = False,
+        largest_component: bool | None = None,
         thresholds: Sequence[str] | None = None,
         boxes: dict[str, dict[str, Any]] | None = None,
         background_outside: str = "auto",
@@ -668,7 +689,7 @@ class Predictor:
             groups,
             self._regions(groups),
             task_thresholds(thresholds or [], task_ids, lambda name: self.resolve_tasks(dataset, [name])[0]),
-            largest_component=largest_component,
+            largest_component=self.task_largest_component(task_ids, largest_component),
             keep_masks=True,
             on_probability=keep,
             outside=outside,
@@ -711,7 +732,7 @@ class Predictor:
         tasks: Sequence[str] | None = None,
         tta: bool = False,
         save_probabilities: bool = False,
-        largest_component: bool = False,
+        largest_component: bool | None = None,
         overwrite: bool = False,
         progress: bool = True,
         merged: bool = False,
@@ -760,6 +781,7 @@ class Predictor:
         plan = self.plans["datasets"][source]
         n_channels = len(plan["normalization"])
         mask_outside = self.background_outside(source, background_outside)
+        kept = self.task_largest_component(task_ids, largest_component)
         report: dict[str, Any] = {
             "cases": [],
             "skipped": [],
@@ -767,6 +789,9 @@ class Predictor:
             "background_outside_image": mask_outside,
             "tasks": names,
             "thresholds": dict(zip(names, cut, strict=True)),
+            # the tasks whose masks keep only their largest component, and why (asked, or the run's decision)
+            "largest_component": [n for n, k in zip(names, kept, strict=True) if k],
+            "largest_component_from": "asked" if largest_component is not None else "run",
             "merged": merged,
             "prompts": getattr(prompts, "kind", None),  # "oracle": boxes from the references, for evaluation only
         }
@@ -811,7 +836,7 @@ class Predictor:
                 groups,
                 regions,
                 cut,
-                largest_component=largest_component,
+                largest_component=kept,
                 merged=merged,
                 keep_masks=seg_path is not None,
                 on_probability=save if save_probabilities else None,

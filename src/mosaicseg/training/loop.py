@@ -19,6 +19,7 @@ Run folder::
     RUN/checkpoint_final.pt       the end of training; reported numbers use this one
     RUN/checkpoint_best.pt        best validation mean pseudo-Dice (a convenience, not for reporting)
     RUN/metrics.jsonl             one record per epoch
+    RUN/postprocessing.json       per task: keep the largest connected component? (decided at the final validation)
     RUN/init_report.json          with ``init_from``: what was loaded, what is new, what was dropped
     RUN/train_cases.json          the ``(dataset, case)`` pairs it trains on (``--cases``/``--fraction`` draw them)
     RUN/progress.png              loss, per-dataset validation Dice, learning rate, epoch time
@@ -60,6 +61,7 @@ from mosaicseg.data.workdir import (
 )
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.evaluation.metrics import dice_from_counts
+from mosaicseg.inference.postprocess import decide_largest_component, keep_largest_component
 from mosaicseg.inference.sliding_window import TileModel, bind_modality, predict_logits
 from mosaicseg.models import use_device_layout
 from mosaicseg.progress import progress_bar
@@ -212,6 +214,11 @@ class Trainer:
                     i for i, m in enumerate(self.vocabulary.modalities) if old_vocab and m not in old_vocab.modalities
                 ],
             )
+        # a source's post-processing decisions hold for its tasks until this run's final validation decides anew
+        names = {t.name for t in self.vocabulary.tasks}
+        self.postprocessing: dict[str, dict[str, Any]] = {
+            n: d for n, d in ((source or {}).get("postprocessing") or {}).items() if n in names
+        }
         del source  # the source's weights are in the model now
         self._freeze_outside_groups()
         self.optimizer = build_optimizer(
@@ -404,6 +411,7 @@ class Trainer:
             "best": dict(self.best),
             "patch_size": list(self.patch_size),
             "recipe": self.recipe.state_dict(),
+            "postprocessing": self.postprocessing,
         }
 
     def save(self, name: str) -> Path:
@@ -444,6 +452,7 @@ class Trainer:
                 "same --task-embeddings file), or start a new run folder."
             )
         self.model.load_state_dict(ckpt["model"])
+        self.postprocessing = dict(ckpt.get("postprocessing") or {})
         self.recipe.load_state_dict(ckpt.get("recipe") or {})
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler.is_enabled() and ckpt.get("scaler"):
@@ -616,17 +625,21 @@ class Trainer:
         return {d: sorted(cases)[:n] if n is not None else sorted(cases) for d, cases in per_dataset.items()}
 
     @torch.no_grad()
-    def validate(self) -> dict[str, Any]:
+    def validate(self, largest_component: bool = False) -> dict[str, Any]:
         """Per-dataset pseudo-Dice on the fold's held-out cases (preprocessed space, threshold 0.5).
 
         ``val_mode`` "cases": each case predicted whole by the sliding window; "patches": ``val_patches``
         patches per case at centres drawn once from the run's seed (the same patches every time, so passes
         compare), the first of each case on a foreground voxel when it has one. Counts are summed over cases
         per task (nnU-Net's pseudo-Dice; the evaluator's Dice of the summed counts), then averaged over each
-        dataset's tasks.
+        dataset's tasks. ``largest_component`` (whole cases only): also each task's Dice when its mask keeps only
+        its largest connected component (``val_dice_tasks_largest_component``), what the run's post-processing
+        decision is made from.
         """
         self.model.eval()
         counts: dict[tuple[str, int], np.ndarray] = {}
+        kept_counts: dict[tuple[str, int], np.ndarray] = {}
+        largest_component = largest_component and self.config.val_mode == "cases"
         selection = self._val_selection()
         for d, cases in selection.items():
             tasks = self.vocabulary.dataset_tasks(d)
@@ -641,11 +654,16 @@ class Trainer:
             for logits, seg in scored:
                 valid = ~self.vocabulary.ignore_mask(d, seg)
                 for j, (k, _, values) in enumerate(tasks):
-                    pred = (logits[j].numpy() > 0) & valid
+                    mask = logits[j].numpy() > 0
                     ref = np.isin(seg, values) & valid
-                    tp = np.count_nonzero(pred & ref)
-                    c = counts.setdefault((d, k), np.zeros(3, dtype=np.int64))
-                    c += (tp, np.count_nonzero(pred) - tp, np.count_nonzero(ref) - tp)
+                    scored_masks = [(counts, mask)]
+                    if largest_component:  # filtered as the predictor would, before the ignore mask
+                        scored_masks.append((kept_counts, keep_largest_component(mask)))
+                    for into, m in scored_masks:
+                        pred = m & valid
+                        tp = np.count_nonzero(pred & ref)
+                        c = into.setdefault((d, k), np.zeros(3, dtype=np.int64))
+                        c += (tp, np.count_nonzero(pred) - tp, np.count_nonzero(ref) - tp)
         task_dice: dict[str, float] = {}
         dataset_dice: dict[str, float] = {}
         for d in selection:
@@ -658,11 +676,19 @@ class Trainer:
             finite = [v for v in values if not math.isnan(v)]
             dataset_dice[d] = float(np.mean(finite)) if finite else math.nan
         finite = [v for v in dataset_dice.values() if not math.isnan(v)]
-        return {
+        result: dict[str, Any] = {
             "val_dice": dataset_dice,
             "val_dice_tasks": task_dice,
             "val_mean": float(np.mean(finite)) if finite else math.nan,
         }
+        if largest_component:
+            zero = np.zeros(3, dtype=np.int64)
+            result["val_dice_tasks_largest_component"] = {
+                self.vocabulary.tasks[k].name: float(dice_from_counts(*(int(x) for x in kept_counts.get((d, k), zero))))
+                for d in selection
+                for k, _, _ in self.vocabulary.dataset_tasks(d)
+            }
+        return result
 
     def _eval_autocast(self) -> torch.autocast:
         """Mixed precision of a validation forward, as the sliding window runs it (bf16 on the CPU, fp16 on CUDA)."""
@@ -800,7 +826,9 @@ class Trainer:
         do_val = validate and self.val_cases and (self.finished() or due)
         if do_val and self.is_main:
             t0 = time.perf_counter()
-            record.update(self.validate())
+            record.update(self.validate(largest_component=self.finished()))
+            if "val_dice_tasks_largest_component" in record:
+                self._decide_postprocessing(record)
             record["val_time_s"] = time.perf_counter() - t0
             self.val_s += record["val_time_s"]
             if self.finished():  # the record of the last epoch says when the run ended
@@ -822,6 +850,26 @@ class Trainer:
                 )
         self.save("latest")
         return record
+
+    def _decide_postprocessing(self, record: dict[str, Any]) -> None:
+        """The final validation decides, per validated task, whether predictions keep only their largest component
+        (:func:`~mosaicseg.inference.postprocess.decide_largest_component`); kept in the checkpoint (so bundles and
+        ensembles carry it) and in ``postprocessing.json``. Tasks not validated keep the source model's decision."""
+        selection = self._val_selection()
+        cases = {self.vocabulary.tasks[k].name: len(c) for d, c in selection.items() for k, _, _ in
+                 self.vocabulary.dataset_tasks(d)}  # fmt: skip
+        plain = {name: record["val_dice_tasks"][name] for name in cases}
+        decided = decide_largest_component(plain, record["val_dice_tasks_largest_component"], cases)
+        self.postprocessing = {**self.postprocessing, **decided}
+        write_json_atomic(
+            self.run_dir / "postprocessing.json",
+            {
+                "rule": "keep a task's largest connected component where that raised its pseudo-Dice on the final "
+                "validation (whole held-out cases, preprocessed grid); predict --no-largest-component turns it off",
+                "iteration": self.iteration,
+                "tasks": self.postprocessing,
+            },
+        )
 
     def _validation_affordable(self) -> bool:
         """Whether a due validation, at its predicted cost, keeps validation within ``val_share`` of the elapsed
