@@ -66,7 +66,7 @@ def test_each_baseline_trains_checkpoints_and_predicts(recipe, tiny_workdir_2d, 
     notes = {
         "dodnet": f"dodnet: {k} task(s), one dynamic head each, batched (equals one forward per task)",
         "clip": f"clip: {k} task(s), one dynamic head each",
-        "uniseg": f"uniseg: the decoder runs {k} time(s) per tile, once per task",
+        "uniseg": "uniseg: the decoder runs once per tile for each dataset whose tasks are asked",
     }
     assert label == "predict" if recipe == "multidecoder" else notes[recipe] in label
     # every task of the collection, one output folder per source dataset
@@ -116,3 +116,15 @@ def test_resume_with_a_changed_embeddings_file_is_refused_before_loading(tiny_wo
     _embeddings(tiny_workdir_2d, emb, width=6)  # the file the run started with, rewritten 6 wide
     with pytest.raises(MosaicSegError, match=r"differs from the checkpoint's \(changed: \['embedding_shape'\]\)"):
         Trainer(tiny_workdir_2d, cfg, tmp_path / "run", progress=False, resume=True).fit()
+
+
+def test_uniseg_prompts_per_dataset_by_default_and_per_task_when_asked(tiny_workdir_2d, tmp_path):
+    vocabulary = json.loads((tiny_workdir_2d / "vocabulary.json").read_text())
+    default = Trainer(tiny_workdir_2d, _cfg("uniseg"), tmp_path / "d", progress=False).model
+    assert default.prompts.shape[0] == len(vocabulary["datasets"])
+    options = {"prompt": "task"}
+    per_task = Trainer(tiny_workdir_2d, _cfg("uniseg", recipe_options=options), tmp_path / "t", progress=False).model
+    assert per_task.prompts.shape[0] == len(vocabulary["tasks"])
+    with pytest.raises(MosaicSegError, match=r"prompt='organ' is unknown\. Fix: --recipe-option prompt=dataset"):
+        Trainer(tiny_workdir_2d, _cfg("uniseg", recipe_options={"prompt": "organ"}), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()  # nothing written

@@ -42,8 +42,8 @@ def build(kind: str) -> torch.nn.Module:
         model = DynamicHeadNet(**common, embedding_shape=[K, 6])
         model.set_task_embeddings(torch.randn(K, 6, generator=torch.Generator().manual_seed(1)))
         return model
-    if kind == "uniseg":
-        return PromptNet(**common)
+    if kind == "uniseg":  # one prompt per dataset (the recipe's default, UniSeg's own)
+        return PromptNet(**common, dataset_tasks=DATASET_TASKS)
     if kind == "multidecoder":
         return MultiDecoderNet(**common, dataset_tasks=DATASET_TASKS)
     if kind == "ka2er":  # one expert slot and an external expert (unused without their features: prediction)
@@ -160,3 +160,46 @@ def test_uniseg_refuses_inputs_whose_bottleneck_does_not_fit_its_prompts():
     model = build("uniseg").eval()
     with pytest.raises(MosaicSegError, match="planned patch size"):
         model(torch.zeros(1, 2, 32, 32, 32), torch.tensor([0]))
+
+
+def test_uniseg_runs_its_decoder_once_per_asked_dataset_and_takes_each_task_from_its_own(monkeypatch):
+    model = build("uniseg").eval()
+    image, modality = _inputs()
+    pairs = []
+    decode = model.backbone.decode
+    monkeypatch.setattr(model.backbone, "decode", lambda maps: pairs.append(maps[-1].shape[0]) or decode(maps))
+    with torch.no_grad():
+        together = model(image, modality, tasks=TASKS).logits[0]
+        # task 1 is shared: it is dataset 0's; tasks 2, 3 are dataset 1's, task 4 dataset 2's
+        assert model.task_group.tolist() == [0, 0, 1, 1, 2]
+        assert pairs == [3 * 2]  # every sample asks the tasks of at most two datasets: padded to two pairs each
+        for b in range(3):
+            for group in range(3):
+                asked = TASKS[b : b + 1] & (model.task_group == group)
+                if not asked.any():
+                    continue
+                alone = model(image[b : b + 1], modality[b : b + 1], tasks=asked).logits[0]
+                torch.testing.assert_close(alone[0][asked[0]], together[b][asked[0]], rtol=1e-4, atol=1e-5)
+    assert "prompts" not in {n for n, _ in model.named_parameters() if model.is_task_parameter(n)}
+    assert model.prompts.shape[0] == len(DATASET_TASKS)
+
+
+def test_uniseg_with_one_prompt_per_task_keeps_its_contract():
+    torch.manual_seed(0)
+    model = PromptNet(network_plan=PLAN, modality_channels=MODALITIES, num_tasks=K).eval()
+    image, modality = _inputs()
+    with torch.no_grad():
+        together = model(image, modality, tasks=TASKS).logits[0]
+        assert torch.all(together[~TASKS] == NOT_ASKED)
+        for b, k in TASKS.nonzero().tolist():
+            one = torch.zeros(1, K, dtype=torch.bool)
+            one[0, k] = True
+            single = model(image[b : b + 1], modality[b : b + 1], tasks=one).logits[0]
+            torch.testing.assert_close(single[0, k], together[b, k], rtol=1e-4, atol=1e-5)
+        rebuilt = build_from_config(model.config).eval()
+        rebuilt.load_state_dict(model.state_dict())
+        torch.testing.assert_close(rebuilt(image, modality, TASKS).logits[0], together)
+    assert (
+        model.prompts.shape[0] == K
+        and model.prediction_note(K) == f"uniseg: the decoder runs {K} time(s) per tile, once per task"
+    )

@@ -6,15 +6,18 @@
 - ``clip`` (Liu et al., ICCV 2023, the CLIP-driven universal model): the same controller and head, the task
   given by a text embedding per task that the user supplies (a linear layer + ReLU maps it to the bottleneck
   width first, as its ``text_to_vision``);
-- ``uniseg`` (Ye et al., MICCAI 2023): one learnable prompt per task, a map of the bottleneck's shape, joined to
-  the bottleneck features (concatenation + 1×1 conv) before the decoder, which then gives that task's one output;
+- ``uniseg`` (Ye et al., MICCAI 2023): one learnable prompt per dataset, a map of the bottleneck's shape, joined to
+  the bottleneck features (concatenation + 1×1 conv) before the decoder, which then gives that dataset's tasks, as
+  UniSeg's own code does (its "task" is a dataset's segmentation task: one prompt for liver and liver tumour); or,
+  as an option, one prompt per global task, the decoder then giving that task's one output;
 - ``multidecoder``: the shared encoder, one decoder and task head per dataset.
 
 DoDNet and CLIP evaluate the head once per (sample, asked task). The encoder and decoder do not depend on the
 task, so they run once per sample and the task heads are batched; the result is the one-task-per-forward one
-(tested). UniSeg's decoder does depend on the task: it runs once per (sample, asked task) pair, folded into the
-batch axis, which is its real cost. Every kind returns ``(B, K, *S)`` logits with :data:`NOT_ASKED` where a sample
-did not ask a task, and has ``set_output_prior(π (K,))`` for the recipes' ``head_prior``.
+(tested). UniSeg's decoder does depend on the prompt: it runs once per (sample, asked dataset) pair, or (sample,
+asked task) pair with per-task prompts, folded into the batch axis, which is its real cost. Every kind returns
+``(B, K, *S)`` logits with :data:`NOT_ASKED` where a sample did not ask a task, and has
+``set_output_prior(π (K,))`` for the recipes' ``head_prior``.
 """
 
 from __future__ import annotations
@@ -202,15 +205,16 @@ MODEL_KINDS.register("clip")(DynamicHeadNet)
 
 @MODEL_KINDS.register("uniseg")
 class PromptNet(nn.Module):
-    """UniSeg: a learnable prompt per task ``(C_b, *S_b)`` (the bottleneck's shape at the planned patch) joined to
-    the bottleneck (concatenation, 1×1 conv, norm, activation); the decoder and a one-output head then run per
-    (sample, asked task). ``logits``: ``[(B, K, *S_level)]`` per deep-supervision level."""
+    """UniSeg: a learnable prompt ``(C_b, *S_b)`` (the bottleneck's shape at the planned patch) per dataset, or per
+    task without ``dataset_tasks``, joined to the bottleneck (concatenation, 1×1 conv, norm, activation); the
+    decoder and the head then run per (sample, asked dataset) pair, the head giving every task and each task's logit
+    taken from its dataset's pair (per task: a one-output head per (sample, asked task) pair). ``dataset_tasks[d]``:
+    the global tasks of dataset d (a task annotated by several belongs to the first). ``logits``:
+    ``[(B, K, *S_level)]`` per deep-supervision level."""
 
     # fine-tuning's head (models.parameter_parts): the prompts and the output layer; the join is the bottleneck's
     HEAD_PATTERNS: ClassVar[tuple[str, ...]] = (r"prompts$", r"head\.", r"task_bias$")
     OTHER_PART: ClassVar[str] = "encoder"
-
-    task_parameters: ClassVar[tuple[str, ...]] = ("prompts", "task_bias")
 
     def __init__(
         self,
@@ -221,6 +225,7 @@ class PromptNet(nn.Module):
         deep_supervision: bool = True,
         deep_supervision_levels: int | None = None,
         options: Mapping[str, Any] | None = None,
+        dataset_tasks: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         _conv_backbone(architecture, "uniseg")
@@ -231,17 +236,42 @@ class PromptNet(nn.Module):
         self.deep_supervision = bool(deep_supervision)
         cb = self.backbone.skip_channels[-1]
         self.prompt_shape = [p // d for p, d in zip(topology.patch_size, self.backbone.divisor, strict=True)]
-        self.prompts = nn.Parameter(torch.randn(self.num_tasks, cb, *self.prompt_shape) * 0.02)
+        self.per_dataset = dataset_tasks is not None
+        if dataset_tasks is not None:
+            owner: dict[int, int] = {}
+            for d, ks in enumerate(dataset_tasks):
+                for k in ks:
+                    owner.setdefault(int(k), d)
+            if sorted(owner) != list(range(self.num_tasks)):
+                raise MosaicSegError(
+                    f"uniseg: the datasets' tasks {sorted(owner)} do not cover the {self.num_tasks} tasks. Fix: "
+                    "build it from the vocabulary (the recipe does)."
+                )
+            groups = len(dataset_tasks)
+            # (K,) the prompt each task's logit comes from; not in the state dict (the config rebuilds it)
+            self.register_buffer(
+                "task_group", torch.tensor([owner[k] for k in range(self.num_tasks)]), persistent=False
+            )
+            # the prompts are a dataset's, not a task's: init_from maps only the head's rows and the biases by task
+            self.task_parameters: tuple[str, ...] = ("task_bias",)
+        else:
+            groups = self.num_tasks
+            self.task_parameters = ("prompts", "task_bias")
+        self.prompts = nn.Parameter(torch.randn(groups, cb, *self.prompt_shape) * 0.02)
         conv = (nn.Conv2d, nn.Conv3d)[self.spatial_dims - 2]
         self.join = nn.Sequential(conv(2 * cb, cb, 1), nn.GroupNorm(cb, cb), nn.LeakyReLU(0.01))
         levels = _levels(deep_supervision, deep_supervision_levels, len(self.backbone.out_channels))
-        self.head = TaskHead(self.backbone.out_channels, 1, self.spatial_dims, levels, global_rows=False)
+        outputs = self.num_tasks if self.per_dataset else 1
+        self.head = TaskHead(
+            self.backbone.out_channels, outputs, self.spatial_dims, levels, global_rows=self.per_dataset
+        )
         self.task_bias = nn.Parameter(torch.zeros(self.num_tasks))
         self.ds_scales: list[tuple[int, ...]] = list(self.backbone.scales[:levels])
         _instance_norm_as_group_norm(self.backbone)
         _instance_norm_as_group_norm(self.stems)
+        extra = {"dataset_tasks": [[int(k) for k in ks] for ks in dataset_tasks]} if dataset_tasks is not None else {}
         self._config = model_config(
-            "uniseg", topology, modality_channels, num_tasks, architecture, resolved, deep_supervision, levels
+            "uniseg", topology, modality_channels, num_tasks, architecture, resolved, deep_supervision, levels, **extra
         )
 
     modalities = property(lambda self: self.stems.modalities)
@@ -255,7 +285,10 @@ class PromptNet(nn.Module):
         return name in self.task_parameters
 
     def prediction_note(self, n_tasks: int) -> str:
-        """The decoder runs once per asked task (its prompt changes the bottleneck): the cost grows with it."""
+        """The decoder runs once per asked dataset, or task (its prompt changes the bottleneck): the cost grows
+        with them."""
+        if self.per_dataset:
+            return "uniseg: the decoder runs once per tile for each dataset whose tasks are asked"
         return f"uniseg: the decoder runs {n_tasks} time(s) per tile, once per task"
 
     def set_output_prior(self, prior: np.ndarray) -> None:
@@ -281,6 +314,8 @@ class PromptNet(nn.Module):
                 f"uniseg's task prompts are {self.prompt_shape} at the bottleneck, the input gives "
                 f"{list(bottleneck.shape[2:])}. Fix: feed patches of the planned patch size (prediction does)."
             )
+        if self.per_dataset:
+            return self._per_dataset(tasks, skips, bottleneck)
         index, _ = select_tasks(tasks.bool())
         b, t = index.shape
         pairs = torch.arange(b, device=image.device).repeat_interleave(t)  # sample of each (sample, task) pair
@@ -294,6 +329,34 @@ class PromptNet(nn.Module):
             asked = out.reshape(b, t, *out.shape[2:])
             asked = asked + bias.to(asked.dtype).view(b, t, *([1] * self.spatial_dims))
             logits.append(scatter_tasks(asked, index, self.num_tasks))
+        return ModelOutput(logits, {})
+
+    def _per_dataset(self, tasks: torch.Tensor, skips: list[torch.Tensor], bottleneck: torch.Tensor) -> ModelOutput:
+        """The decoder once per (sample, asked dataset) pair; task k's logit ``(B, K, *S)`` from the pair of
+        ``task_group[k]``, vectorised over the batch (a sample asking the tasks of several datasets has one pair
+        each)."""
+        b = tasks.shape[0]
+        groups = self.prompts.shape[0]
+        member = self.task_group[None, :] == torch.arange(groups, device=tasks.device)[:, None]  # (G, K)
+        asked_groups = (tasks[:, None, :] & member[None]).any(-1)  # (B, G)
+        index, _ = select_tasks(asked_groups)  # (B, T), padding = G
+        t = index.shape[1]
+        pairs = torch.arange(b, device=tasks.device).repeat_interleave(t)
+        group_prompts = self.prompts[index.clamp(max=groups - 1).reshape(-1)].to(bottleneck.dtype)
+        joined = self.join(torch.cat([bottleneck[pairs], group_prompts], dim=1))
+        maps = self.backbone.decode([s[pairs] for s in skips[:-1]] + [joined])
+        levels = len(self.head.convs) if self.training and self.deep_supervision else 1
+        # (B, K): the slot of each task's dataset among the sample's pairs (0 where the task is not asked)
+        slot = (index[:, :, None] == self.task_group[None, None, :]).to(torch.uint8).argmax(1)
+        shape = (1,) * self.spatial_dims
+        bias = self.task_bias.view(1, -1, *shape)
+        logits = []
+        for out in self.head(maps, levels=levels):  # (B·T, K, *S_level)
+            per_pair = out.reshape(b, t, *out.shape[1:])
+            where = slot.view(b, 1, -1, *shape).expand(b, 1, *per_pair.shape[2:])
+            chosen = per_pair.gather(1, where).squeeze(1) + bias.to(out.dtype)
+            asked = tasks.view(b, -1, *shape)
+            logits.append(torch.where(asked, chosen, torch.full_like(chosen, NOT_ASKED)))
         return ModelOutput(logits, {})
 
 

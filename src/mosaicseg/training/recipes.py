@@ -474,11 +474,26 @@ def clip(ctx: RecipeContext) -> Recipe:
     return _baseline(ctx, vocabulary, model)
 
 
-@register_recipe("uniseg", options=NETWORK_OPTIONS)
+UNISEG_PROMPTS = ("dataset", "task")
+
+
+@register_recipe("uniseg", options={**NETWORK_OPTIONS, "prompt": "dataset"})
 def uniseg(ctx: RecipeContext) -> Recipe:
-    """UniSeg: a learnable prompt per task joined to the bottleneck; the decoder runs per asked task."""
+    """UniSeg: a learnable prompt joined to the bottleneck, one per dataset (``prompt=dataset``, UniSeg's own: its
+    tasks are datasets) or per global task (``prompt=task``); the decoder runs once per asked dataset or task."""
     vocabulary = _collection_vocabulary(ctx)
-    model = PromptNet(**_body_arguments(ctx, vocabulary), deep_supervision=ctx.config.deep_supervision)
+    prompt = ctx.options.get("prompt", "dataset")
+    if prompt not in UNISEG_PROMPTS:
+        raise MosaicSegError(
+            f"uniseg: prompt={prompt!r} is unknown. Fix: --recipe-option prompt=dataset (one prompt per dataset, as "
+            "UniSeg) or prompt=task (one per global task; the decoder then runs once per task)."
+        )
+    per_dataset = [[int(k) for k in np.flatnonzero(vocabulary.label_mask(d))] for d in vocabulary.datasets]
+    model = PromptNet(
+        **_body_arguments(ctx, vocabulary),
+        deep_supervision=ctx.config.deep_supervision,
+        dataset_tasks=per_dataset if prompt == "dataset" else None,
+    )
     return _baseline(ctx, vocabulary, model)
 
 
