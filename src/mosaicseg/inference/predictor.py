@@ -752,7 +752,9 @@ class Predictor:
         :mod:`mosaicseg.inference.prompts` (a promptable model's boxes per case; the report names its kind);
         ``background_outside``: ``auto`` (the plans' decision for the dataset), ``on`` or ``off`` — whether voxels
         outside the imaged region (zero in every channel, connected to the border:
-        :func:`~mosaicseg.data.preprocess.outside_image`) are background whatever the network says there."""
+        :func:`~mosaicseg.data.preprocess.outside_image`) are background whatever the network says there;
+        ``largest_component``: keep only each task's largest connected component (True), never (False), or where
+        the run's final validation decided so (None; :meth:`task_largest_component`)."""
         output = Path(output)
         if output.exists() and not output.is_dir():
             raise MosaicSegError(f"{output}: is a file, not a folder. Fix: choose an output folder (-o).")
