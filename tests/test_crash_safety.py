@@ -69,10 +69,10 @@ elif point == "checkpoint":
     runtime.atomic_write = torn
 elif point == "validation":
     real_validate = trainer.validate
-    def validate():
+    def validate(**kwargs):
         if trainer.iteration == 5:
             die()
-        return real_validate()
+        return real_validate(**kwargs)
     trainer.validate = validate
 trainer.fit()
 """
