@@ -10,7 +10,7 @@ count for the stage order (a type from a later stage is a dependency on it) but 
 Stage order (ARCHITECTURE.md): data → models → training → inference → evaluation → cli/demo. A module may import
 its own or an earlier stage. Shared plumbing is importable from anywhere and itself imports only plumbing (and,
 for ``data/workdir.py``, the data stage it lives in). An ``__init__`` that imports nothing is importable from
-anywhere. Two leaf modules of later stages may be used by the training loop's validation; what importing them
+anywhere. Three leaf modules of later stages may be used by the training loop's validation; what importing them
 runs (their imports, and their packages' ``__init__``) must then stay before training.
 
 Dynamic part: each module is imported first, with no module of ours loaded before it (a forked child of a fresh
@@ -51,7 +51,12 @@ SHARED = {
     "mosaicseg.data.workdir",
 }
 # leaf modules of a later stage → the stages that may import them (the training loop's validation)
-EARLY_LEAVES = {"mosaicseg.inference.sliding_window": {"training"}, "mosaicseg.evaluation.metrics": {"training"}}
+EARLY_LEAVES = {
+    "mosaicseg.inference.sliding_window": {"training"},
+    "mosaicseg.evaluation.metrics": {"training"},
+    # the final validation scores each task with its largest component kept: the post-processing decision
+    "mosaicseg.inference.postprocess": {"training"},
+}
 
 
 @dataclass(frozen=True)
