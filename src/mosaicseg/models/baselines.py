@@ -67,6 +67,21 @@ def _levels(deep_supervision: bool, deep_supervision_levels: int | None, availab
     return (deep_supervision_levels or max(1, available - 1)) if deep_supervision else 1
 
 
+def task_owners(kind: str, dataset_tasks: Sequence[Sequence[int]], num_tasks: int) -> dict[int, int]:
+    """Global task → the dataset (index into ``dataset_tasks``) whose decoder or prompt gives it: a task annotated
+    by several datasets belongs to the first. Every task must have one."""
+    owner: dict[int, int] = {}
+    for d, ks in enumerate(dataset_tasks):
+        for k in ks:
+            owner.setdefault(int(k), d)
+    if sorted(owner) != list(range(num_tasks)):
+        raise MosaicSegError(
+            f"{kind}: the datasets' tasks {sorted(owner)} do not cover the {num_tasks} tasks. Fix: build it from the "
+            "vocabulary (the recipe does)."
+        )
+    return owner
+
+
 class DynamicHeadNet(nn.Module):
     """DoDNet (``task_embeddings=None``: one-hot tasks) or the CLIP-driven model (``task_embeddings`` ``(K, E)``).
 
@@ -238,15 +253,7 @@ class PromptNet(nn.Module):
         self.prompt_shape = [p // d for p, d in zip(topology.patch_size, self.backbone.divisor, strict=True)]
         self.per_dataset = dataset_tasks is not None
         if dataset_tasks is not None:
-            owner: dict[int, int] = {}
-            for d, ks in enumerate(dataset_tasks):
-                for k in ks:
-                    owner.setdefault(int(k), d)
-            if sorted(owner) != list(range(self.num_tasks)):
-                raise MosaicSegError(
-                    f"uniseg: the datasets' tasks {sorted(owner)} do not cover the {self.num_tasks} tasks. Fix: "
-                    "build it from the vocabulary (the recipe does)."
-                )
+            owner = task_owners("uniseg", dataset_tasks, self.num_tasks)
             groups = len(dataset_tasks)
             # (K,) the prompt each task's logit comes from; not in the state dict (the config rebuilds it)
             self.register_buffer(
@@ -388,15 +395,7 @@ class MultiDecoderNet(nn.Module):
         self.spatial_dims = topology.spatial_dims
         self.num_tasks = int(num_tasks)
         self.deep_supervision = bool(deep_supervision)
-        owner: dict[int, int] = {}
-        for d, ks in enumerate(dataset_tasks):
-            for k in ks:
-                owner.setdefault(int(k), d)
-        if sorted(owner) != list(range(self.num_tasks)):
-            raise MosaicSegError(
-                f"multidecoder: the datasets' tasks {sorted(owner)} do not cover the {self.num_tasks} tasks. Fix: "
-                "build it from the vocabulary (the recipe does)."
-            )
+        owner = task_owners("multidecoder", dataset_tasks, self.num_tasks)
         self.owned = [sorted(k for k, o in owner.items() if o == d) for d in range(len(dataset_tasks))]
         levels = _levels(deep_supervision, deep_supervision_levels, len(self.backbone.out_channels))
         self.decoders = nn.ModuleList(_ConvDecoder(topology) if ks else nn.Identity() for ks in self.owned)
