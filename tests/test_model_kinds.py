@@ -203,3 +203,10 @@ def test_uniseg_with_one_prompt_per_task_keeps_its_contract():
         model.prompts.shape[0] == K
         and model.prediction_note(K) == f"uniseg: the decoder runs {K} time(s) per tile, once per task"
     )
+
+
+@pytest.mark.parametrize("cls", [PromptNet, MultiDecoderNet])
+def test_per_dataset_kinds_refuse_datasets_that_leave_a_task_without_owner(cls):
+    kind = "uniseg" if cls is PromptNet else "multidecoder"
+    with pytest.raises(MosaicSegError, match=rf"{kind}: the datasets' tasks \[0, 1, 2, 3\] do not cover the 5 tasks"):
+        cls(network_plan=PLAN, modality_channels=MODALITIES, num_tasks=K, dataset_tasks=[[0, 1], [1, 2, 3]])
