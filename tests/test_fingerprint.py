@@ -190,17 +190,17 @@ def test_plan_matches_thick_slices_unless_kept_and_against_a_given_network(tmp_p
     iso2 = write_nifti_dataset(tmp_path / "Dataset002_Iso", 2, (1.0, 1.0, 1.0), seed=1)
     thick = write_nifti_dataset(tmp_path / "Dataset003_Thick", 2, (1.0, 1.0, 5.0), shape=(16, 16, 4), seed=2)
     collection = write_collection(tmp_path, [iso, iso2, thick])
-    matched = plan(collection, tmp_path / "m", workers=1, progress=False)
+    matched = plan(collection, tmp_path / "m", workers=1, progress=False, anisotropy="match")
     t = matched["datasets"]["Dataset003_Thick"]
     assert t["target_spacing"] == [1.0, 1.0, 1.0] and t["median_shape"][2] == 20 and t["separate_axis"] == 2
     assert matched["network"]["topology_spacing"] == [1.0, 1.0, 1.0]
-    kept = plan(collection, tmp_path / "k", workers=1, progress=False, anisotropy="keep")
+    kept = plan(collection, tmp_path / "k", workers=1, progress=False)  # keep is the default
     assert kept["datasets"]["Dataset003_Thick"]["target_spacing"] == [1.0, 1.0, 5.0]
     assert "spacing_note" not in kept["datasets"]["Dataset003_Thick"]
     assert kept["datasets"]["Dataset001_Iso"] == matched["datasets"]["Dataset001_Iso"]
     # fine-tuning on another model's network: matched to that network, here anisotropic like the thick set
     network = {**kept["network"], "topology_spacing": [1.0, 1.0, 5.0]}
-    given = plan(collection, tmp_path / "g", workers=1, progress=False, network=network)
+    given = plan(collection, tmp_path / "g", workers=1, progress=False, network=network, anisotropy="match")
     assert given["datasets"]["Dataset003_Thick"]["target_spacing"] == [1.0, 1.0, 5.0]
     with pytest.raises(MosaicSegError, match=r"anisotropy 'some' is unknown.*match, keep"):
         plan(collection, tmp_path / "x", workers=1, progress=False, anisotropy="some")

@@ -104,11 +104,12 @@ def plan(
     anisotropy: Annotated[
         str,
         typer.Option(
-            help="match or keep: a thick-slice dataset (e.g. 10 mm cine slices) on a network planned "
-            "near-isotropic gets its coarse axis resampled to the network's anisotropy (match, the default), or "
-            "keeps its own spacing (keep; nnU-Net's choice for a network of its own)"
+            help="keep or match: a thick-slice dataset (e.g. 10 mm cine slices) on a network planned "
+            "near-isotropic keeps its own spacing (keep, the default; nnU-Net's choice for a network of its own) or "
+            "gets its coarse axis resampled to the network's anisotropy (match; on ACDC in mri7 not better over two "
+            "seeds and 2x slower to predict: BENCHMARKS.md, anisotropy)"
         ),
-    ] = "match",
+    ] = "keep",
     ct_normalization: Annotated[
         str | None,
         typer.Option(

@@ -675,7 +675,7 @@ def make_plans(
     ct_normalization: str = "percentile",
     mr_clip_percentiles: tuple[float, float] | None = None,
     topology_spacing: str = "median",
-    anisotropy: str = "match",
+    anisotropy: str = "keep",
     given: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Plans (see the module docstring) from a fingerprint of ``opened``'s datasets; the options as for
@@ -771,7 +771,7 @@ def plan(
     progress: bool = True,
     network: Mapping[str, Any] | None = None,
     topology_spacing: str = "median",
-    anisotropy: str = "match",
+    anisotropy: str = "keep",
 ) -> dict[str, Any]:
     """Fingerprint ``collection`` (reusing an earlier fingerprint in ``workdir`` for unchanged datasets), derive
     plans and write ``collection.json``, ``vocabulary.json``, ``fingerprint.json`` and ``plans.json`` into
@@ -786,7 +786,7 @@ def plan(
     (:func:`plan_network`). ``anisotropy``: ``match`` resamples thick-slice datasets to the network's anisotropy
     (:func:`match_anisotropy`), ``keep`` leaves them at their own spacing. ``network``: another plan's ``network``
     section to use instead of sizing one (fine-tuning: the pre-trained model's, so that its weights fit); it must
-    have the collection's number of spatial dimensions; thick-slice datasets are matched to it."""
+    have the collection's number of spatial dimensions; under ``match`` thick-slice datasets are matched to it."""
     mr_clip = _check_options(device, memory_budget_gb, common_spacing, ct_normalization, mr_clip_percentiles)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
