@@ -39,6 +39,10 @@ mkdir -p "$main/work/bench/logs"
 [ -e "$tree/work" ] || ln -s "$main/work" "$tree/work"
 log=$main/work/bench/logs/queue.log
 python=${MOSAICSEG_PYTHON:-$main/.venv/bin/python}
+# the worktree has no ignored files: a study that runs nnU-Net (nnunet, ka2er) finds this checkout's environment
+if [ -z "${MOSAICSEG_NNUNET_PYTHON:-}" ] && [ -x "$main/.venv-nnunet/bin/python" ]; then
+  export MOSAICSEG_NNUNET_PYTHON=$main/.venv-nnunet/bin/python
+fi
 for study in "$@"; do
   echo "$(date -u '+%F %T') start: $study (at $commit)" >>"$log"
   # shellcheck disable=SC2086  # a study's flags are split on purpose
