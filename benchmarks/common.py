@@ -187,6 +187,8 @@ class Ledger:
             "setting": setting,
             "commit": stamp["commit"],
             "date": stamp["date"],
+            # the host of a sitting varies (two CPUs seen, 2x apart on one step): its speed figures need it
+            "host": {k: stamp[k] for k in ("cpu", "cpu_flags", "cores", "threads")},
             "record": record,
         }
         from mosaicseg.atomic import write_json_atomic

@@ -12,8 +12,11 @@ own plan (:data:`PATCH`), fold 0, seeds 0 and 1:
   (resampled by Dataset003's plan) and scored, L ∪ R, against Dataset001's anterior ∪ posterior; and, as its
   control, on Dataset003's own held-out heads cropped alike (a box of the crops' median extent around each
   hippocampus), which separates a field of view the model never saw from a definition or scanner it never saw;
-- cost: training s/iteration, ``predict --tasks all`` s/case (start-up included) on held-out cases of one
-  dataset, and each process's peak RSS.
+- cost, measured in one sitting for every paradigm after all runs (the runs span sittings, and a sitting's host
+  can differ: the same universal plan ran at 0.31 s/it on one and 0.59 s/it on another): a short run of each
+  (:data:`COST_ITERATIONS`, the first epoch not timed) for training s/iteration, then ``predict --tasks all`` with
+  its checkpoint (the cost of a forward does not depend on the weights' values) for s/case (start-up included) on
+  held-out cases of one dataset; each process's peak RSS; ratios to ``universal``.
 
 Every finished run is recorded in the study's ledger (``benchmarks/results/ledger/paradigms.json``, committed) and
 reused: the study resumes across sittings and fresh clones; ``MOSAICSEG_BENCH_QUICK=1`` checks the plumbing.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -62,6 +66,8 @@ CLIP_WIDTH = 512  # CLIP ViT-B's text embedding width, as the CLIP-driven univer
 PATCH: tuple[int, ...] | None = None
 # issue 7's bar the universal model must clear on every IXI set before the paradigms are compared
 IXI_BAR = 0.75
+# the cost sitting's short runs: epochs of COST_EPOCH iterations, the first a warm-up (not timed)
+COST_ITERATIONS, COST_EPOCH = (6, 2) if QUICK else (80, 20)
 
 
 def _workdir() -> Path:
@@ -271,8 +277,12 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
                         "(its runs are kept per iteration count)."
                     )
     priors = next((v["priors"] for v in runs.values() if v.get("priors")), None)
+    cost_setting = {"paradigms": landed, "iterations": COST_ITERATIONS, "epoch": COST_EPOCH, **plan}
+    # last: every paradigm's cost from one sitting, on one host (a study cut short measures it when it comes back)
+    cost = ledger.step("cost", cost_setting, partial(cost_sitting, workdir, landed, cost_cases))
     return {
         "priors": priors,
+        "cost": cost,
         "commits": ledger.commits([f"{k}_{v['iterations']}it" for k, v in runs.items()]),
         "setting": {
             "collection": "mri7",
@@ -295,6 +305,38 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
         "paradigms": landed,
         "runs": runs,
     }
+
+
+def cost_sitting(workdir: Path, paradigms: list[str], cases: list[str]) -> dict[str, Any]:
+    """Every paradigm's training and prediction cost, measured back to back: a fresh short run of each
+    (``single``: on :data:`COST_DATASET`), its s/iteration over the epochs after the first, then ``predict --tasks
+    all`` with its checkpoint on ``cases``; and the host it ran on."""
+    import shutil
+
+    from benchmarks.common import machine
+
+    out: dict[str, Any] = {}
+    for recipe in paradigms:
+        run = workdir / "runs" / f"cost_{recipe}"
+        shutil.rmtree(run, ignore_errors=True)  # a measurement of this sitting, not a reused one
+        args = ["train", str(workdir), "--recipe", recipe, "--iterations", str(COST_ITERATIONS), "--seed", "0",
+                "--fold", "0", "--device", "cpu", "--iterations-per-epoch", str(COST_EPOCH), "--val-every", "100000",
+                "--val-max-cases", "1", "-o", str(run)]  # fmt: skip
+        if PATCH:
+            args += ["--patch-size", ",".join(map(str, PATCH))]
+        if recipe == "single":
+            args += ["--dataset", COST_DATASET]
+        if recipe == "clip":
+            args += ["--task-embeddings", str(_clip_embeddings(workdir))]
+        done = run_cli(args, WORK / "logs" / f"mri7_cost_{recipe}.log")
+        epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+        out[recipe] = {
+            "s_per_iteration": statistics.mean(e["epoch_time_s"] for e in epochs) / COST_EPOCH,
+            "train_peak_rss_mb": done.peak_rss_mb,
+            **_predict_cost(workdir, run, cases),
+        }
+    host = machine()
+    return {"paradigms": out, "host": {k: host[k] for k in ("cpu", "cpu_flags", "cores", "threads")}}
 
 
 def _run(
@@ -519,9 +561,47 @@ def report(r: dict[str, Any]) -> list[str]:
         whole = [statistics.mean(v["val_dice_tasks"][t] for t in tasks) for v in scored
                  if all(t in v["val_dice_tasks"] for t in tasks)]  # fmt: skip
         lines.append(f"| {label[n]} | {_ms(general)} | {_ms(control)} | {_ms(whole)} |")
-    lines += ["", f"Cost ({s['cost_cases']}; a single model: the one of that dataset):", "",
-              "| paradigm | training s/iteration | train peak RSS MB | predict s/case | predict peak RSS MB |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += cost_lines(r.get("cost"), names, label, s["cost_cases"])
+    if not r.get("cost"):  # results from before the cost sitting: each run's own figures
+        lines += _run_cost_lines(runs_of, names, label, s["cost_cases"])
+    if r.get("priors"):
+        lines += ["", *priors_lines(r["priors"])]
+    return [*lines, ""]
+
+
+def cost_lines(cost: dict[str, Any] | None, names: list[str], label: dict[str, str], cases: str) -> list[str]:
+    """The cost table of the one-sitting measurement (:func:`cost_sitting`), with ratios to ``universal``."""
+    if not cost:
+        return []
+    host, per = cost["host"], cost["paradigms"]
+    base = per.get("universal")
+    lines = ["", f"Cost, every paradigm measured back to back in one sitting ({host['cpu']}, {host['cores']} cores, "
+             f"{host['threads']} threads; training: a short run after a warm-up epoch; prediction: {cases} with "
+             "that run's checkpoint; a single model: the one of that dataset). Each run's own training time is not "
+             "compared: the runs span sittings on hosts of different speed.", "",
+             "| paradigm | training s/iteration | × universal | train peak RSS MB | predict s/case | × universal "
+             "| predict peak RSS MB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def ratio(n: str, key: str) -> str:
+        return f"{per[n][key] / base[key]:.2f}" if base else "–"
+
+    for n in names:
+        if n in per:
+            c = per[n]
+            lines.append(
+                f"| {label[n]} | {c['s_per_iteration']:.2f} | {ratio(n, 's_per_iteration')} | "
+                f"{c['train_peak_rss_mb']:.0f} | {c['s_per_case']:.1f} | {ratio(n, 's_per_case')} | "
+                f"{c['peak_rss_mb']:.0f} |"
+            )
+    return lines
+
+
+def _run_cost_lines(runs_of: Callable[[str], list[dict[str, Any]]], names: list[str], label: dict[str, str],
+                    cases: str) -> list[str]:  # fmt: skip
+    lines = ["", f"Cost ({cases}; a single model: the one of that dataset; each run's own figures, sittings and "
+             "hosts mixed):", "",
+             "| paradigm | training s/iteration | train peak RSS MB | predict s/case | predict peak RSS MB |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for n in names:
         its = [v["s_per_iteration"] for v in runs_of(n)]
         rss = [v["train_peak_rss_mb"] for v in runs_of(n) if v.get("train_peak_rss_mb")]
@@ -529,9 +609,7 @@ def report(r: dict[str, Any]) -> list[str]:
         peak = f"{max(rss):.0f}" if rss else "–"
         predict = f"{cost['s_per_case']:.1f} | {cost['peak_rss_mb']:.0f}" if cost else "– | –"
         lines.append(f"| {label[n]} | {statistics.mean(its):.2f} | {peak} | {predict} |")
-    if r.get("priors"):
-        lines += ["", *priors_lines(r["priors"])]
-    return [*lines, ""]
+    return lines
 
 
 def _why(h: float, u: float, dd: float, one: float) -> str:

@@ -434,6 +434,23 @@ def test_paradigms_mri7_table_checks_hermes_claim_on_the_average() -> None:
     assert "| single | 1.00 | 900 | 2.0 | 500 |" in text and "| hermes | 1.00 | 900 | – | – |" in text
 
 
+def test_paradigms_cost_comes_from_one_sitting_with_ratios_to_universal_when_measured() -> None:
+    from benchmarks.paradigms import cost_lines
+
+    host = {"cpu": "Some CPU", "cpu_flags": [], "cores": 2, "threads": 2}
+    per = {
+        "universal": {"s_per_iteration": 0.5, "train_peak_rss_mb": 1000.0, "s_per_case": 4.0, "peak_rss_mb": 800.0},
+        "hermes": {"s_per_iteration": 0.6, "train_peak_rss_mb": 1100.0, "s_per_case": 5.0, "peak_rss_mb": 900.0},
+    }
+    label = {"universal": "universal", "hermes": "hermes", "dodnet": "dodnet"}
+    text = "\n".join(cost_lines({"paradigms": per, "host": host}, ["universal", "hermes", "dodnet"], label, "3 cases"))
+    assert "one sitting (Some CPU, 2 cores, 2 threads;" in text
+    # hermes: 0.6 / 0.5 = 1.20x universal's step, 5 / 4 = 1.25x its prediction; dodnet was not measured: no row
+    assert "| hermes | 0.60 | 1.20 | 1100 | 5.0 | 1.25 | 900 |" in text and "| universal | 0.50 | 1.00 |" in text
+    assert "| dodnet |" not in text
+    assert cost_lines(None, ["universal"], label, "3 cases") == []
+
+
 def test_transfer_report_pairs_seeds_and_finds_where_finetuning_reaches_scratch() -> None:
     from benchmarks.transfer import paired_greater, reach, report
 
