@@ -117,6 +117,7 @@ def study_anisotropy() -> dict[str, Any]:
         "setting": {"iterations": iterations, "seeds": list(seeds), "plans": plans},
         "runs": runs,
         "commits": ledger.commits(),
+        "hosts": ledger.hosts(),
     }
 
 

@@ -135,6 +135,20 @@ def run_cli(args: list[str], log: Path) -> CliRun:
     return CliRun(seconds, usage.ru_maxrss / 1024)
 
 
+def host_label(host: dict[str, Any] | None) -> str:
+    """A short name of the host a step ran on: its CPU, whether it computes bf16 in hardware, its threads."""
+    if not host:
+        return "unrecorded"
+    bf16 = (
+        " with AMX"
+        if "amx_bf16" in host["cpu_flags"]
+        else " with AVX512-BF16"
+        if "avx512_bf16" in host["cpu_flags"]
+        else ""
+    )
+    return f"{host['cpu']}{bf16}, {host['threads']} threads"
+
+
 class Ledger:
     """The finished steps of a study (a trained and scored run, say), kept with its results in
     ``RESULTS/ledger/STUDY.json`` — committed, unlike ``work/`` — so that a study longer than one sitting resumes
@@ -195,6 +209,13 @@ class Ledger:
 
         write_json_atomic(self.path, self.data)
         return record
+
+    def hosts(self, keys: list[str] | None = None) -> dict[str, int]:
+        """How many of the steps (``keys``, default all) each host measured (:func:`host_label`; steps from before
+        hosts were recorded: ``unrecorded``)."""
+        steps = self.data["steps"]
+        labels = [host_label(steps[k].get("host")) for k in (keys if keys is not None else steps) if k in steps]
+        return {label: labels.count(label) for label in dict.fromkeys(labels)}
 
     def commits(self, keys: list[str] | None = None) -> list[str]:
         """The commits the steps (``keys``, default all) were measured at, in order of first appearance."""

@@ -155,6 +155,7 @@ def study_fewshot() -> dict[str, Any]:
         "runs": runs,
         "arms_a": runs.get("a/asap/3", {}).get("arm_choices", {}),
         "commits": ledger.commits(),
+        "hosts": ledger.hosts(),
     }
 
 

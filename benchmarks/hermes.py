@@ -96,7 +96,7 @@ def study_hermes_ablation(collection: str, iterations: int) -> dict[str, Any]:
             "train_s": statistics.mean(r["train_s"] for r in runs),
         }
     setting = {"collection": collection, "iterations": iterations, "seeds": list(seeds), "backbone": BACKBONE}
-    return {**setting, "rows": rows, "commits": ledger.commits(keys)}
+    return {**setting, "rows": rows, "commits": ledger.commits(keys), "hosts": ledger.hosts(keys)}
 
 
 def report(r: dict[str, Any]) -> list[str]:

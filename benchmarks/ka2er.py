@@ -271,6 +271,7 @@ def study_ka2er() -> dict[str, Any]:
         "ood_control": ood_control,
         "cost": cost,
         "commits": ledger.commits(),
+        "hosts": ledger.hosts(),
     }
 
 

@@ -284,6 +284,7 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
         "priors": priors,
         "cost": cost,
         "commits": ledger.commits([f"{k}_{v['iterations']}it" for k, v in runs.items()]),
+        "hosts": ledger.hosts([f"{k}_{v['iterations']}it" for k, v in runs.items()]),
         "setting": {
             "collection": "mri7",
             "network": {

@@ -765,6 +765,10 @@ def _stamp(name: str, result: dict[str, Any]) -> str:
     m = result["machine"]
     measured = [c for c in result.get("commits", []) if c != m["commit"]]
     steps = f"; steps measured at {', '.join(result['commits'])}" if measured else ""
+    hosts = result.get("hosts", {})
+    if len(hosts) > 1:  # a sitting's host varies: say so where a study's times come from several
+        listed = ", ".join(f"{label} ({n})" for label, n in hosts.items())
+        steps += f"; steps measured on {len(hosts)} hosts, {listed}: their times are not comparable across hosts"
     return f"<sub>{name}: commit {m['commit']}, {m['date']}, {result['wall_s']:.0f} s{steps}</sub>"
 
 

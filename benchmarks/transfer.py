@@ -217,6 +217,7 @@ def study_transfer() -> dict[str, Any]:
         "b": b,
         "sources": sources,
         "commits": ledger.commits(),
+        "hosts": ledger.hosts(),
     }
 
 

@@ -63,3 +63,22 @@ def test_steps_limit_stops_before_the_next_new_step(results, monkeypatch):
     with pytest.raises(SystemExit, match=r"--steps 1.*the next is c"):
         ledger.step("c", {}, lambda: pytest.fail("measured past the limit"))
     assert set(json.loads((results / "ledger" / "study.json").read_text())["steps"]) == {"done", "b", "b_score"}
+
+
+def test_hosts_count_each_steps_host_and_the_footer_warns_when_times_mix_hosts(results, monkeypatch):
+    ledger = common.Ledger("study")
+    ledger.step("a", {}, lambda: {"v": 1})
+    ledger.data["steps"]["old"] = {"setting": {}, "commit": "abc", "date": "d", "record": {}}  # before hosts
+    here = common.host_label(ledger.data["steps"]["a"]["host"])
+    assert ledger.hosts() == {here: 1, "unrecorded": 1}
+    assert ledger.hosts(["a"]) == {here: 1}
+    amx = {"cpu": "Xeon", "cpu_flags": ["avx2", "amx_bf16"], "cores": 2, "threads": 2}
+    assert common.host_label(amx) == "Xeon with AMX, 2 threads"
+    assert common.host_label({**amx, "cpu_flags": ["avx2"]}) == "Xeon, 2 threads"
+
+    from benchmarks import report
+
+    result = {"machine": {"commit": "abc", "date": "d"}, "wall_s": 1.0, "commits": ["abc"]}
+    assert "hosts" not in report._stamp("s", {**result, "hosts": {here: 3}})
+    footer = report._stamp("s", {**result, "hosts": {"Xeon with AMX, 2 threads": 2, "unrecorded": 1}})
+    assert "steps measured on 2 hosts, Xeon with AMX, 2 threads (2), unrecorded (1): their times are not" in footer
