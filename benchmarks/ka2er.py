@@ -156,30 +156,32 @@ def _experts(workdir: Path, e_its: int, n_its: int) -> dict[str, Any]:
 def _expert_rows(
     workdir: Path, experts: Callable[[], dict[str, Any]], n_cases: int, ood_cases: list[str]
 ) -> dict[str, Any]:
-    """The experts' step: each expert on its own sub-task (Dice, HD95, prediction cost), and the limbic expert's
-    hippocampus out of domain."""
+    """The experts' step: each expert on its own sub-task (Dice, HD95), and the limbic expert's hippocampus out of
+    domain."""
     from benchmarks.paradigms import generalisation
 
     trained = experts()
     rows: dict[str, Any] = {}
-    cost = {"experts_s": 0.0, "experts_rss_mb": 0.0}
     for name, dataset in SUBTASKS.items():
         cases = held_out_cases(workdir, dataset)[:n_cases]
         images, labels = held_out_links(dataset, cases, _area() / "subsets" / dataset)
         out = _area() / "pred" / dataset / "expert"
-        if name == NNUNET_SUBTASK:
-            if not (out / "cost.json").is_file():
-                done = trained["nn"]("predict", str(int(dataset[7:10])), str(images), str(out), "notta", NNUNET_PLANS,
-                                     log="predict")  # fmt: skip
-                (out / "cost.json").write_text(json.dumps({"seconds": done.seconds, "peak_rss_mb": done.peak_rss_mb}))
-            expert_cost = json.loads((out / "cost.json").read_text())
-        else:
-            expert_cost = _predict(Path(trained["experts"][name]["run"]), images, out, dataset)
+        _expert_predict(trained, name, dataset, images, out)
         rows[f"expert/{dataset}"] = _scores(out, labels, dataset)
-        cost["experts_s"] += expert_cost["seconds"] / len(cases)
-        cost["experts_rss_mb"] = max(cost["experts_rss_mb"], expert_cost["peak_rss_mb"])
     ood = generalisation(Path(trained["experts"]["limbic"]["run"]), ood_cases, _control_cases(workdir, ood_cases))
-    return {"rows": rows, "cost": cost, "ood": ood["mean"], "ood_control": ood["control"]["mean"]}
+    return {"rows": rows, "ood": ood["mean"], "ood_control": ood["control"]["mean"]}
+
+
+def _expert_predict(trained: dict[str, Any], name: str, dataset: str, images: Path, out: Path) -> dict[str, float]:
+    """Expert ``name`` (nnU-Net's through its runner) predicting ``images`` into ``out``: its wall seconds and peak
+    RSS (kept in ``out/cost.json``: a finished prediction is not repeated)."""
+    if name != NNUNET_SUBTASK:
+        return _predict(Path(trained["experts"][name]["run"]), images, out, dataset)
+    if not (out / "cost.json").is_file():
+        done = trained["nn"]("predict", str(int(dataset[7:10])), str(images), str(out), "notta", NNUNET_PLANS,
+                             log="predict")  # fmt: skip
+        (out / "cost.json").write_text(json.dumps({"seconds": done.seconds, "peak_rss_mb": done.peak_rss_mb}))
+    return json.loads((out / "cost.json").read_text())
 
 
 def _control_cases(workdir: Path, ood_cases: list[str]) -> list[str]:
@@ -193,15 +195,17 @@ def _seed_rows(
     measure_cost: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """One seed's step: ``universal`` and the ``ka2er`` student trained, scored per dataset (the student with no,
-    oracle and automatic boxes), out of domain, and (``measure_cost``) the student's prediction cost."""
+    oracle and automatic boxes), out of domain, and (``measure_cost``) the prediction cost of the student (no
+    boxes) and of every expert on the same cases, measured in this one step."""
     from benchmarks.paradigms import generalisation
 
     universal = _train(workdir, f"universal_s{seed}", s_its, "--seed", str(seed))
     student = _train(workdir, f"ka2er_s{seed}", s_its, "--seed", str(seed), "--recipe", "ka2er",
                      "--recipe-option", f"experts={experts()['spec']}")  # fmt: skip
     rows: dict[str, Any] = {}
-    cost = {"student_s": 0.0, "student_rss_mb": 0.0}
-    for dataset in SUBTASKS.values():
+    cost = {"student_s": 0.0, "student_rss_mb": 0.0, "experts_s": 0.0, "experts_rss_mb": 0.0}
+    trained = experts()
+    for name, dataset in SUBTASKS.items():
         cases = held_out_cases(workdir, dataset)[:n_cases]
         images, labels = held_out_links(dataset, cases, _area() / "subsets" / dataset)
         base = _area() / "pred" / dataset
@@ -216,6 +220,11 @@ def _seed_rows(
             if mode == "none":
                 cost["student_s"] += student_cost["seconds"] / len(cases)
                 cost["student_rss_mb"] = max(cost["student_rss_mb"], student_cost["peak_rss_mb"])
+        if measure_cost:
+            # the experts' cost in this step, beside the student's: steps may run in sittings on different hosts
+            expert_cost = _expert_predict(trained, name, dataset, images, base / f"expert_cost_s{seed}")
+            cost["experts_s"] += expert_cost["seconds"] / len(cases)
+            cost["experts_rss_mb"] = max(cost["experts_rss_mb"], expert_cost["peak_rss_mb"])
     control = _control_cases(workdir, ood_cases)
     scored = {f"{name}_s{seed}": generalisation(run, ood_cases, control) for name, run in (("universal", universal),
               ("ka2er", student))}  # fmt: skip
@@ -244,7 +253,7 @@ def study_ka2er() -> dict[str, Any]:
     rows = dict(expert_step["rows"])
     ood = {"expert": expert_step["ood"]}
     ood_control = {"expert": expert_step["ood_control"]}
-    cost = {**expert_step["cost"], "student_s": 0.0, "student_rss_mb": 0.0}
+    cost: dict[str, float] = {}
     for seed in seeds:
         setting = {**base, "student_iterations": s_its, "seed": seed}
         step = partial(_seed_rows, workdir, experts, seed, s_its, n_cases, ood_cases, seed == seeds[0])
