@@ -44,10 +44,24 @@ PRE_3D_ITERATIONS = 3000  # the transfer study's pre-training (the same run when
 ARMS = ("a001", "asap", 3)
 # each setting's fixed evaluation subset (cases of the target outside the shots)
 EVAL_CASES = {"a": 40, "b": 20, "c": 20}
+# the cost sitting: (a) with 3 shots, one fold, every strategy back to back (the settings' runs span sittings,
+# whose hosts differ in speed)
+COST_TURNS = 3 if QUICK else 30
 
 
 def _area() -> Path:
     return WORK / "fewshot"
+
+
+def _adapt_args(tag: str, target: str, model: Path | None, pool: list[Path], shots: int, strategy: str,
+                eval_cases: int, turns: int, folds: int, out: Path) -> list[str]:  # fmt: skip
+    args = ["adapt", "--target", str(SHARED / target), "--shots", str(shots), "--strategy", strategy,
+            "--turns", str(turns), "--folds", str(folds), "--eval-cases", str(eval_cases), "--aux-split-by-label",
+            "--source", str(model) if model else "none", "-w", str(_area() / tag / "work"), "-o", str(out),
+            "--device", "cpu"]  # fmt: skip
+    for p in pool:
+        args += ["--aux", str(p)]
+    return args
 
 
 def _adapt(tag: str, target: str, source: Callable[[], Path | None], pool: list[Path], shots: int, strategy: str,
@@ -59,13 +73,7 @@ def _adapt(tag: str, target: str, source: Callable[[], Path | None], pool: list[
         not (out / "summary.json").is_file()
         or json.loads((out / "summary.json").read_text())["settings"]["folds"] != folds
     ):
-        model = source()
-        args = ["adapt", "--target", str(SHARED / target), "--shots", str(shots), "--strategy", strategy,
-                "--turns", str(turns), "--folds", str(folds), "--eval-cases", str(eval_cases), "--aux-split-by-label",
-                "--source", str(model) if model else "none", "-w", str(_area() / tag / "work"), "-o", str(out),
-                "--device", "cpu"]  # fmt: skip
-        for p in pool:
-            args += ["--aux", str(p)]
+        args = _adapt_args(tag, target, source(), pool, shots, strategy, eval_cases, turns, folds, out)
         run_cli(args, _area() / "logs" / f"{tag}_{strategy}_k{shots}.log")
     summary = json.loads((out / "summary.json").read_text())
     summary["output"] = str(out)
@@ -142,7 +150,11 @@ def study_fewshot() -> dict[str, Any]:
         }  # fmt: skip
         step = partial(_adapt, tag, target, src, pool, shots, strategy, n_eval, turns, folds)
         runs[key] = ledger.step(key, setting, step)
+    pool_a, cost_setting = pool3d, {"strategies": list(strategies), "turns": COST_TURNS, "shots": 3, "folds": 1}
+    # last: the strategies' cost from one sitting (a study cut short measures it when it comes back)
+    cost = ledger.step("cost", cost_setting, partial(cost_sitting, source, pool_a, list(strategies)))
     return {
+        "cost": cost,
         "setting": {
             "turns": turns,
             "folds": folds,
@@ -157,6 +169,39 @@ def study_fewshot() -> dict[str, Any]:
         "commits": ledger.commits(),
         "hosts": ledger.hosts(),
     }
+
+
+def cost_sitting(source: Callable[[], Path | None], pool: list[Path], strategies: list[str]) -> dict[str, Any]:
+    """(a)'s setting with 3 shots, :data:`COST_TURNS` turns, one fold and one evaluation case, every strategy in
+    turn: each one's training seconds (ASAP's and GMS's first pass over the arms included) and peak RSS, and the
+    host they ran on."""
+    from benchmarks.common import machine
+
+    model, out = source(), {}
+    for strategy in strategies:
+        run = _area() / "cost" / strategy
+        shutil.rmtree(run, ignore_errors=True)  # a measurement of this sitting, not a reused one
+        args = _adapt_args("a001", "Dataset001_Hippocampus", model, pool, 3, strategy, 1, COST_TURNS, 1, run)
+        done = run_cli(args, _area() / "logs" / f"cost_{strategy}.log")
+        summary = json.loads((run / "summary.json").read_text())
+        out[strategy] = {"train_s": summary["train_s"]["mean"], "peak_rss_mb": done.peak_rss_mb}
+    host = machine()
+    return {"strategies": out, "host": {k: host[k] for k in ("cpu", "cpu_flags", "cores", "threads")}}
+
+
+def cost_lines(cost: dict[str, Any] | None) -> list[str]:
+    """The one-sitting cost table (:func:`cost_sitting`), with ratios to ``finetune``."""
+    if not cost:
+        return []
+    host, per = cost["host"], cost["strategies"]
+    base = per.get("finetune")
+    lines = [f"Cost, every strategy back to back in one sitting ({host['cpu']}, {host['cores']} cores): (a) with 3 "
+             f"shots, {COST_TURNS} turns, one fold (the tables' min/fold come from sittings on hosts of different "
+             "speed):", "", "| strategy | training s | × finetune | peak RSS MiB |", "|---|---|---|---|"]  # fmt: skip
+    for name, c in per.items():
+        ratio = f"{c['train_s'] / base['train_s']:.2f}" if base else "–"
+        lines.append(f"| {name} | {c['train_s']:.0f} | {ratio} | {c['peak_rss_mb']:,.0f} |")
+    return [*lines, ""]
 
 
 def _arm_choices(summary: dict[str, Any]) -> dict[str, Any]:
@@ -253,6 +298,7 @@ def report(r: dict[str, Any]) -> list[str]:
             _, strategy, shots = k.split("/")
             lines.append(f"| {strategy} | {shots} | {_row(runs[k])} |")
         lines += ["", _claim(runs, part), ""]
+    lines += cost_lines(r.get("cost"))
     arms = r.get("arms_a") or {}
     if arms.get("by_third") and "arms" in arms:  # results counted per dataset (no arm list) are not re-read here
         lines += _arms_section(arms)

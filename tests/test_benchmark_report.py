@@ -451,6 +451,17 @@ def test_paradigms_cost_comes_from_one_sitting_with_ratios_to_universal_when_mea
     assert cost_lines(None, ["universal"], label, "3 cases") == []
 
 
+def test_fewshot_cost_comes_from_one_sitting_with_ratios_to_finetune() -> None:
+    from benchmarks.fewshot import cost_lines
+
+    host = {"cpu": "Some CPU", "cpu_flags": [], "cores": 2, "threads": 2}
+    per = {"finetune": {"train_s": 100.0, "peak_rss_mb": 1500.0}, "asap": {"train_s": 250.0, "peak_rss_mb": 2100.0}}
+    text = "\n".join(cost_lines({"strategies": per, "host": host}))
+    assert "one sitting (Some CPU, 2 cores)" in text
+    assert "| finetune | 100 | 1.00 | 1,500 |" in text and "| asap | 250 | 2.50 | 2,100 |" in text
+    assert cost_lines(None) == []
+
+
 def test_transfer_report_pairs_seeds_and_finds_where_finetuning_reaches_scratch() -> None:
     from benchmarks.transfer import paired_greater, reach, report
 
