@@ -135,18 +135,25 @@ def run_cli(args: list[str], log: Path) -> CliRun:
     return CliRun(seconds, usage.ru_maxrss / 1024)
 
 
-def host_label(host: dict[str, Any] | None) -> str:
+def host(stamp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a speed figure depends on in :func:`machine` (``stamp``, or taken now): the CPU, its flags, cores and
+    torch threads."""
+    stamp = stamp or machine()
+    return {k: stamp[k] for k in ("cpu", "cpu_flags", "cores", "threads")}
+
+
+def host_label(record: dict[str, Any] | None) -> str:
     """A short name of the host a step ran on: its CPU, whether it computes bf16 in hardware, its threads."""
-    if not host:
+    if not record:
         return "unrecorded"
     bf16 = (
         " with AMX"
-        if "amx_bf16" in host["cpu_flags"]
+        if "amx_bf16" in record["cpu_flags"]
         else " with AVX512-BF16"
-        if "avx512_bf16" in host["cpu_flags"]
+        if "avx512_bf16" in record["cpu_flags"]
         else ""
     )
-    return f"{host['cpu']}{bf16}, {host['threads']} threads"
+    return f"{record['cpu']}{bf16}, {record['threads']} threads"
 
 
 class Ledger:
@@ -202,7 +209,7 @@ class Ledger:
             "commit": stamp["commit"],
             "date": stamp["date"],
             # the host of a sitting varies (two CPUs seen, 2x apart on one step): its speed figures need it
-            "host": {k: stamp[k] for k in ("cpu", "cpu_flags", "cores", "threads")},
+            "host": host(stamp),
             "record": record,
         }
         from mosaicseg.atomic import write_json_atomic

@@ -178,14 +178,14 @@ def study_convergence(collection: str, configs: list[str], budget_min: float) ->
         setting = {"flags": CONFIGS[name], "plan_flags": PLAN_FLAGS.get(name, []), "run": run.name}
         train = partial(_train_and_score, collection, name, workdir, run, budget, datasets)
         runs[name] = ledger.step(name, setting, train)
-    commits = ledger.commits([*configs, *(f"{SINGLES}/{d}" for d in datasets)])
+    keys = [*configs, *(f"{SINGLES}/{d}" for d in datasets)]
     return {
         "collection": collection,
         "datasets": datasets,
         "budget_min": budget_min,
         "runs": runs,
-        "commits": commits,
-        "hosts": ledger.hosts([*configs, *(f"{SINGLES}/{d}" for d in datasets)]),
+        "commits": ledger.commits(keys),
+        "hosts": ledger.hosts(keys),
     }
 
 

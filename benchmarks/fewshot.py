@@ -150,9 +150,9 @@ def study_fewshot() -> dict[str, Any]:
         }  # fmt: skip
         step = partial(_adapt, tag, target, src, pool, shots, strategy, n_eval, turns, folds)
         runs[key] = ledger.step(key, setting, step)
-    pool_a, cost_setting = pool3d, {"strategies": list(strategies), "turns": COST_TURNS, "shots": 3, "folds": 1}
+    cost_setting = {"strategies": list(strategies), "turns": COST_TURNS, "shots": 3, "folds": 1}
     # last: the strategies' cost from one sitting (a study cut short measures it when it comes back)
-    cost = ledger.step("cost", cost_setting, partial(cost_sitting, source, pool_a, list(strategies)))
+    cost = ledger.step("cost", cost_setting, partial(cost_sitting, source, pool3d, list(strategies)))
     return {
         "cost": cost,
         "setting": {
@@ -175,7 +175,7 @@ def cost_sitting(source: Callable[[], Path | None], pool: list[Path], strategies
     """(a)'s setting with 3 shots, :data:`COST_TURNS` turns, one fold and one evaluation case, every strategy in
     turn: each one's training seconds (ASAP's and GMS's first pass over the arms included) and peak RSS, and the
     host they ran on."""
-    from benchmarks.common import machine
+    from benchmarks.common import host
 
     model, out = source(), {}
     for strategy in strategies:
@@ -185,8 +185,7 @@ def cost_sitting(source: Callable[[], Path | None], pool: list[Path], strategies
         done = run_cli(args, _area() / "logs" / f"cost_{strategy}.log")
         summary = json.loads((run / "summary.json").read_text())
         out[strategy] = {"train_s": summary["train_s"]["mean"], "peak_rss_mb": done.peak_rss_mb}
-    host = machine()
-    return {"strategies": out, "host": {k: host[k] for k in ("cpu", "cpu_flags", "cores", "threads")}}
+    return {"strategies": out, "host": host()}
 
 
 def cost_lines(cost: dict[str, Any] | None) -> list[str]:

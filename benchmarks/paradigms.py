@@ -280,11 +280,12 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
     cost_setting = {"paradigms": landed, "iterations": COST_ITERATIONS, "epoch": COST_EPOCH, **plan}
     # last: every paradigm's cost from one sitting, on one host (a study cut short measures it when it comes back)
     cost = ledger.step("cost", cost_setting, partial(cost_sitting, workdir, landed, cost_cases))
+    keys = [f"{k}_{v['iterations']}it" for k, v in runs.items()]
     return {
         "priors": priors,
         "cost": cost,
-        "commits": ledger.commits([f"{k}_{v['iterations']}it" for k, v in runs.items()]),
-        "hosts": ledger.hosts([f"{k}_{v['iterations']}it" for k, v in runs.items()]),
+        "commits": ledger.commits(keys),
+        "hosts": ledger.hosts(keys),
         "setting": {
             "collection": "mri7",
             "network": {
@@ -314,7 +315,7 @@ def cost_sitting(workdir: Path, paradigms: list[str], cases: list[str]) -> dict[
     all`` with its checkpoint on ``cases``; and the host it ran on."""
     import shutil
 
-    from benchmarks.common import machine
+    from benchmarks.common import host
 
     out: dict[str, Any] = {}
     for recipe in paradigms:
@@ -336,8 +337,7 @@ def cost_sitting(workdir: Path, paradigms: list[str], cases: list[str]) -> dict[
             "train_peak_rss_mb": done.peak_rss_mb,
             **_predict_cost(workdir, run, cases),
         }
-    host = machine()
-    return {"paradigms": out, "host": {k: host[k] for k in ("cpu", "cpu_flags", "cores", "threads")}}
+    return {"paradigms": out, "host": host()}
 
 
 def _run(
