@@ -288,13 +288,27 @@ def report(r: dict[str, Any]) -> list[str]:
         f"**(b) Hermes Table 3 in miniature** — `hermes` pre-trained without {HERMES_TARGET}; on n of its training "
         f"cases (drawn per seed), {s['b_iterations']} iterations each, draws {s['seeds']}:",
         "",
-        "| training cases | scratch | finetune | extend |",
-        "|---|---|---|---|",
+        "| training cases | scratch | finetune | extend | finetune − scratch (p) | extend − scratch (p) |",
+        "|---|---|---|---|---|---|",
     ]
     for size in s["sizes"]:
-        cells = []
-        for mode in ("scratch", "finetune", "extend"):
-            cells.append(_ms([v["dice"] for v in b.values() if v["mode"] == mode and v["cases"] == size]))
+        by_mode = {m: {v["seed"]: v["dice"] for v in b.values() if v["mode"] == m and v["cases"] == size}
+                   for m in ("scratch", "finetune", "extend")}  # fmt: skip
+        cells = [_ms(list(d.values())) for d in by_mode.values()]
+        for mode in ("finetune", "extend"):
+            cells.append(_paired_delta(by_mode[mode], by_mode["scratch"]))
         n = next((v["train_cases"] for v in b.values() if v["cases"] == size), size)
         lines.append(f"| {n if size is None else size}{' (all)' if size is None else ''} | " + " | ".join(cells) + " |")
+    lines += ["", "Differences paired by draw (the same cases for the three modes); p: one-sided paired t-test that "
+              "the mode beats scratch."]  # fmt: skip
     return [*lines, *_source_line(r, "hermes"), ""]
+
+
+def _paired_delta(x: dict[int, float], y: dict[int, float]) -> str:
+    """Mean of ``x − y`` over the seeds both hold, with the one-sided paired p of x > y (``–`` where none)."""
+    seeds = sorted(set(x) & set(y))
+    if not seeds:
+        return "–"
+    xs, ys = [x[i] for i in seeds], [y[i] for i in seeds]
+    p = paired_greater(xs, ys)
+    return f"{statistics.mean(xs) - statistics.mean(ys):+.3f} ({'–' if p is None else f'{p:.3f}'})"

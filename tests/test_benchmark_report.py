@@ -489,8 +489,15 @@ def test_transfer_report_pairs_seeds_and_finds_where_finetuning_reaches_scratch(
     assert "| Dataset001_Hippocampus | 0.500 ± 0.000 | 0.700 ± 0.100 | +0.200 | 0.037 |" in text
     # finetune's halfway validation (0.3, 0.35, 0.4) is below scratch's 0.5: it gets there at the end, 200 its
     assert "s0: 200 its (2.0 min); s1: 200 its (2.0 min); s2: 200 its (2.0 min)" in text
-    assert "| 1 | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in text
-    assert "| 64 (all) | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in text
+    # equal differences on every draw: no spread, no p
+    assert "| 1 | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 | +0.200 (–) | +0.100 (–) |" in text
+    assert "| 64 (all) | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 | +0.200 (–) | +0.100 (–) |" in text
+    # paired by draw: finetune − scratch = 0.1, 0.3 → mean 0.2, t = 0.2 / (0.1414 / √2) = 2, 1 dof,
+    # p = 1/2 − atan(2)/π ≈ 0.148; extend is 0.1 above scratch on both draws
+    b2 = {**b, "finetune/n1_s0": {**b["finetune/n1_s0"], "dice": 0.4},
+          "finetune/n1_s1": {**b["finetune/n1_s1"], "dice": 0.6}}  # fmt: skip
+    text = "\n".join(report({"setting": setting, "a": a, "b": b2}))
+    assert "| 1 | 0.300 ± 0.000 | 0.500 ± 0.141 | 0.400 ± 0.000 | +0.200 (0.148) | +0.100 (–) |" in text
     assert "model's own validation" not in text  # results from before the sources were recorded
     sources = {r: {"iteration": 3000, "val_dice": {"Dataset002_IXIDeepGrey": d, "Dataset007_ACDC": 0.4},
                    "val_mean": (d + 0.4) / 2} for r, d in (("universal", 0.7), ("hermes", 0.2))}  # fmt: skip
