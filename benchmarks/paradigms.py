@@ -1,6 +1,7 @@
 """``python -m benchmarks paradigms``: every paradigm on Dataset001–005, 007 and 008 (``collections/mri7.yaml``:
 T1 crops and heads, FLAIR+T1c, cine, LGE), at an equal total number of iterations (a busy machine cannot bias
-it), with the ``train`` defaults (AdamW 3e-3 poly, bf16 where native, head prior ``auto``) and the collection's
+it), with the ``train`` defaults (AdamW 3e-3 poly, hermes LAMB 2e-3 exponential as its recipe's default; bf16 where
+native, head prior ``auto``) and the collection's
 own plan (:data:`PATCH`), fold 0, seeds 0 and 1:
 
 - ``single`` trains ``iterations / 7`` on each dataset; every multi-dataset paradigm (``universal``,
@@ -47,6 +48,7 @@ from benchmarks.common import (
     run_cli,
 )
 from benchmarks.common import mean_sd as _ms
+from mosaicseg.config import recipe_optimizer
 
 MRI7 = ROOT / "collections" / "mri7.yaml"
 # also the order the runs are measured in (after universal): hermes early, since issue 22's priors heatmap is read
@@ -259,6 +261,8 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
             for dataset, its in jobs:
                 key = f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
                 setting = {"recipe": recipe, "dataset": dataset, "iterations": its, "seed": seed, **plan}
+                if recipe_optimizer(recipe) != "adamw":  # steps measured before recipes had optimisers: AdamW
+                    setting["optimizer"] = recipe_optimizer(recipe)
                 extras = {
                     "cost": seed == seeds[0] and (recipe != "single" or dataset == COST_DATASET),
                     "priors": recipe == "hermes" and seed == seeds[0],
@@ -294,7 +298,8 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
                 **({"plan_patch_size": plans["network"]["patch_size"]} if PATCH else {}),
             },
             "spacing": plan["spacing"],
-            "training": "the train defaults: AdamW 3e-3 poly, bf16 where native, head prior auto",
+            "training": "the train defaults: AdamW 3e-3 poly (hermes: LAMB 2e-3 exponential, its recipe's "
+            "default), bf16 where native, head prior auto",
             "iterations_multi": iterations,
             "iterations_single": max(1, iterations // len(datasets)),
             "fold": 0,

@@ -155,6 +155,15 @@ def test_bad_settings_are_reported_together():
     assert "optimizer 'adam'" in text and "iterations must be a positive integer" in text
 
 
+def test_the_optimizer_defaults_to_the_recipes_and_a_given_one_wins():
+    # hermes trains with LAMB by default (its prototypes collapsed under AdamW; config.RECIPE_OPTIMIZERS)
+    assert TrainConfig(recipe="hermes", iterations=1).optimizer == "lamb"
+    assert TrainConfig(recipe="hermes", iterations=1).resolved_schedule == "exp"
+    assert TrainConfig(recipe="universal", iterations=1).optimizer == "adamw"
+    assert TrainConfig(recipe="hermes", optimizer="adamw", iterations=1).optimizer == "adamw"
+    assert TrainConfig(recipe="single", optimizer="sgd", iterations=1).optimizer == "sgd"
+
+
 def test_missing_labels_as_background_supervises_unannotated_tasks():
     from mosaicseg.training.recipes import missing_as_background_objective, partial_label_objective
 

@@ -359,8 +359,8 @@ def train(
     optimizer: Annotated[
         str | None,
         typer.Option(
-            help="adamw (poly; default: the CPU convergence study's best, BENCHMARKS.md), sgd (poly, nnU-Net's) or "
-            "lamb (exponential, Hermes')"
+            help="adamw (poly; the default: the CPU convergence study's best, BENCHMARKS.md), sgd (poly, nnU-Net's) or "
+            "lamb (exponential; Hermes' and the hermes recipe's default)"
         ),
     ] = None,
     lr: Annotated[
@@ -438,7 +438,7 @@ def train(
         epochs=epochs,
         iterations_per_epoch=iterations_per_epoch,
         time_budget_s=parse_duration(time_budget) if time_budget else None,
-        optimizer=chosen["optimizer"] or TrainConfig.optimizer,
+        optimizer=chosen["optimizer"],
         lr=chosen["lr"],
         schedule=chosen["schedule"],
         sampling=chosen["sampling"],

@@ -287,6 +287,18 @@ VAL_MODES: tuple[str, ...] = ("patches", "cases")  # TrainConfig.val_mode
 # (BENCHMARKS.md, convergence: with 48³ patches, 0.72/0.21/0.65 IXI held-out Dice in 10 minutes against
 # 0.43/0.00/0.54 for 1e-3 and 64³); Hermes: LAMB 2e-3, exponential.
 _OPT_DEFAULTS = {"sgd": (1e-2, 3e-5, "poly"), "adamw": (3e-3, 1e-4, "poly"), "lamb": (2e-3, 1e-5, "exp")}
+# a recipe's optimiser when none is given (else AdamW). Hermes trains with its paper's LAMB: under AdamW its
+# token stream (prior + fusion updates) grew to ~200x the prior tokens' norm, so the tasks' posterior prototypes
+# became one (ixi3, 1000 iterations: left/right prototypes at cosine 0.99-1.00, logit correlation up to 1.0;
+# validation Dice on 3 held-out cases per set 0.13/0.00/0.36). With LAMB's per-tensor trust ratio the stream
+# stayed at ~5-8 and the pairs apart: 0.47/0.00/0.52. The universal net is the other way round (LAMB 0.01/0.00/
+# 0.49, AdamW 0.57/0.29/0.59), so it keeps AdamW.
+RECIPE_OPTIMIZERS: dict[str, str] = {"hermes": "lamb"}
+
+
+def recipe_optimizer(recipe: str) -> str:
+    """The optimiser ``recipe`` trains with when none is given."""
+    return RECIPE_OPTIMIZERS.get(recipe, "adamw")
 
 
 @dataclass(frozen=True)
@@ -308,7 +320,7 @@ class TrainConfig:
     epochs: int | None = None
     iterations_per_epoch: int = 50
     time_budget_s: float | None = None
-    optimizer: str = "adamw"  # the convergence study's best on CPU (BENCHMARKS.md); sgd is nnU-Net's
+    optimizer: str | None = None  # None: recipe_optimizer(recipe) (AdamW, or Hermes' LAMB); set in __post_init__
     lr: float | None = None
     weight_decay: float | None = None
     schedule: str | None = None
@@ -365,6 +377,8 @@ class TrainConfig:
         def bad(what: str, fix: str) -> None:
             problems.append(Problem("error", "train-config", "training settings", what, fix))
 
+        if self.optimizer is None:  # frozen: the resolved name is what the run folder and checkpoints record
+            object.__setattr__(self, "optimizer", recipe_optimizer(self.recipe))
         if self.width not in WIDTHS:
             bad(f"width '{self.width}' is unknown", f"use one of {', '.join(WIDTHS)}")
         if self.optimizer not in OPTIMIZERS:
