@@ -172,6 +172,28 @@ def test_mtl_mixes_datasets_evenly_then_arms_within():
     assert {policy.choose(i, np.random.default_rng(i))[2] for i in range(20)} == {"l2"}
 
 
+def test_a_sample_of_a_label_arm_trains_that_task_only_pulled_or_mixed(tiny_workdir_2d, tmp_path):
+    from mosaicseg.data.sampling import draw_sample
+
+    t = Trainer(tiny_workdir_2d, _cfg("mtl", ARMS), tmp_path / "m", progress=False)
+    state = t.recipe.hooks[0]
+    tumor = state.arms[2].task
+    seen = set()
+    for turn in range(1, 9):
+        mask = state._arm_batch(t, None, turn, mixed=True)["label_mask"]
+        draws = [draw_sample(state._policy, state._stream.seed, turn * t.batch_size + j) for j in range(len(mask))]
+        for row, d in zip(mask, draws, strict=True):
+            seen.add((d.dataset, d.label))
+            own = t.vocabulary.label_mask(d.dataset)
+            if d.label == "Tumor":
+                assert row.nonzero().flatten().tolist() == [tumor]
+            else:  # a dataset arm: every label of its dataset
+                assert torch.equal(row.bool(), torch.as_tensor(own, dtype=torch.bool))
+    assert (CT, "Tumor") in seen and (CT, None) in seen  # both kinds were drawn
+    pulled = state._arm_batch(t, 2, 1)["label_mask"]
+    assert all(row.nonzero().flatten().tolist() == [tumor] for row in pulled)
+
+
 def test_initial_pass_at_trainer_level_sets_each_arm_once_with_half_loss_half_cosine(tiny_workdir_2d, tmp_path):
     t = Trainer(tiny_workdir_2d, _cfg("asap", ARMS), tmp_path / "a", progress=False)
     state = t.recipe.hooks[0]

@@ -14,7 +14,10 @@ gets new ones); the backbone is shared. Each training step is one *turn*:
 - ``mtl``: every turn adds a batch mixing all auxiliary data: each sample draws an auxiliary dataset uniformly,
   then one of that dataset's arms uniformly (so with ``--aux-split-by-label`` a dataset with many labels is not
   drawn more often than one with a single label; a sample of a label arm is centred on that label and
-  supervised on all its dataset's labels);
+  supervised on that label's task, as a pulled arm's batch is. Supervising all its dataset's labels instead
+  summed 4-8 tasks' losses against the target's 2, and the target did not learn: Dataset001, 3 shots, 300
+  turns, one fold, 10 evaluation cases: target loss 2.15 → 2.03, Dice 0.001; per label 2.14 → 1.80, Dice 0.38;
+  finetune 2.04 → 1.32, Dice 0.63);
 - ``dal``: an EXP3 sampler over arms whose pulled arm is rewarded by its gradient alignment with the target.
 
 An arm is an auxiliary dataset, or one (dataset, label) pair (``--aux-split-by-label``): its batches are
@@ -39,7 +42,7 @@ import torch
 
 from mosaicseg.atomic import atomic_write, write_json_atomic
 from mosaicseg.data.augment import AugmentConfig
-from mosaicseg.data.sampling import CaseSampler, PatchDataset, cached_loader
+from mosaicseg.data.sampling import CaseSampler, PatchDataset, cached_loader, draw_sample
 from mosaicseg.errors import MosaicSegError
 from mosaicseg.models import parameter_parts
 from mosaicseg.training.bandit import (
@@ -169,12 +172,20 @@ class Auxiliary:
         self._policy.mixed = mixed
         self._policy.selected = self.arms[arm] if arm is not None else None
         b = trainer.batch_size
-        samples = [self._stream[index * b + j] for j in range(b)]
-        batch = trainer.collate(samples)
-        if not mixed and arm is not None and self.arms[arm].task is not None:
+        draws = [draw_sample(self._policy, self._stream.seed, index * b + j) for j in range(b)]
+        batch = trainer.collate([self._stream[d] for d in draws])
+        # a sample of a label arm trains that label's task only, pulled (asap, gms, dal) or mixed (mtl): every
+        # strategy learns from the same auxiliary tasks and differs only in which it picks
+        task_of = {(a.dataset, a.label): a.task for a in self.arms}
+        tasks = [task_of.get((d.dataset, d.label)) for d in draws]
+        if any(t is not None for t in tasks):
             only = torch.zeros_like(batch["label_mask"])
-            only[:, self.arms[arm].task] = batch["label_mask"][:, self.arms[arm].task]
-            batch["label_mask"] = only  # a label arm trains its own task only
+            for j, t in enumerate(tasks):
+                if t is None:  # a dataset arm (or the target): all its labels
+                    only[j] = batch["label_mask"][j]
+                else:
+                    only[j, t] = batch["label_mask"][j, t]
+            batch["label_mask"] = only
         return trainer.to_device(batch)
 
     def _target_batch(self, trainer: Any, index: int) -> Batch:
