@@ -271,7 +271,9 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
                 # the iterations in the key: a study at another length keeps this one's steps
                 entry = runs[key] = ledger.step(f"{key}_{its}it", setting, step)
                 if general_cases and (recipe != "single" or dataset == SOURCE):
-                    runs[key] = _with_generalisation(ledger, f"{key}_{its}it", entry, general_cases, control_cases)
+                    runs[key] = _with_generalisation(
+                        ledger, f"{key}_{its}it", entry, general_cases, control_cases, setting.get("optimizer")
+                    )
                 short = below_bar(entry["val_dice"]) if recipe == "universal" and seed == seeds[0] else {}
                 if short and not QUICK:
                     raise SystemExit(
@@ -366,13 +368,17 @@ def _run(
 
 
 def _with_generalisation(
-    ledger: Ledger, key: str, entry: dict[str, Any], cases: list[str], control_cases: list[str]
-) -> dict[str, Any]:
+    ledger: Ledger, key: str, entry: dict[str, Any], cases: list[str], control_cases: list[str],
+    optimizer: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """``entry`` with its run's :func:`generalisation`, a step of its own (``KEY_generalisation``): a run measured
     before the control existed is scored again from its checkpoint while that is at hand; where the checkpoint is
-    gone too, the run's record keeps what it has."""
+    gone too, the run's record keeps what it has. ``optimizer``: the run's, where its step setting names one (a
+    run trained again under another optimiser is scored again, not given the old run's figure)."""
     gkey, run = f"{key}_generalisation", Path(entry["run"])
     setting = {"cases": cases, "control_cases": control_cases, "control_box": "median extent of the cases"}
+    if optimizer is not None:
+        setting["optimizer"] = optimizer
     if ledger.get(gkey, setting) is None and not (run / "checkpoint_final.pt").is_file():
         print(f"{gkey}: not measured, and {run} has no checkpoint to measure it with", flush=True)
         return entry

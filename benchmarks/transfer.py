@@ -217,6 +217,7 @@ def study_transfer() -> dict[str, Any]:
             "sizes": [s for s in sizes],
             "training": "the train defaults (AdamW 3e-3 poly; hermes LAMB 2e-3 exponential, its recipe's "
             "default; bf16 where native, head prior auto), fold 0",
+            "hermes_optimizer": recipe_optimizer("hermes"),
         },
         "a": a,
         "b": b,
@@ -306,6 +307,11 @@ def report(r: dict[str, Any]) -> list[str]:
         lines.append(f"| {n if size is None else size}{' (all)' if size is None else ''} | " + " | ".join(cells) + " |")
     lines += ["", "Differences paired by draw (the same cases for the three modes); p: one-sided paired t-test that "
               "the mode beats scratch."]  # fmt: skip
+    if s.get("hermes_optimizer", "adamw") == "adamw":  # results from before hermes trained with LAMB by default
+        lines += ["", "**Void as a test of Hermes**: (b)'s source and runs trained under AdamW, under which "
+                  "Hermes' task prototypes collapse into one another (left/right pairs at cosine 1.0; "
+                  "`RECIPE_OPTIMIZERS` in `config.py`). hermes trains with LAMB by default since; (b) is measured "
+                  "again under it."]  # fmt: skip
     return [*lines, *_source_line(r, "hermes"), ""]
 
 

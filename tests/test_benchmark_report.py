@@ -508,6 +508,10 @@ def test_transfer_report_pairs_seeds_and_finds_where_finetuning_reaches_scratch(
     assert "`universal` model's own validation pseudo-Dice after 3,000 iterations" in lines[pre[0]]
     assert "IXIDeepGrey 0.700, ACDC 0.400; mean 0.550." in lines[pre[0]]
     assert "`hermes`" in lines[pre[1]] and "IXIDeepGrey 0.200, ACDC 0.400; mean 0.300." in lines[pre[1]]
+    # (b) from before hermes trained with LAMB by default is marked void; measured under LAMB, not
+    assert "**Void as a test of Hermes**" in text
+    lamb = "\n".join(report({"setting": {**setting, "hermes_optimizer": "lamb"}, "a": a, "b": b}))
+    assert "Void as a test" not in lamb and "| 1 | 0.300 ± 0.000 |" in lamb
 
 
 def test_fewshot_report_checks_asaps_claim_per_setting(tmp_path) -> None:
