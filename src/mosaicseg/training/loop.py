@@ -370,7 +370,8 @@ class Trainer:
         return train, val, notes
 
     def _check_patch_fits(self) -> None:
-        """Refuse a patch larger than every training image: it would be mostly padding (a mis-edited plan)."""
+        """Refuse a patch larger than every training image: it would be mostly padding (a mis-edited plan). A run
+        started from another (``init_from``: finetune, adapt) keeps its source's patch and pads, with a note."""
         largest = np.zeros(len(self.patch_size), dtype=int)
         for dataset, case_id in self.train_cases:
             try:
@@ -383,6 +384,12 @@ class Trainer:
         cover = (np.ceil(largest / divisor) * divisor).astype(int)
         patch = np.asarray(self.patch_size)
         if (patch >= cover).all() and (patch > cover).any():
+            if self.config.init_from:  # the network and its patch are the source's: a few small cases are padded
+                self.notes.append(
+                    f"patch {patch.tolist()} is larger than every training image (largest {largest.tolist()}): "
+                    f"padded, as the network comes from {self.config.init_from}"
+                )
+                return
             where = "--patch-size" if self.config.patch_size else str(self.workdir / "plans.json")
             raise MosaicSegError(
                 f"{where}: patch size {list(patch)} is larger than every training image (largest "
