@@ -4,6 +4,7 @@ tasks from one model), training-case subsets, the ``finetune``/``extend`` comman
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,17 @@ def test_extend_refuses_a_dataset_the_model_knows(source_run, tiny_workdir_2d, t
     cfg = adaptation_config(ckpt, str(source_run), "extend", datasets=(CT, MR), iterations=1, device="cpu")
     with pytest.raises(MosaicSegError, match=r"already has \['Dataset912_SynthCT'\].*finetune"):
         Trainer(tiny_workdir_2d, cfg, tmp_path / "x", progress=False)
+
+
+def test_a_patch_larger_than_every_image_is_refused_unless_the_network_comes_from_a_source(
+    source_run, tiny_workdir_2d, tmp_path
+):
+    big = _cfg(datasets=(MR,), patch_size=(512, 512))
+    with pytest.raises(MosaicSegError, match="larger than every training image"):
+        Trainer(tiny_workdir_2d, big, tmp_path / "plain", progress=False)
+    # fine-tuning keeps the source's network and patch: a target of small images (few shots) is padded
+    tuned = Trainer(tiny_workdir_2d, replace(big, init_from=str(source_run)), tmp_path / "tuned", progress=False)
+    assert any("padded, as the network comes from" in n for n in tuned.notes)
 
 
 def test_case_subsets_are_seeded_per_dataset_and_saved(tiny_workdir_2d, tmp_path):

@@ -392,7 +392,7 @@ class Trainer:
                 return
             where = "--patch-size" if self.config.patch_size else str(self.workdir / "plans.json")
             raise MosaicSegError(
-                f"{where}: patch size {list(patch)} is larger than every training image (largest "
+                f"{where}: patch size {patch.tolist()} is larger than every training image (largest "
                 f"{largest.tolist()} voxels after preprocessing), so most of each patch would be padding. Fix: "
                 f"use a patch of at most {cover.tolist()} (re-run mosaicseg plan, or edit network.patch_size)."
             )
