@@ -102,6 +102,15 @@ def finished(run: Path, iterations: int) -> bool:
     return (run / "checkpoint_final.pt").is_file() and last_metrics(run).get("iteration") == iterations
 
 
+def optimizer_setting(recipe: str) -> dict[str, str]:
+    """A step setting's optimiser entry for ``recipe``: empty for AdamW (every step measured before recipes had
+    optimisers of their own trained under it, and keeps its setting), else ``{"optimizer": name}``."""
+    from mosaicseg.config import recipe_optimizer
+
+    name = recipe_optimizer(recipe)
+    return {} if name == "adamw" else {"optimizer": name}
+
+
 def run_study(name: str, fn: Callable[[], dict[str, Any]], force: bool = False) -> dict[str, Any]:
     """Run ``fn`` unless ``results/NAME.json`` exists (studies are resumable one finished study at a time)."""
     path = RESULTS / f"{name}.json"

@@ -45,10 +45,10 @@ from benchmarks.common import (
     held_out_links,
     last_metrics,
     link_preprocessed,
+    optimizer_setting,
     run_cli,
 )
 from benchmarks.common import mean_sd as _ms
-from mosaicseg.config import recipe_optimizer
 
 MRI7 = ROOT / "collections" / "mri7.yaml"
 # also the order the runs are measured in (after universal): hermes early, since issue 22's priors heatmap is read
@@ -261,8 +261,7 @@ def study_paradigms_mri7(iterations: int) -> dict[str, Any]:
             for dataset, its in jobs:
                 key = f"{recipe}{'_' + dataset if dataset else ''}_s{seed}"
                 setting = {"recipe": recipe, "dataset": dataset, "iterations": its, "seed": seed, **plan}
-                if recipe_optimizer(recipe) != "adamw":  # steps measured before recipes had optimisers: AdamW
-                    setting["optimizer"] = recipe_optimizer(recipe)
+                setting |= optimizer_setting(recipe)
                 extras = {
                     "cost": seed == seeds[0] and (recipe != "single" or dataset == COST_DATASET),
                     "priors": recipe == "hermes" and seed == seeds[0],

@@ -29,7 +29,7 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUICK, ROOT, SHARED, WORK, Ledger, finished, last_metrics, run_cli
+from benchmarks.common import QUICK, ROOT, SHARED, WORK, Ledger, finished, last_metrics, optimizer_setting, run_cli
 from benchmarks.common import mean_sd as _ms
 from mosaicseg.config import recipe_optimizer
 
@@ -179,10 +179,8 @@ def _pre_iterations() -> int:
 
 def _source_setting(recipe: str = "universal") -> dict[str, Any]:
     """What a pre-trained model is made from: a step measured on another one is measured again."""
-    setting = {"recipe": recipe, "collection": MRI5.name, "iterations": _pre_iterations(), "seed": 0}
-    if recipe_optimizer(recipe) != "adamw":  # sources measured before recipes had optimisers of their own: AdamW
-        setting["optimizer"] = recipe_optimizer(recipe)
-    return setting
+    return {"recipe": recipe, "collection": MRI5.name, "iterations": _pre_iterations(), "seed": 0,
+            **optimizer_setting(recipe)}  # fmt: skip
 
 
 def study_transfer() -> dict[str, Any]:

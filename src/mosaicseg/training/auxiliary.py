@@ -125,6 +125,7 @@ class Auxiliary:
         self.strategy: str = options["strategy"]
         self.target = target
         self.arms = arms
+        self._task_of = {(a.dataset, a.label): a.task for a in arms}  # a sample's arm → its task (label arms)
         self.seed = ctx.config.seed
         self.bandit = UCBBandit(
             len(arms),
@@ -176,8 +177,7 @@ class Auxiliary:
         batch = trainer.collate([self._stream[d] for d in draws])
         # a sample of a label arm trains that label's task only, pulled (asap, gms, dal) or mixed (mtl): every
         # strategy learns from the same auxiliary tasks and differs only in which it picks
-        task_of = {(a.dataset, a.label): a.task for a in self.arms}
-        tasks = [task_of.get((d.dataset, d.label)) for d in draws]
+        tasks = [self._task_of.get((d.dataset, d.label)) for d in draws]
         if any(t is not None for t in tasks):
             only = torch.zeros_like(batch["label_mask"])
             for j, t in enumerate(tasks):
