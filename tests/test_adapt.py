@@ -86,6 +86,10 @@ def test_cosine_reward_sign_and_gradient_magnitude_similarity():
     assert cosine(-g_t, g_t) == pytest.approx(-1.0)
     assert cosine(np.array([-2.0, 1.0, 0.0]), g_t) == pytest.approx(0.0)
     assert cosine(np.zeros(3), g_t) == 0.0
+    # flattened gradients are compared as tensors where they are (a CUDA tensor has no .numpy())
+    t = torch.tensor([[1.0, 2.0, 0.0], [-2.0, 1.0, 0.5]])
+    assert cosine(t[0], t[1]) == pytest.approx(cosine(t[0].numpy(), t[1].numpy()), abs=1e-12)
+    assert cosine(torch.zeros(3), t[0]) == 0.0
     b = UCBBandit(2, alpha0=0.0, reward_loss="raw")  # α = 0: the reward is the cosine alone
     b.initialise([1.0, 1.0], [0.0, 0.0])
     assert b.update(0, 1, 10, 1.0, cosine(g_t, g_t)) > 0 > b.update(1, 1, 10, 1.0, cosine(-g_t, g_t))
@@ -306,6 +310,22 @@ def test_recipe_refuses_a_bad_pool(tiny_workdir_2d, tmp_path):
 # ------------------------------------------------------------------------------------------------ the command
 def _raw(workdir: Path, name: str) -> Path:
     return workdir.parent / "data" / name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/device_check.sh runs it on a GPU)")
+@pytest.mark.parametrize("strategy", ["asap", "gms", "dal"])
+def test_gradient_strategies_run_on_cuda_under_mixed_precision(strategy, tiny_workdir_2d, tmp_path):
+    source = tmp_path / "source" / "fold_0"
+    pre = dict(recipe="universal", datasets=(CT, MR), iterations=2, iterations_per_epoch=2, device="cuda")
+    Trainer(tiny_workdir_2d, TrainConfig(**pre, val_max_cases=1), source, progress=False).fit()
+    args = ["adapt", "--target", str(_raw(tiny_workdir_2d, DERM)), "--shots", "1", "--source", str(source),
+            "--aux", str(_raw(tiny_workdir_2d, CT)), "--aux", str(_raw(tiny_workdir_2d, MR)), "--strategy", strategy,
+            "--turns", "3", "--folds", "1", "--aux-cases", "2", "-w", str(tmp_path / "w"), "-o", str(tmp_path / "o"),
+            "--device", "cuda", "--precision", "auto"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in (tmp_path / "o" / "fold_0" / "arms.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(r["loss_target"]) for r in rows)
 
 
 def test_adapt_command_runs_folds_and_writes_dice_and_iou(tiny_workdir_2d, tmp_path):

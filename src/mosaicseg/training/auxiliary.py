@@ -227,7 +227,7 @@ class Auxiliary:
             trainer.model.zero_grad(set_to_none=True)
             losses.append(self._backward(trainer, self._arm_batch(trainer, a, INITIAL + a)))
             g_a = self._flat(shared)
-            cosines.append(cosine(g_a.numpy(), g_t.numpy()))
+            cosines.append(cosine(g_a, g_t))
             norms.append(float(g_a.norm()))
             del g_a  # one auxiliary gradient at a time
         trainer.model.zero_grad(set_to_none=True)
@@ -297,7 +297,7 @@ class Auxiliary:
         cos = None
         if g_t is not None:
             g_a = self._flat(shared) - g_t  # .grad holds ∇_T + ∇_a
-            cos = cosine(g_a.numpy(), g_t.numpy())
+            cos = cosine(g_a, g_t)
             del g_a, g_t
         trainer.apply_gradients(None)  # on ∇_T + ∇_a (ASAP, line 11)
         row.update(arm=arm, arm_name="mixed" if arm is None else self.arms[arm].name, loss_arm=loss_a, cosine=cos)

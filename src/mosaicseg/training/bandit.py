@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 ALPHA_SCHEDULES = ("linear", "constant", "exponential")
 REWARD_LOSS = ("normalized", "raw")
@@ -37,8 +38,14 @@ def alpha_at(turn: int, turns: int, alpha0: float, schedule: str) -> float:
     raise ValueError(f"alpha schedule {schedule!r}: use one of {ALPHA_SCHEDULES}")
 
 
-def cosine(a: np.ndarray | Any, b: np.ndarray | Any) -> float:
-    """cos(a, b) of two flat vectors (0 when either is zero)."""
+def cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """cos(a, b) of two flat vectors (0 when either is zero). Tensors are compared where they are, in float64:
+    flattened gradients on a GPU are not copied to the host (and ``.numpy()`` would refuse them)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ta, tb = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+        tb = tb.to(ta.device)
+        na, nb = float(ta.norm()), float(tb.norm())
+        return float(ta @ tb) / (na * nb) if na > 0 and nb > 0 else 0.0
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     return float(np.dot(a, b) / (na * nb)) if na > 0 and nb > 0 else 0.0
 
