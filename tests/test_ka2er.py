@@ -386,6 +386,24 @@ def test_the_amalgamation_aligns_each_expert_with_its_own_merge():
     assert out.rows.numel() == 0 and out.targets.shape == (0, 4, 4) and torch.equal(out.merged, f_s)
 
 
+def test_the_merge_does_not_carry_f_s_along():
+    """The experts' read replaces f_s (no residual): otherwise f_m − f_s is the read itself, which the detached
+    alignment target cannot shrink, and f_m moves with every step f_s takes towards it. The reads see f_s through
+    a LayerNorm, so scaling f_s leaves the merge of every read sample unchanged; an unread sample passes as f_s."""
+    from mosaicseg.models.amalgamation import Amalgamation
+
+    torch.manual_seed(0)
+    layer = Amalgamation(4, [3], 2, head_dim=2).eval()
+    f_s = torch.randn(3, 4, 4)  # sample 0: expert (and external), sample 1: external only, sample 2: neither
+    e0, x = torch.randn(1, 3, 2, 2), torch.randn(2, 2, 2, 2)
+    experts, external = [(0, torch.tensor([0]), e0)], [(torch.tensor([0, 1]), x)]
+    with torch.no_grad():
+        once, twice = layer(f_s, experts, external), layer(5 * f_s, experts, external)
+    torch.testing.assert_close(twice.merged[:2], once.merged[:2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(twice.targets, once.targets, atol=1e-4, rtol=1e-4)
+    assert torch.equal(once.merged[2], f_s[2]) and torch.equal(twice.merged[2], 5 * f_s[2])
+
+
 def test_training_boxes_jitter_and_dropout_by_hand():
     from mosaicseg.training.ka2er import training_boxes
 
