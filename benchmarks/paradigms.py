@@ -447,7 +447,14 @@ def priors_lines(priors: dict[str, Any]) -> list[str]:
             f"cosine {mirror['pair_mean']:.2f} against {mirror['other_mean']:.2f} for two different structures of "
             f"the same set, and the tokens of one set at {within:.2f} against {between:.2f} across the sets, so "
             f"they {'pair by structure' if by_structure else 'do not pair left with right'} and "
-            f"{'cluster by annotating set' if by_set else 'do not cluster by annotating set'}."
+            f"{'cluster by annotating set' if by_set else 'do not cluster by annotating set'}"
+            # a lean of a few hundredths between near-orthogonal tokens is not a grouping: say how small it is
+            + (
+                f", both only faintly (differences of {abs(mirror['pair_mean'] - mirror['other_mean']):.2f} and "
+                f"{abs(within - between):.2f}; the task tokens are nearly orthogonal)."
+                if max(abs(mirror["pair_mean"] - mirror["other_mean"]), abs(within - between)) < 0.1
+                else "."
+            )
         )
     if CINE in blocks and LGE in blocks and blocks[CINE][CINE] is not None:
         lge_task = next(n for n in tasks["nearest"] if n.startswith(LGE + "/"))
