@@ -442,6 +442,7 @@ def priors_lines(priors: dict[str, Any]) -> list[str]:
         between = statistics.mean(blocks[a][b] for a in ixi for b in ixi if a != b)
         by_structure = mirror["pair_mean"] > mirror["other_mean"]
         by_set = within > between
+        leans = abs(mirror["pair_mean"] - mirror["other_mean"]), abs(within - between)
         said.append(
             f"IXI (one kind of T1 head, three annotated groups): a structure's left and right tokens are at mean "
             f"cosine {mirror['pair_mean']:.2f} against {mirror['other_mean']:.2f} for two different structures of "
@@ -450,9 +451,9 @@ def priors_lines(priors: dict[str, Any]) -> list[str]:
             f"{'cluster by annotating set' if by_set else 'do not cluster by annotating set'}"
             # a lean of a few hundredths between near-orthogonal tokens is not a grouping: say how small it is
             + (
-                f", both only faintly (differences of {abs(mirror['pair_mean'] - mirror['other_mean']):.2f} and "
-                f"{abs(within - between):.2f}; the task tokens are nearly orthogonal)."
-                if max(abs(mirror["pair_mean"] - mirror["other_mean"]), abs(within - between)) < 0.1
+                f", both only faintly (differences of {leans[0]:.2f} and {leans[1]:.2f}; the task tokens are nearly "
+                "orthogonal)."
+                if max(leans) < 0.1
                 else "."
             )
         )

@@ -721,6 +721,11 @@ def test_hermes_priors_sentences_are_built_from_the_measured_matrices() -> None:
     assert "modality pairs 0.15)" in text
     assert "anterior/posterior tokens are at 0.50 with IXILimbic's hippocampus L/R and 0.10 with every" in text
     assert "73% of the tasks have their nearest token in their own dataset." in text  # 8 of 11
+    assert "only faintly" not in text
+    # the same structure at a tenth of the similarity: pairs 0.09 vs 0.03, within 0.07 vs 0.01 — a lean, said so
+    faint = np.eye(len(names)) + 0.1 * (m - np.eye(len(names)))
+    text = "\n".join(priors_lines({**priors, "tasks": summarise(names, faint)}))
+    assert "cluster by annotating set, both only faintly (differences of 0.06 and 0.06; the task tokens" in text
 
 
 def test_anisotropy_report_sets_the_two_plans_side_by_side() -> None:

@@ -150,10 +150,9 @@ class Amalgamation(nn.Module):
         if self.read_external is None or not external:
             return f_e
         general, by_external = self._read(self.read_external, self.norm_external(f_e), external, None)
-        # an expert-read sample adds the external's read to its own; one only the external reads takes its read
-        return torch.where(
-            by_experts.view(-1, 1, 1), f_e + general, torch.where(by_external.view(-1, 1, 1), general, f_s)
-        )
+        # both reads are zero where they do not cover: an expert-read sample gets the experts' read plus the
+        # external's, one only the external reads gets its read, and one neither reads stays f_s
+        return torch.where((by_experts | by_external).view(-1, 1, 1), read + general, f_s)
 
     @staticmethod
     def _read(

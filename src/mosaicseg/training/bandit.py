@@ -39,15 +39,12 @@ def alpha_at(turn: int, turns: int, alpha0: float, schedule: str) -> float:
 
 
 def cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
-    """cos(a, b) of two flat vectors (0 when either is zero). Tensors are compared where they are, in float64:
+    """cos(a, b) of two flat vectors (0 when either is zero), in float64. Tensors are compared where they are:
     flattened gradients on a GPU are not copied to the host (and ``.numpy()`` would refuse them)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ta, tb = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-        tb = tb.to(ta.device)
-        na, nb = float(ta.norm()), float(tb.norm())
-        return float(ta @ tb) / (na * nb) if na > 0 and nb > 0 else 0.0
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(np.dot(a, b) / (na * nb)) if na > 0 and nb > 0 else 0.0
+    ta = torch.as_tensor(a).double()
+    tb = torch.as_tensor(b).double().to(ta.device)
+    na, nb = float(ta.norm()), float(tb.norm())
+    return float(ta @ tb) / (na * nb) if na > 0 and nb > 0 else 0.0
 
 
 def gradient_magnitude_similarity(norm_a: float, norm_t: float) -> float:
