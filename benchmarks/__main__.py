@@ -1,5 +1,6 @@
 """``python -m benchmarks STUDY [--force]``: run one study, write ``benchmarks/results/STUDY.json`` and
-regenerate ``BENCHMARKS.md`` from every result present. A finished study is not recomputed (``--force``).
+regenerate ``BENCHMARKS.md`` from every result present. A finished study is not recomputed (``--force``), except a
+long one with a ledger, which runs again and measures only the steps its ledger lacks under the current setting.
 
 ``python -m benchmarks quick`` runs every study at its smallest setting (13 minutes on 2 cores, half of it the
 nnU-Net comparison; ``STUDY --quick`` one of them) in ``work/bench-quick``, with results and report there: the
@@ -620,6 +621,10 @@ EXTRA_STUDIES = (
 MRI7_ITERATIONS = 8000
 
 
+# studies that keep their finished steps in a Ledger: they run even when their results exist (run_study)
+LEDGERED = ("anisotropy", "convergence", "fewshot", "hermes-ablation", "ka2er", "paradigms", "transfer")
+
+
 def main() -> None:
     import os
     import sys
@@ -631,7 +636,9 @@ def main() -> None:
         "study",
         choices=[*STUDIES, *EXTRA_STUDIES],
     )
-    parser.add_argument("--force", action="store_true", help="recompute a finished study")
+    parser.add_argument(
+        "--force", action="store_true", help="recompute a finished study (one with a ledger always resumes from it)"
+    )
     parser.add_argument(
         "--iterations",
         type=int,
@@ -671,6 +678,7 @@ def main() -> None:
         Ledger.limit = args.steps
 
     def study(name: str, force: bool = True) -> None:
+        ledgered = name in LEDGERED
         fn = STUDIES.get(name)
         if name in ("paradigms-brain4", "precision"):
             of = study_paradigms if name == "paradigms-brain4" else study_precision
@@ -721,7 +729,7 @@ def main() -> None:
 
             name = f"convergence-{args.collection}-{budget:g}m"
 
-        run_study(name, fn, force=force)
+        run_study(name, fn, force=force, ledgered=ledgered)
 
     if args.study == "quick":
         _quick_all(study)

@@ -111,12 +111,21 @@ def optimizer_setting(recipe: str) -> dict[str, str]:
     return {} if name == "adamw" else {"optimizer": name}
 
 
-def run_study(name: str, fn: Callable[[], dict[str, Any]], force: bool = False) -> dict[str, Any]:
-    """Run ``fn`` unless ``results/NAME.json`` exists (studies are resumable one finished study at a time)."""
+def run_study(
+    name: str, fn: Callable[[], dict[str, Any]], force: bool = False, ledgered: bool = False
+) -> dict[str, Any]:
+    """Run ``fn`` unless ``results/NAME.json`` exists (studies are resumable one finished study at a time).
+
+    ``ledgered``: the study keeps its steps in a :class:`Ledger`, so it always runs. Its finished steps come back
+    from the ledger in seconds, and a step whose setting changed since the results were written (another
+    optimiser, say) is measured again. Skipping such a study because its results exist would keep the old figures
+    under a setting the code no longer uses. ``wall_s`` is then the last invocation's time, not the study's."""
     path = RESULTS / f"{name}.json"
     if path.is_file() and not force:
-        print(f"{name}: finished before ({path}); --force recomputes it")
-        return json.loads(path.read_text())
+        if not ledgered:
+            print(f"{name}: finished before ({path}); --force recomputes it")
+            return json.loads(path.read_text())
+        print(f"{name}: results exist ({path}); its ledger decides which steps are still to measure", flush=True)
     t0 = time.perf_counter()
     result = {"study": name, "machine": machine(), **fn()}
     result["wall_s"] = time.perf_counter() - t0

@@ -51,6 +51,26 @@ def test_another_setting_measures_again_and_keeps_the_old_record(results):
     assert [(s["key"], s["record"]) for s in stored["superseded"]] == [("a", {"dice": 0.5})]
 
 
+def test_a_ledgered_study_with_results_still_measures_a_step_whose_setting_changed(results):
+    """Found: with results/transfer.json present, `python -m benchmarks transfer` said "finished before" and kept
+    hermes' (b) figures measured under AdamW although its steps now asked for LAMB."""
+
+    def study(optimizer):
+        return lambda: {"a": common.Ledger("study").step("a", {"optimizer": optimizer}, lambda: {"opt": optimizer})}
+
+    assert common.run_study("study", study("adamw"))["a"] == {"opt": "adamw"}
+    # the old behaviour, kept for a study without a ledger
+    assert common.run_study("study", study("lamb"))["a"] == {"opt": "adamw"}
+    assert common.run_study("study", study("lamb"), ledgered=True)["a"] == {"opt": "lamb"}
+    assert json.loads((results / "study.json").read_text())["a"] == {"opt": "lamb"}
+
+    # a finished step is read back, not measured again
+    def again():
+        return {"a": common.Ledger("study").step("a", {"optimizer": "lamb"}, lambda: pytest.fail("measured again"))}
+
+    assert common.run_study("study", again, ledgered=True)["a"] == {"opt": "lamb"}
+
+
 def test_steps_limit_stops_before_the_next_new_step(results, monkeypatch):
     common.Ledger("study").step("done", {}, lambda: {"v": 0})
     monkeypatch.setattr(common.Ledger, "limit", 1)
