@@ -305,12 +305,45 @@ def report(r: dict[str, Any]) -> list[str]:
         lines.append(f"| {n if size is None else size}{' (all)' if size is None else ''} | " + " | ".join(cells) + " |")
     lines += ["", "Differences paired by draw (the same cases for the three modes); p: one-sided paired t-test that "
               "the mode beats scratch."]  # fmt: skip
+    lines += ["", _b_claim(b, s["sizes"])]
     if s.get("hermes_optimizer", "adamw") == "adamw":  # results from before hermes trained with LAMB by default
         lines += ["", "**Void as a test of Hermes**: (b)'s source and runs trained under AdamW, under which "
                   "Hermes' task prototypes collapse into one another (left/right pairs at cosine 1.0; "
                   "`RECIPE_OPTIMIZERS` in `config.py`). hermes trains with LAMB by default since; (b) is measured "
                   "again under it."]  # fmt: skip
     return [*lines, *_source_line(r, "hermes"), ""]
+
+
+def _b_claim(b: dict[str, Any], sizes: list[int | None], alpha: float = 0.05) -> str:
+    """(b) in words: per mode, at which numbers of training cases it beats scratch (paired one-sided p < ``alpha``),
+    is above it without that, or is not above it; and Hermes' claim (a pre-trained model is the better start)."""
+    wording = (f"beats scratch (p < {alpha:g}) at", "is above it, not significantly, at", "is not above it at")
+    parts, beats, measured = [], [], 0
+    for mode in ("finetune", "extend"):
+        verdicts: dict[str, list[str]] = {w: [] for w in wording}
+        for size in sizes:
+            of = {m: {v["seed"]: v["dice"] for v in b.values() if v["mode"] == m and v["cases"] == size}
+                  for m in (mode, "scratch")}  # fmt: skip
+            seeds = sorted(set(of[mode]) & set(of["scratch"]))
+            if not seeds:
+                continue
+            x, y = [of[mode][i] for i in seeds], [of["scratch"][i] for i in seeds]
+            delta, p = statistics.mean(x) - statistics.mean(y), paired_greater(x, y)
+            n = "all" if size is None else str(size)
+            said = wording[0] if delta > 0 and p is not None and p < alpha else wording[1] if delta > 0 else wording[2]
+            verdicts[said].append(n)
+            if mode == "finetune":
+                measured += 1
+                beats += [n] if said == wording[0] else []
+        parts.append(f"`{mode}` " + "; ".join(f"{w} n = {', '.join(ns)}" for w, ns in verdicts.items() if ns))
+    if beats and len(beats) == measured:
+        verdict = "**holds** at every number of cases"
+    elif beats:
+        verdict = f"**holds only** at n = {', '.join(beats)}"
+    else:
+        verdict = "**fails**: fine-tuning beats scratch at no number of cases"
+    return f"{'. '.join(parts)}. Hermes' claim (a pre-trained model is a better start than random weights, its " \
+           f"Table 3) {verdict}."  # fmt: skip
 
 
 def _paired_delta(x: dict[int, float], y: dict[int, float]) -> str:

@@ -498,6 +498,19 @@ def test_transfer_report_pairs_seeds_and_finds_where_finetuning_reaches_scratch(
           "finetune/n1_s1": {**b["finetune/n1_s1"], "dice": 0.6}}  # fmt: skip
     text = "\n".join(report({"setting": setting, "a": a, "b": b2}))
     assert "| 1 | 0.300 ± 0.000 | 0.500 ± 0.141 | 0.400 ± 0.000 | +0.200 (0.148) | +0.100 (–) |" in text
+    # p = 0.148 is not below 0.05, and no spread gives no p: above scratch everywhere, significant nowhere
+    assert "`finetune` is above it, not significantly, at n = 1, all." in text
+    assert "Table 3) **fails**: fine-tuning beats scratch at no number of cases." in text
+    # finetune 0.1, 0.2, 0.3 above scratch at n = 1 (p ≈ 0.037, as above) and below it with all cases
+    b3 = {k: v for k, v in b.items() if not k.endswith("_s1")}
+    for seed, tuned in enumerate((0.4, 0.5, 0.6)):
+        for mode, d in (("scratch", 0.3), ("finetune", tuned), ("extend", 0.2)):
+            b3[f"{mode}/n1_s{seed}"] = {"mode": mode, "cases": 1, "seed": seed, "dice": d, "train_cases": 1}
+    b3["finetune/nNone_s0"] = {**b3["finetune/nNone_s0"], "dice": 0.1}
+    text = "\n".join(report({"setting": setting, "a": a, "b": b3}))
+    assert "`finetune` beats scratch (p < 0.05) at n = 1; is not above it at n = all." in text
+    assert "`extend` is above it, not significantly, at n = all; is not above it at n = 1." in text
+    assert "Table 3) **holds only** at n = 1." in text
     assert "model's own validation" not in text  # results from before the sources were recorded
     sources = {r: {"iteration": 3000, "val_dice": {"Dataset002_IXIDeepGrey": d, "Dataset007_ACDC": 0.4},
                    "val_mean": (d + 0.4) / 2} for r, d in (("universal", 0.7), ("hermes", 0.2))}  # fmt: skip
