@@ -770,7 +770,10 @@ def _stamp(name: str, result: dict[str, Any]) -> str:
     if len(hosts) > 1:  # a sitting's host varies: say so where a study's times come from several
         listed = ", ".join(f"{label} ({n})" for label, n in hosts.items())
         steps += f"; steps measured on {len(hosts)} hosts, {listed}: their times are not comparable across hosts"
-    return f"<sub>{name}: commit {m['commit']}, {m['date']}, {result['wall_s']:.0f} s{steps}</sub>"
+    # a ledgered study's wall time is its last invocation's, which reads finished steps back without running them
+    wall = f"{result['wall_s']:.0f} s"
+    wall = f"assembled from its ledger in {wall}" if "commits" in result else wall
+    return f"<sub>{name}: commit {m['commit']}, {m['date']}, {wall}{steps}</sub>"
 
 
 def _step_summary(record: dict[str, Any]) -> str:

@@ -102,3 +102,6 @@ def test_hosts_count_each_steps_host_and_the_footer_warns_when_times_mix_hosts(r
     assert "hosts" not in report._stamp("s", {**result, "hosts": {here: 3}})
     footer = report._stamp("s", {**result, "hosts": {"Xeon with AMX, 2 threads": 2, "unrecorded": 1}})
     assert "steps measured on 2 hosts, Xeon with AMX, 2 threads (2), unrecorded (1): their times are not" in footer
+    # the last invocation's seconds are not the study's (its steps came from the ledger): said so
+    assert "commit abc, d, assembled from its ledger in 1 s" in footer
+    assert report._stamp("s", {"machine": {"commit": "abc", "date": "d"}, "wall_s": 61.0}).endswith(", 61 s</sub>")
