@@ -295,9 +295,10 @@ def report(r: dict[str, Any]) -> list[str]:
         "| training cases | scratch | finetune | extend | finetune − scratch (p) | extend − scratch (p) |",
         "|---|---|---|---|---|---|",
     ]
-    for size in s["sizes"]:
-        by_mode = {m: {v["seed"]: v["dice"] for v in b.values() if v["mode"] == m and v["cases"] == size}
-                   for m in ("scratch", "finetune", "extend")}  # fmt: skip
+    # per number of cases, each mode's Dice by draw
+    by_size = {size: {m: {v["seed"]: v["dice"] for v in b.values() if v["mode"] == m and v["cases"] == size}
+                      for m in ("scratch", "finetune", "extend")} for size in s["sizes"]}  # fmt: skip
+    for size, by_mode in by_size.items():
         cells = [_ms(list(d.values())) for d in by_mode.values()]
         for mode in ("finetune", "extend"):
             cells.append(_paired_delta(by_mode[mode], by_mode["scratch"]))
@@ -305,7 +306,7 @@ def report(r: dict[str, Any]) -> list[str]:
         lines.append(f"| {n if size is None else size}{' (all)' if size is None else ''} | " + " | ".join(cells) + " |")
     lines += ["", "Differences paired by draw (the same cases for the three modes); p: one-sided paired t-test that "
               "the mode beats scratch."]  # fmt: skip
-    lines += ["", _b_claim(b, s["sizes"])]
+    lines += ["", _b_claim(by_size)]
     if s.get("hermes_optimizer", "adamw") == "adamw":  # results from before hermes trained with LAMB by default
         lines += ["", "**Void as a test of Hermes**: (b)'s source and runs trained under AdamW, under which "
                   "Hermes' task prototypes collapse into one another (left/right pairs at cosine 1.0; "
@@ -314,22 +315,19 @@ def report(r: dict[str, Any]) -> list[str]:
     return [*lines, *_source_line(r, "hermes"), ""]
 
 
-def _b_claim(b: dict[str, Any], sizes: list[int | None], alpha: float = 0.05) -> str:
+def _b_claim(by_size: dict[int | None, dict[str, dict[int, float]]], alpha: float = 0.05) -> str:
     """(b) in words: per mode, at which numbers of training cases it beats scratch (paired one-sided p < ``alpha``),
-    is above it without that, or is not above it; and Hermes' claim (a pre-trained model is the better start)."""
+    is above it without that, or is not above it; and Hermes' claim (a pre-trained model is the better start).
+    ``by_size``: per number of cases (None: all), each mode's Dice by draw."""
     wording = (f"beats scratch (p < {alpha:g}) at", "is above it, not significantly, at", "is not above it at")
     parts, beats, measured = [], [], 0
     for mode in ("finetune", "extend"):
         verdicts: dict[str, list[str]] = {w: [] for w in wording}
-        for size in sizes:
-            of = {m: {v["seed"]: v["dice"] for v in b.values() if v["mode"] == m and v["cases"] == size}
-                  for m in (mode, "scratch")}  # fmt: skip
-            seeds = sorted(set(of[mode]) & set(of["scratch"]))
-            if not seeds:
+        for size, by_mode in by_size.items():
+            paired = _paired(by_mode[mode], by_mode["scratch"])
+            if paired is None:
                 continue
-            x, y = [of[mode][i] for i in seeds], [of["scratch"][i] for i in seeds]
-            delta, p = statistics.mean(x) - statistics.mean(y), paired_greater(x, y)
-            n = "all" if size is None else str(size)
+            (delta, p), n = paired, "all" if size is None else str(size)
             said = wording[0] if delta > 0 and p is not None and p < alpha else wording[1] if delta > 0 else wording[2]
             verdicts[said].append(n)
             if mode == "finetune":
@@ -346,11 +344,19 @@ def _b_claim(b: dict[str, Any], sizes: list[int | None], alpha: float = 0.05) ->
            f"Table 3) {verdict}."  # fmt: skip
 
 
-def _paired_delta(x: dict[int, float], y: dict[int, float]) -> str:
-    """Mean of ``x − y`` over the seeds both hold, with the one-sided paired p of x > y (``–`` where none)."""
+def _paired(x: dict[int, float], y: dict[int, float]) -> tuple[float, float | None] | None:
+    """Mean of ``x − y`` over the seeds both hold and the one-sided paired p of x > y; None where none is shared."""
     seeds = sorted(set(x) & set(y))
     if not seeds:
-        return "–"
+        return None
     xs, ys = [x[i] for i in seeds], [y[i] for i in seeds]
-    p = paired_greater(xs, ys)
-    return f"{statistics.mean(xs) - statistics.mean(ys):+.3f} ({'–' if p is None else f'{p:.3f}'})"
+    return statistics.mean(xs) - statistics.mean(ys), paired_greater(xs, ys)
+
+
+def _paired_delta(x: dict[int, float], y: dict[int, float]) -> str:
+    """:func:`_paired` as a table cell: ``+0.051 (0.015)``, ``–`` where there is no pair or no p."""
+    paired = _paired(x, y)
+    if paired is None:
+        return "–"
+    delta, p = paired
+    return f"{delta:+.3f} ({'–' if p is None else f'{p:.3f}'})"
