@@ -123,7 +123,7 @@ for m in sorted(Path(sys.argv[1]).glob("*/metrics.jsonl")):
     ipe = cfg.get("iterations_per_epoch") or 1
     t = [r["epoch_time_s"] / ipe for r in rows if "epoch_time_s" in r]
     val = [v for v in rows[-1].get("val_dice", {}).values() if v is not None] if rows else []
-    print(f"{m.parent.name}\t{cfg.get('device')}\t{cfg.get('amp')}\t"
+    print(f"{m.parent.name}\t{cfg.get('device')}\t{ {None: 'auto', True: 'mixed', False: 'fp32'}[cfg.get('amp')]}\t"
           f"{min(t) if t else float('nan'):.3f}\t{sum(val) / len(val) if val else float('nan'):.3f}")
 EOF2
 echo "failed steps:"; awk -F'\t' 'NR > 1 && $2 != 0 {print "  " $1 " (rc " $2 ")"}' "$out/steps.tsv"
