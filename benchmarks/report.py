@@ -789,6 +789,12 @@ def _step_summary(record: dict[str, Any]) -> str:
         parts.append(", ".join(f"{d.split('_', 1)[-1]} {v:.3f}" for d, v in dice.items()))
     if isinstance(record.get("mean"), float):  # a score of a run's checkpoint (e.g. paradigms' generalisation)
         parts.append(f"Dice {record['mean']:.3f}")
+    dice = record.get("dice")  # a setting repeated over folds (fewshot's adapt summary): mean ± sd of its folds
+    if isinstance(dice, dict) and isinstance(dice.get("mean"), float) and isinstance(dice.get("sd"), float):
+        parts.append(f"Dice {dice['mean']:.3f} ± {dice['sd']:.3f} ({dice.get('n', '?')} folds)")
+        wall = record.get("wall_s")
+        if isinstance(wall, dict) and isinstance(wall.get("mean"), float):
+            parts.append(f"{wall['mean']:.0f} s per fold")
     if isinstance(record.get("control"), dict) and isinstance(record["control"].get("mean"), float):
         parts.append(f"control {record['control']['mean']:.3f}")
     for mode, entry in record.items():  # runs compared in one step (transfer's scratch/finetune/extend): final Dice

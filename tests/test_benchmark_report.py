@@ -650,6 +650,8 @@ def test_a_study_in_progress_shows_its_ledger_steps_until_its_table_exists(tmp_p
     assert row in lines
     assert report._step_summary({"n": 3}) == "–"
     assert report._step_summary({"cases": {}, "mean": 0.0, "control": {"mean": 0.052}}) == "Dice 0.000; control 0.052"
+    adapt = {"dice": {"mean": 0.4151, "sd": 0.0869, "n": 3}, "wall_s": {"mean": 255.25, "sd": 16.9, "n": 3}}
+    assert report._step_summary(adapt) == "Dice 0.415 ± 0.087 (3 folds); 255 s per fold"
     # transfer's steps: runs compared side by side, each by its final Dice (a curve's last point, or "dice")
     pair = {
         "scratch": {"mode": "scratch", "curve": [[60, 4.0, 0.5], [120, 8.0, 0.814]]},
