@@ -789,9 +789,9 @@ def _step_summary(record: dict[str, Any]) -> str:
         parts.append(", ".join(f"{d.split('_', 1)[-1]} {v:.3f}" for d, v in dice.items()))
     if isinstance(record.get("mean"), float):  # a score of a run's checkpoint (e.g. paradigms' generalisation)
         parts.append(f"Dice {record['mean']:.3f}")
-    dice = record.get("dice")  # a setting repeated over folds (fewshot's adapt summary): mean ± sd of its folds
-    if isinstance(dice, dict) and isinstance(dice.get("mean"), float) and isinstance(dice.get("sd"), float):
-        parts.append(f"Dice {dice['mean']:.3f} ± {dice['sd']:.3f} ({dice.get('n', '?')} folds)")
+    folds = record.get("dice")  # a setting repeated over folds (fewshot's adapt summary): mean ± sd of its folds
+    if isinstance(folds, dict) and isinstance(folds.get("mean"), float) and isinstance(folds.get("sd"), float):
+        parts.append(f"Dice {folds['mean']:.3f} ± {folds['sd']:.3f} ({folds.get('n', '?')} folds)")
         wall = record.get("wall_s")
         if isinstance(wall, dict) and isinstance(wall.get("mean"), float):
             parts.append(f"{wall['mean']:.0f} s per fold")
