@@ -124,6 +124,9 @@ def _rank(rank: int, folder: str) -> None:
             out[case] = _loss(case, rows, torch.nn.parallel.DistributedDataParallel(_Net()), distributed=True)
             out[case]["local"] = _loss(case, rows, _Net(), distributed=False)["loss"]  # without the option
         torch.save(out, Path(folder) / f"rank{rank}.pt")
+        # both ranks leave together: a rank that tears its sockets down while the other still reads from them can
+        # make gloo's reader thread throw, and the process abort (seen once in a fresh-clone CI run, rank 0 SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
