@@ -21,6 +21,7 @@ spans sittings and fresh clones (a sitting pre-trains a source only if a setting
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -249,13 +250,24 @@ def _arms_section(arms: dict[str, Any]) -> list[str]:
     elif total == 0:
         lines.append("No pulls were logged in the last third: the run is too short to say what the bandit preferred.")
     else:
-        share = sum(last.get(n, 0) for n in hippocampus) / total
+        pulls = sum(last.get(n, 0) for n in hippocampus)
         even = len(hippocampus) / len(names)
-        verdict = "more than" if share > even else "no more than"
+        # a preference has to stand out from what choosing arms uniformly at random would give (binomial, 2 sd):
+        # UCB's exploration term can keep every arm's count close to the even share whatever R̂ says
+        expected, band = total * even, 2 * math.sqrt(total * even * (1 - even))
+        if pulls > expected + band:
+            verdict = "above what uniform choice gives: it came to prefer them"
+        elif pulls < expected - band:
+            verdict = "below what uniform choice gives: it came to avoid them"
+        else:
+            verdict = "within what uniform choice gives: it showed no preference for them"
+        counts = [last.get(n, 0) for n in names]
+        most = max(names, key=lambda n: last.get(n, 0))
         lines.append(
             f"In the last third the bandit pulled the IXI limbic hippocampus arms ({', '.join(hippocampus)}) "
-            f"{share:.0%} of the time, {verdict} their even share of {even:.0%} ({len(hippocampus)} of "
-            f"{len(names)} arms): it {'came' if share > even else 'did not come'} to prefer them."
+            f"{pulls} of {total} times ({pulls / total:.0%}), against an even share of {expected:.1f} ({even:.0%}: "
+            f"{len(hippocampus)} of {len(names)} arms) ± {band:.1f} (2 sd of uniform choice), {verdict}. "
+            f"Pulls per arm in that third ranged from {min(counts)} to {max(counts)} (most: {most})."
         )
     return [*lines, "", "![arms](benchmarks/results/fewshot-arms-a.png)", ""]
 

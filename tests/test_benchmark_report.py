@@ -570,12 +570,20 @@ def test_fewshot_report_checks_asaps_claim_per_setting(tmp_path) -> None:
     ]
     text = "\n".join(report({"setting": setting, "runs": runs, "arms_a": counted}))
     assert f"| {limbic}/Hippocampus_L | 0 | 0 | 2 |" in text and f"| {grey}/Putamen | 0 | 0 | 0 |" in text
-    assert "hippocampus arms (" in text and "67% of the time, more than their even share of 33% (2 of 6" in text
-    assert "it came to prefer them." in text
-    # the same run without its last third's hippocampus pulls: no preference, said so
-    counted["by_third"][2] = {f"{grey}/Caudate": 3}
+    # 2 of the last third's 3 pulls on hippocampus arms (67 %) against an even 1.0 (33 %) ± 2·√(3·⅓·⅔) = 1.6: a
+    # share twice the even one, yet within what uniform choice gives on 3 pulls
+    assert "hippocampus arms (" in text and "2 of 3 times (67%), against an even share of 1.0 (33%: 2 of 6" in text
+    assert "± 1.6 (2 sd of uniform choice), within what uniform choice gives: it showed no preference" in text
+    assert "ranged from 0 to 2 (most: Dataset003_IXILimbic/Hippocampus_L)" in text
+    # 30 pulls, 20 on the hippocampus arms: even 10.0 ± 2·√(30·⅓·⅔) = 5.2, so 20 > 15.2 is a preference
+    counted["by_third"][2] = {f"{limbic}/Hippocampus_L": 12, f"{limbic}/Hippocampus_R": 8, f"{grey}/Caudate": 10}
     text = "\n".join(report({"setting": setting, "runs": runs, "arms_a": counted}))
-    assert "0% of the time, no more than their even share of 33%" in text and "did not come to prefer" in text
+    assert "20 of 30 times (67%), against an even share of 10.0 (33%: 2 of 6 arms) ± 5.2" in text
+    assert "above what uniform choice gives: it came to prefer them." in text
+    # none of them: 0 < 10.0 − 5.2, avoided
+    counted["by_third"][2] = {f"{grey}/Caudate": 30}
+    text = "\n".join(report({"setting": setting, "runs": runs, "arms_a": counted}))
+    assert "0 of 30 times (0%)" in text and "below what uniform choice gives: it came to avoid them." in text
 
 
 def test_ka2er_report_checks_the_claim_in_and_out_of_domain() -> None:
