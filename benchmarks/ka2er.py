@@ -112,7 +112,8 @@ def _nnunet(workdir: Path, dataset: str, iterations: int) -> tuple[Path, dict[st
         (root / "preprocessed" / dataset / "splits_final.json").write_text(json.dumps(splits))
         nn("shrink", did, json.dumps(NNUNET_NETWORK["features"]), json.dumps(NNUNET_NETWORK["patch"]), NNUNET_PLANS,
            log="shrink")  # fmt: skip
-        nn("train", did, str(iterations), str(min(250, iterations)), str(root / "timing.json"), NNUNET_PLANS,
+        # a checkpoint per epoch: this training outlasts some sittings, and goes on from its last epoch
+        nn("train", did, str(iterations), str(min(250, iterations)), str(root / "timing.json"), NNUNET_PLANS, "1",
            log="train")  # fmt: skip
     return folder, env, nn
 

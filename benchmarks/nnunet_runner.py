@@ -4,7 +4,7 @@ It imports nothing from mosaicseg, so nnU-Net can live in its own environment. `
 ``nnUNet_preprocessed`` and ``nnUNet_results`` come from the environment, as for nnU-Net's own commands.
 
     python nnunet_runner.py plan DATASET_ID
-    python nnunet_runner.py train DATASET_ID ITERATIONS ITERATIONS_PER_EPOCH TIMING_JSON [PLANS]
+    python nnunet_runner.py train DATASET_ID ITERATIONS ITERATIONS_PER_EPOCH TIMING_JSON [PLANS [CHECKPOINT_EVERY]]
     python nnunet_runner.py shrink DATASET_ID FEATURES_JSON PATCH_JSON PLANS  (a smaller 3d_fullres network as PLANS)
     python nnunet_runner.py predict DATASET_ID IMAGES_FOLDER OUTPUT_FOLDER {tta,notta} [PLANS]
     python nnunet_runner.py forward FEATURES_JSON PATCH_JSON CLASSES REPEATS    (prints JSON: ms per tile forward)
@@ -93,7 +93,17 @@ def shrink(dataset_id: int, features: list[int], patch: list[int], plans_name: s
     save_json(plans, str(folder / f"{plans_name}.json"), sort_keys=False)
 
 
-def train(dataset_id: int, iterations: int, per_epoch: int, timing_json: Path, plans_name: str = "nnUNetPlans") -> None:
+def train(
+    dataset_id: int,
+    iterations: int,
+    per_epoch: int,
+    timing_json: Path,
+    plans_name: str = "nnUNetPlans",
+    checkpoint_every: int = 10**9,
+) -> None:
+    """``checkpoint_every`` epochs, ``checkpoint_latest.pth`` is written (default: never, as the speed comparison
+    wants); a run whose folder holds one goes on from it, as ``nnUNetv2_train --c`` does: a sitting cut short
+    does not lose the epochs it finished."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -105,6 +115,11 @@ def train(dataset_id: int, iterations: int, per_epoch: int, timing_json: Path, p
     plans["continue_training"] = False  # as nnunetv2.run.run_training.get_trainer_from_args sets it
     dataset_json = load_json(str(folder / "dataset.json"))
     trainer = _bench_trainer(iterations, per_epoch)(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    trainer.save_every = checkpoint_every
+    latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
+    if latest.is_file():
+        trainer.load_checkpoint(str(latest))
+        print(f"resuming {latest} at epoch {trainer.current_epoch}", flush=True)
     t0 = time.perf_counter()
     trainer.run_training()
     wall = time.perf_counter() - t0
@@ -201,7 +216,7 @@ def main(argv: list[str]) -> None:
     if command == "plan":
         plan(dataset_id)
     elif command == "train":
-        train(dataset_id, int(argv[2]), int(argv[3]), Path(argv[4]), *argv[5:6])
+        train(dataset_id, int(argv[2]), int(argv[3]), Path(argv[4]), *argv[5:6], *map(int, argv[6:7]))
     elif command == "shrink":
         shrink(dataset_id, json.loads(argv[2]), json.loads(argv[3]), argv[4])
     elif command == "predict":
