@@ -262,7 +262,7 @@ def _arms_section(arms: dict[str, Any]) -> list[str]:
         else:
             verdict = "within what uniform choice gives: it showed no preference for them"
         counts = [last.get(n, 0) for n in names]
-        most = max(names, key=lambda n: last.get(n, 0))
+        most = names[counts.index(max(counts))]
         lines.append(
             f"In the last third the bandit pulled the IXI limbic hippocampus arms ({', '.join(hippocampus)}) "
             f"{pulls} of {total} times ({pulls / total:.0%}), against an even share of {expected:.1f} ({even:.0%}: "

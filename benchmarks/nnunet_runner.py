@@ -99,11 +99,11 @@ def train(
     per_epoch: int,
     timing_json: Path,
     plans_name: str = "nnUNetPlans",
-    checkpoint_every: int = 10**9,
+    checkpoint_every: int | None = None,
 ) -> None:
-    """``checkpoint_every`` epochs, ``checkpoint_latest.pth`` is written (default: never, as the speed comparison
-    wants); a run whose folder holds one goes on from it, as ``nnUNetv2_train --c`` does: a sitting cut short
-    does not lose the epochs it finished."""
+    """Every ``checkpoint_every`` epochs ``checkpoint_latest.pth`` is written (None: never, the bench trainer's
+    setting, as the speed comparison wants); a run whose folder holds one goes on from it, as
+    ``nnUNetv2_train --c`` does: a sitting cut short does not lose the epochs it finished."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -115,7 +115,8 @@ def train(
     plans["continue_training"] = False  # as nnunetv2.run.run_training.get_trainer_from_args sets it
     dataset_json = load_json(str(folder / "dataset.json"))
     trainer = _bench_trainer(iterations, per_epoch)(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
-    trainer.save_every = checkpoint_every
+    if checkpoint_every is not None:
+        trainer.save_every = checkpoint_every
     latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
     if latest.is_file():
         trainer.load_checkpoint(str(latest))
