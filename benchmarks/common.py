@@ -135,15 +135,18 @@ def run_study(
     return result
 
 
-def run_cli(args: list[str], log: Path) -> CliRun:
-    """Run ``mosaicseg ARGS`` in its own process, like a user would; return its wall seconds and peak RSS.
+def run_cli(args: list[str], log: Path, python: str | None = None) -> CliRun:
+    """Run ``mosaicseg ARGS`` in its own process (in ``python``, default this one), like a user would; return its
+    wall seconds and peak RSS.
 
     ``os.wait4`` gives the rusage of that one child (``RUSAGE_CHILDREN`` would be the maximum over every child
     so far, hiding a smaller run behind a larger earlier one)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "mosaicseg.cli", *args], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [python or sys.executable, "-m", "mosaicseg.cli", *args], stdout=f, stderr=subprocess.STDOUT
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)

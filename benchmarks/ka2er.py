@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 from collections.abc import Callable
 from functools import cache, partial
 from pathlib import Path
@@ -84,14 +86,32 @@ def _planned(name: str, datasets: tuple[str, ...] | list[str]) -> Path:
     return workdir
 
 
-def _train(workdir: Path, name: str, iterations: int, *args: str) -> Path:
+def _train(workdir: Path, name: str, iterations: int, *args: str, python: str | None = None) -> Path:
     run = workdir / "runs" / name
     if not (run / "checkpoint_final.pt").is_file():
         resume = ["--resume"] if (run / "checkpoint_latest.pt").is_file() else []
         run_cli(["train", str(workdir), "--iterations", str(iterations), "--iterations-per-epoch",
                  str(max(1, iterations // 20)), "--val-every", "100000", "--device", "cpu", *args, "-o", str(run),
-                 *resume], _log(f"train_{name}"))  # fmt: skip
+                 *resume], _log(f"train_{name}"), python)  # fmt: skip
     return run
+
+
+@cache
+def student_python() -> str:
+    """A Python that imports both MosaicSeg and nnunetv2: the student reads the nnU-Net expert while it trains.
+    This one if it can; else the nnU-Net environment once ``scripts/setup_nnunet.sh`` has installed MosaicSeg in
+    it (the same torch, numpy and MONAI pins; the queue's PYTHONPATH still selects the pinned commit's code)."""
+    from benchmarks.nnunet import default_nnunet_python
+
+    probe = "import mosaicseg.cli, nnunetv2"
+    for python in dict.fromkeys([sys.executable, default_nnunet_python()]):
+        if subprocess.run([python, "-c", probe], capture_output=True).returncode == 0:
+            return python
+    raise SystemExit(
+        "the ka2er student reads an nnU-Net expert, so it trains in a Python with both mosaicseg and nnunetv2; "
+        f"neither {sys.executable} nor {default_nnunet_python()} has both. Fix: `bash scripts/setup_nnunet.sh` "
+        "(it installs MosaicSeg into .venv-nnunet too)."
+    )
 
 
 def _nnunet(workdir: Path, dataset: str, iterations: int) -> tuple[Path, dict[str, str], Any]:
@@ -200,7 +220,7 @@ def _control_cases(workdir: Path, ood_cases: list[str]) -> list[str]:
 def _student(workdir: Path, experts: Callable[[], dict[str, Any]], seed: int, s_its: int) -> Path:
     """Seed ``seed``'s ``ka2er`` student (trained once)."""
     return _train(workdir, f"ka2er_s{seed}", s_its, "--seed", str(seed), "--recipe", "ka2er", "--recipe-option",
-                  f"experts={experts()['spec']}")  # fmt: skip
+                  f"experts={experts()['spec']}", python=student_python())  # fmt: skip
 
 
 def _seed_rows(
@@ -212,6 +232,7 @@ def _seed_rows(
     boxes) and of every expert on the same cases, measured in this one step."""
     from benchmarks.paradigms import generalisation
 
+    student_python()  # before an hour of universal training, not after
     universal = _train(workdir, f"universal_s{seed}", s_its, "--seed", str(seed))
     student = _student(workdir, experts, seed, s_its)
     rows: dict[str, Any] = {}
