@@ -360,6 +360,49 @@ def test_alignment_sums_over_the_experts_used_by_hand():
         alignment_loss(f_s, f_m, "l1")
 
 
+def test_scale_free_alignment_compares_layer_normalised_tokens_by_hand():
+    f_s = torch.tensor([[[1.0, 3.0], [2.0, 2.0]]])  # (R=1, N=2, C=2)
+    # token 0 scaled and shifted: the same after layer norm; token 1 constant: normalised to (0, 0)
+    f_m = torch.tensor([[[12.0, 20.0], [0.0, 1.0]]])
+    # layer-normalised (eps 1e-5): token 0 (-1, 1) on both sides, token 1 (0, 0) against (-1, 1) (up to eps)
+    # mse: (0 + (1 + 1)/2) / 2 = 0.5; without normalisation (121 + 289)/2 and (4 + 1)/2 -> (205 + 2.5)/2
+    assert alignment_loss(f_s, f_m, "mse", scale_free=True).item() == pytest.approx(0.5, rel=1e-4)
+    assert alignment_loss(f_s, f_m, "mse").item() == pytest.approx(103.75)
+    assert alignment_loss(f_s, 7 * f_s + 3, "mse", scale_free=True).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_decoder_reads_layer_normalised_tokens():
+    """Whatever the scale of f_s (or f_m in training), the decoder gets the tokens through one LayerNorm."""
+    from mosaicseg.models.amalgamation import KA2ERNet
+
+    torch.manual_seed(0)
+    net = KA2ERNet(
+        {
+            "spatial_dims": 2,
+            "patch_size": [32, 32],
+            "features": [8, 16],
+            "strides": [[1, 1], [2, 2]],
+            "kernel_sizes": [[3, 3], [3, 3]],
+        },
+        {"CT": 1},
+        num_tasks=2,
+        ka2er={"expert_channels": [], "external_channels": None, "head_dim": 8, "prompt_width": 8},
+    ).eval()
+    seen = []
+    decode = net.backbone.decode
+    net.backbone.decode = lambda skips: (seen.append(skips[-1]), decode(skips))[1]
+    image = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        first = net(image, torch.zeros(1, dtype=torch.long)).logits[0]
+        net.self_attention.out.weight.mul_(50.0)  # f_s ten times larger or more: the decoder's input stays normalised
+        net(image, torch.zeros(1, dtype=torch.long))
+    for bottleneck in seen:
+        tokens = bottleneck.flatten(2).transpose(1, 2)  # (B, N, C)
+        torch.testing.assert_close(tokens.mean(-1), torch.zeros(tokens.shape[:2]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(tokens.var(-1, unbiased=False), torch.ones(tokens.shape[:2]), atol=1e-3, rtol=0)
+    assert first.shape[:2] == (1, 2)
+
+
 def test_the_amalgamation_aligns_each_expert_with_its_own_merge():
     from mosaicseg.models.amalgamation import Amalgamation
 

@@ -3,16 +3,17 @@
 Training: stems + the backbone's encoder → bottleneck tokens ``f`` → self-attention (pre-norm, residual) →
 ``f_s`` → cross-attention of ``f_s`` over the tokens of the experts mapped to each sample's sub-tasks (each
 expert's features projected to the student's width by its own linear map; its output replaces ``f_s``, no
-residual) → cross-attention over the external expert's tokens (added) → ``f_m``, which replaces the bottleneck for
-the decoder. The alignment loss (eq. 1: a term
+residual) → cross-attention over the external expert's tokens (added) → ``f_m``, which, layer-normalised, replaces
+the bottleneck for the decoder (at inference ``f_s``, layer-normalised alike: the decoder never depends on a scale
+that only one of them has). The alignment loss (eq. 1: a term
 per teacher, each eq. 2's ``‖f_s − f_m‖``) reads ``extras``: ``f_s`` and ``f_m`` ``(B, N, C)``, and one row per
 (expert used, sample of its sub-task): ``align_rows (R,)`` the sample, ``align_groups (R,)`` the expert,
 ``align_targets (R, N, C)`` the tokens merged from that expert alone (:class:`Amalgamated`). The decoder's maps
 and the box prompts (:mod:`mosaicseg.models.prompts`) give one mask per asked task.
 
 Inference: the amalgamation layer is skipped (no expert runs; their files need not exist); the decoder reads
-``f_s``. ``prediction_only()`` drops the layer from a loaded model, so a predictor holds only the student, the
-prompt encoder and the mask decoder.
+``LayerNorm(f_s)``. ``prediction_only()`` drops the layer from a loaded model, so a predictor holds only the
+student, the prompt encoder and the mask decoder.
 
 The experts' features arrive through ``prompts``: ``{"experts": [(slot, samples (n,) long, features (n, C_slot,
 *s))], "external": [(samples, features (n, C_x, *s))] or None, "boxes": (B, K, 2, d) in [0, 1], "box_valid":
@@ -237,6 +238,10 @@ class KA2ERNet(nn.Module):
         head_dim = int(settings["head_dim"])
         self.norm_self = nn.LayerNorm(dim)
         self.self_attention = CrossAttention(dim, head_dim)
+        # The decoder reads the tokens layer-normalised: nothing bounds the scale of f_m (the decoder's own norms
+        # make it free), so on the real sub-tasks f_m's scale drifted, f_s chased it and the alignment rose to 50x
+        # the segmentation loss in 150 iterations; normalised, f_m and f_s meet the decoder alike.
+        self.norm_merged = nn.LayerNorm(dim)
         self.amalgamation: Amalgamation | None = Amalgamation(
             dim, settings["expert_channels"], settings["external_channels"], head_dim
         )
@@ -294,7 +299,7 @@ class KA2ERNet(nn.Module):
             out = self.amalgamation(f_s, prompts["experts"], prompts.get("external"))
             merged = out.merged
             extras.update(f_s=f_s, f_m=merged, align_rows=out.rows, align_groups=out.groups, align_targets=out.targets)
-        skips = [*skips[:-1], merged.transpose(1, 2).reshape(bottleneck.shape)]
+        skips = [*skips[:-1], self.norm_merged(merged).transpose(1, 2).reshape(bottleneck.shape)]
         maps = self.backbone.decode(skips)
         index, valid = select_tasks(asked_tasks(tasks, image, self.num_tasks))
         boxes, box_valid = prompts.get("boxes"), prompts.get("box_valid")

@@ -64,6 +64,7 @@ KA2ER_RECIPE_OPTIONS: dict[str, Any] = {
     "align_weight": 1.0,
     "align_norm": "mse",
     "align_detach": True,
+    "align_scale_free": True,  # compare f_s and f_m layer-normalised, as the decoder reads them
     "kl_weight": 0.1,
     "box_dropout": 0.5,
     "box_jitter": 0.1,
@@ -363,8 +364,9 @@ def ka2er(ctx: RecipeContext) -> Recipe:
     for name in ("align_weight", "kl_weight"):
         if isinstance(o[name], bool) or not isinstance(o[name], int | float) or o[name] < 0:
             raise MosaicSegError(f"recipe option {name}={o[name]!r} must be >= 0.")
-    if not isinstance(o["align_detach"], bool):
-        raise MosaicSegError(f"recipe option align_detach={o['align_detach']!r}: use true or false.")
+    for name in ("align_detach", "align_scale_free"):
+        if not isinstance(o[name], bool):
+            raise MosaicSegError(f"recipe option {name}={o[name]!r}: use true or false.")
     for name in ("box_dropout", "box_jitter"):
         if isinstance(o[name], bool) or not isinstance(o[name], int | float) or not 0 <= o[name] <= 1:
             raise MosaicSegError(f"recipe option {name}={o[name]!r} must be a number in [0, 1].")
@@ -389,6 +391,7 @@ def ka2er(ctx: RecipeContext) -> Recipe:
     inputs.model = model
     weights = float(o["align_weight"]), float(o["kl_weight"])
     pos_weight, norm, detach = _pos_weight(ctx), o["align_norm"], bool(o["align_detach"])
+    scale_free = bool(o["align_scale_free"])
 
     def loss(outputs: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
         terms = {"segmentation": deep_supervision_loss(outputs.logits, batch["target"], batch["label_mask"],
@@ -396,7 +399,7 @@ def ka2er(ctx: RecipeContext) -> Recipe:
         extras = outputs.extras
         if "align_targets" in extras and weights[0] > 0:
             f_s = extras["f_s"][extras["align_rows"]]  # (R, N, C): each expert's samples, one row per (expert, sample)
-            aligned = alignment_loss(f_s, extras["align_targets"], norm, detach, extras["align_groups"])
+            aligned = alignment_loss(f_s, extras["align_targets"], norm, detach, extras["align_groups"], scale_free)
             terms["alignment"] = weights[0] * aligned
         if inputs.targets and weights[1] > 0:
             logits = outputs.logits[0]

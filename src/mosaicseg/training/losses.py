@@ -205,6 +205,7 @@ def alignment_loss(
     norm: str = "mse",
     detach: bool = True,
     groups: torch.Tensor | None = None,
+    scale_free: bool = False,
 ) -> torch.Tensor:
     """KA²ER's feature alignment: eq. 1's ``Σ_k L_align`` over the experts ``k``, each term eq. 2's ``‖f_s − f_m‖``.
 
@@ -214,11 +215,16 @@ def alignment_loss(
     over its rows' tokens of ``‖f_s − f_m‖``; the result is the **sum** over the groups present (eq. 1 sums over
     the teachers, so the term grows with the number of experts in the batch; ``align_weight`` scales it), a
     zero scalar without rows. ``detach``: ``f_m`` is the target (no gradient through it), so the student's own
-    path learns what the experts added; the paper does not say (an option of the recipe)."""
+    path learns what the experts added; the paper does not say (an option of the recipe). ``scale_free``: both
+    sides layer-normalised over C first (no affine), so only what the student's decoder reads after its own
+    LayerNorm is compared, not a scale the decoder ignores."""
     if norm not in ("mse", "l2"):
         raise ValueError(f"alignment norm {norm!r}: use mse or l2")
-    target = f_m.detach() if detach else f_m
-    diff = f_s.float() - target.float()  # (R, N, C)
+    target = (f_m.detach() if detach else f_m).float()
+    student = f_s.float()
+    if scale_free:
+        student, target = F.layer_norm(student, student.shape[-1:]), F.layer_norm(target, target.shape[-1:])
+    diff = student - target  # (R, N, C)
     if diff.shape[0] == 0:
         return diff.sum()  # no expert in the batch: nothing to align (a zero that keeps the graph)
     per_token = diff.square().mean(-1) if norm == "mse" else diff.norm(dim=-1)  # (R, N)
