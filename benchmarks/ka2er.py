@@ -295,6 +295,7 @@ def _lcc_rows(workdir: Path, experts: Callable[[], dict[str, Any]], seeds: tuple
     """The post-processing step: each expert with the student's largest-component filter (``expert_lcc/D``) and
     each seed's student without boxes and without the filter (``ka2er_none_raw_sN/D``)."""
     trained = experts()
+    students = {seed: _student(workdir, experts, seed, s_its) for seed in seeds}
     rows: dict[str, Any] = {}
     for name, dataset in SUBTASKS.items():
         cases = held_out_cases(workdir, dataset)[:n_cases]
@@ -307,8 +308,7 @@ def _lcc_rows(workdir: Path, experts: Callable[[], dict[str, Any]], seeds: tuple
             _predict(Path(trained["experts"][name]["run"]), images, base / "expert_lcc", dataset,
                      "--largest-component")  # fmt: skip
         rows[f"expert_lcc/{dataset}"] = _scores(base / "expert_lcc", labels, dataset)
-        for seed in seeds:
-            student = _student(workdir, experts, seed, s_its)
+        for seed, student in students.items():
             _predict(student, images, base / f"ka2er_none_raw_s{seed}", dataset)
             rows[f"ka2er_none_raw_s{seed}/{dataset}"] = _scores(base / f"ka2er_none_raw_s{seed}", labels, dataset)
     return {"rows": rows}
