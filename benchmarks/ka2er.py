@@ -263,7 +263,17 @@ def _seed_rows(
               ("ka2er", student))}  # fmt: skip
     ood = {k: v["mean"] for k, v in scored.items()}
     ood_control = {k: v["control"]["mean"] for k, v in scored.items()}
-    return {"rows": rows, "ood": ood, "ood_control": ood_control, "cost": cost if measure_cost else None}
+    losses = student_losses(student)
+    return {"rows": rows, "ood": ood, "ood_control": ood_control, "cost": cost if measure_cost else None,
+            "student_losses": losses}  # fmt: skip
+
+
+def student_losses(run: Path) -> dict[str, float]:
+    """The student's loss terms over its last epoch (``metrics.jsonl``): ``segmentation`` is the decoder reading
+    f_m (the experts' merge), ``student`` the decoder reading f_s (what prediction computes)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    terms = next((r["loss_terms"] for r in reversed(records) if r.get("loss_terms")), {})
+    return {k: float(v) for k, v in terms.items()}
 
 
 def largest_components(pred: Path, out: Path) -> Path:
@@ -335,6 +345,7 @@ def study_ka2er() -> dict[str, Any]:
     ood = {"expert": expert_step["ood"]}
     ood_control = {"expert": expert_step["ood_control"]}
     cost: dict[str, float] = {}
+    losses: dict[str, dict[str, float]] = {}
     for seed in seeds:
         setting = {**base, "student_iterations": s_its, "seed": seed}
         step = partial(_seed_rows, workdir, experts, seed, s_its, n_cases, ood_cases, seed == seeds[0])
@@ -344,6 +355,8 @@ def study_ka2er() -> dict[str, Any]:
         ood_control.update(measured["ood_control"])
         if measured["cost"] is not None:
             cost.update(measured["cost"])
+        if measured.get("student_losses"):
+            losses[f"ka2er_s{seed}"] = measured["student_losses"]
     lcc_setting = {**base, "student_iterations": s_its, "seeds": list(seeds)}
     rows.update(ledger.step("lcc", lcc_setting, partial(_lcc_rows, workdir, experts, seeds, s_its, n_cases))["rows"])
     return {
@@ -362,6 +375,7 @@ def study_ka2er() -> dict[str, Any]:
         "ood": ood,
         "ood_control": ood_control,
         "cost": cost,
+        "student_losses": losses,
         "commits": ledger.commits(),
         "hosts": ledger.hosts(),
     }
@@ -454,6 +468,19 @@ def report(r: dict[str, Any]) -> list[str]:
         f"{r['cost']['experts_rss_mb']:.0f} MB).",
         "",
     ]
+    paths = [
+        f"seed {key.rsplit('_s', 1)[1]}: f_m {t['segmentation']:.3f}, f_s {t['student']:.3f}"
+        for key, t in sorted((r.get("student_losses") or {}).items())
+        if "segmentation" in t and "student" in t
+    ]
+    if paths:
+        lines += [
+            "The student's segmentation loss over its last epoch, its decoder reading the experts' merge (f_m) and "
+            "its own tokens (f_s, what prediction computes; `student_weight` trains that path, not in the paper): "
+            + "; ".join(paths)
+            + ".",
+            "",
+        ]
     checks = [("as reported (student filtered, experts not)", "ka2er_none", "expert")]
     if like_for_like:
         checks += [("both filtered", "ka2er_none", "expert_lcc"), ("neither filtered", "ka2er_none_raw", "expert")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -616,6 +618,12 @@ def test_ka2er_report_checks_the_claim_in_and_out_of_domain() -> None:
         f"{b} -0.050; out of domain 0.700 vs the expert's 0.500)."
     ) in text
     assert "like for like" not in text and "both filtered" not in text and "the crop protocol" not in text
+    assert "its own tokens (f_s" not in text  # no seed recorded its losses
+
+    r["student_losses"] = {"ka2er_s1": {"segmentation": 4.5, "student": 4.75}, "ka2er_s0": {"segmentation": 5.0}}
+    assert "(f_s, what prediction computes; `student_weight` trains that path, not in the paper): seed 1: f_m 4.500, " \
+        "f_s 4.750." in "\n".join(report(r))  # fmt: skip
+    del r["student_losses"]
 
     # the post-processing step: the experts filtered as the student (a: 0.80 -> 0.82, so 0.79 is now 3 points
     # below; b: 0.90 -> 0.86, 0.85 within 2), and the student unfiltered (0.77 and 0.89 against 0.80 and 0.90)
@@ -638,6 +646,16 @@ def test_ka2er_report_checks_the_claim_in_and_out_of_domain() -> None:
     # every model near zero even on its own domain cropped alike: the out-of-domain test is said to be void
     r["ood_control"] = {k: 0.05 for k in control}
     assert "the crop protocol itself defeats these whole-head models" in "\n".join(report(r))
+
+
+def test_ka2er_student_losses_are_the_last_epoch_with_terms(tmp_path: Path) -> None:
+    from benchmarks.ka2er import student_losses
+
+    lines = [{"iteration": 50, "loss_terms": {"segmentation": 7.0, "student": 7.1}},
+             {"iteration": 100, "loss_terms": {"segmentation": 6.0, "student": 6.5}},
+             {"iteration": 100, "val_dice": {"a": 0.5}}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert student_losses(tmp_path) == {"segmentation": 6.0, "student": 6.5}
 
 
 def test_the_paradigm_study_names_the_ixi_sets_below_the_bar() -> None:

@@ -20,7 +20,7 @@ from mosaicseg.models.experts import MosaicSegExpert, nnunet_axes, renormalize
 from mosaicseg.models.prompts import BoxPromptEncoder, MaskDecoder
 from mosaicseg.runtime import load_checkpoint
 from mosaicseg.training.loop import Trainer
-from mosaicseg.training.losses import alignment_loss, bernoulli_kl
+from mosaicseg.training.losses import alignment_loss, bernoulli_kl, deep_supervision_loss
 
 DERM, CT, MR = "Dataset911_SynthDerm", "Dataset912_SynthCT", "Dataset913_SynthMR"
 
@@ -136,7 +136,27 @@ def test_only_the_batchs_experts_run_and_none_learns(experts, tiny_workdir_2d, t
     assert all(torch.equal(a, b) for a, b in zip(before, expert_params, strict=True))
     assert all(p.grad is None and not p.requires_grad for p in expert_params)
     record = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert {"segmentation", "alignment", "kl"} <= set(record["loss_terms"])
+    assert {"segmentation", "student", "alignment", "kl"} <= set(record["loss_terms"])
+
+
+def test_student_weight_zero_is_the_papers_loss_and_a_negative_one_is_named(experts, tiny_workdir_2d, tmp_path):
+    for weight, expected in ((0.0, False), (0.5, True)):
+        options = {"experts": _spec(experts), "student_weight": weight}
+        t = Trainer(tiny_workdir_2d, _cfg(recipe="ka2er", datasets=(CT, MR), recipe_options=options),
+                    tmp_path / f"w{weight}", progress=False)  # fmt: skip
+        batch = t.to_device(next(iter(t._loader())))
+        outputs = t.model(batch["image"], batch["modality"], **t.recipe.inputs(batch))
+        terms = t.recipe.loss(outputs, batch)
+        assert ("student_logits" in outputs.extras) is expected and ("student" in terms) is expected
+        if expected:  # the term is the weighted segmentation loss of the f_s path
+            plain = deep_supervision_loss(outputs.extras["student_logits"], batch["target"], batch["label_mask"],
+                                          batch["ignore"], pos_weight=1.0)  # fmt: skip
+            torch.testing.assert_close(terms["student"], weight * plain)
+    options = {"experts": _spec(experts), "student_weight": -1}
+    with pytest.raises(MosaicSegError, match=r"student_weight=-1 must be >= 0"):
+        Trainer(tiny_workdir_2d, _cfg(recipe="ka2er", datasets=(CT, MR), recipe_options=options), tmp_path / "bad",
+                progress=False)  # fmt: skip
+    assert not (tmp_path / "bad" / "checkpoint_latest.pt").exists()
 
 
 def test_the_predictor_needs_no_expert_files(experts, tiny_workdir_2d, tmp_path):
@@ -401,6 +421,41 @@ def test_the_decoder_reads_layer_normalised_tokens():
         torch.testing.assert_close(tokens.mean(-1), torch.zeros(tokens.shape[:2]), atol=1e-5, rtol=0)
         torch.testing.assert_close(tokens.var(-1, unbiased=False), torch.ones(tokens.shape[:2]), atol=1e-3, rtol=0)
     assert first.shape[:2] == (1, 2)
+
+
+def test_the_decoder_meets_f_s_in_training_as_at_inference():
+    """With ``student_path`` the training forward also decodes f_s: those logits are exactly what the model
+    predicts with no expert (the inference path), while its main logits read f_m and differ."""
+    from mosaicseg.models.amalgamation import KA2ERNet
+
+    torch.manual_seed(0)
+    net = KA2ERNet(
+        {
+            "spatial_dims": 2,
+            "patch_size": [32, 32],
+            "features": [8, 16],
+            "strides": [[1, 1], [2, 2]],
+            "kernel_sizes": [[3, 3], [3, 3]],
+        },
+        {"CT": 1},
+        num_tasks=3,
+        ka2er={"expert_channels": [5], "external_channels": None, "head_dim": 8, "prompt_width": 8},
+    ).eval()
+    image, modality = torch.randn(2, 1, 32, 32), torch.zeros(2, dtype=torch.long)
+    tasks = torch.tensor([[True, False, True], [False, True, False]])
+    boxes = torch.rand(2, 3, 2, 2).sort(2).values
+    box_valid = torch.tensor([[True, False, False], [False, True, False]])
+    experts = [(0, torch.tensor([0, 1]), torch.randn(2, 5, 16, 16))]
+    prompts = {"experts": experts, "external": None, "boxes": boxes, "box_valid": box_valid}
+    with torch.no_grad():
+        both = net(image, modality, tasks, prompts={**prompts, "student_path": True})
+        alone = net(image, modality, tasks, prompts={"boxes": boxes, "box_valid": box_valid})
+        merged_only = net(image, modality, tasks, prompts=prompts)
+    assert "student_logits" not in merged_only.extras
+    torch.testing.assert_close(both.extras["student_logits"][0], alone.logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both.logits[0], merged_only.logits[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(both.logits[0], alone.logits[0], atol=1e-3)
+    assert (both.extras["student_logits"][0][~tasks] == -20).all()  # tasks not asked, as on the main path
 
 
 def test_the_amalgamation_aligns_each_expert_with_its_own_merge():

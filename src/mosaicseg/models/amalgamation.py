@@ -5,11 +5,12 @@ Training: stems + the backbone's encoder → bottleneck tokens ``f`` → self-at
 expert's features projected to the student's width by its own linear map; its output replaces ``f_s``, no
 residual) → cross-attention over the external expert's tokens (added) → ``f_m``, which, layer-normalised, replaces
 the bottleneck for the decoder (at inference ``f_s``, layer-normalised alike: the decoder never depends on a scale
-that only one of them has). The alignment loss (eq. 1: a term
-per teacher, each eq. 2's ``‖f_s − f_m‖``) reads ``extras``: ``f_s`` and ``f_m`` ``(B, N, C)``, and one row per
-(expert used, sample of its sub-task): ``align_rows (R,)`` the sample, ``align_groups (R,)`` the expert,
-``align_targets (R, N, C)`` the tokens merged from that expert alone (:class:`Amalgamated`). The decoder's maps
-and the box prompts (:mod:`mosaicseg.models.prompts`) give one mask per asked task.
+that only one of them has). With ``prompts["student_path"]`` the decoder reads both in training (the batch doubled:
+``logits`` from f_m, ``extras["student_logits"]`` from f_s, exactly what inference computes). The alignment loss
+(eq. 1: a term per teacher, each eq. 2's ``‖f_s − f_m‖``) reads ``extras``: ``f_s`` and ``f_m`` ``(B, N, C)``, and
+one row per (expert used, sample of its sub-task): ``align_rows (R,)`` the sample, ``align_groups (R,)`` the expert,
+``align_targets (R, N, C)`` the tokens merged from that expert alone (:class:`Amalgamated`). The decoder's maps and
+the box prompts (:mod:`mosaicseg.models.prompts`) give one mask per asked task.
 
 Inference: the amalgamation layer is skipped (no expert runs; their files need not exist); the decoder reads
 ``LayerNorm(f_s)``. ``prediction_only()`` drops the layer from a loaded model, so a predictor holds only the
@@ -293,13 +294,20 @@ class KA2ERNet(nn.Module):
         tokens = bottleneck.flatten(2).transpose(1, 2)
         normed = self.norm_self(tokens)
         f_s = tokens + self.self_attention(normed, normed)
-        extras: dict[str, torch.Tensor] = {}
+        extras: dict[str, Any] = {}
         merged = f_s
+        both = False
         if self.amalgamation is not None and prompts.get("experts") is not None:
             out = self.amalgamation(f_s, prompts["experts"], prompts.get("external"))
             merged = out.merged
             extras.update(f_s=f_s, f_m=merged, align_rows=out.rows, align_groups=out.groups, align_targets=out.targets)
-        skips = [*skips[:-1], self.norm_merged(merged).transpose(1, 2).reshape(bottleneck.shape)]
+            # The paper trains the decoder on f_m only and has it read f_s at inference, trusting the alignment to
+            # make them alike. With ``student_path`` the decoder also reads f_s in training (one pass over the
+            # doubled batch), so what it meets at inference is what it learnt on, and the two paths' losses show
+            # what the experts add.
+            both = bool(prompts.get("student_path")) and merged is not f_s
+        tokens = torch.cat([merged, f_s]) if both else merged
+        skips = [*(torch.cat([s, s]) if both else s for s in skips[:-1]), self._grid(tokens, bottleneck)]
         maps = self.backbone.decode(skips)
         index, valid = select_tasks(asked_tasks(tasks, image, self.num_tasks))
         boxes, box_valid = prompts.get("boxes"), prompts.get("box_valid")
@@ -310,8 +318,19 @@ class KA2ERNet(nn.Module):
             )
             box_valid = torch.cat([box_valid, torch.zeros_like(box_valid[:, :1])], 1).gather(1, index) & valid
         corners = self.prompt_encoder(boxes, box_valid, tuple(index.shape))
+        if both:
+            corners, index2 = torch.cat([corners, corners]), torch.cat([index, index])
+            asked = scatter_tasks(self.mask_decoder(maps[0], maps[self.coarse_level], corners, index2), index2,
+                                  self.num_tasks)  # fmt: skip
+            b = image.shape[0]
+            extras["student_logits"] = [asked[b:]]
+            return ModelOutput([asked[:b]], extras)
         asked = self.mask_decoder(maps[0], maps[self.coarse_level], corners, index)
         return ModelOutput([scatter_tasks(asked, index, self.num_tasks)], extras)
+
+    def _grid(self, tokens: torch.Tensor, bottleneck: torch.Tensor) -> torch.Tensor:
+        """``tokens (b, N, C)`` layer-normalised and laid back on the bottleneck's grid → ``(b, C, *s)``."""
+        return self.norm_merged(tokens).transpose(1, 2).reshape(tokens.shape[0], *bottleneck.shape[1:])
 
 
 MODEL_KINDS.register("ka2er")(KA2ERNet)

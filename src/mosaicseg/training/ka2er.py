@@ -23,11 +23,13 @@ experts of the sub-tasks in the batch run (no gradient; outside the student's st
 their samples; the external expert runs on every sample. The loss (eq. 1) is the partial-label segmentation
 loss + ``align_weight`` × Σ over the experts used in the batch of ``‖f_s − f_m^k‖`` on expert k's samples, f_m^k
 the tokens the amalgamation merges from expert k (and the external expert) (:func:`~mosaicseg.training.losses.
-alignment_loss`, :class:`~mosaicseg.models.amalgamation.Amalgamated`) + ``kl_weight`` × KL(student ‖ expert)
-over each expert's labels on its samples. Training boxes come from the ground truth of each asked task in the
-patch (:func:`training_boxes`: each corner moved by up to ``box_jitter`` of the box's extent, the box dropped
-with probability ``box_dropout``, so the student also works without one). With ``--architecture swinunetr`` the
-student's ``feature_size`` is the paper's 48 unless a model option sets it.
+alignment_loss`, :class:`~mosaicseg.models.amalgamation.Amalgamated`) + ``kl_weight`` × KL(student ‖ expert) over
+each expert's labels on its samples + ``student_weight`` × the segmentation loss of the decoder reading f_s (the
+path inference keeps; not in the paper, whose decoder learns on f_m only and meets f_s first at inference). With it
+the KL reads the f_s path. Training boxes come from the ground truth of each asked task in the patch
+(:func:`training_boxes`: each corner moved by up to ``box_jitter`` of the box's extent, the box dropped with
+probability ``box_dropout``, so the student also works without one). With ``--architecture swinunetr`` the student's
+``feature_size`` is the paper's 48 unless a model option sets it.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ KA2ER_RECIPE_OPTIONS: dict[str, Any] = {
     "align_detach": True,
     "align_scale_free": True,  # compare f_s and f_m layer-normalised, as the decoder reads them
     "kl_weight": 0.1,
+    "student_weight": 1.0,  # the segmentation loss of the decoder reading f_s (the inference path); 0: the paper's
     "box_dropout": 0.5,
     "box_jitter": 0.1,
     "sam_prompt_encoder": None,  # a local SAM/MedSAM checkpoint whose prompt encoder starts the student's
@@ -295,6 +298,7 @@ class _Inputs:
         self.targets: list[tuple[torch.Tensor, list[int], list[int], torch.Tensor]] = []
         self.model: KA2ERNet | None = None
         self.on_device = False
+        self.student_path = float(o["student_weight"]) > 0
 
     def boxes(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`training_boxes` of the batch, drawn from a generator seeded by the run's seed and the step (so a
@@ -352,6 +356,7 @@ class _Inputs:
         boxes, valid = self.boxes(batch)
         self.calls += 1
         prompts = {"experts": experts, "external": external, "boxes": boxes, "box_valid": valid}
+        prompts["student_path"] = self.student_path
         return {"tasks": batch["label_mask"], "dataset": dataset, "prompts": prompts}
 
 
@@ -361,7 +366,7 @@ def ka2er(ctx: RecipeContext) -> Recipe:
     o = ctx.options
     if o["align_norm"] not in ("mse", "l2"):
         raise MosaicSegError(f"recipe option align_norm={o['align_norm']!r}: use mse or l2.")
-    for name in ("align_weight", "kl_weight"):
+    for name in ("align_weight", "kl_weight", "student_weight"):
         if isinstance(o[name], bool) or not isinstance(o[name], int | float) or o[name] < 0:
             raise MosaicSegError(f"recipe option {name}={o[name]!r} must be >= 0.")
     for name in ("align_detach", "align_scale_free"):
@@ -389,7 +394,7 @@ def ka2er(ctx: RecipeContext) -> Recipe:
         load_sam_prompt_encoder(model.prompt_encoder, o["sam_prompt_encoder"])
     inputs = _Inputs(ctx, vocabulary, slots, external)
     inputs.model = model
-    weights = float(o["align_weight"]), float(o["kl_weight"])
+    weights = float(o["align_weight"]), float(o["kl_weight"]), float(o["student_weight"])
     pos_weight, norm, detach = _pos_weight(ctx), o["align_norm"], bool(o["align_detach"])
     scale_free = bool(o["align_scale_free"])
 
@@ -397,12 +402,17 @@ def ka2er(ctx: RecipeContext) -> Recipe:
         terms = {"segmentation": deep_supervision_loss(outputs.logits, batch["target"], batch["label_mask"],
                                                        batch["ignore"], pos_weight=pos_weight)}  # fmt: skip
         extras = outputs.extras
+        student = extras.get("student_logits")  # the decoder on f_s: what the student predicts without experts
+        if student is not None:
+            terms["student"] = weights[2] * deep_supervision_loss(
+                student, batch["target"], batch["label_mask"], batch["ignore"], pos_weight=pos_weight
+            )
         if "align_targets" in extras and weights[0] > 0:
             f_s = extras["f_s"][extras["align_rows"]]  # (R, N, C): each expert's samples, one row per (expert, sample)
             aligned = alignment_loss(f_s, extras["align_targets"], norm, detach, extras["align_groups"], scale_free)
             terms["alignment"] = weights[0] * aligned
         if inputs.targets and weights[1] > 0:
-            logits = outputs.logits[0]
+            logits = (student or outputs.logits)[0]  # distil the experts into the path inference keeps
             kl = [
                 bernoulli_kl(logits[samples][:, tasks], probs[:, channels])
                 for samples, tasks, channels, probs in inputs.targets
