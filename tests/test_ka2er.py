@@ -391,23 +391,20 @@ def test_scale_free_alignment_compares_layer_normalised_tokens_by_hand():
     assert alignment_loss(f_s, 7 * f_s + 3, "mse", scale_free=True).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_the_decoder_reads_layer_normalised_tokens():
-    """Whatever the scale of f_s (or f_m in training), the decoder gets the tokens through one LayerNorm."""
+def _tiny_student(num_tasks: int, expert_channels: list[int]) -> Any:
+    """A 2D two-level KA²ER student (seeded 0, eval mode) on 32² CT patches."""
     from mosaicseg.models.amalgamation import KA2ERNet
 
     torch.manual_seed(0)
-    net = KA2ERNet(
-        {
-            "spatial_dims": 2,
-            "patch_size": [32, 32],
-            "features": [8, 16],
-            "strides": [[1, 1], [2, 2]],
-            "kernel_sizes": [[3, 3], [3, 3]],
-        },
-        {"CT": 1},
-        num_tasks=2,
-        ka2er={"expert_channels": [], "external_channels": None, "head_dim": 8, "prompt_width": 8},
-    ).eval()
+    plan = {"spatial_dims": 2, "patch_size": [32, 32], "features": [8, 16], "strides": [[1, 1], [2, 2]],
+            "kernel_sizes": [[3, 3], [3, 3]]}  # fmt: skip
+    settings = {"expert_channels": expert_channels, "external_channels": None, "head_dim": 8, "prompt_width": 8}
+    return KA2ERNet(plan, {"CT": 1}, num_tasks=num_tasks, ka2er=settings).eval()
+
+
+def test_the_decoder_reads_layer_normalised_tokens():
+    """Whatever the scale of f_s (or f_m in training), the decoder gets the tokens through one LayerNorm."""
+    net = _tiny_student(num_tasks=2, expert_channels=[])
     seen = []
     decode = net.backbone.decode
     net.backbone.decode = lambda skips: (seen.append(skips[-1]), decode(skips))[1]
@@ -426,21 +423,7 @@ def test_the_decoder_reads_layer_normalised_tokens():
 def test_the_decoder_meets_f_s_in_training_as_at_inference():
     """With ``student_path`` the training forward also decodes f_s: those logits are exactly what the model
     predicts with no expert (the inference path), while its main logits read f_m and differ."""
-    from mosaicseg.models.amalgamation import KA2ERNet
-
-    torch.manual_seed(0)
-    net = KA2ERNet(
-        {
-            "spatial_dims": 2,
-            "patch_size": [32, 32],
-            "features": [8, 16],
-            "strides": [[1, 1], [2, 2]],
-            "kernel_sizes": [[3, 3], [3, 3]],
-        },
-        {"CT": 1},
-        num_tasks=3,
-        ka2er={"expert_channels": [5], "external_channels": None, "head_dim": 8, "prompt_width": 8},
-    ).eval()
+    net = _tiny_student(num_tasks=3, expert_channels=[5])
     image, modality = torch.randn(2, 1, 32, 32), torch.zeros(2, dtype=torch.long)
     tasks = torch.tensor([[True, False, True], [False, True, False]])
     boxes = torch.rand(2, 3, 2, 2).sort(2).values
