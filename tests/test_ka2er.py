@@ -91,6 +91,31 @@ def test_prompt_encoder_and_mask_decoder_shapes(dims):
     assert out.shape == (2, 3, *size)
 
 
+def test_the_mask_decoder_scores_a_layer_norm_without_writing_it():
+    """The decoder's scores equal ⟨MLP(q), LN(F + W q + W' PE)⟩ + b written out with nn.LayerNorm, and a sample's
+    masks do not depend on the batch it is in."""
+    torch.manual_seed(0)
+    decoder = MaskDecoder(3, 6, 4, 16, num_tasks=4)
+    with torch.no_grad():  # a LayerNorm with non-trivial affine parameters
+        decoder.norm_map.weight.uniform_(0.5, 1.5)
+        decoder.norm_map.bias.uniform_(-0.5, 0.5)
+        decoder.task_bias.uniform_(-1, 1)
+    full, coarse = 3 * torch.randn(2, 6, 5, 4, 3) + 1, torch.randn(2, 4, 2, 2, 2)
+    corners, index = torch.randn(2, 3, 2, 16), torch.tensor([[0, 2, 3], [1, 4, 4]])
+    with torch.no_grad():
+        out = decoder(full, coarse, corners, index)
+        token = decoder.tasks[index] + corners.mean(2)
+        keys = decoder.key(coarse.flatten(2).transpose(1, 2)) + decoder.positions.grid((2, 2, 2)).flatten(1).t()
+        token = decoder.norm_token(token + decoder.read(token, keys, keys, need_weights=False)[0])
+        pe = decoder.position_to_map(decoder.positions.grid((5, 4, 3)).flatten(1).unsqueeze(0))
+        shifted = (full.flatten(2) + pe).unsqueeze(1) + decoder.to_map(token).unsqueeze(-1)  # (B, T, c0, N)
+        normed = decoder.norm_map(shifted.transpose(2, 3))
+        expected = (normed * decoder.score(token).unsqueeze(2)).sum(-1) + decoder.task_bias[index].unsqueeze(-1)
+        torch.testing.assert_close(out, expected.view(2, 3, 5, 4, 3), atol=1e-5, rtol=1e-5)
+        alone = decoder(full[1:], coarse[1:], corners[1:], index[1:])
+    torch.testing.assert_close(alone[0], out[1], atol=1e-6, rtol=0)
+
+
 def test_renormalize_and_nnunet_axes():
     x = torch.randn(1, 1, 4, 4)
     assert torch.equal(renormalize(x, [{"scheme": "mr"}], [{"scheme": "mr"}]), x)
