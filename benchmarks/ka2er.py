@@ -271,8 +271,9 @@ def _seed_rows(
 def student_losses(run: Path) -> dict[str, float]:
     """The student's loss terms over its last epoch (``metrics.jsonl``): ``segmentation`` is the decoder reading
     f_m (the experts' merge), ``student`` the decoder reading f_s (what prediction computes)."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    terms = next((r["loss_terms"] for r in reversed(records) if r.get("loss_terms")), {})
+    from mosaicseg.training.logging import read_records
+
+    terms = next((r["loss_terms"] for r in reversed(read_records(run / "metrics.jsonl")) if r.get("loss_terms")), {})
     return {k: float(v) for k, v in terms.items()}
 
 

@@ -305,7 +305,7 @@ class KA2ERNet(nn.Module):
             # make them alike. With ``student_path`` the decoder also reads f_s in training (one pass over the
             # doubled batch), so what it meets at inference is what it learnt on, and the two paths' losses show
             # what the experts add.
-            both = bool(prompts.get("student_path")) and merged is not f_s
+            both = bool(prompts.get("student_path"))
         tokens = torch.cat([merged, f_s]) if both else merged
         skips = [*(torch.cat([s, s]) if both else s for s in skips[:-1]), self._grid(tokens, bottleneck)]
         maps = self.backbone.decode(skips)

@@ -355,8 +355,8 @@ class _Inputs:
                 external.append((samples, feats))
         boxes, valid = self.boxes(batch)
         self.calls += 1
-        prompts = {"experts": experts, "external": external, "boxes": boxes, "box_valid": valid}
-        prompts["student_path"] = self.student_path
+        prompts = {"experts": experts, "external": external, "boxes": boxes, "box_valid": valid,
+                   "student_path": self.student_path}  # fmt: skip
         return {"tasks": batch["label_mask"], "dataset": dataset, "prompts": prompts}
 
 
